@@ -1,0 +1,33 @@
+"""Model adapters: one small class per model family, behind :class:`ModelAdapter`."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..errors import UnsupportedModelError
+from .base import ImageSelection, ModelAdapter, PrunedInputs
+from .llava import LlavaAdapter
+
+#: Every adapter, in lookup order.
+ADAPTERS: list[type[ModelAdapter]] = [LlavaAdapter]
+
+
+def supported_architectures() -> list[str]:
+    """Hugging Face class names that flashvlm can prune."""
+    return [name for adapter in ADAPTERS for name in adapter.architectures]
+
+
+def adapter_for(model: nn.Module) -> ModelAdapter:
+    """The adapter serving ``model``, or :class:`UnsupportedModelError` naming the supported ones."""
+    for adapter in ADAPTERS:
+        if adapter.serves(model):
+            return adapter(model)
+    kind = type(model).__name__
+    has_vision = any(hasattr(getattr(model, "model", model), name) for name in ("vision_tower", "visual", "vision_model"))
+    reason = "is not a vision-language model (it has no vision tower)" if not has_vision else "is not supported yet"
+    raise UnsupportedModelError(
+        f"{kind} {reason}; flashvlm supports: {', '.join(supported_architectures())}"
+    )
+
+
+__all__ = ["ADAPTERS", "ImageSelection", "ModelAdapter", "PrunedInputs", "adapter_for", "supported_architectures"]

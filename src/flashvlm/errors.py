@@ -1,0 +1,21 @@
+"""Exceptions that carry a message meant for the user.
+
+Everything flashvlm raises on bad input derives from :class:`FlashVLMError` (itself a
+``ValueError``), so callers and the CLI can tell a user's mistake from a bug.
+"""
+
+
+class FlashVLMError(ValueError):
+    """A user-facing error: the message names the bad value and what is accepted."""
+
+
+class BudgetError(FlashVLMError):
+    """The token budget is not a positive count or a ratio in (0, 1]."""
+
+
+class UnsupportedModelError(FlashVLMError):
+    """The model is not one of the architectures an adapter serves."""
+
+
+class MethodUnavailableError(FlashVLMError):
+    """A selection method needs an input (saliency, text, ...) the model cannot provide."""

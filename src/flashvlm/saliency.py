@@ -1,0 +1,69 @@
+"""Encoder saliency from one layer's queries and keys (pure torch).
+
+The released code asks the vision tower for ``output_attentions=True``, which forces
+eager attention in every layer and materialises B x H x S x S maps. Saliency needs one
+row (CLS attention) or one column sum (attention received), so we compute exactly that
+from the query/key projections of the one layer, while the tower itself keeps
+SDPA/FlashAttention.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _split_heads(projection: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(B, S, H*d) -> (B, H, S, d)."""
+    batch, length, width = projection.shape
+    return projection.view(batch, length, num_heads, width // num_heads).transpose(1, 2)
+
+
+def query_row_attention(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    num_heads: int,
+    query_index: int = 0,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Post-softmax attention of one query position to every key, mean over heads.
+
+    queries, keys: (B, S, H*d), the outputs of the layer's q/k projections.
+    Returns (B, S) float32; row ``b`` sums to 1. For CLIP, ``query_index=0`` is the CLS row.
+    """
+    head_dim = queries.shape[-1] // num_heads
+    scale = head_dim**-0.5 if scale is None else scale
+    query = _split_heads(queries[:, query_index : query_index + 1].float(), num_heads)  # (B, H, 1, d)
+    key = _split_heads(keys.float(), num_heads)  # (B, H, S, d)
+    logits = (query @ key.transpose(-1, -2)).squeeze(-2) * scale  # (B, H, S)
+    return torch.softmax(logits, dim=-1).mean(dim=1)
+
+
+def received_attention(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    num_heads: int,
+    scale: float | None = None,
+    key_mask: torch.Tensor | None = None,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """Attention each token receives, summed over queries, mean over heads.
+
+    queries, keys: (B, S, H*d); key_mask: optional (B, S) bool of real tokens (padding
+    neither sends nor receives attention). Queries are processed ``chunk_size`` at a
+    time, so memory is O(H * chunk_size * S) rather than O(H * S^2). Returns (B, S) float32.
+    """
+    head_dim = queries.shape[-1] // num_heads
+    scale = head_dim**-0.5 if scale is None else scale
+    key = _split_heads(keys.float(), num_heads)  # (B, H, S, d)
+    received = torch.zeros(keys.shape[0], keys.shape[1], dtype=torch.float32, device=keys.device)
+    for start in range(0, queries.shape[1], chunk_size):
+        query = _split_heads(queries[:, start : start + chunk_size].float(), num_heads)  # (B, H, c, d)
+        logits = (query @ key.transpose(-1, -2)) * scale  # (B, H, c, S)
+        if key_mask is not None:
+            logits = logits.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+        probabilities = torch.softmax(logits, dim=-1)
+        if key_mask is not None:
+            query_is_real = key_mask[:, start : start + chunk_size]  # (B, c)
+            probabilities = probabilities * query_is_real[:, None, :, None]
+        received += probabilities.sum(dim=2).mean(dim=1)
+    return received

@@ -1,0 +1,186 @@
+"""The one selection contract every method meets, and the registry of methods.
+
+A method is a small dataclass deriving from :class:`TokenSelector`. It declares what it
+needs (``requires``), and implements :meth:`TokenSelector.select` for a batch of images
+that share a token count ``N``. The base class validates the budget, short-cuts
+``K >= N`` to "keep everything", sorts the result into raster order and checks the
+shape, so a method is only its idea.
+
+Nothing here imports transformers: adapters turn a model's tensors into
+:class:`SelectionInputs`, methods turn those into a :class:`Selection`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..errors import FlashVLMError, MethodUnavailableError
+from .budget import Budget, resolve_budget
+
+#: What a method may ask an adapter for.
+#: - ``saliency``: one score per token from the vision encoder (CLS attention where the
+#:   encoder has a CLS token, otherwise attention received);
+#: - ``cls_attention``: specifically the CLS-to-patch attention row (CLIP-style towers);
+#: - ``text``: the prompt's text embeddings in the language model's input space;
+#: - ``projected``: the visual tokens after the projector, in the language model's space;
+#: - ``keys``: the attention keys of the saliency layer, one row per token.
+REQUIREMENTS = frozenset({"saliency", "cls_attention", "text", "projected", "keys"})
+
+
+@dataclass
+class SelectionInputs:
+    """What a method may look at, for ``B`` images of ``N`` tokens each.
+
+    Fields a method did not ask for may be ``None``.
+    """
+
+    features: torch.Tensor  # (B, N, C) vision features the projector consumes
+    saliency: torch.Tensor | None = None  # (B, N) encoder saliency, post-softmax scale
+    saliency_kind: str | None = None  # "cls" (CLS row) or "received" (column sums)
+    projected: torch.Tensor | None = None  # (B, N, D) projector output
+    text_embeds: torch.Tensor | None = None  # (B, L, D) LM input embeddings of the prompt
+    text_mask: torch.Tensor | None = None  # (B, L) bool, True where text_embeds is real text
+    keys: torch.Tensor | None = None  # (B, N, C_k) attention keys of the saliency layer
+    grid_shape: tuple[int, int] | None = None  # (rows, cols) when the tokens form a raster grid
+
+    @property
+    def batch_size(self) -> int:
+        return self.features.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.features.shape[1]
+
+
+@dataclass
+class Selection:
+    """The result of a selection for ``B`` images.
+
+    ``indices`` are the kept token positions in raster order. Methods that merge tokens
+    (VisionZip's contextual tokens) also return ``features``: the vision features to use
+    at those positions instead of the originals.
+    """
+
+    indices: torch.Tensor  # (B, K) long, sorted ascending, unique per row
+    features: torch.Tensor | None = None  # (B, K, C) replacement features, or None
+
+
+_REGISTRY: dict[str, type[TokenSelector]] = {}
+
+
+def register(cls: type[TokenSelector]) -> type[TokenSelector]:
+    """Class decorator: make a method available by its ``name``."""
+    if not cls.name or cls.name in _REGISTRY:
+        raise RuntimeError(f"method name {cls.name!r} is empty or registered twice")
+    unknown = set(cls.requires) - REQUIREMENTS
+    if unknown:
+        raise RuntimeError(f"{cls.__name__} requires unknown inputs {sorted(unknown)}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available_methods() -> list[str]:
+    """Names of every registered method, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_method(method: str | TokenSelector, **params) -> TokenSelector:
+    """A method instance from its name (with parameters) or an instance passed through."""
+    if isinstance(method, TokenSelector):
+        if params:
+            return dataclasses.replace(method, **params)
+        return method
+    if not isinstance(method, str):
+        raise FlashVLMError(f"method must be a name or a TokenSelector; got {method!r}")
+    name, _, preset = method.partition(":")
+    if name not in _REGISTRY:
+        raise FlashVLMError(f"unknown method {method!r}; available: {', '.join(available_methods())}")
+    cls = _REGISTRY[name]
+    if preset:
+        return cls.preset(preset, **params)
+    field_names = {field.name for field in dataclasses.fields(cls)}
+    unknown = set(params) - field_names
+    if unknown:
+        raise FlashVLMError(
+            f"method {name!r} has no parameter(s) {sorted(unknown)}; its parameters are {sorted(field_names)}"
+        )
+    return cls(**params)
+
+
+@dataclass
+class TokenSelector:
+    """Base of every selection method.
+
+    Subclasses set ``name`` and ``requires`` and implement :meth:`select`.
+    """
+
+    name: ClassVar[str] = ""
+    requires: ClassVar[frozenset[str]] = frozenset()
+    #: Named parameter sets, e.g. ``flashvlm:release``; see :meth:`preset`.
+    presets: ClassVar[dict[str, dict]] = {}
+
+    @classmethod
+    def preset(cls, preset_name: str, **overrides) -> TokenSelector:
+        if preset_name not in cls.presets:
+            raise FlashVLMError(
+                f"method {cls.name!r} has no preset {preset_name!r}; presets: {', '.join(sorted(cls.presets)) or 'none'}"
+            )
+        return cls(**{**cls.presets[preset_name], **overrides})
+
+    def select(self, inputs: SelectionInputs, num_keep: int) -> Selection | torch.Tensor:
+        """Choose ``num_keep`` (< N) tokens of each image. Return indices ``(B, K)`` or a Selection."""
+        raise NotImplementedError
+
+    def check_inputs(self, inputs: SelectionInputs) -> None:
+        """Raise :class:`MethodUnavailableError` if a required input is missing."""
+        available = {
+            "saliency": inputs.saliency is not None,
+            "cls_attention": inputs.saliency is not None and inputs.saliency_kind == "cls",
+            "text": inputs.text_embeds is not None,
+            "projected": inputs.projected is not None,
+            "keys": inputs.keys is not None,
+        }
+        missing = sorted(need for need in self.requires if not available[need])
+        if missing:
+            raise MethodUnavailableError(f"method {self.name!r} needs {', '.join(missing)}, which this model does not provide")
+
+    def __call__(self, inputs: SelectionInputs, budget: Budget) -> Selection:
+        num_tokens = inputs.num_tokens
+        num_keep = resolve_budget(budget, num_tokens)
+        if num_keep >= num_tokens:
+            indices = torch.arange(num_tokens, device=inputs.features.device)
+            return Selection(indices.expand(inputs.batch_size, num_tokens))
+        self.check_inputs(inputs)
+        result = self.select(inputs, num_keep)
+        selection = result if isinstance(result, Selection) else Selection(result)
+        if selection.indices.shape != (inputs.batch_size, num_keep):
+            raise RuntimeError(
+                f"{type(self).__name__} returned indices of shape {tuple(selection.indices.shape)}, "
+                f"expected {(inputs.batch_size, num_keep)}"
+            )
+        order = selection.indices.argsort(dim=-1, stable=True)
+        selection.indices = selection.indices.gather(-1, order)
+        if selection.features is not None:
+            selection.features = selection.features.gather(
+                1, order.unsqueeze(-1).expand(-1, -1, selection.features.shape[-1])
+            )
+        return selection
+
+
+def check_range(name: str, value: object, low: float, high: float, low_open: bool = False) -> None:
+    """Raise :class:`FlashVLMError` unless ``value`` is a finite number in the interval."""
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not (is_number and (value > low if low_open else value >= low) and value <= high):
+        upper = "inf)" if high == math.inf else f"{high}]"
+        raise FlashVLMError(f"{name} must be a number in {'(' if low_open else '['}{low}, {upper}; got {value!r}")
+
+
+def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    """Raise :class:`FlashVLMError` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise FlashVLMError(f"{name} must be one of {', '.join(repr(c) for c in choices)}; got {value!r}")

@@ -1,0 +1,125 @@
+"""Tensor building blocks shared by the selection methods (pure torch).
+
+Every function works on a batch: a leading ``B`` dimension of images that share a
+token count ``N``. Names follow ../shared/METHOD.md.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+#: Added to min-max denominators, as in the authors' release, so constant rows map to 0.
+MINMAX_EPS = 1e-6
+
+
+def minmax(values: torch.Tensor, eps: float = MINMAX_EPS) -> torch.Tensor:
+    """Rescale each row (last dim) to [0, 1]; a constant row becomes all zeros."""
+    low = values.amin(dim=-1, keepdim=True)
+    high = values.amax(dim=-1, keepdim=True)
+    return (values - low) / (high - low + eps)
+
+
+def masked_softmax_pool(similarity: torch.Tensor, mask: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Soft maximum over the last dim: ``sum_j softmax_j(S_ij / T) * S_ij`` over masked-in ``j``.
+
+    similarity: (B, N, L); mask: (B, L) bool. Rows whose mask is empty give 0.
+    """
+    logits = (similarity / temperature).masked_fill(~mask[:, None, :], float("-inf"))
+    has_text = mask.any(dim=-1)  # (B,)
+    # An all-masked row would be softmax over -inf only (NaN); give it a harmless 0 instead.
+    logits = torch.where(has_text[:, None, None], logits, torch.zeros_like(logits))
+    weights = torch.softmax(logits, dim=-1)
+    pooled = (weights * similarity.masked_fill(~mask[:, None, :], 0.0)).sum(dim=-1)
+    return pooled * has_text[:, None]
+
+
+def masked_max_pool(similarity: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Hard maximum over masked-in text tokens; 0 where a row has no text. (B, N, L) -> (B, N)."""
+    pooled = similarity.masked_fill(~mask[:, None, :], float("-inf")).amax(dim=-1)
+    return torch.where(mask.any(dim=-1)[:, None], pooled, torch.zeros_like(pooled))
+
+
+def masked_mean_pool(similarity: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over masked-in text tokens; 0 where a row has no text. (B, N, L) -> (B, N)."""
+    total = similarity.masked_fill(~mask[:, None, :], 0.0).sum(dim=-1)
+    count = mask.sum(dim=-1).clamp(min=1).to(similarity.dtype)
+    return total / count[:, None]
+
+
+def gather_tokens(tokens: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Rows of ``tokens`` (B, N, C) at ``indices`` (B, K) -> (B, K, C)."""
+    return tokens.gather(1, indices.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+
+
+def max_cosine_to_set(queries: torch.Tensor, candidates: torch.Tensor, chunk_size: int = 4096) -> torch.Tensor:
+    """For unit rows ``queries`` (B, A, C) and ``candidates`` (B, M, C): max_m <q_a, c_m>, (B, A).
+
+    Computed over query chunks so memory stays O(chunk_size * M), not O(A * M).
+    """
+    if queries.shape[1] <= chunk_size:
+        return (queries @ candidates.transpose(-1, -2)).amax(dim=-1)
+    return torch.cat(
+        [
+            (chunk @ candidates.transpose(-1, -2)).amax(dim=-1)
+            for chunk in queries.split(chunk_size, dim=1)
+        ],
+        dim=1,
+    )
+
+
+def bipartite_diverse_subset(
+    unit_features: torch.Tensor,
+    candidates: torch.Tensor,
+    num_keep: int,
+    removal_step: int = 8,
+) -> torch.Tensor:
+    """Iterative bipartite removal of redundant tokens (VisPruner / FlashVLM step 6).
+
+    unit_features: (B, N, C) row-normalised features; candidates: (B, R) token indices,
+    in priority order. While more than ``num_keep`` remain: split the list alternately
+    into A (even places) and B (odd places), score each a in A by its highest cosine to
+    B, drop the ``min(removal_step, R - num_keep)`` most redundant members of A, and
+    continue with [A kept, most redundant first] ++ B. Returns (B, num_keep) indices.
+    """
+    if num_keep <= 0:
+        return candidates[:, :0]
+    while True:
+        surplus = candidates.shape[1] - num_keep
+        num_drop = min(removal_step, surplus)
+        if num_drop <= 0:
+            return candidates
+        tokens = gather_tokens(unit_features, candidates)  # (B, R, C)
+        redundancy = max_cosine_to_set(tokens[:, ::2], tokens[:, 1::2])  # (B, ceil(R/2))
+        kept_places = redundancy.argsort(dim=-1, descending=True, stable=True)[:, num_drop:]
+        candidates = torch.cat([candidates[:, ::2].gather(1, kept_places), candidates[:, 1::2]], dim=1)
+
+
+def max_min_diverse_subset(unit_features: torch.Tensor, candidates: torch.Tensor, num_keep: int) -> torch.Tensor:
+    """Greedy max-min (farthest point) selection among ``candidates`` (DivPrune's rule).
+
+    Starts from the first candidate (the highest-priority one) and repeatedly adds the
+    candidate whose highest cosine to the chosen set is lowest. O(num_keep * R) time and
+    O(R) extra memory per image. Returns (B, num_keep) indices.
+    """
+    batch, num_candidates = candidates.shape
+    if num_keep <= 0:
+        return candidates[:, :0]
+    tokens = gather_tokens(unit_features, candidates)  # (B, R, C)
+    chosen_places = torch.zeros(batch, num_keep, dtype=torch.long, device=candidates.device)
+    closest = torch.full((batch, num_candidates), float("-inf"), dtype=tokens.dtype, device=tokens.device)
+    taken = torch.zeros(batch, num_candidates, dtype=torch.bool, device=candidates.device)
+    place = torch.zeros(batch, dtype=torch.long, device=candidates.device)
+    rows = torch.arange(batch, device=candidates.device)
+    for step in range(num_keep):
+        chosen_places[:, step] = place
+        taken[rows, place] = True
+        similarity = (tokens @ tokens[rows, place].unsqueeze(-1)).squeeze(-1)  # (B, R)
+        closest = torch.maximum(closest, similarity)
+        place = closest.masked_fill(taken, float("inf")).argmin(dim=-1)
+    return candidates.gather(1, chosen_places)
+
+
+def unit_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """Row-normalise the last dim (zero rows stay zero)."""
+    return F.normalize(tensor, dim=-1)
