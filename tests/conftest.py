@@ -1,6 +1,13 @@
-"""Tiny models built from configs (no download) shared by the tests."""
+"""Tiny models built from configs (no download), and inputs for them, shared by the tests.
+
+Each model family registers a :class:`TinyCase` in ``TINY_CASES``; the method x adapter
+matrix runs over all of them.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -81,3 +88,34 @@ def left_pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
 def random_pixels(count: int, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(count, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
+
+
+def llava_batch(model, batch_size: int = 2, seed: int = 0) -> dict:
+    """A left-padded batch of different prompts, one image per row (the last row has two)."""
+    generator = torch.Generator().manual_seed(seed)
+    rows, images = [], 0
+    for row in range(batch_size):
+        text = torch.randint(3, IMAGE_TOKEN_ID, (4 + 3 * row,), generator=generator).tolist()
+        count = 2 if row == batch_size - 1 and batch_size > 1 else 1
+        rows.append(llava_prompt(text, images=count, image_at=1 + row))
+        images += count
+    input_ids, attention_mask = left_pad(rows)
+    return dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=random_pixels(images, seed))
+
+
+@dataclass
+class TinyCase:
+    """One model family for the test matrix."""
+
+    name: str
+    build: Callable[[], torch.nn.Module]  # a tiny random model, eval mode, fp32
+    make_inputs: Callable[..., dict]  # (model, batch_size, seed) -> forward/generate kwargs
+    tokens_per_image: int  # N: visual tokens one image yields
+
+
+TINY_CASES = [TinyCase("llava", build_tiny_llava, llava_batch, NUM_PATCHES)]
+
+
+@pytest.fixture(scope="session", params=TINY_CASES, ids=lambda case: case.name)
+def tiny_case(request) -> TinyCase:
+    return request.param
