@@ -119,3 +119,74 @@ TINY_CASES = [TinyCase("llava", build_tiny_llava, llava_batch, NUM_PATCHES)]
 @pytest.fixture(scope="session", params=TINY_CASES, ids=lambda case: case.name)
 def tiny_case(request) -> TinyCase:
     return request.param
+
+
+#: LLaVA-1.5's conversation format, as a chat template.
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
+    "{% if message['role'] != 'user' %}</s>{% endif %} {% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+def tiny_processor():
+    """A LlavaProcessor with a word-level tokenizer over a small vocabulary (ids < 127)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import CLIPImageProcessorPil, LlavaProcessor, PreTrainedTokenizerFast
+
+    words = "user assistant what is the color of shape a an red green blue circle square triangle yes no how many".split()
+    words += [f"w{i}" for i in range(IMAGE_TOKEN_ID - 4 - len(words) - 8)]
+    words += list(":?.,!'-\n")
+    vocab = {"<pad>": PAD_TOKEN_ID, "<s>": 1, "</s>": 2}
+    for word in words:
+        vocab.setdefault(word, len(vocab))
+    vocab["<unk>"] = len(vocab)
+    vocab["<image>"] = IMAGE_TOKEN_ID
+    assert len(vocab) == VOCAB_SIZE, len(vocab)
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.normalizer = None
+    core.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split("<image>", "isolated"), pre_tokenizers.Whitespace()]
+    )
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        padding_side="left",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_CHAT_TEMPLATE,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_folder(tmp_path_factory):
+    """A tiny LLaVA saved as a Hugging Face folder: config, safetensors, tokenizer, processor."""
+    folder = tmp_path_factory.mktemp("tiny-llava")
+    build_tiny_llava().save_pretrained(folder)
+    tiny_processor().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def sample_image_file(tmp_path_factory):
+    from PIL import Image
+
+    path = tmp_path_factory.mktemp("images") / "scene.png"
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (48, 48, 3), generator=generator, dtype=torch.uint8).numpy()
+    Image.fromarray(pixels).save(path)
+    return path
