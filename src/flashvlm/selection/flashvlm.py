@@ -98,8 +98,9 @@ class FlashVLM(TokenSelector):
     presets: ClassVar[dict[str, dict]] = {
         "default": {},
         # Bit-for-bit the released LLaVA selection: the norm gate where the release
-        # computes it and steps 1-3 in the model's dtype up to the quantile.
-        "release": {"text_norm_gate": "after_normalization", "score_dtype": "model"},
+        # computes it, steps 1-3 in the model's dtype up to the quantile, and torch's
+        # default (unstable) sort for ranking ties.
+        "release": {"text_norm_gate": "after_normalization", "score_dtype": "model", "stable_ranking": False},
         "text_only": {"text_weight": 1.0},
         "saliency_only": {"text_weight": 0.0},
         "no_diversity": {"important_ratio": 1.0},
@@ -140,6 +141,9 @@ class FlashVLM(TokenSelector):
     score_dtype: Literal["float32", "model"] = "float32"
     #: epsilon: floor before the logarithms of the fusion.
     eps: float = 1e-6
+    #: Break exact ties in rankings by position (True, the same on every device), or as
+    #: torch's default sort does on the current device (False, as the release does).
+    stable_ranking: bool = True
 
     def __post_init__(self) -> None:
         check_range("text_weight", self.text_weight, 0.0, 1.0)
@@ -157,6 +161,7 @@ class FlashVLM(TokenSelector):
         check_choice("diversity_space", self.diversity_space, ("vision", "projected"))
         check_choice("text_norm_gate", self.text_norm_gate, ("off", "on", "after_normalization"))
         check_choice("score_dtype", self.score_dtype, ("float32", "model"))
+        check_choice("stable_ranking", self.stable_ranking, (True, False))
 
     def scores(self, inputs: SelectionInputs) -> torch.Tensor:
         """Fused FlashVLM score of every token (steps 1-4), float32 (B, N) in [0, 1]."""
@@ -184,14 +189,14 @@ class FlashVLM(TokenSelector):
         return log_fusion(saliency, text_score, self.text_weight, self.eps).float()
 
     def select(self, inputs: SelectionInputs, num_keep: int) -> Selection:
-        ranking = self.scores(inputs).argsort(dim=-1, descending=True, stable=True)  # (B, N)
+        ranking = self.scores(inputs).argsort(dim=-1, descending=True, stable=self.stable_ranking)  # (B, N)
         num_important = math.floor(self.important_ratio * num_keep)
         important, rest = ranking[:, :num_important], ranking[:, num_important:]
         space = inputs.features if self.diversity_space == "vision" else inputs.projected
         unit_space = unit_rows(space if self.score_dtype == "model" else space.float())
         num_diverse = num_keep - num_important
         if self.diversity == "bipartite":
-            diverse = bipartite_diverse_subset(unit_space, rest, num_diverse, self.removal_step)
+            diverse = bipartite_diverse_subset(unit_space, rest, num_diverse, self.removal_step, self.stable_ranking)
         else:
             diverse = max_min_diverse_subset(unit_space, rest, num_diverse)
         return Selection(torch.cat([important, diverse], dim=1))

@@ -73,6 +73,7 @@ def bipartite_diverse_subset(
     candidates: torch.Tensor,
     num_keep: int,
     removal_step: int = 8,
+    stable: bool = True,
 ) -> torch.Tensor:
     """Iterative bipartite removal of redundant tokens (VisPruner / FlashVLM step 6).
 
@@ -81,6 +82,8 @@ def bipartite_diverse_subset(
     into A (even places) and B (odd places), score each a in A by its highest cosine to
     B, drop the ``min(removal_step, R - num_keep)`` most redundant members of A, and
     continue with [A kept, most redundant first] ++ B. Returns (B, num_keep) indices.
+    ``stable=False`` breaks exact ties in redundancy the way torch's default sort does
+    on the current device (what the released code does).
     """
     if num_keep <= 0:
         return candidates[:, :0]
@@ -91,7 +94,7 @@ def bipartite_diverse_subset(
             return candidates
         tokens = gather_tokens(unit_features, candidates)  # (B, R, C)
         redundancy = max_cosine_to_set(tokens[:, ::2], tokens[:, 1::2])  # (B, ceil(R/2))
-        kept_places = redundancy.argsort(dim=-1, descending=True, stable=True)[:, num_drop:]
+        kept_places = redundancy.argsort(dim=-1, descending=True, stable=stable)[:, num_drop:]
         candidates = torch.cat([candidates[:, ::2].gather(1, kept_places), candidates[:, 1::2]], dim=1)
 
 
