@@ -102,7 +102,7 @@ def compact_sequences(
     attention_mask: torch.Tensor,
     per_token: dict[str, tuple[torch.Tensor, int]],
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Remove the positions where ``keep`` is False from every row, then re-pad.
+    """Remove the positions where ``keep`` is False from every row (padding included), then re-pad.
 
     keep, attention_mask: (B, L). ``per_token`` maps names to ((B, L, ...) tensor, fill
     value for new padding). Rows shrink by different amounts, so they are re-padded to

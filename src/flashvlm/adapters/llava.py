@@ -125,6 +125,8 @@ class LlavaAdapter(ModelAdapter):
         keep_placeholder.scatter_(1, keep_indices.to(input_ids.device), True)
         keep = ~is_image
         keep[is_image] = keep_placeholder.flatten()  # placeholders run image by image, row-major
+        # Old padding goes too: rows shrink by different amounts and are re-padded to the new longest.
+        keep &= attention_mask.bool()
 
         pruned_kwargs = {k: v for k, v in model_kwargs.items() if k not in _VISION_ONLY_KWARGS}
         batch, length = input_ids.shape

@@ -1,0 +1,81 @@
+"""``flashvlm generate``: the answer and figures on success; exit 2 and one line on bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from flashvlm.cli import main
+
+
+def test_generate_prints_answer_tokens_and_prefill_time(tiny_llava_folder, sample_image_file, capsys):
+    code = main(
+        ["generate", "--model", str(tiny_llava_folder), "--image", str(sample_image_file),
+         "--prompt", "what is the color of the circle?", "--budget", "8", "--max-new-tokens", "4"]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    assert out.startswith("answer:")
+    assert "kept 8 of 64 visual tokens (12.5%)" in out
+    assert "prefill:" in out and "ms" in out
+
+
+def test_generate_with_two_images_and_a_ratio_budget(tiny_llava_folder, sample_image_file, capsys):
+    image = str(sample_image_file)
+    code = main(["generate", "--model", str(tiny_llava_folder), "--image", image, "--image", image,
+                 "--prompt", "how many?", "--budget", "25%", "--max-new-tokens", "2"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert out.count("kept 16 of 64 visual tokens") == 2
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"--budget": "0"}, "budget must be >= 1"),
+        ({"--budget": "1.5"}, "ratio"),
+        ({"--budget": "many"}, "'many'"),
+        ({"--image": "/nonexistent/scene.png"}, "image file not found: /nonexistent/scene.png"),
+        ({"--method": "magic"}, "unknown method 'magic'"),
+        ({"--model": "/nonexistent/model"}, "no model folder"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(tiny_llava_folder, sample_image_file, capsys, change, message):
+    arguments = {"--model": str(tiny_llava_folder), "--image": str(sample_image_file), "--prompt": "what?"}
+    arguments.update(change)
+    argv = ["generate"] + [item for pair in arguments.items() for item in pair]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_corrupt_image_and_unsupported_model(tmp_path, tiny_llava_folder, capsys):
+    corrupt = tmp_path / "broken.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+    assert main(["generate", "--model", str(tiny_llava_folder), "--image", str(corrupt), "--prompt", "?"]) == 2
+    assert "cannot read image" in capsys.readouterr().err
+
+    from transformers import LlamaConfig
+
+    LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                vocab_size=32, architectures=["LlamaForCausalLM"]).save_pretrained(tmp_path / "llama")
+    image = tmp_path / "ok.png"
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(image)
+    assert main(["generate", "--model", str(tmp_path / "llama"), "--image", str(image), "--prompt", "?"]) == 2
+    err = capsys.readouterr().err
+    assert "LlamaForCausalLM" in err and "flashvlm supports: LlavaForConditionalGeneration" in err
+
+
+def test_command_line_entry_point_exits_2_without_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "flashvlm", "generate", "--model", str(tmp_path), "--image", "x.png",
+         "--prompt", "?", "--budget", "-1"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert "budget must be >= 1" in result.stderr and "Traceback" not in result.stderr
