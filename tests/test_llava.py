@@ -184,3 +184,15 @@ def test_inputs_embeds_only_is_a_clear_error(tiny_llava):
     embeds = tiny_llava.get_input_embeddings()(torch.tensor([llava_prompt([5, 6])]))
     with flashvlm.prune(tiny_llava, budget=4), pytest.raises(FlashVLMError, match="input_ids"):
         tiny_llava(inputs_embeds=embeds, pixel_values=random_pixels(1))
+
+
+def test_beam_search_and_dict_outputs_get_the_callers_prompt_back(tiny_llava):
+    inputs = llava_batch(tiny_llava, batch_size=2, seed=8)
+    length = inputs["input_ids"].shape[1]
+    settings = dict(max_new_tokens=3, min_new_tokens=3)
+    with flashvlm.prune(tiny_llava, budget=8), torch.no_grad():
+        beams = tiny_llava.generate(**inputs, num_beams=2, num_return_sequences=2, **settings)
+        as_dict = tiny_llava.generate(**inputs, return_dict_in_generate=True, output_scores=True, **settings)
+    assert beams.shape == (4, length + 3)
+    assert torch.equal(beams[:, :length], inputs["input_ids"].repeat_interleave(2, dim=0))
+    assert as_dict.sequences.shape == (2, length + 3) and len(as_dict.scores) == 3

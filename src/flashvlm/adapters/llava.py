@@ -50,7 +50,8 @@ class LlavaAdapter(ModelAdapter):
 
     def _feature_settings(self, model_kwargs: dict[str, Any]) -> tuple[int, str]:
         config = self.model.config
-        layer = model_kwargs.get("vision_feature_layer") or config.vision_feature_layer
+        layer = model_kwargs.get("vision_feature_layer")
+        layer = config.vision_feature_layer if layer is None else layer
         strategy = model_kwargs.get("vision_feature_select_strategy") or config.vision_feature_select_strategy
         if not isinstance(layer, int):
             raise UnsupportedModelError(
