@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
         f"Model: `{args.model}`; data: `{args.data}` ({len(examples)} rows scored, "
         f"{len(dataset.bad_rows)} malformed rows skipped); batch size {args.batch_size}, greedy decoding.",
         "Accuracy: lmms-eval's normalised exact match unless a row says otherwise. relative_to_none: accuracy "
-        "divided by the unpruned model's. visual_tokens: mean kept per image. Times: mean per example, "
+        "divided by the unpruned model's (blank when that is 0). visual_tokens: mean kept per image. Times: mean per example, "
         "device-synchronised; selection_ms is vision encoding + selection (and fastv's scoring pass), "
         "prefill_ms the language model's prefill.",
     ]
