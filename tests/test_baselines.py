@@ -27,6 +27,11 @@ from conftest import (
 )
 
 
+def assert_k_unique(indices: torch.Tensor, batch: int, num_keep: int) -> None:
+    assert indices.shape == (batch, num_keep)
+    assert all(row.unique().numel() == num_keep for row in indices)
+
+
 def random_inputs(batch=2, tokens=64, seed=0) -> SelectionInputs:
     generator = torch.Generator().manual_seed(seed)
     return SelectionInputs(
@@ -88,7 +93,7 @@ def test_pool_averages_each_cell_and_keeps_exactly_k():
     torch.testing.assert_close(selection.features, expected)
     assert selection.indices[0].tolist() == [row * 8 + col for row in (0, 2, 4, 6) for col in (0, 2, 4, 6)]
     for budget in (5, 7, 13, 37, 63):  # no exact grid: evenly spread cells of a larger one
-        assert get_method("pool")(inputs, budget).indices.unique(dim=1).shape == (2, budget)
+        assert_k_unique(get_method("pool")(inputs, budget).indices, 2, budget)
 
 
 def test_pool_without_a_grid_says_so():
@@ -192,8 +197,7 @@ def test_dpp_greedy_map_adds_the_largest_log_det_gain_each_step():
 
 def test_dpp_greedy_map_stays_finite_past_the_kernel_rank():
     unit = F.normalize(torch.randn(2, 30, 4), dim=-1)  # rank 4, 12 picks
-    picks = dpp_greedy_map(unit, torch.rand(2, 30) + 0.1, 12)
-    assert all(row.unique().numel() == 12 for row in picks)
+    assert_k_unique(dpp_greedy_map(unit, torch.rand(2, 30) + 0.1, 12), 2, 12)
 
 
 def test_cdpruner_relevance_sign_is_an_option():
@@ -208,7 +212,7 @@ def test_kmeans_diversity_copes_with_identical_tokens():
     picks = kmeans_diverse_subset(unit, candidates, 4)
     assert picks[0].unique().numel() == 4
     inputs = random_inputs()
-    assert get_method("flashvlm:kmeans_diversity")(inputs, 20).indices.unique(dim=1).shape == (2, 20)
+    assert_k_unique(get_method("flashvlm:kmeans_diversity")(inputs, 20).indices, 2, 20)
 
 
 # -- FastV --------------------------------------------------------------------------------
@@ -240,3 +244,13 @@ def test_fastv_layer_out_of_range_is_reported(tiny_llava):
         tiny_llava.generate(**inputs, max_new_tokens=1)
     with pytest.raises(FlashVLMError, match="layer must be an integer >= 1"):
         get_method("fastv", layer=0)
+
+
+def test_every_preset_of_every_method_selects_k_unique_tokens():
+    from flashvlm.selection.base import _REGISTRY
+
+    inputs = random_inputs()
+    inputs.lm_attention = torch.softmax(torch.randn(2, 64), dim=-1)
+    for name, method in _REGISTRY.items():
+        for preset in method.presets:
+            assert_k_unique(get_method(f"{name}:{preset}")(inputs, 20).indices, 2, 20)
