@@ -57,7 +57,8 @@ def evaluate(
     batches = [examples[start : start + batch_size] for start in range(0, len(examples), batch_size)]
     try:
         with prune(model, budget, method, **params) as pruner, torch.no_grad():
-            for batch in tqdm(batches, desc=f"{pruner.selector.name} @ {budget}", unit="batch", disable=not progress, leave=False):
+            label = method if isinstance(method, str) else pruner.selector.name
+            for batch in tqdm(batches, desc=f"{label} @ {budget}", unit="batch", disable=not progress, leave=False):
                 prompts = [chat_prompt(processor, example.question + prompt_suffix, len(example.images)) for example in batch]
                 images = [load_image(path) for example in batch for path in example.images]
                 inputs = processor(images=images, text=prompts, padding=True, return_tensors="pt").to(model.device)
