@@ -103,6 +103,28 @@ def llava_batch(model, batch_size: int = 2, seed: int = 0) -> dict:
     return dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=random_pixels(images, seed))
 
 
+def placeholder_row(model, inputs: dict, row: int, tokens_per_image: int) -> dict:
+    """Row ``row`` of a padded batch as the same prompt alone, for placeholder-token VLMs.
+
+    Per-token tensors (B, L, ...) are cut to the row's real tokens; tensors with one entry
+    per image (pixel_values, image_sizes, ...) keep the row's images, found from the
+    image placeholder counts; other values pass through.
+    """
+    input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+    images_per_row = ((input_ids == model.config.image_token_id).sum(dim=1) // tokens_per_image).tolist()
+    first_image = sum(images_per_row[:row])
+    real = attention_mask[row].bool()
+    alone = {}
+    for name, value in inputs.items():
+        if isinstance(value, torch.Tensor) and value.shape[:2] == input_ids.shape:
+            alone[name] = value[row : row + 1, real]
+        elif isinstance(value, torch.Tensor) and value.shape[0] == sum(images_per_row):
+            alone[name] = value[first_image : first_image + images_per_row[row]]
+        else:
+            alone[name] = value
+    return alone
+
+
 @dataclass
 class TinyCase:
     """One model family for the test matrix."""
@@ -111,6 +133,8 @@ class TinyCase:
     build: Callable[[], torch.nn.Module]  # a tiny random model, eval mode, fp32
     make_inputs: Callable[..., dict]  # (model, batch_size, seed) -> forward/generate kwargs
     tokens_per_image: int  # N: visual tokens one image yields
+    #: (model, inputs, row, tokens_per_image) -> row ``row`` of ``inputs`` alone, unpadded.
+    row_inputs: Callable[..., dict] = placeholder_row
 
 
 TINY_CASES = [TinyCase("llava", build_tiny_llava, llava_batch, NUM_PATCHES)]

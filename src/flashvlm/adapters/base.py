@@ -9,6 +9,7 @@ it a :class:`~flashvlm.selection.SelectionInputs`.
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from transformers import AttentionInterface
 
 from ..errors import FlashVLMError
 from ..selection import Budget, TokenSelector
@@ -67,9 +69,52 @@ class ModelAdapter(ABC):
     def has_visual_input(self, model_kwargs: dict[str, Any]) -> bool:
         """Whether these forward/generate arguments carry visual tokens to prune."""
 
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        """The language model's decoder layers, each with a ``self_attn`` module."""
+        return self.language_model.layers
+
     @abstractmethod
     def prune_inputs(self, model_kwargs: dict[str, Any], selector: TokenSelector, budget: Budget) -> PrunedInputs:
         """Run the vision side, select, and return arguments for the unpruned-token-free forward."""
+
+    def visual_token_attention(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        is_visual: torch.Tensor,
+        visual_tokens: torch.Tensor,
+        layer: int,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The ``lm_attention`` input: each row's last-token attention to its visual tokens.
+
+        input_ids, attention_mask, is_visual: (B, L); visual_tokens: (I, N, D), the projected
+        tokens of every image in placeholder order. Builds the full, unpruned input
+        embeddings and runs the language model through its first ``layer`` layers, where
+        only the attention row of each row's last real token is computed (from that layer's
+        own rotated queries and keys, mean over heads); the earlier layers keep their
+        attention implementation. ``position_ids`` default to the ones ``generate`` uses
+        (count of real tokens so far). Returns (I, N) float32.
+        """
+        num_layers = len(self.decoder_layers)
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer <= num_layers:
+            raise FlashVLMError(
+                f"language-model layer {layer!r} is out of range: this language model has {num_layers} layers (use 1..{num_layers})"
+            )
+        embeds = self.model.get_input_embeddings()(input_ids.masked_fill(is_visual, 0))  # (B, L, D)
+        embeds[is_visual] = visual_tokens.reshape(-1, visual_tokens.shape[-1]).to(embeds.dtype)
+        if position_ids is None:
+            position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+        with tap_last_token_attention(self.decoder_layers[layer - 1].self_attn, attention_mask) as tap:
+            run_until_tap(
+                self.language_model,
+                inputs_embeds=embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=False,
+            )
+        return tap.attention[is_visual].view(visual_tokens.shape[:2])
 
 
 def text_embeddings(
@@ -186,3 +231,61 @@ def resolve_hidden_state_layer(feature_layer: int, num_layers: int) -> int:
             f"(the tower has {num_layers} layers: use 1..{num_layers} or -{num_layers}..-1)"
         )
     return hidden_index - 1
+
+
+#: Attention implementation name under which :func:`tap_last_token_attention` runs one layer.
+_LAST_TOKEN_ROW = "flashvlm_last_token_row"
+
+
+@dataclass
+class LastTokenTap:
+    """What :func:`tap_last_token_attention` captured."""
+
+    key_mask: torch.Tensor  # (B, L) bool, keys that are real tokens
+    attention: torch.Tensor | None = None  # (B, L) float32, the last real token's attention, mean over heads
+
+
+def _last_token_row(module: nn.Module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """Attention "implementation" for one tapped layer: compute one row, then end the forward.
+
+    query: (B, H, L, d) and key: (B, H_kv, L, d), already rotated. The causal mask allows
+    the last real token every key, so only padding is masked (from the 2-D mask).
+    """
+    tap: LastTokenTap = module._flashvlm_last_token_tap
+    key_mask = tap.key_mask.to(query.device)
+    batch, heads, _, head_dim = query.shape
+    last = key_mask.shape[1] - 1 - key_mask.flip(1).long().argmax(dim=1)  # (B,) last real position
+    last_query = query[torch.arange(batch, device=query.device), :, last].float()  # (B, H, d)
+    keys = key.float().repeat_interleave(heads // key.shape[1], dim=1)  # (B, H, L, d)
+    scale = head_dim**-0.5 if scaling is None else scaling
+    logits = torch.einsum("bhd,bhld->bhl", last_query, keys) * scale
+    logits = logits.masked_fill(~key_mask[:, None, :], float("-inf"))
+    tap.attention = torch.softmax(logits, dim=-1).mean(dim=1)
+    raise _StopForward
+
+
+AttentionInterface.register(_LAST_TOKEN_ROW, _last_token_row)
+
+
+@contextmanager
+def tap_last_token_attention(attention: nn.Module, attention_mask: torch.Tensor):
+    """Make one attention module compute only its last-token attention row and stop the forward.
+
+    Only this module sees the change: it gets a copy of its config naming
+    :data:`_LAST_TOKEN_ROW` as its attention implementation, restored on exit, so every
+    other layer keeps SDPA/FlashAttention. Works for any Hugging Face attention module that
+    dispatches through ``ALL_ATTENTION_FUNCTIONS`` (standard softmax attention; sliding
+    windows and logit soft-capping are not modelled).
+    """
+    tap = LastTokenTap(key_mask=attention_mask.bool())
+    shared_config = attention.config
+    tapped_config = copy.copy(shared_config)
+    # Set the stored value directly: the public setter would recurse into (shared) sub-configs.
+    tapped_config._attn_implementation_internal = _LAST_TOKEN_ROW
+    attention.config = tapped_config
+    attention._flashvlm_last_token_tap = tap
+    try:
+        yield tap
+    finally:
+        attention.config = shared_config
+        del attention._flashvlm_last_token_tap

@@ -104,9 +104,15 @@ class LlavaAdapter(ModelAdapter):
                     inputs.saliency = received_attention(queries, keys, num_heads, scale)
                     inputs.saliency_kind = "received"
                 inputs.keys = keys[:, first_patch:]
+                inputs.key_heads = num_heads
             projector = self.core.multi_modal_projector
-            if "projected" in needs:
+            if needs & {"projected", "lm_attention"}:
                 inputs.projected = projector(features)  # (I, N, D)
+            if "lm_attention" in needs:
+                is_image = attention_mask.bool() & (input_ids == self.image_token_id)
+                inputs.lm_attention = self.visual_token_attention(
+                    input_ids, attention_mask, is_image, inputs.projected, selector.lm_attention_layer
+                )
             if "text" in needs:
                 is_text = attention_mask.bool() & (input_ids != self.image_token_id)
                 text_embeds, text_mask = text_embeddings(self.model.get_input_embeddings(), input_ids, is_text)

@@ -28,8 +28,13 @@ from .budget import Budget, resolve_budget
 #: - ``cls_attention``: specifically the CLS-to-patch attention row (CLIP-style towers);
 #: - ``text``: the prompt's text embeddings in the language model's input space;
 #: - ``projected``: the visual tokens after the projector, in the language model's space;
-#: - ``keys``: the attention keys of the saliency layer, one row per token.
-REQUIREMENTS = frozenset({"saliency", "cls_attention", "text", "projected", "keys"})
+#: - ``keys``: the attention keys of the saliency layer, one row per token;
+#: - ``grid``: the tokens' (rows, cols) raster layout;
+#: - ``lm_attention``: the attention the last prompt token pays to each visual token inside
+#:   the language model, at the layer the method names in ``lm_attention_layer``. Adapters
+#:   get it from a partial language-model pass over the full sequence (see
+#:   :meth:`flashvlm.adapters.ModelAdapter.visual_token_attention`), which costs extra.
+REQUIREMENTS = frozenset({"saliency", "cls_attention", "text", "projected", "keys", "grid", "lm_attention"})
 
 
 @dataclass
@@ -46,7 +51,9 @@ class SelectionInputs:
     text_embeds: torch.Tensor | None = None  # (B, L, D) LM input embeddings of the prompt
     text_mask: torch.Tensor | None = None  # (B, L) bool, True where text_embeds is real text
     keys: torch.Tensor | None = None  # (B, N, C_k) attention keys of the saliency layer
+    key_heads: int | None = None  # heads the keys' C_k channels split into (C_k = heads * head_dim)
     grid_shape: tuple[int, int] | None = None  # (rows, cols) when the tokens form a raster grid
+    lm_attention: torch.Tensor | None = None  # (B, N) last prompt token's attention in the LM, mean over heads
 
     @property
     def batch_size(self) -> int:
@@ -69,6 +76,17 @@ class Selection:
     indices: torch.Tensor  # (B, K) long, sorted ascending, unique per row
     features: torch.Tensor | None = None  # (B, K, C) replacement features, or None
 
+
+#: What each requirement is, for error messages.
+_REQUIREMENT_WORDS = {
+    "saliency": "per-token saliency from the vision encoder",
+    "cls_attention": "the CLS token's attention row; this vision encoder has no CLS token",
+    "text": "the prompt's text embeddings",
+    "projected": "the projected visual tokens",
+    "keys": "the vision encoder's attention keys",
+    "grid": "the tokens' 2-D grid layout; these tokens form no known grid",
+    "lm_attention": "attention read inside the language model",
+}
 
 _REGISTRY: dict[str, type[TokenSelector]] = {}
 
@@ -121,6 +139,9 @@ class TokenSelector:
 
     name: ClassVar[str] = ""
     requires: ClassVar[frozenset[str]] = frozenset()
+    #: True for the unpruned reference: every token is kept whatever the budget, and
+    #: :meth:`select` is never called.
+    keeps_all: ClassVar[bool] = False
     #: Named parameter sets, e.g. ``flashvlm:release``; see :meth:`preset`.
     presets: ClassVar[dict[str, dict]] = {}
 
@@ -131,6 +152,11 @@ class TokenSelector:
                 f"method {cls.name!r} has no preset {preset_name!r}; presets: {', '.join(sorted(cls.presets)) or 'none'}"
             )
         return cls(**{**cls.presets[preset_name], **overrides})
+
+    @property
+    def lm_attention_layer(self) -> int | None:
+        """For methods that require ``lm_attention``: read it in this language-model layer (1-based)."""
+        return None
 
     def select(self, inputs: SelectionInputs, num_keep: int) -> Selection | torch.Tensor:
         """Choose ``num_keep`` (< N) tokens of each image. Return indices ``(B, K)`` or a Selection."""
@@ -144,15 +170,18 @@ class TokenSelector:
             "text": inputs.text_embeds is not None,
             "projected": inputs.projected is not None,
             "keys": inputs.keys is not None,
+            "grid": inputs.grid_shape is not None,
+            "lm_attention": inputs.lm_attention is not None,
         }
         missing = sorted(need for need in self.requires if not available[need])
         if missing:
-            raise MethodUnavailableError(f"method {self.name!r} needs {', '.join(missing)}, which this model does not provide")
+            needs = "; ".join(f"{need} ({_REQUIREMENT_WORDS[need]})" for need in missing)
+            raise MethodUnavailableError(f"method {self.name!r} needs {needs}, which this model does not provide")
 
     def __call__(self, inputs: SelectionInputs, budget: Budget) -> Selection:
         num_tokens = inputs.num_tokens
         num_keep = resolve_budget(budget, num_tokens)
-        if num_keep >= num_tokens:
+        if self.keeps_all or num_keep >= num_tokens:
             indices = torch.arange(num_tokens, device=inputs.features.device)
             return Selection(indices.expand(inputs.batch_size, num_tokens))
         self.check_inputs(inputs)
@@ -178,6 +207,12 @@ def check_range(name: str, value: object, low: float, high: float, low_open: boo
     if not (is_number and (value > low if low_open else value >= low) and value <= high):
         upper = "inf)" if high == math.inf else f"{high}]"
         raise FlashVLMError(f"{name} must be a number in {'(' if low_open else '['}{low}, {upper}; got {value!r}")
+
+
+def check_integer(name: str, value: object, low: int) -> None:
+    """Raise :class:`FlashVLMError` unless ``value`` is an integer >= ``low``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise FlashVLMError(f"{name} must be an integer >= {low}; got {value!r}")
 
 
 def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:

@@ -13,14 +13,13 @@ from typing import ClassVar, Literal
 
 import torch
 
-from ..errors import FlashVLMError
-from .base import Selection, SelectionInputs, TokenSelector, check_choice, check_range, register
+from .base import Selection, SelectionInputs, TokenSelector, check_choice, check_integer, check_range, register
 from .ops import (
-    bipartite_diverse_subset,
+    DIVERSITY_RULES,
+    important_and_diverse,
     masked_max_pool,
     masked_mean_pool,
     masked_softmax_pool,
-    max_min_diverse_subset,
     minmax,
     unit_rows,
 )
@@ -108,6 +107,7 @@ class FlashVLM(TokenSelector):
         "mean_text": {"aggregation": "mean"},
         "plain_softmax": {"sharpening": "softmax"},
         "max_min_diversity": {"diversity": "max_min"},
+        "kmeans_diversity": {"diversity": "kmeans"},
     }
 
     #: eta: weight of text relevance against saliency in the log-domain fusion.
@@ -130,8 +130,9 @@ class FlashVLM(TokenSelector):
     important_ratio: float = 0.5
     #: r: most redundant tokens removed per round of the bipartite diversity step.
     removal_step: int = 8
-    #: Diversity step on the rest: "bipartite" (released), "max_min" (DivPrune-style).
-    diversity: Literal["bipartite", "max_min"] = "bipartite"
+    #: Diversity step on the rest: "bipartite" (released), "max_min" (DivPrune-style) or
+    #: "kmeans" (one representative per spherical k-means cluster, 10 Lloyd steps).
+    diversity: Literal["bipartite", "max_min", "kmeans"] = "bipartite"
     #: Features the diversity step compares: "vision" (LLaVA release) or "projected" (Qwen release).
     diversity_space: Literal["vision", "projected"] = "vision"
     #: Text norm gate: "off" (default), "on" (scale by raw embedding length), or
@@ -153,11 +154,10 @@ class FlashVLM(TokenSelector):
         check_range("eps", self.eps, 0.0, 1.0, low_open=True)
         for name in ("aggregation_temperature", "sharpening_temperature", "sharpening_power"):
             check_range(name, getattr(self, name), 0.0, math.inf, low_open=True)
-        if isinstance(self.removal_step, bool) or not isinstance(self.removal_step, int) or self.removal_step < 1:
-            raise FlashVLMError(f"removal_step must be an integer >= 1; got {self.removal_step!r}")
+        check_integer("removal_step", self.removal_step, 1)
         check_choice("aggregation", self.aggregation, ("softmax", "max", "mean"))
         check_choice("sharpening", self.sharpening, ("release", "softmax"))
-        check_choice("diversity", self.diversity, ("bipartite", "max_min"))
+        check_choice("diversity", self.diversity, DIVERSITY_RULES)
         check_choice("diversity_space", self.diversity_space, ("vision", "projected"))
         check_choice("text_norm_gate", self.text_norm_gate, ("off", "on", "after_normalization"))
         check_choice("score_dtype", self.score_dtype, ("float32", "model"))
@@ -190,14 +190,10 @@ class FlashVLM(TokenSelector):
 
     def select(self, inputs: SelectionInputs, num_keep: int) -> Selection:
         ranking = self.scores(inputs).argsort(dim=-1, descending=True, stable=self.stable_ranking)  # (B, N)
-        num_important = math.floor(self.important_ratio * num_keep)
-        important, rest = ranking[:, :num_important], ranking[:, num_important:]
         space = inputs.features if self.diversity_space == "vision" else inputs.projected
         unit_space = unit_rows(space if self.score_dtype == "model" else space.float())
-        num_diverse = num_keep - num_important
-        if self.diversity == "bipartite":
-            diverse = bipartite_diverse_subset(unit_space, rest, num_diverse, self.removal_step, self.stable_ranking)
-        else:
-            diverse = max_min_diverse_subset(unit_space, rest, num_diverse)
-        return Selection(torch.cat([important, diverse], dim=1))
+        keep = important_and_diverse(
+            ranking, unit_space, num_keep, self.important_ratio, self.diversity, self.removal_step, self.stable_ranking
+        )
+        return Selection(keep)
 

@@ -6,6 +6,8 @@ token count ``N``. Names follow ../shared/METHOD.md.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -52,20 +54,23 @@ def gather_tokens(tokens: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     return tokens.gather(1, indices.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
 
 
-def max_cosine_to_set(queries: torch.Tensor, candidates: torch.Tensor, chunk_size: int = 4096) -> torch.Tensor:
+def max_cosine_to_set(
+    queries: torch.Tensor, candidates: torch.Tensor, chunk_size: int = 4096, exclude_self: bool = False
+) -> torch.Tensor:
     """For unit rows ``queries`` (B, A, C) and ``candidates`` (B, M, C): max_m <q_a, c_m>, (B, A).
 
-    Computed over query chunks so memory stays O(chunk_size * M), not O(A * M).
+    With ``exclude_self`` the two are the same set and ``a`` is not compared with itself
+    (its nearest *other* token). Computed over query chunks so memory stays
+    O(chunk_size * M), not O(A * M).
     """
-    if queries.shape[1] <= chunk_size:
-        return (queries @ candidates.transpose(-1, -2)).amax(dim=-1)
-    return torch.cat(
-        [
-            (chunk @ candidates.transpose(-1, -2)).amax(dim=-1)
-            for chunk in queries.split(chunk_size, dim=1)
-        ],
-        dim=1,
-    )
+    maxima = []
+    for start in range(0, queries.shape[1], chunk_size):
+        similarity = queries[:, start : start + chunk_size] @ candidates.transpose(-1, -2)  # (B, c, M)
+        if exclude_self:
+            places = torch.arange(similarity.shape[1], device=similarity.device)
+            similarity[:, places, places + start] = float("-inf")
+        maxima.append(similarity.amax(dim=-1))
+    return torch.cat(maxima, dim=1)
 
 
 def bipartite_diverse_subset(
@@ -121,6 +126,110 @@ def max_min_diverse_subset(unit_features: torch.Tensor, candidates: torch.Tensor
         closest = torch.maximum(closest, similarity)
         place = closest.masked_fill(taken, float("inf")).argmin(dim=-1)
     return candidates.gather(1, chosen_places)
+
+
+def kmeans_diverse_subset(
+    unit_features: torch.Tensor, candidates: torch.Tensor, num_keep: int, iterations: int = 10
+) -> torch.Tensor:
+    """One representative per cluster of a spherical k-means over ``candidates``.
+
+    Centroids start at the greedy max-min picks (a deterministic k-means++-like seeding),
+    then ``iterations`` Lloyd steps on cosine similarity; each cluster is represented by
+    its member closest to the centroid. A cluster left empty falls back to the
+    highest-priority candidate not yet taken. O(iterations * R * num_keep * C) time,
+    O(R * num_keep) memory. Returns (B, num_keep) indices.
+    """
+    batch, num_candidates = candidates.shape
+    if num_keep <= 0:
+        return candidates[:, :0]
+    tokens = gather_tokens(unit_features, candidates)  # (B, R, C)
+    places = torch.arange(num_candidates, device=candidates.device).expand(batch, -1)
+    centroids = gather_tokens(tokens, max_min_diverse_subset(tokens, places, num_keep))  # (B, k, C)
+    for step in range(iterations + 1):
+        similarity = tokens @ centroids.transpose(-1, -2)  # (B, R, k)
+        membership = F.one_hot(similarity.argmax(dim=-1), num_keep).to(tokens.dtype)  # (B, R, k)
+        sizes = membership.sum(dim=1)  # (B, k)
+        if step == iterations:
+            break
+        centroids = torch.where(sizes[..., None] > 0, unit_rows(membership.transpose(1, 2) @ tokens), centroids)
+    closest = similarity.masked_fill(membership == 0, float("-inf")).argmax(dim=1)  # (B, k) places
+    chosen = torch.where(sizes > 0, closest, -1)
+    for row in (sizes == 0).any(dim=1).nonzero().flatten().tolist():
+        free = torch.ones(num_candidates, dtype=torch.bool, device=candidates.device)
+        free[chosen[row][chosen[row] >= 0]] = False
+        empty = (chosen[row] < 0).nonzero().flatten()
+        chosen[row, empty] = free.nonzero().flatten()[: empty.numel()]
+    return candidates.gather(1, chosen)
+
+
+#: Rules for choosing a diverse subset, by name (FlashVLM's ``diversity`` option).
+DIVERSITY_RULES = ("bipartite", "max_min", "kmeans")
+
+
+def diverse_subset(
+    rule: str,
+    unit_features: torch.Tensor,
+    candidates: torch.Tensor,
+    num_keep: int,
+    removal_step: int = 8,
+    stable: bool = True,
+) -> torch.Tensor:
+    """``num_keep`` diverse members of ``candidates`` (B, R) by one of :data:`DIVERSITY_RULES`."""
+    if rule == "bipartite":
+        return bipartite_diverse_subset(unit_features, candidates, num_keep, removal_step, stable)
+    if rule == "max_min":
+        return max_min_diverse_subset(unit_features, candidates, num_keep)
+    return kmeans_diverse_subset(unit_features, candidates, num_keep)
+
+
+def important_and_diverse(
+    ranking: torch.Tensor,
+    unit_features: torch.Tensor,
+    num_keep: int,
+    important_ratio: float,
+    rule: str = "bipartite",
+    removal_step: int = 8,
+    stable: bool = True,
+) -> torch.Tensor:
+    """The top ``floor(important_ratio * num_keep)`` of ``ranking`` (B, N), then a diverse rest.
+
+    The split VisPruner introduced and FlashVLM reuses. Returns (B, num_keep) indices.
+    """
+    num_important = math.floor(important_ratio * num_keep)
+    important, rest = ranking[:, :num_important], ranking[:, num_important:]
+    diverse = diverse_subset(rule, unit_features, rest, num_keep - num_important, removal_step, stable)
+    return torch.cat([important, diverse], dim=1)
+
+
+def dpp_greedy_map(unit_features: torch.Tensor, quality: torch.Tensor, num_keep: int, eps: float = 1e-10) -> torch.Tensor:
+    """Greedy MAP of a DPP with kernel ``L = diag(q) U U^T diag(q)`` (CDPruner's selection).
+
+    unit_features: (B, N, C) unit rows U; quality: (B, N) q >= 0. The fast greedy of Chen
+    et al. (NeurIPS 2018): an incremental Cholesky factor, so each step adds the token with
+    the largest marginal gain in log det. Kernel rows are computed when needed, so the N x N
+    kernel is never built: O(K * N * (C + K)) time, O(K * N) memory. Once the kernel's rank
+    is exhausted (gains ~ 0), the remaining picks add nothing and follow the gains' order.
+    Returns (B, K) indices in pick order.
+    """
+    batch, num_tokens, _ = unit_features.shape
+    rows = torch.arange(batch, device=unit_features.device)
+    factors = unit_features.new_zeros(num_keep, batch, num_tokens)  # (K, B, N) Cholesky rows
+    gains = quality**2  # (B, N) the kernel's diagonal, as <u_i, u_i> = 1
+    taken = torch.zeros(batch, num_tokens, dtype=torch.bool, device=unit_features.device)
+    chosen = torch.empty(batch, num_keep, dtype=torch.long, device=unit_features.device)
+    for step in range(num_keep):
+        pick = gains.masked_fill(taken, float("-inf")).argmax(dim=-1)  # (B,)
+        chosen[:, step] = pick
+        taken[rows, pick] = True
+        cosine = (unit_features @ unit_features[rows, pick].unsqueeze(-1)).squeeze(-1)  # (B, N)
+        kernel_row = quality[rows, pick, None] * cosine * quality  # (B, N)
+        explained = torch.einsum("sb,sbn->bn", factors[:step, rows, pick], factors[:step])  # (B, N)
+        gain = gains[rows, pick]  # (B,)
+        # A non-positive gain means the pick is already spanned: it contributes nothing.
+        factor = (kernel_row - explained) / gain.clamp(min=eps).sqrt()[:, None] * (gain > eps)[:, None]
+        factors[step] = factor
+        gains = gains - factor**2
+    return chosen
 
 
 def unit_rows(tensor: torch.Tensor) -> torch.Tensor:

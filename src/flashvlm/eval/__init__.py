@@ -1,0 +1,34 @@
+"""Evaluation: datasets of (image, question, answer) rows, lmms-eval-style scoring,
+batched generation with a method attached, and reports.
+
+    from flashvlm.eval import evaluate, load_dataset
+    dataset = load_dataset("vqa.jsonl")
+    results = evaluate(model, processor, dataset.examples, "flashvlm", budget=64)
+"""
+
+from .data import BAD_ROW_POLICIES, BadRow, Dataset, DatasetError, Example, load_dataset
+from .report import RunSummary, markdown_table, plot_accuracy, set_relative, summarize, write_csv, write_markdown
+from .run import SHORT_ANSWER_PROMPT, RowResult, evaluate
+from .scoring import SCORING_RULES, normalize_answer, score_answer
+
+__all__ = [
+    "BAD_ROW_POLICIES",
+    "SCORING_RULES",
+    "SHORT_ANSWER_PROMPT",
+    "BadRow",
+    "Dataset",
+    "DatasetError",
+    "Example",
+    "RowResult",
+    "RunSummary",
+    "evaluate",
+    "load_dataset",
+    "markdown_table",
+    "normalize_answer",
+    "plot_accuracy",
+    "score_answer",
+    "set_relative",
+    "summarize",
+    "write_csv",
+    "write_markdown",
+]

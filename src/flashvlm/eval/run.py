@@ -1,0 +1,98 @@
+"""Batched generation over a dataset with one method and budget attached, row by row results."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from ..loading import chat_prompt, load_image
+from ..patch import prune
+from ..selection import Budget, TokenSelector
+from ..timing import PrefillTimer
+from .data import Example
+from .scoring import score_answer
+
+#: What lmms-eval appends to short-answer VQA questions for LLaVA-1.5.
+SHORT_ANSWER_PROMPT = "\nAnswer the question using a single word or phrase."
+
+
+@dataclass
+class RowResult:
+    """One example under one method and budget."""
+
+    id: str
+    prediction: str
+    answer: str
+    correct: bool
+    family: str | None
+    visual_tokens: list[int]  # tokens kept per image, in prompt order
+    kept_indices: list[list[int]]  # kept token positions per image (raster order)
+    selection_seconds: float  # vision encoding + selection, this row's share of its batch
+    prefill_seconds: float  # language-model prefill, this row's share of its batch
+
+
+def evaluate(
+    model,
+    processor,
+    examples: Sequence[Example],
+    method: str | TokenSelector,
+    budget: Budget,
+    batch_size: int = 8,
+    max_new_tokens: int = 16,
+    prompt_suffix: str = SHORT_ANSWER_PROMPT,
+    progress: bool = True,
+    **params,
+) -> list[RowResult]:
+    """Answer every example with ``method`` at ``budget`` attached; greedy decoding, left padding.
+
+    Times are measured per batch (device-synchronised) and shared equally among its rows.
+    """
+    tokenizer = getattr(processor, "tokenizer", processor)
+    padding_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # generation appends to the right end of every row
+    results: list[RowResult] = []
+    batches = [examples[start : start + batch_size] for start in range(0, len(examples), batch_size)]
+    try:
+        with prune(model, budget, method, **params) as pruner, torch.no_grad():
+            label = method if isinstance(method, str) else pruner.selector.name
+            for batch in tqdm(batches, desc=f"{label} @ {budget}", unit="batch", disable=not progress, leave=False):
+                prompts = [chat_prompt(processor, example.question + prompt_suffix, len(example.images)) for example in batch]
+                images = [load_image(path) for example in batch for path in example.images]
+                inputs = processor(images=images, text=prompts, padding=True, return_tensors="pt").to(model.device)
+                with PrefillTimer(pruner.adapter.language_model) as timer:
+                    output = model.generate(
+                        **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+                    )
+                answers = processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+                results.extend(_row_results(batch, answers, pruner, timer))
+    finally:
+        tokenizer.padding_side = padding_side
+    return results
+
+
+def _row_results(batch: Sequence[Example], answers: list[str], pruner, timer: PrefillTimer) -> list[RowResult]:
+    images_by_row: list[list] = [[] for _ in batch]
+    for image in pruner.last.images:
+        images_by_row[image.batch_index].append(image)
+    selection_share = pruner.last_selection_seconds / len(batch)
+    prefill_share = (timer.prefill_seconds or 0.0) / len(batch)
+    rows = []
+    for example, answer, images in zip(batch, answers, images_by_row):
+        prediction = answer.strip()
+        rows.append(
+            RowResult(
+                id=example.id,
+                prediction=prediction,
+                answer=example.answer,
+                correct=score_answer(prediction, example.answer, example.scoring),
+                family=example.family,
+                visual_tokens=[image.num_kept for image in images],
+                kept_indices=[image.keep_indices.tolist() for image in images],
+                selection_seconds=selection_share,
+                prefill_seconds=prefill_share,
+            )
+        )
+    return rows

@@ -1,0 +1,256 @@
+"""Each peer method against a direct reading of its paper / release, on small tensors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlavaForConditionalGeneration, SiglipVisionConfig
+
+import flashvlm
+from flashvlm.adapters import adapter_for
+from flashvlm.errors import FlashVLMError, MethodUnavailableError
+from flashvlm.selection import FlashVLM, SelectionInputs, get_method
+from flashvlm.selection.baselines import cell_centres, pooled_grid
+from flashvlm.selection.ops import dpp_greedy_map, kmeans_diverse_subset
+
+from conftest import (
+    IMAGE_SIZE,
+    IMAGE_TOKEN_ID,
+    NUM_PATCHES,
+    PATCH_SIZE,
+    build_tiny_llava,
+    left_pad,
+    llava_batch,
+    random_pixels,
+    tiny_llava_config,
+)
+
+
+def assert_k_unique(indices: torch.Tensor, batch: int, num_keep: int) -> None:
+    assert indices.shape == (batch, num_keep)
+    assert all(row.unique().numel() == num_keep for row in indices)
+
+
+def random_inputs(batch=2, tokens=64, seed=0) -> SelectionInputs:
+    generator = torch.Generator().manual_seed(seed)
+    return SelectionInputs(
+        features=torch.randn(batch, tokens, 16, generator=generator),
+        saliency=torch.softmax(3 * torch.randn(batch, tokens, generator=generator), dim=-1),
+        saliency_kind="cls",
+        projected=torch.randn(batch, tokens, 24, generator=generator),
+        text_embeds=torch.randn(batch, 5, 24, generator=generator),
+        text_mask=torch.ones(batch, 5, dtype=torch.bool),
+        keys=torch.randn(batch, tokens, 16, generator=generator),
+        key_heads=4,
+        grid_shape=(8, 8) if tokens == 64 else None,
+    )
+
+
+# -- none, random, pool -------------------------------------------------------------------
+
+
+def test_none_generates_exactly_what_the_stock_model_does(tiny_llava):
+    inputs = llava_batch(tiny_llava, batch_size=3)
+    with torch.no_grad():
+        stock = tiny_llava.generate(**inputs, max_new_tokens=4, do_sample=False)
+        with flashvlm.prune(tiny_llava, 1, "none") as pruner:
+            kept_all = tiny_llava.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert torch.equal(stock, kept_all)
+    assert all(image.num_kept == NUM_PATCHES for image in pruner.last.images)
+
+
+def test_random_is_seeded_and_the_same_for_every_image():
+    inputs = random_inputs(batch=3)
+    first = get_method("random", seed=3)(inputs, 10).indices
+    assert torch.equal(first, get_method("random", seed=3)(inputs, 10).indices)
+    assert torch.equal(first[0], first[2])
+    assert not torch.equal(first, get_method("random", seed=4)(inputs, 10).indices)
+    with pytest.raises(FlashVLMError, match="seed must be an integer >= 0"):
+        get_method("random", seed=-1)
+
+
+@pytest.mark.parametrize(
+    ("grid", "budget", "cells"),
+    [((24, 24), 192, (16, 12)), ((24, 24), 128, (8, 16)), ((24, 24), 64, (8, 8)), ((24, 24), 37, (7, 6)), ((8, 8), 7, (3, 3))],
+)
+def test_pooled_grid_is_the_nearest_grid_with_enough_cells(grid, budget, cells):
+    assert pooled_grid(*grid, budget) == cells
+
+
+@pytest.mark.parametrize("size", [3, 5, 8, 24])
+def test_cell_centres_are_distinct_for_every_cell_count(size):
+    for cells in range(1, size + 1):
+        centres = cell_centres(size, cells)
+        assert centres.unique().numel() == cells and int(centres.max()) < size
+
+
+def test_pool_averages_each_cell_and_keeps_exactly_k():
+    inputs = random_inputs()
+    selection = get_method("pool")(inputs, 16)  # 8x8 -> 4x4 cells of 2x2 tokens
+    grid = inputs.features.transpose(1, 2).reshape(2, 16, 8, 8)
+    expected = F.avg_pool2d(grid, 2).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(selection.features, expected)
+    assert selection.indices[0].tolist() == [row * 8 + col for row in (0, 2, 4, 6) for col in (0, 2, 4, 6)]
+    for budget in (5, 7, 13, 37, 63):  # no exact grid: evenly spread cells of a larger one
+        assert_k_unique(get_method("pool")(inputs, budget).indices, 2, budget)
+
+
+def test_pool_without_a_grid_says_so():
+    model = build_tiny_llava(vision_feature_select_strategy="full")  # CLS kept: 65 tokens, no grid
+    input_ids, attention_mask = left_pad([[1, 5] + [IMAGE_TOKEN_ID] * (NUM_PATCHES + 1) + [6, 7]])
+    with flashvlm.prune(model, 12, "pool"), torch.no_grad(), pytest.raises(MethodUnavailableError, match="grid"):
+        model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=random_pixels(1))
+
+
+# -- encoder-attention methods -------------------------------------------------------------
+
+
+def visionzip_reference(features, cls_attention, keys, heads, num_dominant, num_contextual):
+    """The released VisionZip steps for one image, without CLS, in the release's own order."""
+    dominant = cls_attention.topk(num_dominant).indices
+    remaining = torch.tensor([i for i in range(features.shape[0]) if i not in set(dominant.tolist())])
+    metric = F.normalize(keys.view(keys.shape[0], heads, -1).mean(1)[remaining], dim=-1)
+    step = max(1, len(remaining) // num_contextual)
+    target_places = list(range(0, len(remaining), step))[:num_contextual]
+    other_places = [p for p in range(len(remaining)) if p not in target_places]
+    nearest = (metric[other_places] @ metric[target_places].T).argmax(-1)
+    contextual = []
+    for target, place in enumerate(target_places):
+        members = [remaining[place]] + [remaining[other_places[i]] for i in (nearest == target).nonzero().flatten()]
+        contextual.append(features[torch.stack(members)].mean(0))
+    return torch.cat([dominant, remaining[target_places]]), torch.cat([features[dominant], torch.stack(contextual)])
+
+
+def test_visionzip_matches_the_released_steps():
+    inputs = random_inputs()
+    selection = get_method("visionzip")(inputs, 32)  # 27 dominant + 5 contextual
+    for image in range(2):
+        indices, features = visionzip_reference(
+            inputs.features[image], inputs.saliency[image], inputs.keys[image], 4, 27, 5
+        )
+        order = indices.argsort()
+        assert selection.indices[image].tolist() == indices[order].tolist()
+        torch.testing.assert_close(selection.features[image], features[order])
+
+
+def test_vispruner_is_flashvlm_without_text():
+    inputs = random_inputs()
+    vispruner = get_method("vispruner")(inputs, 20).indices
+    assert torch.equal(vispruner, FlashVLM(text_weight=0.0)(inputs, 20).indices)
+
+
+def test_cls_attention_methods_say_the_encoder_has_no_cls():
+    vision = SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        image_size=IMAGE_SIZE, patch_size=PATCH_SIZE,
+    )
+    torch.manual_seed(0)
+    config = tiny_llava_config(vision_config=vision, vision_feature_select_strategy="full")
+    model = LlavaForConditionalGeneration(config).eval()
+    inputs = llava_batch(model, batch_size=1)
+    for method in ("visionzip", "vispruner"):
+        with flashvlm.prune(model, 12, method), torch.no_grad(), pytest.raises(MethodUnavailableError, match="no CLS"):
+            model.generate(**inputs, max_new_tokens=1)
+    with flashvlm.prune(model, 12, "flashvlm"), torch.no_grad():  # attention received stands in for CLS
+        model.generate(**inputs, max_new_tokens=1)
+
+
+# -- diversity methods ---------------------------------------------------------------------
+
+
+def divprune_reference(features, num_keep):
+    """The released DivPrune loop: full distance matrix, most isolated token first."""
+    unit = F.normalize(features, dim=-1)
+    distance = 1.0 - unit @ unit.T
+    chosen = []
+    for step in range(num_keep):
+        if step == 0:
+            scores = distance.topk(2, dim=0, largest=False).values[1]
+        else:
+            scores = distance[chosen].min(dim=0).values
+        chosen.append(int(scores.argmax()))
+    return sorted(chosen)
+
+
+def test_divprune_matches_the_released_loop():
+    inputs = random_inputs()
+    selection = get_method("divprune")(inputs, 20)
+    for image in range(2):
+        assert selection.indices[image].tolist() == divprune_reference(inputs.projected[image], 20)
+    assert get_method("divprune:linear")(inputs, 20).indices.shape == (2, 20)
+
+
+def test_dpp_greedy_map_adds_the_largest_log_det_gain_each_step():
+    generator = torch.Generator().manual_seed(0)
+    unit = F.normalize(torch.randn(1, 20, 12, generator=generator), dim=-1)
+    quality = torch.rand(1, 20, generator=generator) + 0.1
+    kernel = quality[0, :, None] * (unit[0] @ unit[0].T) * quality[0, None, :]
+    chosen: list[int] = []
+    for _ in range(8):
+        gains = [
+            torch.logdet(kernel[chosen + [i]][:, chosen + [i]]) if i not in chosen else -torch.inf for i in range(20)
+        ]
+        chosen.append(int(torch.stack([torch.as_tensor(g) for g in gains]).argmax()))
+    assert dpp_greedy_map(unit, quality, 8)[0].tolist() == chosen
+
+
+def test_dpp_greedy_map_stays_finite_past_the_kernel_rank():
+    unit = F.normalize(torch.randn(2, 30, 4), dim=-1)  # rank 4, 12 picks
+    assert_k_unique(dpp_greedy_map(unit, torch.rand(2, 30) + 0.1, 12), 2, 12)
+
+
+def test_cdpruner_relevance_sign_is_an_option():
+    inputs = random_inputs()
+    default, release_sign = get_method("cdpruner")(inputs, 16), get_method("cdpruner:release_sign")(inputs, 16)
+    assert not torch.equal(default.indices, release_sign.indices)
+
+
+def test_kmeans_diversity_copes_with_identical_tokens():
+    unit = F.normalize(torch.ones(1, 10, 4), dim=-1)  # every token the same: clusters go empty
+    candidates = torch.arange(10).flip(0)[None]
+    picks = kmeans_diverse_subset(unit, candidates, 4)
+    assert picks[0].unique().numel() == 4
+    inputs = random_inputs()
+    assert_k_unique(get_method("flashvlm:kmeans_diversity")(inputs, 20).indices, 2, 20)
+
+
+# -- FastV --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layer", [1, 2])
+def test_fastv_attention_equals_the_eager_attention_map(layer):
+    inputs = llava_batch(None, batch_size=3)
+    sdpa, eager = build_tiny_llava(), build_tiny_llava(attn_implementation="eager")
+    adapter = adapter_for(sdpa)
+    is_image = inputs["input_ids"] == IMAGE_TOKEN_ID
+    with torch.no_grad():
+        features, _, _ = adapter.encode_images(inputs["pixel_values"], -2, "default", need_qk=False)
+        projected = sdpa.model.multi_modal_projector(features)  # (I, N, D)
+        scores = adapter.visual_token_attention(
+            inputs["input_ids"], inputs["attention_mask"], is_image, projected, layer
+        )
+        positions = (inputs["attention_mask"].cumsum(1) - 1).clamp(min=0)
+        attentions = eager(**inputs, position_ids=positions, output_attentions=True).attentions
+    expected = attentions[layer - 1][:, :, -1].mean(dim=1)[is_image].view(-1, NUM_PATCHES)
+    torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-4)
+    attention = sdpa.model.language_model.layers[layer - 1].self_attn
+    assert attention.config is sdpa.model.language_model.config  # the other layers never left SDPA
+
+
+def test_fastv_layer_out_of_range_is_reported(tiny_llava):
+    inputs = llava_batch(tiny_llava, batch_size=1)
+    with flashvlm.prune(tiny_llava, 12, "fastv", layer=5), pytest.raises(FlashVLMError, match="has 2 layers"):
+        tiny_llava.generate(**inputs, max_new_tokens=1)
+    with pytest.raises(FlashVLMError, match="layer must be an integer >= 1"):
+        get_method("fastv", layer=0)
+
+
+def test_every_preset_of_every_method_selects_k_unique_tokens():
+    from flashvlm.selection.base import _REGISTRY
+
+    inputs = random_inputs()
+    inputs.lm_attention = torch.softmax(torch.randn(2, 64), dim=-1)
+    for name, method in _REGISTRY.items():
+        for preset in method.presets:
+            assert_k_unique(get_method(f"{name}:{preset}")(inputs, 20).indices, 2, 20)
