@@ -117,7 +117,7 @@ class LlavaAdapter(ModelAdapter):
             num_images, num_tokens, _ = encoded.features.shape
             rows = placeholder_rows(input_ids, self.image_token_id, [num_tokens] * num_images, "image")
             projected = projector(encoded.features) if "projected" in needs else None  # (I, N, D)
-            grid = _square_grid(num_tokens) if self._feature_settings(model_kwargs)[1] == "default" else None
+            grid = square_grid(num_tokens) if self._feature_settings(model_kwargs)[1] == "default" else None
             units = [
                 VisualUnit(
                     row,
@@ -145,7 +145,7 @@ class LlavaAdapter(ModelAdapter):
         is_image = input_ids == self.image_token_id
         keep_placeholder = torch.zeros(num_images, num_tokens, dtype=torch.bool, device=input_ids.device)
         keep_placeholder.scatter_(1, keep_indices, True)
-        keep = ~is_image
+        keep = attention_mask.bool() & ~is_image  # existing padding goes too: rows are re-padded
         keep[is_image] = keep_placeholder.flatten()  # placeholders run image by image, row-major
 
         outputs = {"image": BaseModelOutputWithPooling(pooler_output=kept_tokens)}
@@ -158,6 +158,7 @@ class LlavaAdapter(ModelAdapter):
         return PrunedInputs(pruned_kwargs, records, input_ids.shape[1], new_mask.shape[1])
 
 
-def _square_grid(num_tokens: int) -> tuple[int, int] | None:
+def square_grid(num_tokens: int) -> tuple[int, int] | None:
+    """(side, side) when ``num_tokens`` fill a square raster, else None."""
     side = int(round(num_tokens**0.5))
     return (side, side) if side * side == num_tokens else None
