@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import FlashVLMError
-from ..selection import Budget, SelectionInputs, TokenSelector, resolve_budget
+from ..selection import Budget, SelectionInputs, TokenSelector
 from ..selection.base import check_choice
 
 #: How a video's budget is counted: the budget applies to each frame separately, or to the
@@ -167,10 +167,17 @@ def prompt_tensors(model_kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Te
 
 
 def prompt_text(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, placeholder_ids: list[int]
-) -> tuple[torch.Tensor, torch.Tensor]:
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    placeholder_ids: list[int],
+    needs: frozenset[str],
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Embeddings (B, L_text, D) and mask (B, L_text) of every prompt token that is neither
-    padding nor a visual placeholder, wherever the images sit in the prompt."""
+    padding nor a visual placeholder, wherever the images sit in the prompt; (None, None)
+    when the method's ``needs`` do not include text."""
+    if "text" not in needs:
+        return None, None
     is_text = attention_mask.bool() & ~torch.isin(input_ids, torch.tensor(placeholder_ids, device=input_ids.device))
     return text_embeddings(model.get_input_embeddings(), input_ids, is_text)
 

@@ -14,7 +14,6 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from ..errors import UnsupportedModelError
 from ..saliency import query_row_attention, received_attention
 from ..selection import Budget, TokenSelector
-from ..selection.ops import gather_tokens
 from .base import (
     ImageSelection,
     ModelAdapter,
@@ -130,7 +129,7 @@ class LlavaAdapter(ModelAdapter):
                 )
                 for i, row in enumerate(rows)
             ]
-            text = prompt_text(self.model, input_ids, attention_mask, [self.image_token_id]) if "text" in needs else (None, None)
+            text = prompt_text(self.model, input_ids, attention_mask, [self.image_token_id], needs)
             choices = select_units(units, selector, self.saliency_kind, *text)
             kept_tokens = []
             for unit, choice in zip(units, choices):

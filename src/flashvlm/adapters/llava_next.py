@@ -175,7 +175,7 @@ class LlavaNextAdapter(LlavaAdapter):
         records: list[ImageSelection] = []
 
         with torch.no_grad():
-            text = prompt_text(self.model, input_ids, attention_mask, placeholders) if "text" in needs else (None, None)
+            text = prompt_text(self.model, input_ids, attention_mask, placeholders, needs)
             items = []
             if model_kwargs.get("pixel_values") is not None:
                 items += self.image_items(model_kwargs, needs)

@@ -77,7 +77,8 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
                 torch.cat([video_side, marker]), encoded, tokens.dtype
             )
             # One "row" (every frame token) ends with the video's newline.
-            item = PackedItem("video", video_tokens, features, saliency, keys, is_newline, torch.zeros_like(is_newline, dtype=torch.long))
+            one_row = torch.zeros_like(is_newline, dtype=torch.long)
+            item = PackedItem("video", video_tokens, features, saliency, keys, is_newline, one_row)
             positions = torch.arange(num_frames * per_frame, device=tokens.device)
             if self.video_budget == "per_frame":
                 item.regions = [(frame, grid) for frame in positions.split(per_frame)]

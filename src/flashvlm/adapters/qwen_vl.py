@@ -146,7 +146,7 @@ class QwenVLAdapter(ModelAdapter):
         records: list[ImageSelection] = []
 
         with torch.no_grad():
-            text = prompt_text(self.model, input_ids, attention_mask, placeholder_ids) if "text" in needs else (None, None)
+            text = prompt_text(self.model, input_ids, attention_mask, placeholder_ids, needs)
             for kind, pixels_name, grid_name, token_id in (
                 ("image", "pixel_values", "image_grid_thw", self.image_token_id),
                 ("video", "pixel_values_videos", "video_grid_thw", self.video_token_id),
