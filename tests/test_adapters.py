@@ -268,3 +268,32 @@ def test_a_method_needing_a_cls_row_says_when_the_encoder_has_none(case):
         else:
             with pytest.raises(MethodUnavailableError, match="needs cls_attention"):
                 pruner.prune_inputs(dict(inputs))
+
+
+@dataclass
+class _RecordsText(TokenSelector):
+    """Keeps the first tokens and records how many text tokens guided each unit."""
+
+    name: ClassVar[str] = "records_text"
+    requires: ClassVar[frozenset[str]] = frozenset({"text"})
+    seen: ClassVar[list[int]] = []
+
+    def select(self, inputs, num_keep):
+        _RecordsText.seen += inputs.text_mask.sum(dim=1).tolist()
+        return torch.arange(num_keep).expand(inputs.batch_size, num_keep)
+
+
+@pytest.mark.parametrize("case", TINY_CASES, ids=lambda case: case.name)
+def test_the_whole_prompt_text_guides_every_unit(case):
+    model = tiny_model(case)
+    inputs = case.make_inputs(model, 2, 0)
+    _RecordsText.seen = []
+    with flashvlm.prune(model, budget=2, method=_RecordsText()) as pruner:
+        records = pruner.prune_inputs(dict(inputs)).images
+    # Every real token that is no placeholder: text before and after the images, padding excluded.
+    text_per_row = inputs["attention_mask"].sum(dim=1) - placeholder_counts(model, inputs["input_ids"])
+    # An AnyRes image is selected as two units (base view and crops) under one budget.
+    units_per_record = [2 if is_anyres(case) and record.kind == "image" else 1 for record in records]
+    expected = [int(text_per_row[record.batch_index]) for record, units in zip(records, units_per_record)
+                for _ in range(units)]
+    assert sorted(_RecordsText.seen) == sorted(expected)

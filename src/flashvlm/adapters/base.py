@@ -123,19 +123,20 @@ def select_units(
     is guided by its own row's. Returns one :class:`UnitChoice` per unit, in order.
     """
     choices: list[UnitChoice | None] = [None] * len(units)
-    groups: dict[tuple[int, Budget], list[int]] = {}
+    # Units of one group share N, budget and raster shape, so grid-aware methods keep their grid.
+    groups: dict[tuple[int, Budget, tuple[int, int] | None], list[int]] = {}
     for position, unit in enumerate(units):
         if isinstance(unit.budget, int) and unit.budget == 0:
             empty = torch.zeros(0, dtype=torch.long, device=unit.features.device)
             choices[position] = UnitChoice(empty)
         else:
-            groups.setdefault((unit.num_tokens, unit.budget), []).append(position)
+            groups.setdefault((unit.num_tokens, unit.budget, unit.grid_shape), []).append(position)
 
     def stacked(name: str, members: list[VisualUnit]) -> torch.Tensor | None:
         values = [getattr(unit, name) for unit in members]
         return None if values[0] is None else torch.stack(values)
 
-    for (_, budget), positions in groups.items():
+    for (_, budget, grid_shape), positions in groups.items():
         members = [units[position] for position in positions]
         inputs = SelectionInputs(
             features=stacked("features", members),
@@ -143,7 +144,7 @@ def select_units(
             saliency_kind=saliency_kind,
             projected=stacked("projected", members),
             keys=stacked("keys", members),
-            grid_shape=members[0].grid_shape if len({unit.grid_shape for unit in members}) == 1 else None,
+            grid_shape=grid_shape,
         )
         if text_embeds is not None:
             rows = torch.tensor([unit.batch_index for unit in members], device=text_embeds.device)
@@ -153,6 +154,14 @@ def select_units(
             features = None if selection.features is None else selection.features[place]
             choices[position] = UnitChoice(selection.indices[place], features)
     return choices
+
+
+def require_argument(model_kwargs: dict[str, Any], name: str, needed_by: str) -> Any:
+    """``model_kwargs[name]``, or a :class:`FlashVLMError` saying which input needs it."""
+    value = model_kwargs.get(name)
+    if value is None:
+        raise FlashVLMError(f"{needed_by} needs {name} alongside it (as the model's processor returns them)")
+    return value
 
 
 def prompt_tensors(model_kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:

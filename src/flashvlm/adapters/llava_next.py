@@ -30,6 +30,7 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
+from ..errors import FlashVLMError
 from ..selection import Budget, TokenSelector, resolve_budget
 from .base import (
     ImageSelection,
@@ -39,6 +40,7 @@ from .base import (
     prompt_tensors,
     prompt_text,
     rebuild_model_kwargs,
+    require_argument,
     select_units,
 )
 from .llava import EncodedPatches, LlavaAdapter, square_grid
@@ -70,7 +72,7 @@ class LlavaNextAdapter(LlavaAdapter):
         config = self.model.config
         return [
             image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
-            for size in model_kwargs["image_sizes"]
+            for size in require_argument(model_kwargs, "image_sizes", "pixel_values")
         ]
 
     def pack(self, per_image: list[torch.Tensor], model_kwargs: dict[str, Any], newline: torch.Tensor):
@@ -105,6 +107,9 @@ class LlavaNextAdapter(LlavaAdapter):
         counts = self.patches_per_image(model_kwargs)
         if pixel_values.dim() == 5:  # (I, P_max, 3, H, W), padded with unused crops
             pixel_values = torch.cat([stack[:count] for stack, count in zip(pixel_values, counts)])
+        elif pixel_values.dim() != 4:
+            shape = tuple(pixel_values.shape)
+            raise FlashVLMError(f"pixel_values must be (images, views, 3, H, W) or (views, 3, H, W); got shape {shape}")
         encoded = self.encode_patches(pixel_values, model_kwargs, needs)
         projected = self.core.multi_modal_projector(encoded.features)  # (P, n, D)
         side = self.side_channels(encoded)

@@ -34,6 +34,7 @@ from .base import (
     prompt_tensors,
     prompt_text,
     rebuild_model_kwargs,
+    require_argument,
     select_units,
 )
 
@@ -154,7 +155,7 @@ class QwenVLAdapter(ModelAdapter):
                 pixel_values = model_kwargs.get(pixels_name)
                 if pixel_values is None:
                     continue
-                grid_thw = model_kwargs[grid_name]
+                grid_thw = require_argument(model_kwargs, grid_name, pixels_name)
                 features, projected, saliency, keys = self.encode(pixel_values, grid_thw, need_saliency)
                 item_units = self._units(kind, grid_thw, input_ids, token_id, budget)
                 units = [
