@@ -297,3 +297,28 @@ def test_the_whole_prompt_text_guides_every_unit(case):
     expected = [int(text_per_row[record.batch_index]) for record, units in zip(records, units_per_record)
                 for _ in range(units)]
     assert sorted(_RecordsText.seen) == sorted(expected)
+
+
+@dataclass
+class _UsesEverything(TokenSelector):
+    """Needs every input an adapter can give (except a CLS row) and checks their shapes."""
+
+    name: ClassVar[str] = "uses_everything"
+    requires: ClassVar[frozenset[str]] = frozenset({"saliency", "text", "projected", "keys"})
+
+    def select(self, inputs, num_keep):
+        batch, tokens = inputs.batch_size, inputs.num_tokens
+        assert inputs.saliency.shape == (batch, tokens) and inputs.keys.shape[:2] == (batch, tokens)
+        assert inputs.projected.shape[:2] == (batch, tokens) and inputs.text_embeds.shape[0] == batch
+        score = inputs.saliency + inputs.keys.float().norm(dim=-1)
+        return score.argsort(dim=-1, descending=True)[:, :num_keep]
+
+
+@pytest.mark.parametrize("case", TINY_CASES, ids=lambda case: case.name)
+def test_every_input_a_method_may_ask_for_is_served(case):
+    model = tiny_model(case)
+    inputs = case.make_inputs(model, 2, 0)
+    with flashvlm.prune(model, budget=3, method=_UsesEverything()) as pruner:
+        generated = model.generate(**inputs, max_new_tokens=1, do_sample=False, pad_token_id=0)
+    assert all(record.num_kept == 3 for record in pruner.last.images)
+    assert generated.shape[1] == inputs["input_ids"].shape[1] + 1

@@ -104,7 +104,8 @@ class LlavaAdapter(ModelAdapter):
             saliency = query_row_attention(queries, keys, attention.num_heads, 0, attention.scale)[:, first_patch:]
         else:
             saliency = received_attention(queries, keys, attention.num_heads, attention.scale)
-        return EncodedPatches(features, saliency, keys[:, first_patch:])
+        # Keys only travel on when a method asks for them (they are as wide as the features).
+        return EncodedPatches(features, saliency, keys[:, first_patch:] if "keys" in needs else None)
 
     def prune_inputs(self, model_kwargs: dict[str, Any], selector: TokenSelector, budget: Budget) -> PrunedInputs:
         input_ids, attention_mask = prompt_tensors(model_kwargs)

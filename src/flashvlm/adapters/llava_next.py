@@ -85,21 +85,26 @@ class LlavaNextAdapter(LlavaAdapter):
 
     @staticmethod
     def side_channels(encoded: EncodedPatches) -> torch.Tensor:
-        """Features, saliency and keys side by side, float32, plus a 0 "is newline" channel: (P, n, X)."""
+        """Features, saliency and keys (those present) side by side, float32, plus a 0
+        "is newline" channel: (P, n, X), so the model's packing moves them together."""
         parts = [encoded.features.float()]
         if encoded.saliency is not None:
-            parts += [encoded.saliency[..., None], encoded.keys.float()]
+            parts.append(encoded.saliency[..., None])
+        if encoded.keys is not None:
+            parts.append(encoded.keys.float())
         parts.append(torch.zeros_like(parts[0][..., :1]))
         return torch.cat(parts, dim=-1)
 
     @staticmethod
     def split_side_channels(packed: torch.Tensor, encoded: EncodedPatches, dtype: torch.dtype):
-        """Inverse of :meth:`side_channels` on packed rows: features, saliency, keys, is_newline."""
+        """Inverse of :meth:`side_channels` on packed rows (L, X): features, saliency, keys, is_newline."""
         width = encoded.features.shape[-1]
-        features = packed[:, :width].to(dtype)
+        features, rest = packed[:, :width].to(dtype), packed[:, width:-1]
         saliency = keys = None
         if encoded.saliency is not None:
-            saliency, keys = packed[:, width], packed[:, width + 1 : -1].to(dtype)
+            saliency, rest = rest[:, 0], rest[:, 1:]
+        if encoded.keys is not None:
+            keys = rest.to(dtype)
         return features, saliency, keys, packed[:, -1] > 0.5
 
     def image_items(self, model_kwargs: dict[str, Any], needs: frozenset[str]) -> list[PackedItem]:
