@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from .base import ImageSelection, ModelAdapter, PrunedInputs
+from .base import VIDEO_BUDGETS, ImageSelection, ModelAdapter, PrunedInputs
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 from .llava_onevision import LlavaOnevisionAdapter
@@ -33,4 +33,12 @@ def adapter_for(model: nn.Module, video_budget: str = "per_frame") -> ModelAdapt
     )
 
 
-__all__ = ["ADAPTERS", "ImageSelection", "ModelAdapter", "PrunedInputs", "adapter_for", "supported_architectures"]
+__all__ = [
+    "ADAPTERS",
+    "VIDEO_BUDGETS",
+    "ImageSelection",
+    "ModelAdapter",
+    "PrunedInputs",
+    "adapter_for",
+    "supported_architectures",
+]

@@ -35,6 +35,7 @@ from ..selection import Budget, TokenSelector, resolve_budget
 from .base import (
     ImageSelection,
     PrunedInputs,
+    UnitChoice,
     VisualUnit,
     placeholder_rows,
     prompt_tensors,
@@ -205,31 +206,9 @@ class LlavaNextAdapter(LlavaAdapter):
             kept = {"image": [], "video": []}
             keep_masks = {"image": [], "video": []}
             for item, item_units in zip(items, per_item):
-                tokens = item.tokens.clone()
-                is_kept = torch.zeros_like(item.is_newline)
-                kept_of_record: list[torch.Tensor] = []
-                offset = 0
-                for (unit, record_kind), (positions, grid) in zip(item_units, item.regions):
-                    choice = next(choices)
-                    chosen = positions[choice.indices.to(positions.device)]
-                    is_kept[chosen] = True
-                    if choice.features is not None:
-                        tokens[chosen] = self.core.multi_modal_projector(choice.features).to(tokens.dtype)
-                    if record_kind == "image":
-                        kept_of_record.append(choice.indices.cpu() + offset)
-                        offset += unit.num_tokens
-                    else:
-                        records.append(
-                            ImageSelection(item.batch_index, unit.num_tokens, choice.indices.cpu(), grid, record_kind)
-                        )
-                if kept_of_record:
-                    indices = torch.cat(kept_of_record)
-                    grid = item.regions[0][1] if len(item.regions) == 1 else None
-                    records.append(ImageSelection(item.batch_index, offset, indices, grid, "image"))
-                # A row's newline stays when the row keeps a token (see the module docstring).
-                rows_kept = item.row_of[is_kept & ~item.is_newline]
-                is_kept |= item.is_newline & torch.isin(item.row_of, rows_kept)
-                kept[item.kind].append(tokens[is_kept])
+                item_choices = [next(choices) for _ in item_units]
+                tokens, is_kept = self.apply_choices(item, item_units, item_choices, records)
+                kept[item.kind].append(tokens)
                 keep_masks[item.kind].append(is_kept.to(input_ids.device))
 
         for kind, kind_tokens in kept.items():
@@ -241,6 +220,37 @@ class LlavaNextAdapter(LlavaAdapter):
             model_kwargs, keep, self.vision_only_kwargs, self.pad_token_id, outputs
         )
         return PrunedInputs(pruned_kwargs, records, input_ids.shape[1], new_mask.shape[1])
+
+    def apply_choices(
+        self,
+        item: PackedItem,
+        item_units: list[tuple[VisualUnit, str]],
+        choices: list[UnitChoice],
+        records: list[ImageSelection],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tokens an item sends (K', D) and its keep mask (L,); appends its records."""
+        tokens = item.tokens.clone()
+        is_kept = torch.zeros_like(item.is_newline)
+        kept_of_image: list[torch.Tensor] = []
+        offset = 0
+        for (unit, record_kind), (positions, grid), choice in zip(item_units, item.regions, choices):
+            chosen = positions[choice.indices.to(positions.device)]
+            is_kept[chosen] = True
+            if choice.features is not None:
+                tokens[chosen] = self.core.multi_modal_projector(choice.features).to(tokens.dtype)
+            if record_kind == "image":  # an image's views share one budget: one record
+                kept_of_image.append(choice.indices.cpu() + offset)
+                offset += unit.num_tokens
+            else:
+                record = ImageSelection(item.batch_index, unit.num_tokens, choice.indices.cpu(), grid, record_kind)
+                records.append(record)
+        if kept_of_image:
+            grid = item.regions[0][1] if len(item.regions) == 1 else None
+            records.append(ImageSelection(item.batch_index, offset, torch.cat(kept_of_image), grid, "image"))
+        # A row's newline stays when the row keeps a token (see the module docstring).
+        rows_kept = item.row_of[is_kept & ~item.is_newline]
+        is_kept |= item.is_newline & torch.isin(item.row_of, rows_kept)
+        return tokens[is_kept], is_kept
 
     def encoder_output(self, kind: str, kept_tokens: list[torch.Tensor]):
         """What the model's forward takes as ``pooler_output``: a list of (K_i, D) per image."""
