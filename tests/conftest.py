@@ -21,17 +21,9 @@ PATCH_SIZE = 4
 NUM_PATCHES = (IMAGE_SIZE // PATCH_SIZE) ** 2  # 64 visual tokens per image
 
 
-def tiny_llava_config(**overrides) -> LlavaConfig:
-    vision = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        image_size=IMAGE_SIZE,
-        patch_size=PATCH_SIZE,
-        projection_dim=32,
-    )
-    text = LlamaConfig(
+def tiny_text_config(config_class, **overrides):
+    """A 2-layer decoder config of ``config_class`` over the tiny vocabulary."""
+    settings = dict(
         hidden_size=48,
         intermediate_size=96,
         num_hidden_layers=2,
@@ -43,6 +35,25 @@ def tiny_llava_config(**overrides) -> LlavaConfig:
         bos_token_id=1,
         eos_token_id=2,
     )
+    settings.update(overrides)
+    return config_class(**settings)
+
+
+def tiny_clip_config(image_size: int = IMAGE_SIZE) -> CLIPVisionConfig:
+    return CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=PATCH_SIZE,
+        projection_dim=32,
+    )
+
+
+def tiny_llava_config(**overrides) -> LlavaConfig:
+    vision = tiny_clip_config()
+    text = tiny_text_config(LlamaConfig)
     settings = dict(
         vision_config=vision,
         text_config=text,
@@ -103,46 +114,40 @@ def llava_batch(model, batch_size: int = 2, seed: int = 0) -> dict:
     return dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=random_pixels(images, seed))
 
 
-def placeholder_row(model, inputs: dict, row: int, tokens_per_image: int) -> dict:
-    """Row ``row`` of a padded batch as the same prompt alone, for placeholder-token VLMs.
+def unpad_row(inputs: dict, row: int, **visual) -> dict:
+    """Row ``row`` of a padded batch on its own (padding removed), with its visual inputs."""
+    real = inputs["attention_mask"][row].bool()
+    single = {
+        name: value[row][real][None]
+        for name, value in inputs.items()
+        if isinstance(value, torch.Tensor) and value.shape[:2] == inputs["input_ids"].shape
+    }
+    single.update(visual)
+    return single
 
-    Per-token tensors (B, L, ...) are cut to the row's real tokens; tensors with one entry
-    per image (pixel_values, image_sizes, ...) keep the row's images, found from the
-    image placeholder counts; other values pass through.
-    """
-    input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
-    images_per_row = ((input_ids == model.config.image_token_id).sum(dim=1) // tokens_per_image).tolist()
-    first_image = sum(images_per_row[:row])
-    real = attention_mask[row].bool()
-    alone = {}
-    for name, value in inputs.items():
-        if isinstance(value, torch.Tensor) and value.shape[:2] == input_ids.shape:
-            alone[name] = value[row : row + 1, real]
-        elif isinstance(value, torch.Tensor) and value.shape[0] == sum(images_per_row):
-            alone[name] = value[first_image : first_image + images_per_row[row]]
-        else:
-            alone[name] = value
-    return alone
+
+def llava_row(inputs: dict, row: int) -> dict:
+    per_row = (inputs["input_ids"] == IMAGE_TOKEN_ID).sum(dim=1) // NUM_PATCHES
+    first = int(per_row[:row].sum())
+    return unpad_row(inputs, row, pixel_values=inputs["pixel_values"][first : first + int(per_row[row])])
 
 
 @dataclass
 class TinyCase:
-    """One model family for the test matrix."""
+    """One model family (and input modality) for the test matrix."""
 
     name: str
     build: Callable[[], torch.nn.Module]  # a tiny random model, eval mode, fp32
-    make_inputs: Callable[..., dict]  # (model, batch_size, seed) -> forward/generate kwargs
-    tokens_per_image: int  # N: visual tokens one image yields
-    #: (model, inputs, row, tokens_per_image) -> row ``row`` of ``inputs`` alone, unpadded.
-    row_inputs: Callable[..., dict] = placeholder_row
+    make_inputs: Callable[..., dict]  # (model, batch_size, seed) -> left-padded forward/generate kwargs
+    #: N: selectable visual tokens of the smallest budget unit the inputs hold (an image,
+    #: or a video frame under the default per-frame video budget), so any budget below it
+    #: prunes every unit.
+    tokens_per_image: int
+    select_row: Callable[[dict, int], dict] | None = None  # (batch, row) -> that row alone, unpadded
+    video: bool = False  # the inputs hold videos
 
 
-TINY_CASES = [TinyCase("llava", build_tiny_llava, llava_batch, NUM_PATCHES)]
-
-
-@pytest.fixture(scope="session", params=TINY_CASES, ids=lambda case: case.name)
-def tiny_case(request) -> TinyCase:
-    return request.param
+TINY_CASES = [TinyCase("llava", build_tiny_llava, llava_batch, NUM_PATCHES, llava_row)]
 
 
 #: LLaVA-1.5's conversation format, as a chat template.
@@ -214,3 +219,243 @@ def sample_image_file(tmp_path_factory):
     pixels = torch.randint(0, 256, (48, 48, 3), generator=generator, dtype=torch.uint8).numpy()
     Image.fromarray(pixels).save(path)
     return path
+
+
+# -- LLaVA-NeXT and LLaVA-OneVision: AnyRes images (base view + crops + newline tokens) ------------
+ANYRES_TILE = 24  # tower input side; patch 4 -> a 6 x 6 raster (36 tokens) per view
+ANYRES_PINPOINTS = [[24, 48], [48, 24], [48, 48]]
+#: (height, width) of the images, one per row, cycling: three different AnyRes layouts.
+ANYRES_IMAGE_SIZES = [(30, 45), (45, 24), (48, 48)]
+VIDEO_TOKEN_ID = 126
+VIDEO_FRAMES = 3
+
+
+def _eval_model(model_class, config, seed: int = 0):
+    torch.manual_seed(seed)
+    return model_class(config).eval()
+
+
+def build_tiny_llava_next(seed: int = 0):
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    vision = tiny_clip_config(ANYRES_TILE)
+    config = LlavaNextConfig(
+        vision_config=vision,
+        text_config=tiny_text_config(LlamaConfig),
+        image_token_id=IMAGE_TOKEN_ID,
+        image_grid_pinpoints=ANYRES_PINPOINTS,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        pad_token_id=PAD_TOKEN_ID,
+    )
+    return _eval_model(LlavaNextForConditionalGeneration, config, seed)
+
+
+def build_tiny_llava_onevision(seed: int = 0):
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
+
+    vision = SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=ANYRES_TILE,
+        patch_size=PATCH_SIZE,
+    )
+    config = LlavaOnevisionConfig(
+        vision_config=vision,
+        text_config=tiny_text_config(Qwen2Config),
+        image_token_id=IMAGE_TOKEN_ID,
+        video_token_id=VIDEO_TOKEN_ID,
+        image_grid_pinpoints=ANYRES_PINPOINTS,
+        # Shrinks crop rasters above ~1 view (the real models use anyres_max_9), so the
+        # tiny model exercises the interpolation path.
+        vision_aspect_ratio="anyres_max_1",
+        pad_token_id=PAD_TOKEN_ID,
+    )
+    return _eval_model(LlavaOnevisionForConditionalGeneration, config, seed)
+
+
+def _visual_lengths(model, inputs: dict) -> tuple[list[int], int]:
+    """Placeholders each image needs, and each video (0 without videos), by asking the model."""
+    core = model.model
+    images = core.get_image_features(
+        inputs["pixel_values"], inputs["image_sizes"], batch_num_images=inputs.get("batch_num_images"), return_dict=True
+    ).pooler_output
+    video = 0
+    if "pixel_values_videos" in inputs:
+        video = core.get_video_features(inputs["pixel_values_videos"], return_dict=True).pooler_output.shape[1]
+    return [tokens.shape[0] for tokens in images], video
+
+
+def anyres_batch(model, batch_size: int = 2, seed: int = 0, video: bool = False) -> dict:
+    """A left-padded batch: one AnyRes image per row (sizes cycle), in the middle of the text,
+    and with ``video`` one video per row too."""
+    generator = torch.Generator().manual_seed(seed)
+    sizes = [ANYRES_IMAGE_SIZES[row % len(ANYRES_IMAGE_SIZES)] for row in range(batch_size)]
+    num_views = 1 + 4  # base + at most a 2 x 2 grid of crops
+    inputs = dict(
+        pixel_values=torch.randn(batch_size, num_views, 3, ANYRES_TILE, ANYRES_TILE, generator=generator),
+        image_sizes=torch.tensor(sizes),
+    )
+    if video:
+        inputs["pixel_values_videos"] = torch.randn(
+            batch_size, VIDEO_FRAMES, 3, ANYRES_TILE, ANYRES_TILE, generator=generator
+        )
+    with torch.no_grad():
+        image_lengths, video_length = _visual_lengths(model, inputs)
+    rows = []
+    for row in range(batch_size):
+        text = torch.randint(3, VIDEO_TOKEN_ID, (5 + 2 * row,), generator=generator).tolist()
+        ids = [1] + text[:2] + [IMAGE_TOKEN_ID] * image_lengths[row] + text[2:]
+        if video:
+            ids = ids[:2] + [VIDEO_TOKEN_ID] * video_length + ids[2:]
+        rows.append(ids)
+    input_ids, attention_mask = left_pad(rows)
+    return dict(input_ids=input_ids, attention_mask=attention_mask, **inputs)
+
+
+def anyres_video_batch(model, batch_size: int = 2, seed: int = 0) -> dict:
+    return anyres_batch(model, batch_size, seed, video=True)
+
+
+def anyres_row(inputs: dict, row: int) -> dict:
+    visual = dict(pixel_values=inputs["pixel_values"][row : row + 1], image_sizes=inputs["image_sizes"][row : row + 1])
+    if "pixel_values_videos" in inputs:
+        visual["pixel_values_videos"] = inputs["pixel_values_videos"][row : row + 1]
+    return unpad_row(inputs, row, **visual)
+
+
+# -- Qwen2-VL and Qwen2.5-VL: packed variable-size images and videos, M-RoPE -----------------------
+QWEN_PATCH = 2
+QWEN_PIXELS_PER_PATCH = 3 * 2 * QWEN_PATCH * QWEN_PATCH  # channels x temporal patch x patch x patch
+VISION_START_ID, VISION_END_ID = 123, 124
+#: (height, width) in patches of the images of each row, cycling: several sizes, two images in one row.
+QWEN_IMAGE_GRIDS = [[(8, 8)], [(4, 6), (6, 4)], [(6, 6)]]
+#: (temporal, height, width) in patches of each row's video, cycling.
+QWEN_VIDEO_GRIDS = [(2, 4, 6), (3, 6, 4)]
+
+
+def _qwen_text_config():
+    from transformers import Qwen2VLTextConfig
+
+    # mrope_section splits head_dim / 2 = 6 rotary frequencies among (t, h, w).
+    rope = {"rope_type": "default", "mrope_section": [2, 2, 2], "rope_theta": 10000.0}
+    return tiny_text_config(Qwen2VLTextConfig, rope_parameters=rope)
+
+
+_QWEN_TOKENS = dict(
+    image_token_id=IMAGE_TOKEN_ID,
+    video_token_id=VIDEO_TOKEN_ID,
+    vision_start_token_id=VISION_START_ID,
+    vision_end_token_id=VISION_END_ID,
+    pad_token_id=PAD_TOKEN_ID,
+)
+
+
+def build_tiny_qwen2_vl(seed: int = 0):
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    vision = dict(depth=2, embed_dim=32, hidden_size=48, num_heads=4, patch_size=QWEN_PATCH, mlp_ratio=2)
+    config = Qwen2VLConfig(text_config=_qwen_text_config().to_dict(), vision_config=vision, **_QWEN_TOKENS)
+    return _eval_model(Qwen2VLForConditionalGeneration, config, seed)
+
+
+def build_tiny_qwen2_5_vl(seed: int = 0):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    # Window attention in blocks 0 and 2 (2 x 2 merge groups per window), full attention in
+    # block 1: saliency comes from block 1, in the tower's window order.
+    vision = dict(
+        depth=3,
+        hidden_size=32,
+        intermediate_size=64,
+        out_hidden_size=48,
+        num_heads=4,
+        patch_size=QWEN_PATCH,
+        window_size=8,
+        fullatt_block_indexes=[1],
+    )
+    config = Qwen2_5_VLConfig(text_config=_qwen_text_config().to_dict(), vision_config=vision, **_QWEN_TOKENS)
+    return _eval_model(Qwen2_5_VLForConditionalGeneration, config, seed)
+
+
+def qwen_batch(model, batch_size: int = 2, seed: int = 0, video: bool = False) -> dict:
+    """A left-padded batch: images of different sizes (two in one row) amid the text, as the
+    Qwen processor lays them out, and with ``video`` one video per row after the images."""
+    generator = torch.Generator().manual_seed(seed)
+    rows, pixels, grids, video_pixels, video_grids = [], [], [], [], []
+    for row in range(batch_size):
+        text = torch.randint(3, VISION_START_ID, (4 + 2 * row,), generator=generator).tolist()
+        ids = [1] + text[:2]
+        for height, width in QWEN_IMAGE_GRIDS[row % len(QWEN_IMAGE_GRIDS)]:
+            ids += [VISION_START_ID] + [IMAGE_TOKEN_ID] * (height * width // 4) + [VISION_END_ID]
+            pixels.append(torch.randn(height * width, QWEN_PIXELS_PER_PATCH, generator=generator))
+            grids.append([1, height, width])
+        if video:
+            frames, height, width = QWEN_VIDEO_GRIDS[row % len(QWEN_VIDEO_GRIDS)]
+            ids += [VISION_START_ID] + [VIDEO_TOKEN_ID] * (frames * height * width // 4) + [VISION_END_ID]
+            video_pixels.append(torch.randn(frames * height * width, QWEN_PIXELS_PER_PATCH, generator=generator))
+            video_grids.append([frames, height, width])
+        rows.append(ids + text[2:])
+    input_ids, attention_mask = left_pad(rows)
+    token_types = (input_ids == IMAGE_TOKEN_ID).int() + 2 * (input_ids == VIDEO_TOKEN_ID).int()
+    inputs = dict(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        mm_token_type_ids=token_types,
+        pixel_values=torch.cat(pixels),
+        image_grid_thw=torch.tensor(grids),
+    )
+    if video:
+        inputs.update(pixel_values_videos=torch.cat(video_pixels), video_grid_thw=torch.tensor(video_grids))
+    return inputs
+
+
+def qwen_video_batch(model, batch_size: int = 2, seed: int = 0) -> dict:
+    return qwen_batch(model, batch_size, seed, video=True)
+
+
+def qwen_row(inputs: dict, row: int) -> dict:
+    from flashvlm.adapters.base import placeholder_rows
+
+    visual = {}
+    for token_id, pixels, grid in (
+        (IMAGE_TOKEN_ID, "pixel_values", "image_grid_thw"),
+        (VIDEO_TOKEN_ID, "pixel_values_videos", "video_grid_thw"),
+    ):
+        if pixels not in inputs:
+            continue
+        grids = inputs[grid]
+        rows = placeholder_rows(inputs["input_ids"], token_id, (grids.prod(-1) // 4).tolist(), "item")
+        mine = [item for item, item_row in enumerate(rows) if item_row == row]
+        starts = torch.cat([torch.zeros(1, dtype=torch.long), grids.prod(-1).cumsum(0)])
+        visual[pixels] = torch.cat([inputs[pixels][starts[item] : starts[item + 1]] for item in mine])
+        visual[grid] = grids[mine]
+    return unpad_row(inputs, row, **visual)
+
+
+TINY_CASES += [
+    # Smallest image: (45, 24) -> 36 base + 72 unpadded crop tokens (newlines not counted).
+    TinyCase("llava_next", build_tiny_llava_next, anyres_batch, 108, anyres_row),
+    # Crop rasters are interpolated down to about one view: (30, 45) -> 36 base + 28 crop tokens.
+    TinyCase("llava_onevision", build_tiny_llava_onevision, anyres_batch, 64, anyres_row),
+    # 6 x 6 raster pooled 2 x 2 -> 9 tokens per frame.
+    TinyCase("llava_onevision_video", build_tiny_llava_onevision, anyres_video_batch, 9, anyres_row, video=True),
+    # Smallest image and frame: 4 x 6 patches -> 6 merged tokens.
+    TinyCase("qwen2_vl", build_tiny_qwen2_vl, qwen_batch, 6, qwen_row),
+    TinyCase("qwen2_vl_video", build_tiny_qwen2_vl, qwen_video_batch, 6, qwen_row, video=True),
+    TinyCase("qwen2_5_vl", build_tiny_qwen2_5_vl, qwen_batch, 6, qwen_row),
+    TinyCase("qwen2_5_vl_video", build_tiny_qwen2_5_vl, qwen_video_batch, 6, qwen_row, video=True),
+]
+
+
+# Defined after every family has added its case: pytest copies ``params`` when decorating.
+@pytest.fixture(scope="session", params=TINY_CASES, ids=lambda case: case.name)
+def tiny_case(request) -> TinyCase:
+    return request.param

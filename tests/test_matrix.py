@@ -73,7 +73,7 @@ def test_batch_rows_are_independent_and_finite(method, tiny_case):
         batch_kept = [(image.batch_index, image.keep_indices.tolist()) for image in pruner.last.images]
         assert torch.isfinite(batch_logits).all()
         for row in range(3):
-            alone_logits = model(**tiny_case.row_inputs(model, inputs, row, tiny_case.tokens_per_image)).logits[:, -1]
+            alone_logits = model(**tiny_case.select_row(inputs, row)).logits[:, -1]
             alone_kept = [image.keep_indices.tolist() for image in pruner.last.images]
             assert alone_kept == [kept for batch_row, kept in batch_kept if batch_row == row]
             torch.testing.assert_close(alone_logits[0], batch_logits[row], atol=1e-4, rtol=1e-4)

@@ -27,9 +27,17 @@ _ATTRIBUTE = "_flashvlm_pruner"
 class Pruner:
     """A method and budget attached to one model. Create with :func:`apply` or :func:`prune`."""
 
-    def __init__(self, model: nn.Module, budget: Budget, method: str | TokenSelector = "flashvlm", **params) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        budget: Budget,
+        method: str | TokenSelector = "flashvlm",
+        *,
+        video_budget: str = "per_frame",
+        **params,
+    ) -> None:
         self.model = model
-        self.adapter = adapter_for(model)
+        self.adapter = adapter_for(model, video_budget=video_budget)
         self.budget = validate_budget(budget)
         self.selector = get_method(method, **params)
         #: The most recent pruning: kept indices per image, lengths before and after.
@@ -118,9 +126,21 @@ class Pruner:
         return output
 
 
-def apply(model: nn.Module, budget: Budget, method: str | TokenSelector = "flashvlm", **params) -> Pruner:
-    """Attach a method to ``model`` until :func:`remove` is called. Returns the :class:`Pruner`."""
-    return Pruner(model, budget, method, **params).attach()
+def apply(
+    model: nn.Module,
+    budget: Budget,
+    method: str | TokenSelector = "flashvlm",
+    *,
+    video_budget: str = "per_frame",
+    **params,
+) -> Pruner:
+    """Attach a method to ``model`` until :func:`remove` is called. Returns the :class:`Pruner`.
+
+    ``budget`` counts tokens per image; for videos, ``video_budget`` says whether it counts
+    per frame (``"per_frame"``, the default) or per video, with the frames selected jointly
+    (``"per_video"``). ``params`` are the method's parameters.
+    """
+    return Pruner(model, budget, method, video_budget=video_budget, **params).attach()
 
 
 def remove(model: nn.Module) -> None:
@@ -131,9 +151,16 @@ def remove(model: nn.Module) -> None:
 
 
 @contextmanager
-def prune(model: nn.Module, budget: Budget, method: str | TokenSelector = "flashvlm", **params):
-    """``with flashvlm.prune(model, budget=64): model.generate(...)``; restored on exit."""
-    pruner = apply(model, budget, method, **params)
+def prune(
+    model: nn.Module,
+    budget: Budget,
+    method: str | TokenSelector = "flashvlm",
+    *,
+    video_budget: str = "per_frame",
+    **params,
+):
+    """``with flashvlm.prune(model, budget=64): model.generate(...)``; restored on exit (see :func:`apply`)."""
+    pruner = apply(model, budget, method, video_budget=video_budget, **params)
     try:
         yield pruner
     finally:

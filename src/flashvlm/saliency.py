@@ -67,3 +67,35 @@ def received_attention(
             probabilities = probabilities * query_is_real[:, None, :, None]
         received += probabilities.sum(dim=2).mean(dim=1)
     return received
+
+
+def segmented_received_attention(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    num_heads: int,
+    cu_seqlens: torch.Tensor,
+    scale: float | None = None,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """:func:`received_attention` for a packed sequence whose segments never attend to each other.
+
+    queries, keys: (S, H*d), the tokens of several images (or frames) one after another;
+    cu_seqlens: (n + 1,) segment boundaries, as the packed vision towers use. Segments of
+    equal length are stacked into one batch, at most ``chunk_size`` tokens in all, so memory
+    stays O(H * chunk_size * max(chunk_size, longest segment)). Returns (S,) float32.
+    """
+    boundaries = cu_seqlens.tolist()
+    starts_by_length: dict[int, list[int]] = {}
+    for start, end in zip(boundaries[:-1], boundaries[1:]):
+        if end > start:
+            starts_by_length.setdefault(end - start, []).append(start)
+    received = torch.zeros(queries.shape[0], dtype=torch.float32, device=queries.device)
+    for length, starts in starts_by_length.items():
+        per_batch = max(1, chunk_size // length)
+        for first in range(0, len(starts), per_batch):
+            batch_starts = torch.tensor(starts[first : first + per_batch], device=queries.device)
+            positions = batch_starts[:, None] + torch.arange(length, device=queries.device)  # (G, length)
+            received[positions] = received_attention(
+                queries[positions], keys[positions], num_heads, scale, chunk_size=chunk_size
+            )
+    return received

@@ -5,11 +5,14 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from .base import ImageSelection, ModelAdapter, PrunedInputs
+from .base import VIDEO_BUDGETS, ImageSelection, ModelAdapter, PrunedInputs
 from .llava import LlavaAdapter
+from .llava_next import LlavaNextAdapter
+from .llava_onevision import LlavaOnevisionAdapter
+from .qwen_vl import QwenVLAdapter
 
 #: Every adapter, in lookup order.
-ADAPTERS: list[type[ModelAdapter]] = [LlavaAdapter]
+ADAPTERS: list[type[ModelAdapter]] = [LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, QwenVLAdapter]
 
 
 def supported_architectures() -> list[str]:
@@ -17,11 +20,11 @@ def supported_architectures() -> list[str]:
     return [name for adapter in ADAPTERS for name in adapter.architectures]
 
 
-def adapter_for(model: nn.Module) -> ModelAdapter:
+def adapter_for(model: nn.Module, video_budget: str = "per_frame") -> ModelAdapter:
     """The adapter serving ``model``, or :class:`UnsupportedModelError` naming the supported ones."""
     for adapter in ADAPTERS:
         if adapter.serves(model):
-            return adapter(model)
+            return adapter(model, video_budget=video_budget)
     kind = type(model).__name__
     has_vision = any(hasattr(getattr(model, "model", model), name) for name in ("vision_tower", "visual", "vision_model"))
     reason = "is not a vision-language model (it has no vision tower)" if not has_vision else "is not supported yet"
@@ -30,4 +33,12 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
     )
 
 
-__all__ = ["ADAPTERS", "ImageSelection", "ModelAdapter", "PrunedInputs", "adapter_for", "supported_architectures"]
+__all__ = [
+    "ADAPTERS",
+    "VIDEO_BUDGETS",
+    "ImageSelection",
+    "ModelAdapter",
+    "PrunedInputs",
+    "adapter_for",
+    "supported_architectures",
+]

@@ -20,17 +20,28 @@ from torch import nn
 from transformers import AttentionInterface
 
 from ..errors import FlashVLMError
-from ..selection import Budget, TokenSelector
+from ..selection import Budget, SelectionInputs, TokenSelector
+from ..selection.base import check_choice
+
+#: How a video's budget is counted: the budget applies to each frame separately, or to the
+#: whole video with its frames selected jointly (a frame with more relevant tokens keeps more).
+VIDEO_BUDGETS = ("per_frame", "per_video")
 
 
 @dataclass
 class ImageSelection:
-    """What happened to one image (or frame group): for reports and visualisation."""
+    """What happened to one budget unit (an image, a video frame or a whole video).
 
-    batch_index: int  # row of the batch the image belongs to
-    num_tokens: int  # N: visual tokens the image had
+    ``keep_indices`` index the unit's selectable tokens in the order the language model
+    receives them; tokens outside the budget (LLaVA-NeXT/OneVision newline tokens) are
+    not counted in ``num_tokens``.
+    """
+
+    batch_index: int  # row of the batch the unit belongs to
+    num_tokens: int  # N: selectable visual tokens the unit had
     keep_indices: torch.Tensor  # (K,) kept token positions, ascending
     grid_shape: tuple[int, int] | None = None  # (rows, cols) of the token raster
+    kind: str = "image"  # "image", "frame" (per-frame video budget) or "video"
 
     @property
     def num_kept(self) -> int:
@@ -53,8 +64,10 @@ class ModelAdapter(ABC):
     #: Class names of the Hugging Face models this adapter serves.
     architectures: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, video_budget: str = "per_frame") -> None:
+        check_choice("video_budget", video_budget, VIDEO_BUDGETS)
         self.model = model
+        self.video_budget = video_budget
 
     @classmethod
     def serves(cls, model: nn.Module) -> bool:
@@ -115,6 +128,173 @@ class ModelAdapter(ABC):
                 use_cache=False,
             )
         return tap.attention[is_visual].view(visual_tokens.shape[:2])
+
+
+@dataclass
+class VisualUnit:
+    """The tokens that share one budget, as a method sees them (one row of :class:`SelectionInputs`)."""
+
+    batch_index: int  # row of the batch whose prompt guides the selection
+    budget: Budget  # what to keep of this unit (an int 0 keeps nothing)
+    features: torch.Tensor  # (N, C) vision features the projector consumes
+    projected: torch.Tensor | None = None  # (N, D) projector output
+    saliency: torch.Tensor | None = None  # (N,) encoder saliency
+    keys: torch.Tensor | None = None  # (N, C_k) attention keys of the saliency layer
+    grid_shape: tuple[int, int] | None = None  # (rows, cols) when the tokens form a raster
+    lm_attention: torch.Tensor | None = None  # (N,) last prompt token's attention inside the LM
+
+    @property
+    def num_tokens(self) -> int:
+        return self.features.shape[0]
+
+
+@dataclass
+class UnitChoice:
+    """What a method kept of one :class:`VisualUnit`."""
+
+    indices: torch.Tensor  # (K,) kept positions, ascending
+    features: torch.Tensor | None = None  # (K, C) replacement features (merging methods), or None
+
+
+def select_units(
+    units: list[VisualUnit],
+    selector: TokenSelector,
+    saliency_kind: str | None,
+    text_embeds: torch.Tensor | None = None,
+    text_mask: torch.Tensor | None = None,
+    key_heads: int | None = None,
+) -> list[UnitChoice]:
+    """Run ``selector`` on every unit, batching the units that share a token count and budget.
+
+    text_embeds (B, L, D) and text_mask (B, L) hold each batch row's prompt text; a unit
+    is guided by its own row's. ``key_heads`` is how many heads the units' keys split
+    into. Returns one :class:`UnitChoice` per unit, in order.
+    """
+    choices: list[UnitChoice | None] = [None] * len(units)
+    # Units of one group share N, budget and raster shape, so grid-aware methods keep their grid.
+    groups: dict[tuple[int, Budget, tuple[int, int] | None], list[int]] = {}
+    for position, unit in enumerate(units):
+        if isinstance(unit.budget, int) and unit.budget == 0:
+            empty = torch.zeros(0, dtype=torch.long, device=unit.features.device)
+            choices[position] = UnitChoice(empty)
+        else:
+            groups.setdefault((unit.num_tokens, unit.budget, unit.grid_shape), []).append(position)
+
+    def stacked(name: str, members: list[VisualUnit]) -> torch.Tensor | None:
+        values = [getattr(unit, name) for unit in members]
+        return None if values[0] is None else torch.stack(values)
+
+    for (_, budget, grid_shape), positions in groups.items():
+        members = [units[position] for position in positions]
+        inputs = SelectionInputs(
+            features=stacked("features", members),
+            saliency=stacked("saliency", members),
+            saliency_kind=saliency_kind,
+            projected=stacked("projected", members),
+            keys=stacked("keys", members),
+            key_heads=key_heads,
+            grid_shape=grid_shape,
+            lm_attention=stacked("lm_attention", members),
+        )
+        if text_embeds is not None:
+            rows = torch.tensor([unit.batch_index for unit in members], device=text_embeds.device)
+            inputs.text_embeds, inputs.text_mask = text_embeds[rows], text_mask[rows]
+        selection = selector(inputs, budget)
+        for place, position in enumerate(positions):
+            features = None if selection.features is None else selection.features[place]
+            choices[position] = UnitChoice(selection.indices[place], features)
+    return choices
+
+
+def require_argument(model_kwargs: dict[str, Any], name: str, needed_by: str) -> Any:
+    """``model_kwargs[name]``, or a :class:`FlashVLMError` saying which input needs it."""
+    value = model_kwargs.get(name)
+    if value is None:
+        raise FlashVLMError(f"{needed_by} needs {name} alongside it (as the model's processor returns them)")
+    return value
+
+
+def prompt_tensors(model_kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids and attention_mask (all ones when not given), both (B, L)."""
+    input_ids = model_kwargs.get("input_ids")
+    if input_ids is None:
+        raise FlashVLMError("flashvlm needs input_ids (not only inputs_embeds) to find the visual placeholders")
+    attention_mask = model_kwargs.get("attention_mask")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    return input_ids, attention_mask
+
+
+def prompt_text(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    placeholder_ids: list[int],
+    needs: frozenset[str],
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Embeddings (B, L_text, D) and mask (B, L_text) of every prompt token that is neither
+    padding nor a visual placeholder, wherever the images sit in the prompt; (None, None)
+    when the method's ``needs`` do not include text."""
+    if "text" not in needs:
+        return None, None
+    is_text = attention_mask.bool() & ~torch.isin(input_ids, torch.tensor(placeholder_ids, device=input_ids.device))
+    return text_embeddings(model.get_input_embeddings(), input_ids, is_text)
+
+
+def placeholder_rows(input_ids: torch.Tensor, token_id: int, lengths: list[int], what: str) -> list[int]:
+    """Batch row of each visual item whose placeholders (``lengths`` tokens each) run row-major.
+
+    Raises :class:`FlashVLMError` when the prompt's placeholder count does not match.
+    """
+    rows, _ = (input_ids == token_id).nonzero(as_tuple=True)
+    if rows.numel() != sum(lengths):
+        raise FlashVLMError(
+            f"the prompt has {rows.numel()} {what} placeholder tokens, but the {len(lengths)} {what}(s) given "
+            f"need {sum(lengths)}: build inputs with the model's processor"
+        )
+    starts = torch.tensor([0, *lengths[:-1]], dtype=torch.long).cumsum(0)
+    return rows.cpu()[starts].tolist() if lengths else []
+
+
+def pad_token_id(model: nn.Module) -> int:
+    """The id new padding gets when pruned rows are re-padded."""
+    for config in (model.config, getattr(model.config, "text_config", None), getattr(model, "generation_config", None)):
+        pad = getattr(config, "pad_token_id", None) if config is not None else None
+        if isinstance(pad, int):
+            return pad
+    return 0
+
+
+#: Fill values for per-token arguments when rows are re-padded (0 for any other).
+_PER_TOKEN_FILL = {"labels": -100}
+
+
+def rebuild_model_kwargs(
+    model_kwargs: dict[str, Any],
+    keep: torch.Tensor,
+    vision_only: tuple[str, ...],
+    pad_id: int,
+    mm_encoder_outputs: dict[str, Any],
+) -> tuple[dict[str, Any], torch.Tensor]:
+    """Arguments for the language-model-only forward: rows without the dropped placeholders.
+
+    keep: (B, L) bool. Every (B, L) tensor argument is compacted the same way (see
+    :func:`compact_sequences`); the ``vision_only`` arguments are consumed. Returns the
+    kwargs and the new attention mask (B, L').
+    """
+    input_ids, attention_mask = prompt_tensors(model_kwargs)
+    batch, length = input_ids.shape
+    pruned = {k: v for k, v in model_kwargs.items() if k not in vision_only}
+    per_token = {
+        name: (value, pad_id if name == "input_ids" else _PER_TOKEN_FILL.get(name, 0))
+        for name, value in model_kwargs.items()
+        if name != "attention_mask" and isinstance(value, torch.Tensor) and value.shape[:2] == (batch, length)
+    }
+    new_mask, compacted = compact_sequences(keep, attention_mask, per_token)
+    pruned.update(compacted)
+    pruned["attention_mask"] = new_mask
+    pruned["mm_encoder_outputs"] = mm_encoder_outputs
+    return pruned, new_mask
 
 
 def text_embeddings(

@@ -5,45 +5,60 @@ The pruned prompt gets ordinary contiguous positions, as in the authors' release
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from ..errors import FlashVLMError, UnsupportedModelError
+from ..errors import UnsupportedModelError
 from ..saliency import query_row_attention, received_attention
-from ..selection import Budget, SelectionInputs, TokenSelector
-from ..selection.ops import gather_tokens
+from ..selection import Budget, TokenSelector
 from .base import (
     ImageSelection,
     ModelAdapter,
     PrunedInputs,
-    compact_sequences,
+    VisualUnit,
+    pad_token_id,
+    placeholder_rows,
+    prompt_tensors,
+    prompt_text,
+    rebuild_model_kwargs,
     resolve_hidden_state_layer,
     run_until_tap,
+    select_units,
     tap_vision_layer,
-    text_embeddings,
 )
 
-#: Fill values for per-token arguments when rows are re-padded.
-_PER_TOKEN_FILL = {"labels": -100}
 #: Arguments that only feed the vision side and are consumed by the adapter.
 _VISION_ONLY_KWARGS = ("pixel_values", "image_sizes", "vision_feature_layer", "vision_feature_select_strategy")
 
 
+@dataclass
+class EncodedPatches:
+    """A CLIP/SigLIP tower's output for a stack of square inputs (images, AnyRes crops or frames)."""
+
+    features: torch.Tensor  # (P, n, C) feature-layer outputs, CLS dropped
+    saliency: torch.Tensor | None  # (P, n) float32, or None when not asked for
+    keys: torch.Tensor | None  # (P, n, C_k) keys of the feature layer, or None
+
+
 class LlavaAdapter(ModelAdapter):
     architectures = ("LlavaForConditionalGeneration",)
+    vision_only_kwargs: tuple[str, ...] = _VISION_ONLY_KWARGS
 
-    def __init__(self, model) -> None:
-        super().__init__(model)
-        self.core = model.model  # LlavaModel: vision_tower, multi_modal_projector, language_model
+    def __init__(self, model, video_budget: str = "per_frame") -> None:
+        super().__init__(model, video_budget)
+        self.core = model.model  # vision_tower, multi_modal_projector, language_model
         config = model.config
         self.image_token_id = config.image_token_id
-        self.pad_token_id = _pad_token_id(model)
+        self.pad_token_id = pad_token_id(model)
         vision = getattr(self.core.vision_tower, "vision_model", self.core.vision_tower)
         self.vision_layers = vision.encoder.layers
         # CLIP towers prepend a CLS token (class_embedding); SigLIP towers have none.
         self.has_cls = hasattr(vision.embeddings, "class_embedding")
+        self.saliency_kind = "cls" if self.has_cls else "received"
+        self.key_heads = self.vision_layers[0].self_attn.num_heads
 
     def has_visual_input(self, model_kwargs: dict[str, Any]) -> bool:
         return model_kwargs.get("pixel_values") is not None
@@ -75,106 +90,86 @@ class LlavaAdapter(ModelAdapter):
             features = features[:, 1:]
         return features, queries, keys
 
-    def prune_inputs(self, model_kwargs: dict[str, Any], selector: TokenSelector, budget: Budget) -> PrunedInputs:
-        input_ids = model_kwargs.get("input_ids")
-        if input_ids is None:
-            raise FlashVLMError("flashvlm needs input_ids (not only inputs_embeds) to find the image placeholders")
-        pixel_values = model_kwargs["pixel_values"]
-        attention_mask = model_kwargs.get("attention_mask")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+    def encode_patches(
+        self, pixel_values: torch.Tensor, model_kwargs: dict[str, Any], needs: frozenset[str]
+    ) -> EncodedPatches:
+        """Features, saliency and keys of a stack of tower inputs (P, 3, H, W)."""
         feature_layer, strategy = self._feature_settings(model_kwargs)
-        needs = selector.requires
         need_qk = bool(needs & {"saliency", "cls_attention", "keys"})
+        features, queries, keys = self.encode_images(pixel_values, feature_layer, strategy, need_qk)
+        if not need_qk:
+            return EncodedPatches(features, None, None)
+        attention = self.vision_layers[0].self_attn
+        # Tokens the strategy keeps: "default" drops the CLS token, "full" keeps every one.
+        first_patch = 1 if strategy == "default" else 0
+        if self.has_cls:
+            saliency = query_row_attention(queries, keys, attention.num_heads, 0, attention.scale)[:, first_patch:]
+        else:
+            saliency = received_attention(queries, keys, attention.num_heads, attention.scale)
+        # Keys only travel on when a method asks for them (they are as wide as the features).
+        return EncodedPatches(features, saliency, keys[:, first_patch:] if "keys" in needs else None)
+
+    def prune_inputs(self, model_kwargs: dict[str, Any], selector: TokenSelector, budget: Budget) -> PrunedInputs:
+        input_ids, attention_mask = prompt_tensors(model_kwargs)
+        needs = selector.requires
+        projector = self.core.multi_modal_projector
 
         with torch.no_grad():
-            features, queries, keys = self.encode_images(pixel_values, feature_layer, strategy, need_qk)
-            num_images, num_tokens, _ = features.shape
-            image_rows = self._image_rows(input_ids, num_images, num_tokens)
-
-            inputs = SelectionInputs(features=features, grid_shape=_square_grid(num_tokens))
-            if need_qk:
-                num_heads = self.vision_layers[0].self_attn.num_heads
-                scale = self.vision_layers[0].self_attn.scale
-                first_patch = 1 if strategy == "default" else 0
-                if self.has_cls:
-                    inputs.saliency = query_row_attention(queries, keys, num_heads, 0, scale)[:, first_patch:]
-                    inputs.saliency_kind = "cls"
-                else:
-                    inputs.saliency = received_attention(queries, keys, num_heads, scale)
-                    inputs.saliency_kind = "received"
-                inputs.keys = keys[:, first_patch:]
-                inputs.key_heads = num_heads
-            projector = self.core.multi_modal_projector
-            if needs & {"projected", "lm_attention"}:
-                inputs.projected = projector(features)  # (I, N, D)
+            encoded = self.encode_patches(model_kwargs["pixel_values"], model_kwargs, needs)
+            num_images, num_tokens, _ = encoded.features.shape
+            rows = placeholder_rows(input_ids, self.image_token_id, [num_tokens] * num_images, "image")
+            # FastV-style scoring needs the projected tokens too, to build the unpruned sequence.
+            need_projected = bool(needs & {"projected", "lm_attention"})
+            projected = projector(encoded.features) if need_projected else None  # (I, N, D)
+            lm_attention = None
             if "lm_attention" in needs:
                 is_image = attention_mask.bool() & (input_ids == self.image_token_id)
-                inputs.lm_attention = self.visual_token_attention(
-                    input_ids, attention_mask, is_image, inputs.projected, selector.lm_attention_layer
+                lm_attention = self.visual_token_attention(
+                    input_ids, attention_mask, is_image, projected, selector.lm_attention_layer
+                )  # (I, N)
+            grid = square_grid(num_tokens) if self._feature_settings(model_kwargs)[1] == "default" else None
+            units = [
+                VisualUnit(
+                    row,
+                    budget,
+                    encoded.features[i],
+                    None if projected is None else projected[i],
+                    None if encoded.saliency is None else encoded.saliency[i],
+                    None if encoded.keys is None else encoded.keys[i],
+                    grid,
+                    None if lm_attention is None else lm_attention[i],
                 )
-            if "text" in needs:
-                is_text = attention_mask.bool() & (input_ids != self.image_token_id)
-                text_embeds, text_mask = text_embeddings(self.model.get_input_embeddings(), input_ids, is_text)
-                inputs.text_embeds, inputs.text_mask = text_embeds[image_rows], text_mask[image_rows]
+                for i, row in enumerate(rows)
+            ]
+            text = prompt_text(self.model, input_ids, attention_mask, [self.image_token_id], needs)
+            choices = select_units(units, selector, self.saliency_kind, *text, key_heads=self.key_heads)
+            kept_tokens = []
+            for unit, choice in zip(units, choices):
+                if choice.features is not None:
+                    kept_tokens.append(projector(choice.features))
+                elif unit.projected is not None:
+                    kept_tokens.append(unit.projected[choice.indices])
+                else:
+                    kept_tokens.append(projector(unit.features[choice.indices]))  # project only the kept rows
 
-            selection = selector(inputs, budget)
-            keep_indices = selection.indices  # (I, K)
-            if selection.features is not None:
-                kept_tokens = projector(selection.features)
-            elif inputs.projected is not None:
-                kept_tokens = gather_tokens(inputs.projected, keep_indices)
-            else:
-                kept_tokens = projector(gather_tokens(features, keep_indices))  # project only the kept rows
-
+        keep_indices = torch.stack([choice.indices for choice in choices]).to(input_ids.device)  # (I, K)
         is_image = input_ids == self.image_token_id
         keep_placeholder = torch.zeros(num_images, num_tokens, dtype=torch.bool, device=input_ids.device)
-        keep_placeholder.scatter_(1, keep_indices.to(input_ids.device), True)
-        keep = ~is_image
+        keep_placeholder.scatter_(1, keep_indices, True)
+        keep = attention_mask.bool() & ~is_image  # existing padding goes too: rows are re-padded
         keep[is_image] = keep_placeholder.flatten()  # placeholders run image by image, row-major
-        # Old padding goes too: rows shrink by different amounts and are re-padded to the new longest.
-        keep &= attention_mask.bool()
 
-        pruned_kwargs = {k: v for k, v in model_kwargs.items() if k not in _VISION_ONLY_KWARGS}
-        batch, length = input_ids.shape
-        per_token = {
-            name: (value, self.pad_token_id if name == "input_ids" else _PER_TOKEN_FILL.get(name, 0))
-            for name, value in model_kwargs.items()
-            if name != "attention_mask" and isinstance(value, torch.Tensor) and value.shape[:2] == (batch, length)
-        }
-        new_mask, compacted = compact_sequences(keep, attention_mask, per_token)
-        pruned_kwargs.update(compacted)
-        pruned_kwargs["attention_mask"] = new_mask
-        pruned_kwargs["mm_encoder_outputs"] = {
-            "image": BaseModelOutputWithPooling(pooler_output=list(kept_tokens.unbind(0)))
-        }
-        grid = inputs.grid_shape if strategy == "default" else None
-        records = [
-            ImageSelection(int(row), num_tokens, keep_indices[i].cpu(), grid) for i, row in enumerate(image_rows.tolist())
-        ]
-        return PrunedInputs(pruned_kwargs, records, length, new_mask.shape[1])
-
-    def _image_rows(self, input_ids: torch.Tensor, num_images: int, num_tokens: int) -> torch.Tensor:
-        """Batch row of each image, from the placeholder counts. (I,) long."""
-        placeholders = (input_ids == self.image_token_id).sum(dim=1)  # (B,)
-        if bool((placeholders % num_tokens).any()) or int(placeholders.sum()) != num_images * num_tokens:
-            raise FlashVLMError(
-                f"the prompt has {placeholders.tolist()} image placeholder tokens per row, but {num_images} "
-                f"image(s) of {num_tokens} tokens were given: build inputs with the model's processor"
-            )
-        return torch.repeat_interleave(
-            torch.arange(input_ids.shape[0], device=input_ids.device), placeholders // num_tokens
+        outputs = {"image": BaseModelOutputWithPooling(pooler_output=kept_tokens)}
+        pruned_kwargs, new_mask = rebuild_model_kwargs(
+            model_kwargs, keep, self.vision_only_kwargs, self.pad_token_id, outputs
         )
+        records = [
+            ImageSelection(row, num_tokens, choice.indices.cpu(), grid) for row, choice in zip(rows, choices)
+        ]
+        return PrunedInputs(pruned_kwargs, records, input_ids.shape[1], new_mask.shape[1])
 
 
-def _square_grid(num_tokens: int) -> tuple[int, int] | None:
+def square_grid(num_tokens: int) -> tuple[int, int] | None:
+    """(side, side) when ``num_tokens`` fill a square raster, else None."""
     side = int(round(num_tokens**0.5))
     return (side, side) if side * side == num_tokens else None
-
-
-def _pad_token_id(model) -> int:
-    for config in (model.config, getattr(model.config, "text_config", None), getattr(model, "generation_config", None)):
-        pad = getattr(config, "pad_token_id", None) if config is not None else None
-        if isinstance(pad, int):
-            return pad
-    return 0

@@ -1,0 +1,329 @@
+"""Every adapter on its tiny model: identity at full budget, exact counts, batching, generate,
+and the family-specific contracts (AnyRes newlines, video budgets, Qwen M-RoPE positions)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import pytest
+import torch
+from conftest import (
+    IMAGE_TOKEN_ID,
+    TINY_CASES,
+    VIDEO_TOKEN_ID,
+    anyres_batch,
+    build_tiny_llava_onevision,
+    build_tiny_qwen2_5_vl,
+)
+
+import flashvlm
+from flashvlm import FlashVLMError, MethodUnavailableError, TokenSelector
+from flashvlm.saliency import received_attention, segmented_received_attention
+
+_MODELS: dict = {}
+
+
+def tiny_model(case):
+    """One model per builder for the whole session (the video cases share the image cases')."""
+    if case.build not in _MODELS:
+        _MODELS[case.build] = case.build()
+    return _MODELS[case.build]
+
+
+def placeholder_counts(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """(B,) visual placeholders per row (LLaVA-1.5 and -NeXT have no video token)."""
+    adapter = flashvlm.adapter_for(model)
+    tokens = [IMAGE_TOKEN_ID] + ([VIDEO_TOKEN_ID] if getattr(adapter, "video_token_id", None) else [])
+    return torch.isin(input_ids, torch.tensor(tokens)).sum(dim=1)
+
+
+def is_qwen(case) -> bool:
+    return case.name.startswith("qwen")
+
+
+def is_anyres(case) -> bool:
+    return case.name.startswith(("llava_next", "llava_onevision"))
+
+
+@pytest.mark.parametrize("case", TINY_CASES, ids=lambda case: case.name)
+def test_full_budget_gives_the_unpatched_logits(case):
+    model = tiny_model(case)
+    inputs = case.make_inputs(model, 3, 0)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        with flashvlm.prune(model, budget=10_000) as pruner:
+            actual = model(**inputs).logits
+    assert min(record.num_tokens for record in pruner.last.images) == case.tokens_per_image
+    assert all(record.num_kept == record.num_tokens for record in pruner.last.images)
+    real = inputs["attention_mask"].bool()
+    # Rows were re-padded to the same width, so real tokens line up.
+    assert actual.shape == expected.shape
+    torch.testing.assert_close(actual[real], expected[real], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("case", TINY_CASES, ids=lambda case: case.name)
+def test_budget_k_sends_exactly_k_tokens_per_unit(case):
+    model = tiny_model(case)
+    inputs = case.make_inputs(model, 3, 0)
+    budget = case.tokens_per_image - 1
+    with flashvlm.prune(model, budget=budget) as pruner:
+        pruned = pruner.prune_inputs(dict(inputs))
+    records = pruned.images
+    assert all(record.num_kept == budget for record in records)
+    sent = placeholder_counts(model, pruned.model_kwargs["input_ids"])
+    kept = torch.zeros_like(sent)
+    for record in records:
+        kept[record.batch_index] += record.num_kept
+    if is_anyres(case):
+        # Newline tokens travel outside the budget: at most one per kept row, and at least one per image.
+        newlines = sent - kept
+        assert bool((newlines >= 1).all())
+        encoded = pruned.model_kwargs["mm_encoder_outputs"]["image"].pooler_output
+        newline = model.model.image_newline
+        for tokens in encoded:
+            is_newline = (tokens == newline).all(dim=-1)
+            assert int((~is_newline).sum()) == budget
+            assert not bool((is_newline[1:] & is_newline[:-1]).any()), "a newline follows an emptied row"
+    else:
+        assert torch.equal(sent, kept)
+
+
+@pytest.mark.parametrize("case", TINY_CASES, ids=lambda case: case.name)
+def test_padded_batch_generates_like_single_rows(case):
+    model = tiny_model(case)
+    inputs = case.make_inputs(model, 3, 1)
+    budget = max(1, case.tokens_per_image // 2)
+    settings = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
+    with flashvlm.prune(model, budget=budget) as pruner:
+        batched = model.generate(**inputs, **settings)
+        batch_records = pruner.last.images
+        for row in range(3):
+            single = case.select_row(inputs, row)
+            alone = model.generate(**single, **settings)
+            width = single["input_ids"].shape[1]
+            assert torch.equal(alone[0, width:], batched[row, inputs["input_ids"].shape[1] :]), f"row {row}"
+            mine = [record.keep_indices for record in batch_records if record.batch_index == row]
+            assert all(torch.equal(a, b.keep_indices) for a, b in zip(mine, pruner.last.images, strict=True))
+    # The caller gets their own prompt back, followed by the new tokens.
+    assert torch.equal(batched[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])
+
+
+@pytest.mark.parametrize("case", [case for case in TINY_CASES if case.video], ids=lambda case: case.name)
+def test_video_budget_per_frame_or_per_video(case):
+    model = tiny_model(case)
+    inputs = case.make_inputs(model, 2, 0)
+    budget = 5
+    with flashvlm.prune(model, budget=budget, video_budget="per_frame") as pruner:
+        per_frame = [record for record in pruner.prune_inputs(dict(inputs)).images if record.kind == "frame"]
+    with flashvlm.prune(model, budget=budget, video_budget="per_video") as pruner:
+        per_video = [record for record in pruner.prune_inputs(dict(inputs)).images if record.kind == "video"]
+        generated = model.generate(**inputs, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert len(per_video) == 2 and len(per_frame) > 2
+    assert all(record.num_kept == budget for record in per_frame + per_video)
+    # Jointly selected frames: the video's K tokens span its frames, not K per frame.
+    assert all(record.num_tokens > case.tokens_per_image for record in per_video)
+    assert generated.shape[1] == inputs["input_ids"].shape[1] + 2
+
+
+def test_video_budget_is_validated():
+    model = tiny_model(TINY_CASES[0])
+    with pytest.raises(FlashVLMError, match="video_budget must be one of 'per_frame', 'per_video'; got 'frames'"):
+        flashvlm.apply(model, budget=8, video_budget="frames")
+
+
+# -- Qwen2-VL / Qwen2.5-VL: M-RoPE positions and packed saliency -----------------------------------
+def generate_positions(model, inputs: dict, steps: int = 3) -> list[torch.Tensor]:
+    """The position_ids every forward of a greedy generate receives: prefill first."""
+    seen = []
+    hook = model.register_forward_pre_hook(lambda _m, _a, kwargs: seen.append(kwargs["position_ids"]), with_kwargs=True)
+    try:
+        model.generate(**inputs, max_new_tokens=steps, do_sample=False, pad_token_id=0)
+    finally:
+        hook.remove()
+    return seen
+
+
+@pytest.mark.parametrize("case", [case for case in TINY_CASES if is_qwen(case)], ids=lambda case: case.name)
+def test_qwen_kept_tokens_keep_their_unpruned_positions(case):
+    model = tiny_model(case)
+    inputs = case.make_inputs(model, 3, 0)
+    full, _ = model.model.get_rope_index(
+        inputs["input_ids"],
+        inputs["mm_token_type_ids"],
+        image_grid_thw=inputs["image_grid_thw"],
+        video_grid_thw=inputs.get("video_grid_thw"),
+        attention_mask=inputs["attention_mask"],
+    )  # (3, B, L)
+    unpruned = generate_positions(model, inputs)
+    with flashvlm.prune(model, budget=4) as pruner:
+        pruned_positions = generate_positions(model, inputs)
+    pruned = pruner.last
+    new_mask = pruned.model_kwargs["attention_mask"].bool()
+    prefill = pruned_positions[0]  # (4, B, L'): sequence positions, then (t, h, w)
+
+    # The keep mask the records describe: text all kept, each unit's kept placeholders.
+    keep = inputs["attention_mask"].bool().clone()
+    for token_id, kinds in ((IMAGE_TOKEN_ID, ("image",)), (VIDEO_TOKEN_ID, ("frame", "video"))):
+        unit_masks = []
+        for record in (record for record in pruned.images if record.kind in kinds):
+            mask = torch.zeros(record.num_tokens, dtype=torch.bool)
+            mask[record.keep_indices] = True
+            unit_masks.append(mask)
+        if unit_masks:
+            keep[inputs["input_ids"] == token_id] = torch.cat(unit_masks)
+    for row in range(3):
+        torch.testing.assert_close(prefill[1:, row][:, new_mask[row]], full[:, row][:, keep[row]], rtol=0, atol=0)
+        assert torch.equal(prefill[0, row][new_mask[row]], torch.arange(int(new_mask[row].sum())))
+    # Decoding continues where the unpruned prompt's decoding does: the model's own
+    # generate extends the last prompt position, which for images is the maximum + 1.
+    assert len(pruned_positions) == len(unpruned) == 3
+    for step, (positions, expected) in enumerate(zip(pruned_positions[1:], unpruned[1:]), start=1):
+        torch.testing.assert_close(positions[1:], expected[1:], rtol=0, atol=0)
+        if not case.video:
+            assert torch.equal(positions[1, :, -1], full.amax(dim=(0, 2)) + step)
+    # The cached deltas give the unpruned maximum + 1, for decoding loops that pass no positions.
+    torch.testing.assert_close(
+        model.model.rope_deltas[:, 0] + new_mask.sum(dim=1), full.amax(dim=(0, 2)) + 1, rtol=0, atol=0
+    )
+
+
+def test_segmented_received_attention_matches_a_dense_block_diagonal_reference():
+    generator = torch.Generator().manual_seed(0)
+    lengths = [5, 3, 5, 1, 5]
+    queries, keys = torch.randn(2, sum(lengths), 8, generator=generator).unbind(0)
+    cu_seqlens = torch.tensor([0, *lengths]).cumsum(0)
+    segment = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    heads = queries.view(-1, 2, 4).transpose(0, 1), keys.view(-1, 2, 4).transpose(0, 1)  # (H, S, d)
+    logits = heads[0] @ heads[1].transpose(-1, -2) * 0.5
+    logits = logits.masked_fill(segment[:, None] != segment[None, :], float("-inf"))
+    expected = torch.softmax(logits, dim=-1).sum(dim=1).mean(dim=0)
+    actual = segmented_received_attention(queries, keys, 2, cu_seqlens, chunk_size=4)
+    torch.testing.assert_close(actual, expected)
+    torch.testing.assert_close(received_attention(queries[None, :5], keys[None, :5], 2)[0], expected[:5])
+
+
+def test_qwen_images_never_attend_across_image_boundaries():
+    model = tiny_model(next(case for case in TINY_CASES if case.build is build_tiny_qwen2_5_vl))
+    adapter = flashvlm.adapter_for(model)
+    generator = torch.Generator().manual_seed(0)
+    first, second = torch.randn(64, 24, generator=generator), torch.randn(24, 24, generator=generator)
+    with torch.no_grad():
+        alone = adapter.encode(first, torch.tensor([[1, 8, 8]]), True)
+        packed = adapter.encode(torch.cat([second, first]), torch.tensor([[1, 4, 6], [1, 8, 8]]), True)
+    for single, together in zip(alone, packed):
+        torch.testing.assert_close(together[6:], single, atol=1e-5, rtol=0)
+    # Features come back in the merged tokens' order (undoing the window reordering): the
+    # merger on them gives the model's own merged tokens.
+    features, projected, _, _ = packed
+    with torch.no_grad():
+        torch.testing.assert_close(adapter.project(features), projected, atol=1e-5, rtol=0)
+    assert torch.allclose(alone[2].sum(), torch.tensor(64.0 / 4))  # a merge group averages 4 patch scores
+
+
+# -- LLaVA-OneVision: several images in one prompt get their base view only -------------------------
+def test_onevision_multi_image_prompt():
+    model = tiny_model(next(case for case in TINY_CASES if case.build is build_tiny_llava_onevision))
+    inputs = anyres_batch(model, batch_size=2, seed=0)
+    # Both images in row 0's prompt: the model then encodes their base views only.
+    both = dict(inputs, batch_num_images=torch.tensor([2]))
+    base_tokens = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
+    ids = [1, 5] + [IMAGE_TOKEN_ID] * (base_tokens + 1) * 2 + [6, 7, 8]
+    both["input_ids"] = torch.tensor([ids])
+    both["attention_mask"] = torch.ones_like(both["input_ids"])
+    with torch.no_grad():
+        expected = model(**both).logits
+        with flashvlm.prune(model, budget=10_000):
+            torch.testing.assert_close(model(**both).logits, expected, atol=1e-5, rtol=0)
+        with flashvlm.prune(model, budget=7) as pruner:
+            pruned = pruner.prune_inputs(dict(both))
+    assert [record.num_tokens for record in pruned.images] == [base_tokens, base_tokens]
+    assert int(placeholder_counts(model, pruned.model_kwargs["input_ids"])[0]) == 2 * (7 + 1)
+
+
+# -- errors ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", [case for case in TINY_CASES if not case.video], ids=lambda case: case.name)
+def test_placeholder_mismatch_is_a_clear_error(case):
+    model = tiny_model(case)
+    inputs = case.make_inputs(model, 2, 0)
+    input_ids = inputs["input_ids"].clone()
+    first = int((input_ids[0] == IMAGE_TOKEN_ID).nonzero()[0])
+    input_ids[0, first] = 5
+    with flashvlm.prune(model, budget=4) as pruner:
+        with pytest.raises(FlashVLMError, match="image placeholder tokens"):
+            pruner.prune_inputs(dict(inputs, input_ids=input_ids))
+
+
+@dataclass
+class _NeedsClsRow(TokenSelector):
+    name: ClassVar[str] = "needs_cls_row"
+    requires: ClassVar[frozenset[str]] = frozenset({"cls_attention"})
+
+    def select(self, inputs, num_keep):
+        return inputs.saliency.argsort(dim=-1, descending=True)[:, :num_keep]
+
+
+@pytest.mark.parametrize("case", [case for case in TINY_CASES if not case.video], ids=lambda case: case.name)
+def test_a_method_needing_a_cls_row_says_when_the_encoder_has_none(case):
+    model = tiny_model(case)
+    inputs = case.make_inputs(model, 1, 0)
+    with flashvlm.prune(model, budget=4, method=_NeedsClsRow()) as pruner:
+        if case.name in ("llava", "llava_next"):  # CLIP towers have a CLS token
+            pruner.prune_inputs(dict(inputs))
+        else:
+            with pytest.raises(MethodUnavailableError, match="needs cls_attention"):
+                pruner.prune_inputs(dict(inputs))
+
+
+@dataclass
+class _RecordsText(TokenSelector):
+    """Keeps the first tokens and records how many text tokens guided each unit."""
+
+    name: ClassVar[str] = "records_text"
+    requires: ClassVar[frozenset[str]] = frozenset({"text"})
+    seen: ClassVar[list[int]] = []
+
+    def select(self, inputs, num_keep):
+        _RecordsText.seen += inputs.text_mask.sum(dim=1).tolist()
+        return torch.arange(num_keep).expand(inputs.batch_size, num_keep)
+
+
+@pytest.mark.parametrize("case", TINY_CASES, ids=lambda case: case.name)
+def test_the_whole_prompt_text_guides_every_unit(case):
+    model = tiny_model(case)
+    inputs = case.make_inputs(model, 2, 0)
+    _RecordsText.seen = []
+    with flashvlm.prune(model, budget=2, method=_RecordsText()) as pruner:
+        records = pruner.prune_inputs(dict(inputs)).images
+    # Every real token that is no placeholder: text before and after the images, padding excluded.
+    text_per_row = inputs["attention_mask"].sum(dim=1) - placeholder_counts(model, inputs["input_ids"])
+    # An AnyRes image is selected as two units (base view and crops) under one budget.
+    units_per_record = [2 if is_anyres(case) and record.kind == "image" else 1 for record in records]
+    expected = [int(text_per_row[record.batch_index]) for record, units in zip(records, units_per_record)
+                for _ in range(units)]
+    assert sorted(_RecordsText.seen) == sorted(expected)
+
+
+@dataclass
+class _UsesEverything(TokenSelector):
+    """Needs every input an adapter can give (except a CLS row) and checks their shapes."""
+
+    name: ClassVar[str] = "uses_everything"
+    requires: ClassVar[frozenset[str]] = frozenset({"saliency", "text", "projected", "keys"})
+
+    def select(self, inputs, num_keep):
+        batch, tokens = inputs.batch_size, inputs.num_tokens
+        assert inputs.saliency.shape == (batch, tokens) and inputs.keys.shape[:2] == (batch, tokens)
+        assert inputs.projected.shape[:2] == (batch, tokens) and inputs.text_embeds.shape[0] == batch
+        score = inputs.saliency + inputs.keys.float().norm(dim=-1)
+        return score.argsort(dim=-1, descending=True)[:, :num_keep]
+
+
+@pytest.mark.parametrize("case", TINY_CASES, ids=lambda case: case.name)
+def test_every_input_a_method_may_ask_for_is_served(case):
+    model = tiny_model(case)
+    inputs = case.make_inputs(model, 2, 0)
+    with flashvlm.prune(model, budget=3, method=_UsesEverything()) as pruner:
+        generated = model.generate(**inputs, max_new_tokens=1, do_sample=False, pad_token_id=0)
+    assert all(record.num_kept == 3 for record in pruner.last.images)
+    assert generated.shape[1] == inputs["input_ids"].shape[1] + 1
