@@ -90,7 +90,10 @@ class FlashVLM(TokenSelector):
     Multimodal Models", arXiv 2512.20561 (2025); released code CaiKaitong/FlashVLM.
     Needs: saliency, the prompt's text embeddings and the projected tokens.
     Cost per image: O(N*L*D) for relevance, O(N log N) for the ranking, and the
-    bipartite diversity step about (N-K)/removal_step rounds of O(R^2 C / 4).
+    bipartite diversity step about (N-K)/removal_step rounds of O(R^2 C / 4) as
+    released (cubic in N). ``removal_fraction`` and ``diversity_block`` (preset
+    ``fast_diversity``) bring the diversity step to O(log N) rounds of O(R * block * C):
+    near N log N with O(N * block) memory, for long videos (N in the tens of thousands).
     """
 
     name: ClassVar[str] = "flashvlm"
@@ -108,6 +111,10 @@ class FlashVLM(TokenSelector):
         "mean_text": {"aggregation": "mean"},
         "plain_softmax": {"sharpening": "softmax"},
         "max_min_diversity": {"diversity": "max_min"},
+        # Near N log N diversity for long inputs (videos): a quarter of the surplus per
+        # round and redundancy within blocks of 1,024 list places. The same rule applied
+        # more coarsely, so the kept set differs from the release's.
+        "fast_diversity": {"removal_fraction": 0.25, "diversity_block": 1024},
     }
 
     #: eta: weight of text relevance against saliency in the log-domain fusion.
@@ -130,6 +137,12 @@ class FlashVLM(TokenSelector):
     important_ratio: float = 0.5
     #: r: most redundant tokens removed per round of the bipartite diversity step.
     removal_step: int = 8
+    #: Share of the surplus removed per bipartite round (O(log N) rounds); None removes
+    #: ``removal_step`` per round as released (about (N - K) / removal_step rounds).
+    removal_fraction: float | None = None
+    #: Bipartite redundancy within blocks of this many consecutive list places (even,
+    #: >= 2): O(R * block) time and memory per round; None compares whole lists (released).
+    diversity_block: int | None = None
     #: Diversity step on the rest: "bipartite" (released), "max_min" (DivPrune-style).
     diversity: Literal["bipartite", "max_min"] = "bipartite"
     #: Features the diversity step compares: "vision" (LLaVA release) or "projected" (Qwen release).
@@ -155,6 +168,11 @@ class FlashVLM(TokenSelector):
             check_range(name, getattr(self, name), 0.0, math.inf, low_open=True)
         if isinstance(self.removal_step, bool) or not isinstance(self.removal_step, int) or self.removal_step < 1:
             raise FlashVLMError(f"removal_step must be an integer >= 1; got {self.removal_step!r}")
+        if self.removal_fraction is not None:
+            check_range("removal_fraction", self.removal_fraction, 0.0, 1.0, low_open=True)
+        block = self.diversity_block
+        if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block < 2 or block % 2):
+            raise FlashVLMError(f"diversity_block must be None or an even integer >= 2; got {block!r}")
         check_choice("aggregation", self.aggregation, ("softmax", "max", "mean"))
         check_choice("sharpening", self.sharpening, ("release", "softmax"))
         check_choice("diversity", self.diversity, ("bipartite", "max_min"))
@@ -196,7 +214,15 @@ class FlashVLM(TokenSelector):
         unit_space = unit_rows(space if self.score_dtype == "model" else space.float())
         num_diverse = num_keep - num_important
         if self.diversity == "bipartite":
-            diverse = bipartite_diverse_subset(unit_space, rest, num_diverse, self.removal_step, self.stable_ranking)
+            diverse = bipartite_diverse_subset(
+                unit_space,
+                rest,
+                num_diverse,
+                self.removal_step,
+                self.stable_ranking,
+                self.removal_fraction,
+                self.diversity_block,
+            )
         else:
             diverse = max_min_diverse_subset(unit_space, rest, num_diverse)
         return Selection(torch.cat([important, diverse], dim=1))
