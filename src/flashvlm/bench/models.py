@@ -178,6 +178,24 @@ def build_meta_model(config):
         return model_class(copy.deepcopy(config))
 
 
+def load_model_for_bench(name_or_path: str, scale: dict, device: torch.device, dtype: torch.dtype, attn: str):
+    """(model, config it was built from, the real config, "pretrained" or "random").
+
+    A model folder with safetensors weights is loaded with ``from_pretrained`` unless
+    ``scale`` shrinks it; everything else gets random weights from the config.
+    """
+    real_config = load_config(name_or_path)
+    folder = Path(name_or_path)
+    if folder.is_dir() and any(folder.glob("*.safetensors")) and not scale:
+        import transformers
+
+        model_class = getattr(transformers, real_config.architectures[0])
+        model = model_class.from_pretrained(folder, dtype=dtype, attn_implementation=attn)
+        return model.to(device).eval(), model.config, real_config, "pretrained"
+    config = scale_config(real_config, scale)
+    return build_model(config, device, dtype, attn), config, real_config, "random"
+
+
 @dataclass
 class SyntheticInputs:
     """Generate/forward arguments with one image per row, and what they hold."""

@@ -10,10 +10,10 @@ import argparse
 import sys
 
 from ..errors import FlashVLMError
-from . import generate
+from . import bench, bench_selection, generate
 
 #: Subcommand modules, in the order ``--help`` lists them.
-SUBCOMMANDS = [generate]
+SUBCOMMANDS = [generate, bench, bench_selection]
 
 
 class UsageError(FlashVLMError):
