@@ -135,3 +135,38 @@ def prefill_flops(
     layers = _vision_layers_run(config, pruned)
     vision = batch * clip_tower_flops(config.vision_config, views, layers)
     return PrefillFlops(vision, batch * llava_projector_flops(config, projected), language_model)
+
+
+def bipartite_diversity_flops(
+    num_candidates: int, num_keep: int, width: int, removal_step: int = 8,
+    removal_fraction: float | None = None, block_size: int | None = None,
+) -> tuple[float, int]:
+    """(FLOPs of the A x B similarities, rounds) of the bipartite diversity step.
+
+    Follows :func:`flashvlm.selection.ops.bipartite_diverse_subset`'s schedule exactly:
+    released (``removal_fraction=None``, ``block_size=None``) it is about
+    (R - K) / removal_step rounds of R^2 C / 2 FLOPs, i.e. cubic in N.
+    """
+    import math
+
+    remaining, flops, rounds = num_candidates, 0.0, 0
+    while remaining > num_keep and num_keep > 0:
+        surplus = remaining - num_keep
+        drop = min(removal_step, surplus) if removal_fraction is None else min(math.ceil(removal_fraction * surplus), surplus)
+        size_a, size_b = (remaining + 1) // 2, remaining // 2
+        partners = size_b if block_size is None or remaining <= block_size else block_size // 2
+        flops += 2.0 * size_a * partners * width
+        remaining -= min(drop, size_a)
+        rounds += 1
+    return flops, rounds
+
+
+def flashvlm_diversity_flops(selector, num_tokens: int, num_keep: int, width: int) -> tuple[float, int] | None:
+    """The diversity step's (FLOPs, rounds) for a FlashVLM-like selector, or None for other methods."""
+    if getattr(selector, "diversity", None) != "bipartite":
+        return None
+    num_important = int(selector.important_ratio * num_keep)
+    return bipartite_diversity_flops(
+        num_tokens - num_important, num_keep - num_important, width, selector.removal_step,
+        selector.removal_fraction, selector.diversity_block,
+    )

@@ -157,16 +157,17 @@ def describe_shape(config, scale: dict[str, float], reference=None) -> str:
 
 
 def build_model(config, device: torch.device, dtype: torch.dtype, attn_implementation: str = "sdpa", seed: int = 0):
-    """The model class named by the config, with random weights, in eval mode on ``device``."""
+    """The model class named by the config, with random weights, in eval mode on ``device``.
+
+    Built directly in ``dtype`` on ``device``: a 13B model never exists in float32.
+    """
     import transformers
 
     model_class = getattr(transformers, config.architectures[0])
     torch.manual_seed(seed)
-    config = copy.deepcopy(config)
-    config._attn_implementation = attn_implementation
     with torch.device(device):
-        model = model_class(config)
-    return model.to(dtype).eval()
+        model = model_class._from_config(copy.deepcopy(config), dtype=dtype, attn_implementation=attn_implementation)
+    return model.eval()
 
 
 def build_meta_model(config):

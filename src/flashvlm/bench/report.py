@@ -99,7 +99,10 @@ def prefill_header(report: dict) -> list[str]:
     ]
 
 
-SELECTION_HEADERS = ["method", "N", "K", "selection ms", "peak MiB", "LM prefill of kept (est.) ms", "selection / LM prefill"]
+SELECTION_HEADERS = [
+    "method", "N", "K", "selection ms", "peak MiB", "diversity rounds", "diversity GFLOPs",
+    "LM prefill of kept (est.) ms", "selection / LM prefill",
+]
 
 
 def selection_table(report: dict, markdown: bool = False) -> str:
@@ -108,14 +111,19 @@ def selection_table(report: dict, markdown: bool = False) -> str:
         selection = _format(row["selection_ms"], 2) + (" (extrapolated)" if row["extrapolated"] else "")
         rows.append([
             row["method"], f"{row['tokens']:,}", f"{row['kept']:,}", selection, _mib(row.get("peak_memory_bytes")),
+            _format(row.get("diversity_rounds")), _format(row.get("diversity_gflops"), 2),
             _format(row["lm_prefill_of_kept_estimate_ms"]), _percent(row["selection_share_of_lm_prefill"]),
         ])
     table = render_table(SELECTION_HEADERS, rows, markdown)
-    fits = ", ".join(
-        f"{fit['method']} ~ N^{fit['exponent']:.2f} (fitted on N = {', '.join(f'{n:,}' for n in fit['fitted_on'])})"
-        for fit in report["fits"] if fit["exponent"] is not None
-    )
-    return table + ("\n\ngrowth: " + fits if fits else "")
+    lines = []
+    for fit in report["fits"]:
+        if fit["exponent"] is None:
+            continue
+        line = f"- {fit['method']}: time ~ N^{fit['exponent']:.2f} (fitted on N = {', '.join(f'{n:,}' for n in fit['fitted_on'])})"
+        if fit.get("diversity_flops_exponent") is not None:
+            line += f"; diversity FLOPs ~ N^{fit['diversity_flops_exponent']:.2f} between the two largest N"
+        lines.append(line)
+    return table + ("\n\ngrowth:\n" + "\n".join(lines) if lines else "")
 
 
 TOWER_HEADERS = ["vision tower", "ms", "peak MiB"]

@@ -20,7 +20,7 @@ from ..adapters import adapter_for
 from ..errors import FlashVLMError, MethodUnavailableError, UnsupportedModelError
 from ..saliency import query_row_attention
 from ..selection import SelectionInputs, get_method
-from .flops import decoder_prefill_flops
+from .flops import decoder_prefill_flops, flashvlm_diversity_flops
 from .memory import peak_memory_bytes
 from .models import build_model, scale_config
 from .prefill import synchronizer, vision_module
@@ -92,8 +92,10 @@ def selection_scaling(
     """Time (and peak memory of) every method at every N with K = N // 9.
 
     A method whose one call at some N takes longer than ``max_seconds`` is timed once
-    there and not run at larger N; those rows are extrapolated from the fitted exponent
-    and marked so. Returns (rows, per-method fits, skip messages).
+    there and not run at larger N; those rows are extrapolated and marked so: in
+    proportion to the diversity step's analytic FLOPs for FlashVLM's bipartite step
+    (which dominates there), else from the fitted power law.
+    Returns (rows, per-method fits, skip messages).
     """
     lm_width = text_config.hidden_size
     rate = gemm_flops_per_second(lm_width, text_config.intermediate_size, 1024, device, dtype)
@@ -105,11 +107,17 @@ def selection_scaling(
         for num_tokens in token_counts:
             num_keep = max(1, num_tokens // 9)
             lm_ms = 1000 * decoder_prefill_flops(text_config, text_tokens + num_keep) / rate
+            diversity = flashvlm_diversity_flops(selector, num_tokens, num_keep, vision_width)
             row = {"method": method_name, "tokens": num_tokens, "kept": num_keep,
-                   "lm_prefill_of_kept_estimate_ms": lm_ms}
+                   "lm_prefill_of_kept_estimate_ms": lm_ms,
+                   "diversity_gflops": diversity[0] / 1e9 if diversity else None,
+                   "diversity_rounds": diversity[1] if diversity else None}
             if stop_reason is not None:
-                exponent = fit_exponent(measured_n, measured_s) or 2.0
-                seconds = measured_s[-1] * (num_tokens / measured_n[-1]) ** exponent
+                last = last_measured_row
+                if diversity and last.get("diversity_gflops"):
+                    seconds = measured_s[-1] * row["diversity_gflops"] / last["diversity_gflops"]
+                else:
+                    seconds = measured_s[-1] * (num_tokens / measured_n[-1]) ** (fit_exponent(measured_n, measured_s) or 2.0)
                 rows.append({**row, "selection_ms": 1000 * seconds, "extrapolated": True, "note": stop_reason,
                              "selection_share_of_lm_prefill": 1000 * seconds / lm_ms})
                 continue
@@ -133,11 +141,19 @@ def selection_scaling(
                 memory = peak_memory_bytes(lambda: selector(inputs, num_keep), device)
             measured_n.append(num_tokens)
             measured_s.append(seconds)
-            rows.append({**row, "selection_ms": 1000 * seconds, "extrapolated": False, "note": note,
-                         "peak_memory_bytes": memory, "selection_share_of_lm_prefill": 1000 * seconds / lm_ms})
+            last_measured_row = {**row, "selection_ms": 1000 * seconds, "extrapolated": False, "note": note,
+                                 "peak_memory_bytes": memory, "selection_share_of_lm_prefill": 1000 * seconds / lm_ms}
+            rows.append(last_measured_row)
         if measured_n:
-            fits.append({"method": method_name, "exponent": fit_exponent(measured_n, measured_s),
-                         "fitted_on": measured_n})
+            method_rows = [row for row in rows if row["method"] == method_name and row["diversity_gflops"]]
+            fits.append({
+                "method": method_name,
+                "exponent": fit_exponent(measured_n, measured_s),
+                "fitted_on": measured_n,
+                "diversity_flops_exponent": fit_exponent(
+                    [row["tokens"] for row in method_rows[-2:]], [row["diversity_gflops"] for row in method_rows[-2:]]
+                ),
+            })
     return rows, fits, skipped
 
 
@@ -155,7 +171,12 @@ def tower_saliency_overhead(
     - ``eager_attention_maps``: every layer in eager attention returning its attention maps
       (``output_attentions=True``), what VisionZip and VisPruner ask for.
     Only the tower is measured: the language model is built one tiny layer wide.
+    LLaVA-1.5 (CLIP tower, CLS saliency) only; other families raise UnsupportedModelError.
     """
+    if config.model_type != "llava":
+        raise UnsupportedModelError(
+            f"the tower comparison covers LLaVA-1.5 CLIP towers; {config.architectures[0]} is not one"
+        )
     tower_config = scale_config(copy.deepcopy(config), {**scale, "lm_layers": 1})
     tower_config.text_config.hidden_size = 64
     tower_config.text_config.intermediate_size = 64
@@ -165,8 +186,6 @@ def tower_saliency_overhead(
     tower_config.text_config.vocab_size = max(tower_config.text_config.vocab_size, 1)
     model = build_model(tower_config, device, dtype)
     adapter = adapter_for(model)
-    if not hasattr(adapter, "encode_images") or not hasattr(adapter, "vision_layers"):
-        raise UnsupportedModelError(f"the saliency comparison needs a CLIP-style adapter; {type(model).__name__} has none")
     vision = tower_config.vision_config
     pixels = torch.randn(batch, 3, vision.image_size, vision.image_size, device=device, dtype=dtype)
     layer, strategy = tower_config.vision_feature_layer, tower_config.vision_feature_select_strategy

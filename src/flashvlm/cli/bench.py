@@ -133,13 +133,14 @@ def run(args: argparse.Namespace) -> int:
         write_json(args.json, report)
     if args.markdown:
         body = "\n\n".join([
-            f"## Prefill: {args.model}" + (" (SCALED)" if scale else ""),
+            f"## Prefill: {args.model}" + (f" (SCALED: {' '.join(args.scale)})" if scale else ""),
             f"```bash\n{report['command']}\n```",
             "\n".join(f"- {line}" for line in prefill_header(report)),
             prefill_table(report, markdown=True),
             "\n".join(f"- skipped: {message}" for message in skipped),
         ])
-        update_markdown_section(args.markdown, f"prefill-{args.model}", body)
+        scale_tag = "-".join(args.scale) if args.scale else "full"
+        update_markdown_section(args.markdown, f"prefill-{args.model}-{scale_tag}", body)
     return 0
 
 

@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
                 real_config, scale, batch=args.tower_batch, device=device, dtype=dtype, repeats=args.repeats,
                 warmup=args.warmup, measure_memory=not args.no_memory,
             )
-            tower["shape"] = describe_shape(scale_config(real_config, scale), scale, real_config)
+            tower["shape"] = describe_shape(scale_config(real_config, scale), scale, real_config).split("; ")[-1]
             report["tower"] = tower
         except UnsupportedModelError as error:
             skipped.append(f"vision tower comparison: {error}")
@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
         write_json(args.json, report)
     if args.markdown:
         parts = [
-            f"## Selection overhead: {args.model} widths",
+            f"## Selection overhead: {args.model} widths, {device.type.upper()}",
             f"```bash\n{report['command']}\n```",
             "\n".join(f"- {line}" for line in header),
             selection_table(report, markdown=True),
@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
             parts += [f"### Vision tower: saliency vs attention maps ({report['tower']['shape']})",
                       tower_table(report["tower"], markdown=True)]
         parts.append("\n".join(f"- skipped: {message}" for message in skipped))
-        update_markdown_section(args.markdown, f"selection-{args.model}", "\n\n".join(parts))
+        update_markdown_section(args.markdown, f"selection-{args.model}-{device.type}", "\n\n".join(parts))
     return 0
 
 
