@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test demo clean
+.PHONY: setup test demo clean performance performance-gpu
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,25 @@ test: setup
 
 demo: setup
 	$(VENV)/bin/flashvlm demo
+
+# Regenerate docs/performance.md (and docs/bench/*.json). `performance` runs scaled shapes
+# that fit a CPU in a few minutes; `performance-gpu` the real 7B shapes in bf16 (one GPU).
+BENCH := $(VENV)/bin/flashvlm
+performance: setup
+	$(BENCH) bench-selection --model llava-1.5-7b --max-seconds 15 --repeats 5 --scale vision_layers=6 width=0.5 --threads 2 \
+		--json docs/bench/selection-cpu.json --markdown docs/performance.md
+	$(BENCH) bench --model llava-1.5-7b --scale lm_layers=1 vision_layers=2 --methods flashvlm flashvlm:fast_diversity \
+		--budgets 64 --repeats 3 --new-tokens 4 --threads 2 --json docs/bench/prefill-cpu-full-width.json --markdown docs/performance.md
+	$(BENCH) bench --model llava-1.5-7b --scale cpu --budgets 64 128 192 --repeats 3 --new-tokens 8 --threads 2 \
+		--json docs/bench/prefill-cpu-scaled.json --markdown docs/performance.md
+
+performance-gpu: setup
+	$(BENCH) bench-selection --model llava-1.5-7b --device cuda --dtype bfloat16 --repeats 20 --warmup 3 --max-seconds 60 \
+		--json docs/bench/selection-gpu.json --markdown docs/performance.md
+	for model in llava-1.5-7b llava-1.5-13b llava-next-7b qwen2.5-vl-7b; do \
+		$(BENCH) bench --model $$model --device cuda --dtype bfloat16 --budgets 64 128 192 --repeats 10 --warmup 3 \
+			--new-tokens 32 --json docs/bench/prefill-gpu-$$model.json --markdown docs/performance.md || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

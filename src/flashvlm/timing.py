@@ -12,6 +12,8 @@ class PrefillTimer:
     """Times the first forward of ``language_model`` inside the ``with`` block: the prefill.
 
     Later forwards (decoding steps) are counted in ``decode_steps`` but not timed.
+    ``prefill_started_at`` / ``prefill_ended_at`` are the ``time.perf_counter()``
+    readings around the prefill, for placing it on a timeline.
     """
 
     def __init__(self, language_model: nn.Module) -> None:
@@ -19,7 +21,8 @@ class PrefillTimer:
         self.prefill_seconds: float | None = None
         self.prefill_length: int | None = None
         self.decode_steps = 0
-        self._start = 0.0
+        self.prefill_started_at: float | None = None
+        self.prefill_ended_at: float | None = None
         self._handles = []
 
     def _sync(self) -> None:
@@ -32,12 +35,13 @@ class PrefillTimer:
             embeds = kwargs.get("inputs_embeds")
             self.prefill_length = int(embeds.shape[1]) if embeds is not None else None
             self._sync()
-            self._start = time.perf_counter()
+            self.prefill_started_at = time.perf_counter()
 
     def _after(self, _module, _args, _kwargs, _output):
         if self.prefill_seconds is None:
             self._sync()
-            self.prefill_seconds = time.perf_counter() - self._start
+            self.prefill_ended_at = time.perf_counter()
+            self.prefill_seconds = self.prefill_ended_at - self.prefill_started_at
         else:
             self.decode_steps += 1
 

@@ -79,28 +79,66 @@ def bipartite_diverse_subset(
     num_keep: int,
     removal_step: int = 8,
     stable: bool = True,
+    removal_fraction: float | None = None,
+    block_size: int | None = None,
 ) -> torch.Tensor:
     """Iterative bipartite removal of redundant tokens (VisPruner / FlashVLM step 6).
 
     unit_features: (B, N, C) row-normalised features; candidates: (B, R) token indices,
     in priority order. While more than ``num_keep`` remain: split the list alternately
     into A (even places) and B (odd places), score each a in A by its highest cosine to
-    B, drop the ``min(removal_step, R - num_keep)`` most redundant members of A, and
-    continue with [A kept, most redundant first] ++ B. Returns (B, num_keep) indices.
+    B, drop the most redundant members of A, and continue with
+    [A kept, most redundant first] ++ B. Returns (B, num_keep) indices.
     ``stable=False`` breaks exact ties in redundancy the way torch's default sort does
     on the current device (what the released code does).
+
+    How many are dropped per round:
+    - ``removal_fraction=None`` (released): ``min(removal_step, surplus)``, so about
+      ``(R - num_keep) / removal_step`` rounds, each O(R^2 C): cubic in N overall;
+    - ``removal_fraction=f``: ``ceil(f * surplus)``, so O(log N) rounds.
+    ``block_size=None`` (released) compares every a with every b (memory O(4096 * R)
+    through :func:`max_cosine_to_set`); ``block_size=s`` compares a only with the b of
+    its own block of ``s`` consecutive list places (s even), so a round costs
+    O(R * s * C) time and O(R * s) memory. The list is reordered after every round, so
+    blocks meet different neighbours each round. Lists of at most ``s`` places are
+    scored exactly as with ``block_size=None``.
     """
     if num_keep <= 0:
         return candidates[:, :0]
     while True:
         surplus = candidates.shape[1] - num_keep
-        num_drop = min(removal_step, surplus)
+        if removal_fraction is None:
+            num_drop = min(removal_step, surplus)
+        else:
+            num_drop = min(math.ceil(removal_fraction * surplus), surplus)
         if num_drop <= 0:
             return candidates
         tokens = gather_tokens(unit_features, candidates)  # (B, R, C)
-        redundancy = max_cosine_to_set(tokens[:, ::2], tokens[:, 1::2])  # (B, ceil(R/2))
+        if block_size is None or candidates.shape[1] <= block_size:
+            redundancy = max_cosine_to_set(tokens[:, ::2], tokens[:, 1::2])  # (B, ceil(R/2))
+        else:
+            redundancy = blockwise_max_cosine(tokens[:, ::2], tokens[:, 1::2], block_size // 2)
         kept_places = redundancy.argsort(dim=-1, descending=True, stable=stable)[:, num_drop:]
         candidates = torch.cat([candidates[:, ::2].gather(1, kept_places), candidates[:, 1::2]], dim=1)
+
+
+def blockwise_max_cosine(queries: torch.Tensor, candidates: torch.Tensor, block: int) -> torch.Tensor:
+    """max_m <q_a, c_m> over the candidates in the query's own block, (B, A).
+
+    queries: (B, A, C), candidates: (B, M, C) unit rows with M in {A - 1, A}; query
+    ``a`` is compared with candidates ``block * (a // block)`` up to the next block.
+    A query whose block has no candidate scores -inf (never the most redundant).
+    Memory O(A * block).
+    """
+    batch, num_queries, width = queries.shape
+    num_blocks = -(-num_queries // block)
+    padded = num_blocks * block
+    query_blocks = F.pad(queries, (0, 0, 0, padded - num_queries)).view(batch, num_blocks, block, width)
+    candidate_blocks = F.pad(candidates, (0, 0, 0, padded - candidates.shape[1])).view(batch, num_blocks, block, width)
+    similarity = query_blocks @ candidate_blocks.transpose(-1, -2)  # (B, blocks, block, block)
+    is_padding = torch.arange(padded, device=queries.device).view(num_blocks, 1, block) >= candidates.shape[1]
+    similarity = similarity.masked_fill(is_padding, float("-inf"))
+    return similarity.amax(dim=-1).reshape(batch, padded)[:, :num_queries]
 
 
 def max_min_diverse_subset(unit_features: torch.Tensor, candidates: torch.Tensor, num_keep: int) -> torch.Tensor:
@@ -167,16 +205,15 @@ DIVERSITY_RULES = ("bipartite", "max_min", "kmeans")
 
 
 def diverse_subset(
-    rule: str,
-    unit_features: torch.Tensor,
-    candidates: torch.Tensor,
-    num_keep: int,
-    removal_step: int = 8,
-    stable: bool = True,
+    rule: str, unit_features: torch.Tensor, candidates: torch.Tensor, num_keep: int, **bipartite_options
 ) -> torch.Tensor:
-    """``num_keep`` diverse members of ``candidates`` (B, R) by one of :data:`DIVERSITY_RULES`."""
+    """``num_keep`` diverse members of ``candidates`` (B, R) by one of :data:`DIVERSITY_RULES`.
+
+    ``bipartite_options`` (removal_step, stable, removal_fraction, block_size) go to
+    :func:`bipartite_diverse_subset`.
+    """
     if rule == "bipartite":
-        return bipartite_diverse_subset(unit_features, candidates, num_keep, removal_step, stable)
+        return bipartite_diverse_subset(unit_features, candidates, num_keep, **bipartite_options)
     if rule == "max_min":
         return max_min_diverse_subset(unit_features, candidates, num_keep)
     return kmeans_diverse_subset(unit_features, candidates, num_keep)
@@ -188,8 +225,7 @@ def important_and_diverse(
     num_keep: int,
     important_ratio: float,
     rule: str = "bipartite",
-    removal_step: int = 8,
-    stable: bool = True,
+    **bipartite_options,
 ) -> torch.Tensor:
     """The top ``floor(important_ratio * num_keep)`` of ``ranking`` (B, N), then a diverse rest.
 
@@ -197,7 +233,7 @@ def important_and_diverse(
     """
     num_important = math.floor(important_ratio * num_keep)
     important, rest = ranking[:, :num_important], ranking[:, num_important:]
-    diverse = diverse_subset(rule, unit_features, rest, num_keep - num_important, removal_step, stable)
+    diverse = diverse_subset(rule, unit_features, rest, num_keep - num_important, **bipartite_options)
     return torch.cat([important, diverse], dim=1)
 
 

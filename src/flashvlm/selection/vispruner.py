@@ -44,5 +44,5 @@ class VisPruner(TokenSelector):
         ranking = inputs.saliency.argsort(dim=-1, descending=True, stable=True)  # (B, N)
         unit_features = unit_rows(inputs.features.float())  # (B, N, C)
         return important_and_diverse(
-            ranking, unit_features, num_keep, self.important_ratio, "bipartite", self.removal_step
+            ranking, unit_features, num_keep, self.important_ratio, "bipartite", removal_step=self.removal_step
         )

@@ -1,0 +1,172 @@
+"""Analytic FLOPs of a VLM's prefill, and KV-cache bytes, from the config alone.
+
+One multiply-add counts as 2 FLOPs. Counted: every matrix multiplication (projections,
+attention scores and values, MLPs, the patch embedding, the projector, the LM head
+for the last position, as ``generate`` computes it). Not counted: norms, softmax,
+activations, rotary embeddings (all O(T * D), negligible next to the matmuls).
+Causal attention counts T(T+1)/2 query-key pairs, as FlashAttention/SDPA compute it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def _head_size(text_config) -> int:
+    return getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+
+
+def decoder_prefill_flops(text_config, num_tokens: int, batch: int = 1, logits_positions: int = 1) -> float:
+    """FLOPs of one prefill of ``num_tokens`` positions per row through the language model.
+
+    Llama/Mistral/Qwen2 decoders: q/k/v/o projections (grouped KV), causal attention,
+    a gated MLP (three matrices), and the LM head on ``logits_positions`` positions.
+    """
+    hidden, inner = text_config.hidden_size, text_config.intermediate_size
+    head = _head_size(text_config)
+    query_width = text_config.num_attention_heads * head
+    kv_width = text_config.num_key_value_heads * head
+    tokens = num_tokens
+    projections = 2 * tokens * hidden * (2 * query_width + 2 * kv_width)
+    attention = 4 * (tokens * (tokens + 1) // 2) * query_width
+    mlp = 2 * tokens * 3 * hidden * inner
+    per_layer = projections + attention + mlp
+    lm_head = 2 * logits_positions * hidden * text_config.vocab_size
+    return float(batch * (text_config.num_hidden_layers * per_layer + lm_head))
+
+
+def kv_cache_bytes(text_config, num_tokens: int, batch: int, dtype: torch.dtype) -> int:
+    """Bytes of the keys and values of ``num_tokens`` positions in every layer."""
+    element = torch.empty((), dtype=dtype).element_size()
+    per_token = 2 * text_config.num_key_value_heads * _head_size(text_config) * element
+    return batch * text_config.num_hidden_layers * num_tokens * per_token
+
+
+def _encoder_layer_flops(tokens: int, width: int, inner: int, gated: bool, attended: int) -> float:
+    """One ViT block: q/k/v/o, attention of each token to ``attended`` tokens, the MLP."""
+    projections = 2 * tokens * 4 * width * width
+    attention = 4 * tokens * attended * width
+    mlp = 2 * tokens * (3 if gated else 2) * width * inner
+    return float(projections + attention + mlp)
+
+
+def clip_tower_flops(vision_config, num_views: int, layers_run: int) -> float:
+    """A CLIP tower on ``num_views`` images of image_size px, running ``layers_run`` layers."""
+    patches = (vision_config.image_size // vision_config.patch_size) ** 2
+    tokens = patches + 1  # CLS
+    width = vision_config.hidden_size
+    embed = 2 * patches * 3 * vision_config.patch_size**2 * width
+    layer = _encoder_layer_flops(tokens, width, vision_config.intermediate_size, False, tokens)
+    return float(num_views * (embed + layers_run * layer))
+
+
+def llava_projector_flops(config, num_tokens: int) -> float:
+    """LLaVA's two-layer MLP projector (vision hidden -> LM hidden -> LM hidden) on ``num_tokens`` rows."""
+    vision, hidden = config.vision_config.hidden_size, config.text_config.hidden_size
+    return float(2 * num_tokens * (vision * hidden + hidden * hidden))
+
+
+def qwen_tower_flops(vision_config, patches: int) -> float:
+    """Qwen2.5-VL's ViT on one image of ``patches`` patches: windowed blocks and full blocks.
+
+    The patch merger (2x2 groups -> LM width) is counted here: it is the projector.
+    """
+    width, inner = vision_config.hidden_size, vision_config.intermediate_size
+    window_tokens = min(patches, (vision_config.window_size // vision_config.patch_size) ** 2)
+    embed = 2 * patches * 3 * vision_config.temporal_patch_size * vision_config.patch_size**2 * width
+    full_blocks = sum(1 for index in vision_config.fullatt_block_indexes if index < vision_config.depth)
+    window_blocks = vision_config.depth - full_blocks
+    blocks = full_blocks * _encoder_layer_flops(patches, width, inner, True, patches)
+    blocks += window_blocks * _encoder_layer_flops(patches, width, inner, True, window_tokens)
+    merged_width = width * vision_config.spatial_merge_size**2
+    merged = patches // vision_config.spatial_merge_size**2
+    merger = 2 * merged * (merged_width * merged_width + merged_width * vision_config.out_hidden_size)
+    return float(embed + blocks + merger)
+
+
+@dataclass
+class PrefillFlops:
+    """FLOPs of one prefill (all rows of the batch), by part."""
+
+    vision: float
+    projector: float
+    language_model: float
+
+    @property
+    def total(self) -> float:
+        return self.vision + self.projector + self.language_model
+
+
+def _vision_layers_run(config, pruned: bool) -> int:
+    """LLaVA runs the whole tower unpruned (hidden_states[-2] of a full forward); flashvlm stops at the feature layer."""
+    layers = config.vision_config.num_hidden_layers
+    if not pruned:
+        return layers
+    feature = config.vision_feature_layer
+    return feature if feature >= 0 else layers + 1 + feature
+
+
+def prefill_flops(
+    config, text_tokens: int, visual_tokens: int, kept_tokens: int, batch: int, projected_tokens: int | None = None
+) -> PrefillFlops:
+    """FLOPs of a prefill with ``kept_tokens`` of each image's ``visual_tokens`` in the LM.
+
+    ``kept_tokens == visual_tokens`` is the unpruned model. ``projected_tokens`` is how
+    many rows go through the projector (all N for methods that score projected tokens,
+    K otherwise; default K).
+    """
+    pruned = kept_tokens < visual_tokens
+    projected = kept_tokens if projected_tokens is None else projected_tokens
+    text = config.text_config
+    language_model = decoder_prefill_flops(text, text_tokens + kept_tokens, batch)
+    model_type = config.model_type
+    if model_type == "qwen2_5_vl":
+        patches = visual_tokens * config.vision_config.spatial_merge_size**2
+        vision = batch * qwen_tower_flops(config.vision_config, patches)
+        # The merger is counted with the tower: Qwen projects before any selection can run.
+        return PrefillFlops(vision, 0.0, language_model)
+    views = 1
+    if model_type == "llava_next":
+        side = config.vision_config.image_size // config.vision_config.patch_size
+        grid = round(((visual_tokens - side * side) / side**2) ** 0.5)
+        views = 1 + grid * grid
+    layers = _vision_layers_run(config, pruned)
+    vision = batch * clip_tower_flops(config.vision_config, views, layers)
+    return PrefillFlops(vision, batch * llava_projector_flops(config, projected), language_model)
+
+
+def bipartite_diversity_flops(
+    num_candidates: int, num_keep: int, width: int, removal_step: int = 8,
+    removal_fraction: float | None = None, block_size: int | None = None,
+) -> tuple[float, int]:
+    """(FLOPs of the A x B similarities, rounds) of the bipartite diversity step.
+
+    Follows :func:`flashvlm.selection.ops.bipartite_diverse_subset`'s schedule exactly:
+    released (``removal_fraction=None``, ``block_size=None``) it is about
+    (R - K) / removal_step rounds of R^2 C / 2 FLOPs, i.e. cubic in N.
+    """
+    import math
+
+    remaining, flops, rounds = num_candidates, 0.0, 0
+    while remaining > num_keep and num_keep > 0:
+        surplus = remaining - num_keep
+        drop = min(removal_step, surplus) if removal_fraction is None else min(math.ceil(removal_fraction * surplus), surplus)
+        size_a, size_b = (remaining + 1) // 2, remaining // 2
+        partners = size_b if block_size is None or remaining <= block_size else block_size // 2
+        flops += 2.0 * size_a * partners * width
+        remaining -= min(drop, size_a)
+        rounds += 1
+    return flops, rounds
+
+
+def flashvlm_diversity_flops(selector, num_tokens: int, num_keep: int, width: int) -> tuple[float, int] | None:
+    """The diversity step's (FLOPs, rounds) for a FlashVLM-like selector, or None for other methods."""
+    if getattr(selector, "diversity", None) != "bipartite":
+        return None
+    num_important = int(selector.important_ratio * num_keep)
+    return bipartite_diversity_flops(
+        num_tokens - num_important, num_keep - num_important, width, selector.removal_step,
+        selector.removal_fraction, selector.diversity_block,
+    )

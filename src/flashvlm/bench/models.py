@@ -1,0 +1,350 @@
+"""Models to benchmark: the shipped configs of real VLMs, built with random weights.
+
+Random weights time the same as trained ones, so a benchmark needs only the config.
+``--scale`` shrinks a config for a CPU (fewer layers, narrower layers); every scaled
+dimension is reported next to the real one, so a scaled run is never mistaken for
+the real shape. Token counts (image size, patch size) are never scaled.
+
+Each model family (``model_type``) has a :class:`Family`: how to build synthetic
+inputs with the right number of image placeholders, and the analytic FLOPs of its
+vision side (see :mod:`flashvlm.bench.flops`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from ..errors import FlashVLMError
+
+#: Short names of the configs shipped in ``flashvlm/bench/configs``.
+SHIPPED_CONFIGS = ("llava-1.5-7b", "llava-1.5-13b", "llava-next-7b", "qwen2.5-vl-7b")
+
+#: ``--scale`` keys and what they shrink.
+SCALE_KEYS = {
+    "lm_layers": "decoder layers of the language model",
+    "vision_layers": "encoder layers of the vision tower",
+    "width": "fraction of every hidden/intermediate size (head size kept, heads scaled)",
+}
+
+#: Named scales: ``--scale cpu`` is what the CPU figures in docs/performance.md use.
+SCALE_PRESETS = {
+    "full": {},
+    "cpu": {"lm_layers": 4, "vision_layers": 6, "width": 0.25},
+    "tiny": {"lm_layers": 1, "vision_layers": 2, "width": 0.0625},
+}
+
+
+def load_config(name_or_path: str):
+    """A transformers config from a shipped short name, a config.json, or a model folder."""
+    if name_or_path in SHIPPED_CONFIGS:
+        text = resources.files("flashvlm.bench").joinpath("configs", f"{name_or_path}.json").read_text()
+        source = f"shipped config {name_or_path}"
+    else:
+        path = Path(name_or_path)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise FlashVLMError(
+                f"--model {name_or_path!r} is neither a shipped config ({', '.join(SHIPPED_CONFIGS)}) "
+                "nor a config.json / model folder"
+            )
+        text = path.read_text()
+        source = str(path)
+    try:
+        settings = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise FlashVLMError(f"{source} is not valid JSON: {error}") from None
+    from transformers import CONFIG_MAPPING
+
+    settings.pop("_source", None)
+    model_type = settings.get("model_type")
+    if model_type not in FAMILIES:
+        raise FlashVLMError(
+            f"{source} has model_type {model_type!r}; the benchmark knows {', '.join(sorted(FAMILIES))}"
+        )
+    return CONFIG_MAPPING[model_type].from_dict(settings)
+
+
+def parse_scale(items: list[str] | None) -> dict[str, float]:
+    """``["cpu"]`` or ``["lm_layers=4", "width=0.25"]`` -> {key: value}; [] or None -> full size."""
+    scale: dict[str, float] = {}
+    for item in items or []:
+        if item in SCALE_PRESETS:
+            scale.update(SCALE_PRESETS[item])
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or key not in SCALE_KEYS:
+            raise FlashVLMError(
+                f"--scale {item!r}: use a preset ({', '.join(SCALE_PRESETS)}) or KEY=VALUE with KEY in "
+                f"{', '.join(SCALE_KEYS)}"
+            )
+        try:
+            number = float(value)
+        except ValueError:
+            raise FlashVLMError(f"--scale {item!r}: {value!r} is not a number") from None
+        if key == "width" and not 0.0 < number <= 1.0:
+            raise FlashVLMError(f"--scale width must be in (0, 1]; got {value}")
+        if key != "width" and (number < 1 or number != int(number)):
+            raise FlashVLMError(f"--scale {key} must be an integer >= 1; got {value}")
+        scale[key] = number if key == "width" else int(number)
+    return scale
+
+
+def _shrink_width(sub_config, width: float, hidden_keys: tuple[str, ...], head_keys: tuple[str, ...]) -> None:
+    """Scale widths by ``width`` keeping the head size: heads scale, hidden = heads * head size."""
+    hidden = getattr(sub_config, hidden_keys[0])
+    heads_key = head_keys[0]
+    heads = getattr(sub_config, heads_key)
+    head_size = getattr(sub_config, "head_dim", None) or hidden // heads
+    new_heads = max(1, round(heads * width))
+    setattr(sub_config, heads_key, new_heads)
+    if len(head_keys) > 1 and getattr(sub_config, head_keys[1], None):
+        kv_heads = getattr(sub_config, head_keys[1])
+        group = max(1, heads // kv_heads)
+        setattr(sub_config, head_keys[1], max(1, new_heads // group))
+        if new_heads % getattr(sub_config, head_keys[1]):
+            setattr(sub_config, head_keys[1], new_heads)
+    for key in hidden_keys:
+        if key == hidden_keys[0]:
+            setattr(sub_config, key, new_heads * head_size)
+        elif getattr(sub_config, key, None):
+            setattr(sub_config, key, max(8, round(getattr(sub_config, key) * width / 8) * 8))
+    if getattr(sub_config, "head_dim", None):
+        sub_config.head_dim = head_size
+
+
+def scale_config(config, scale: dict[str, float]):
+    """A copy of ``config`` shrunk as ``scale`` says; token counts are unchanged."""
+    scaled = copy.deepcopy(config)
+    family = FAMILIES[config.model_type]
+    text, vision = scaled.text_config, scaled.vision_config
+    if "lm_layers" in scale:
+        text.num_hidden_layers = min(int(scale["lm_layers"]), text.num_hidden_layers)
+        if getattr(text, "layer_types", None):
+            text.layer_types = text.layer_types[: text.num_hidden_layers]
+    if "vision_layers" in scale:
+        family.shrink_vision_layers(vision, int(scale["vision_layers"]))
+    width = scale.get("width", 1.0)
+    if width < 1.0:
+        _shrink_width(text, width, ("hidden_size", "intermediate_size"), ("num_attention_heads", "num_key_value_heads"))
+        family.shrink_vision_width(vision, width)
+        family.link_widths(scaled)
+    return scaled
+
+
+def describe_shape(config, scale: dict[str, float], reference=None) -> str:
+    """One line saying which dimensions were scaled from the real config."""
+    reference = reference if reference is not None else config
+    if not scale:
+        return "full size"
+    text, vision = config.text_config, config.vision_config
+    real_text, real_vision = reference.text_config, reference.vision_config
+    family = FAMILIES[config.model_type]
+    parts = [
+        f"LM {text.num_hidden_layers} of {real_text.num_hidden_layers} layers, "
+        f"hidden {text.hidden_size} of {real_text.hidden_size}, MLP {text.intermediate_size} of {real_text.intermediate_size}",
+        f"vision {family.vision_layer_count(vision)} of {family.vision_layer_count(real_vision)} layers, "
+        f"hidden {vision.hidden_size} of {real_vision.hidden_size}",
+    ]
+    return "SCALED: " + "; ".join(parts)
+
+
+def build_model(config, device: torch.device, dtype: torch.dtype, attn_implementation: str = "sdpa", seed: int = 0):
+    """The model class named by the config, with random weights, in eval mode on ``device``.
+
+    Built directly in ``dtype`` on ``device``: a 13B model never exists in float32.
+    """
+    import transformers
+
+    model_class = getattr(transformers, config.architectures[0])
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = model_class._from_config(copy.deepcopy(config), dtype=dtype, attn_implementation=attn_implementation)
+    return model.eval()
+
+
+def build_meta_model(config):
+    """The model on the meta device (no memory): for parameter counts and shape checks."""
+    import transformers
+
+    model_class = getattr(transformers, config.architectures[0])
+    with torch.device("meta"):
+        return model_class(copy.deepcopy(config))
+
+
+def load_model_for_bench(name_or_path: str, scale: dict, device: torch.device, dtype: torch.dtype, attn: str):
+    """(model, config it was built from, the real config, "pretrained" or "random").
+
+    A model folder with safetensors weights is loaded with ``from_pretrained`` unless
+    ``scale`` shrinks it; everything else gets random weights from the config.
+    """
+    real_config = load_config(name_or_path)
+    folder = Path(name_or_path)
+    if folder.is_dir() and any(folder.glob("*.safetensors")) and not scale:
+        import transformers
+
+        model_class = getattr(transformers, real_config.architectures[0])
+        model = model_class.from_pretrained(folder, dtype=dtype, attn_implementation=attn)
+        return model.to(device).eval(), model.config, real_config, "pretrained"
+    config = scale_config(real_config, scale)
+    return build_model(config, device, dtype, attn), config, real_config, "random"
+
+
+@dataclass
+class SyntheticInputs:
+    """Generate/forward arguments with one image per row, and what they hold."""
+
+    model_kwargs: dict
+    visual_tokens_per_image: int  # N
+    text_tokens: int  # non-image prompt tokens per row
+    num_images: int
+
+
+def _text_ids(generator: torch.Generator, count: int, vocab: int, avoid: set[int]) -> torch.Tensor:
+    ids = torch.randint(3, min(vocab, 32000), (count,), generator=generator)
+    for token in avoid:
+        ids[ids == token] = 3
+    return ids
+
+
+@dataclass
+class Family:
+    """How the benchmark drives one model family (one ``model_type``)."""
+
+    model_type: str
+    make_inputs: Callable[..., SyntheticInputs]  # (config, batch, text_tokens, seed) -> inputs
+    vision_layer_count: Callable = field(default=lambda vision: vision.num_hidden_layers)
+    shrink_vision_layers: Callable = field(default=None)
+    shrink_vision_width: Callable = field(default=None)
+    link_widths: Callable = field(default=lambda config: None)
+
+
+# -- LLaVA-1.5 and LLaVA-NeXT (CLIP tower, MLP projector) ---------------------------------
+
+
+def _clip_grid_side(config) -> int:
+    return config.vision_config.image_size // config.vision_config.patch_size
+
+
+def _llava_prompt(config, batch: int, text_tokens: int, image_tokens: int, seed: int) -> torch.Tensor:
+    """(B, text_tokens + image_tokens): BOS, 5 text tokens, the image, the rest of the text."""
+    generator = torch.Generator().manual_seed(seed)
+    image_token = config.image_token_id
+    rows = []
+    for _ in range(batch):
+        text = _text_ids(generator, text_tokens - 1, config.text_config.vocab_size, {image_token})
+        head = min(5, text.numel())
+        rows.append(torch.cat([torch.tensor([1]), text[:head], torch.full((image_tokens,), image_token), text[head:]]))
+    return torch.stack(rows)
+
+
+def llava_inputs(config, batch: int, text_tokens: int, seed: int = 0) -> SyntheticInputs:
+    side = _clip_grid_side(config)
+    image_tokens = side * side + (1 if config.vision_feature_select_strategy == "full" else 0)
+    input_ids = _llava_prompt(config, batch, text_tokens, image_tokens, seed)
+    size = config.vision_config.image_size
+    pixels = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    kwargs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), pixel_values=pixels)
+    return SyntheticInputs(kwargs, image_tokens, text_tokens, batch)
+
+
+def llava_next_inputs(config, batch: int, text_tokens: int, seed: int = 0) -> SyntheticInputs:
+    """A square image at the largest square AnyRes resolution: base view + g x g crops."""
+    size = config.vision_config.image_size
+    squares = [h for h, w in config.image_grid_pinpoints if h == w]
+    resolution = max(squares) if squares else size
+    grid = resolution // size
+    side = _clip_grid_side(config)
+    image_tokens = side * side + (grid * side) ** 2 + grid * side  # base + crops + one newline per row
+    input_ids = _llava_prompt(config, batch, text_tokens, image_tokens, seed)
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(batch, 1 + grid * grid, 3, size, size, generator=generator)
+    kwargs = dict(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        pixel_values=pixels,
+        image_sizes=torch.tensor([[resolution, resolution]] * batch),
+    )
+    return SyntheticInputs(kwargs, image_tokens, text_tokens, batch)
+
+
+def _clip_shrink_layers(vision, layers: int) -> None:
+    vision.num_hidden_layers = min(layers, vision.num_hidden_layers)
+
+
+def _clip_shrink_width(vision, width: float) -> None:
+    _shrink_width(vision, width, ("hidden_size", "intermediate_size"), ("num_attention_heads",))
+
+
+# -- Qwen2.5-VL (windowed ViT with 2x2 merger, M-RoPE LM) ---------------------------------
+
+#: Image side in pixels for Qwen2.5-VL inputs: 672 px -> 48 x 48 patches -> 576 LM tokens.
+QWEN_IMAGE_SIDE = 672
+
+
+def qwen2_5_vl_inputs(config, batch: int, text_tokens: int, seed: int = 0) -> SyntheticInputs:
+    vision = config.vision_config
+    patches_side = QWEN_IMAGE_SIDE // vision.patch_size
+    merge = vision.spatial_merge_size
+    image_tokens = (patches_side // merge) ** 2
+    generator = torch.Generator().manual_seed(seed)
+    avoid = {config.image_token_id, config.video_token_id, config.vision_start_token_id, config.vision_end_token_id}
+    rows = []
+    for _ in range(batch):
+        text = _text_ids(generator, text_tokens - 2, config.text_config.vocab_size, avoid)
+        head = min(5, text.numel())
+        image = [config.vision_start_token_id] + [config.image_token_id] * image_tokens + [config.vision_end_token_id]
+        rows.append(torch.cat([text[:head], torch.tensor(image), text[head:]]))
+    input_ids = torch.stack(rows)
+    patch_width = 3 * vision.temporal_patch_size * vision.patch_size**2
+    pixels = torch.randn(batch * patches_side**2, patch_width, generator=generator)
+    kwargs = dict(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        pixel_values=pixels,
+        image_grid_thw=torch.tensor([[1, patches_side, patches_side]] * batch),
+    )
+    return SyntheticInputs(kwargs, image_tokens, text_tokens, batch)
+
+
+def _qwen_shrink_layers(vision, layers: int) -> None:
+    vision.depth = min(layers, vision.depth)
+    # Keep the last kept block a full-attention one, as every real checkpoint has it.
+    full = [index for index in vision.fullatt_block_indexes if index < vision.depth]
+    vision.fullatt_block_indexes = sorted(set(full) | {vision.depth - 1})
+
+
+def _qwen_shrink_width(vision, width: float) -> None:
+    _shrink_width(vision, width, ("hidden_size", "intermediate_size"), ("num_heads",))
+
+
+def _qwen_link_widths(config) -> None:
+    config.vision_config.out_hidden_size = config.text_config.hidden_size
+
+
+FAMILIES: dict[str, Family] = {
+    "llava": Family("llava", llava_inputs, shrink_vision_layers=_clip_shrink_layers, shrink_vision_width=_clip_shrink_width),
+    "llava_next": Family(
+        "llava_next", llava_next_inputs, shrink_vision_layers=_clip_shrink_layers, shrink_vision_width=_clip_shrink_width
+    ),
+    "qwen2_5_vl": Family(
+        "qwen2_5_vl",
+        qwen2_5_vl_inputs,
+        vision_layer_count=lambda vision: vision.depth,
+        shrink_vision_layers=_qwen_shrink_layers,
+        shrink_vision_width=_qwen_shrink_width,
+        link_widths=_qwen_link_widths,
+    ),
+}
+
+
+def synthetic_inputs(config, batch: int, text_tokens: int, seed: int = 0) -> SyntheticInputs:
+    """Prompt of ``text_tokens`` text tokens around one image per row, with random pixels."""
+    return FAMILIES[config.model_type].make_inputs(config, batch, text_tokens, seed)

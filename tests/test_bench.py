@@ -1,0 +1,209 @@
+"""The benchmark commands and their parts, on tiny models (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from flashvlm.bench.flops import decoder_prefill_flops, kv_cache_bytes, prefill_flops
+from flashvlm.bench.memory import peak_memory_bytes
+from flashvlm.bench.models import (
+    SHIPPED_CONFIGS,
+    build_meta_model,
+    describe_shape,
+    load_config,
+    parse_scale,
+    scale_config,
+)
+from flashvlm.bench.report import update_markdown_section
+from flashvlm.bench.selection import fit_exponent
+from flashvlm.cli import main
+from flashvlm.errors import FlashVLMError
+
+from conftest import build_tiny_llava, llava_batch, tiny_llava_config
+
+#: Parameters of the real checkpoints, in billions (their model cards round them so).
+REAL_PARAMETERS = {"llava-1.5-7b": 7.06, "llava-1.5-13b": 13.35, "llava-next-7b": 7.57, "qwen2.5-vl-7b": 8.29}
+
+PREFILL_FIELDS = {
+    "method", "budget", "kept_tokens", "prompt_length", "vision_ms", "selection_ms", "handoff_ms", "prefill_ms",
+    "ttft_ms", "decode_tokens_per_s", "peak_memory_bytes", "kv_cache_bytes", "flops_vision", "flops_projector",
+    "flops_language_model", "flops_total", "ideal_prefill_speedup", "ideal_total_speedup", "prefill_speedup",
+    "speedup_vs_ideal", "ttft_speedup",
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_config_file(tmp_path_factory):
+    """The test suite's tiny LLaVA as a config.json the benchmark can build (N = 64 tokens)."""
+    path = tmp_path_factory.mktemp("bench-config") / "config.json"
+    settings = tiny_llava_config().to_dict()
+    settings["architectures"] = ["LlavaForConditionalGeneration"]
+    path.write_text(json.dumps(settings))
+    return path
+
+
+@pytest.mark.parametrize("name", SHIPPED_CONFIGS)
+def test_shipped_configs_build_at_their_real_size_on_meta(name):
+    model = build_meta_model(load_config(name))
+    parameters = sum(p.numel() for p in model.parameters()) / 1e9
+    assert parameters == pytest.approx(REAL_PARAMETERS[name], abs=0.01)
+
+
+@pytest.mark.parametrize("name", SHIPPED_CONFIGS)
+def test_scaling_shrinks_layers_and_width_and_says_so(name):
+    real = load_config(name)
+    scale = parse_scale(["cpu"])
+    scaled = scale_config(real, scale)
+    assert scaled.text_config.num_hidden_layers == 4
+    assert scaled.text_config.hidden_size < real.text_config.hidden_size
+    assert scaled.text_config.hidden_size % scaled.text_config.num_attention_heads == 0
+    assert describe_shape(scaled, scale, real).startswith("SCALED")
+    assert describe_shape(real, {}, real) == "full size"
+    build_meta_model(scaled)
+
+
+def test_bad_scale_is_rejected_with_the_accepted_values():
+    for bad in (["width=2"], ["layers=3"], ["lm_layers=0"], ["lm_layers=x"]):
+        with pytest.raises(FlashVLMError):
+            parse_scale(bad)
+
+
+def test_language_model_flops_scale_with_token_count():
+    text = load_config("llava-1.5-7b").text_config
+    lm_head = 2 * text.hidden_size * text.vocab_size
+    one, two = decoder_prefill_flops(text, 500) - lm_head, decoder_prefill_flops(text, 1000) - lm_head
+    # Linear terms double; the causal attention term roughly quadruples.
+    assert 2.0 < two / one < 2.2
+    # ~2 FLOPs per parameter per token for the decoder's matrices (7B LM: about 6.5B of them).
+    assert decoder_prefill_flops(text, 1) == pytest.approx(2 * 6.6e9, rel=0.05)
+    assert decoder_prefill_flops(text, 100, batch=3) == 3 * decoder_prefill_flops(text, 100)
+
+
+def test_ideal_speedup_follows_the_token_count():
+    config = load_config("llava-1.5-7b")
+    full = prefill_flops(config, 40, 576, 576, 1)
+    pruned = prefill_flops(config, 40, 576, 64, 1)
+    ratio = full.language_model / pruned.language_model
+    assert ratio == pytest.approx((40 + 576) / (40 + 64), rel=0.05)
+    # The pruned path stops the tower at the feature layer (23 of 24 layers).
+    assert pruned.vision < full.vision
+    assert pruned.projector == pytest.approx(full.projector * 64 / 576)
+
+
+def test_kv_cache_formula_matches_the_cache_of_a_real_forward():
+    model = build_tiny_llava()
+    inputs = llava_batch(model, batch_size=2)
+    with torch.no_grad():
+        cache = model(**inputs, use_cache=True).past_key_values
+    measured = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+    length = inputs["input_ids"].shape[1]
+    assert measured == kv_cache_bytes(model.config.text_config, length, 2, torch.float32)
+
+
+def test_peak_memory_counts_live_tensors_on_cpu():
+    def work():
+        square = torch.ones(1000, 1000)  # 4 MB
+        total = (square @ square).sum()  # another 4 MB while both live
+        del square
+        return total
+
+    assert peak_memory_bytes(work, torch.device("cpu")) == pytest.approx(8_000_000, rel=0.01)
+
+
+def test_fit_exponent_recovers_a_power_law():
+    counts = [576, 2880, 10_000, 50_000]
+    assert fit_exponent(counts, [3e-9 * n**1.5 for n in counts]) == pytest.approx(1.5)
+    assert fit_exponent([576], [1.0]) is None
+
+
+def test_markdown_sections_are_replaced_in_place(tmp_path):
+    path = tmp_path / "performance.md"
+    update_markdown_section(path, "a", "first")
+    update_markdown_section(path, "b", "second")
+    update_markdown_section(path, "a", "third")
+    text = path.read_text()
+    assert text.startswith("# Performance")
+    assert "third" in text and "first" not in text and "second" in text
+    assert text.index("bench:a:start") < text.index("bench:b:start")
+
+
+def test_bench_runs_end_to_end_and_writes_every_field(tiny_config_file, tmp_path, capsys):
+    out, markdown = tmp_path / "bench.json", tmp_path / "performance.md"
+    code = main([
+        "bench", "--model", str(tiny_config_file), "--methods", "flashvlm", "flashvlm:fast_diversity",
+        "--budgets", "16", "--repeats", "1", "--warmup", "0", "--new-tokens", "2", "--text-tokens", "12",
+        "--device", "cpu", "--json", str(out), "--markdown", str(markdown), "--cpu-memory",
+    ])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert [row["method"] for row in report["rows"]] == ["unpruned", "flashvlm", "flashvlm:fast_diversity"]
+    for row in report["rows"]:
+        assert PREFILL_FIELDS <= set(row)
+        assert row["peak_memory_bytes"] > 0
+    pruned = report["rows"][1]
+    assert pruned["kept_tokens"] == 16 and pruned["prompt_length"] == 12 + 16
+    assert pruned["selection_ms"] > 0 and pruned["vision_ms"] > 0
+    assert pruned["ideal_prefill_speedup"] > 1
+    assert math.isfinite(pruned["speedup_vs_ideal"])
+    assert report["rows"][0]["kv_cache_bytes"] > pruned["kv_cache_bytes"]
+    assert "flashvlm bench --model" in report["command"]
+    printed = capsys.readouterr().out
+    assert "LM prefill ms" in printed and "measured/ideal" in printed
+    text = markdown.read_text()
+    assert "<!-- bench:prefill-" in text and "| flashvlm |" in text and report["command"] in text
+
+
+def test_bench_selection_runs_and_fits_growth(tiny_config_file, tmp_path):
+    out = tmp_path / "selection.json"
+    code = main([
+        "bench-selection", "--model", str(tiny_config_file), "--methods", "flashvlm", "flashvlm:fast_diversity",
+        "--tokens", "64", "144", "--repeats", "1", "--warmup", "0", "--device", "cpu", "--json", str(out),
+    ])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert len(report["rows"]) == 4
+    assert all(row["peak_memory_bytes"] > 0 and row["kept"] == row["tokens"] // 9 for row in report["rows"])
+    assert {fit["method"] for fit in report["fits"]} == {"flashvlm", "flashvlm:fast_diversity"}
+    tower = report["tower"]
+    assert set(tower["variants"]) == {"sdpa_to_feature_layer", "sdpa_with_saliency", "sdpa_full_tower", "eager_attention_maps"}
+    # Full attention maps hold S x S per head and layer: more memory than our one row.
+    assert tower["variants"]["eager_attention_maps"]["peak_memory_bytes"] > tower["variants"]["sdpa_with_saliency"]["peak_memory_bytes"]
+
+
+def test_bench_skips_pruning_for_a_family_without_adapter(tmp_path, capsys):
+    out = tmp_path / "next.json"
+    code = main([
+        "bench", "--model", "qwen2.5-vl-7b", "--scale", "tiny", "--budgets", "64", "--repeats", "1",
+        "--warmup", "0", "--new-tokens", "1", "--device", "cpu", "--json", str(out),
+    ])
+    assert code == 0
+    report = json.loads(out.read_text())
+    from flashvlm.adapters import supported_architectures
+
+    if "Qwen2_5_VLForConditionalGeneration" in supported_architectures():
+        pytest.skip("this build has a Qwen2.5-VL adapter")
+    assert [row["method"] for row in report["rows"]] == ["unpruned"]
+    assert "no flashvlm adapter" in report["skipped"][0]
+    assert "skipped: no flashvlm adapter" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["bench", "--budgets", "0"],
+        ["bench", "--methods", "no-such-method"],
+        ["bench", "--model", "no-such-model"],
+        ["bench", "--scale", "width=3"],
+        ["bench", "--repeats", "0"],
+        ["bench-selection", "--tokens", "3"],
+        ["bench-selection", "--max-seconds", "0"],
+    ],
+)
+def test_bad_input_exits_2_without_traceback(argv, capsys):
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert "error:" in error and "Traceback" not in error
