@@ -5,7 +5,8 @@ One row per line::
     {"id": "q1", "image": "images/1.png", "question": "What colour is the circle?",
      "answer": "red", "family": "colour"}
 
-``image`` is a path relative to the JSONL file's folder (or absolute), or a list of
+``id`` and ``answer`` may also be numbers (read as text). ``image`` is a path relative
+to the JSONL file's folder (or absolute), or a list of
 them for several images. ``family`` (optional) groups rows in reports. ``scoring``
 (optional) says how the row is scored: "vqa" (default; lmms-eval's normalised exact
 match), "exact" or "contains" (see :mod:`flashvlm.eval.scoring`). Any other field is
@@ -109,6 +110,9 @@ def _parse_row(text: str, number: int, folder: Path) -> Example:
     for name in (*_REQUIRED_TEXT_FIELDS, "image"):
         if name not in row:
             raise DatasetError(f"missing field {name!r}")
+    for name in ("id", "answer"):  # numeric ids ("id": 17) and answers ("answer": 2) are common
+        if isinstance(row[name], int | float) and not isinstance(row[name], bool):
+            row[name] = str(row[name])
     for name in _REQUIRED_TEXT_FIELDS:
         if not isinstance(row[name], str) or not row[name].strip():
             raise DatasetError(f"field {name!r} must be a non-empty string; got {row[name]!r}")

@@ -1,13 +1,16 @@
 """Scoring short answers the way lmms-eval scores short-answer VQA.
 
-lmms-eval (and the VQAv2 / EvalAI evaluation it inherits) normalises both the model's
-answer and the reference before an exact match: lower-case; drop commas, question marks
-and the space before "'s"; strip or space out punctuation; drop full stops that are not
-decimal points; number words "zero".."ten" (and "none") to digits; drop the articles
-a / an / the; restore the apostrophe of common contractions ("dont" -> "don't"). The
-normaliser below follows those steps (written from the description, with the common
-contractions rather than EvalAI's full list). VQAv2's 10-annotator averaging does not
-apply: a row has one reference answer.
+lmms-eval's VQAv2 / TextVQA / VizWiz scoring (EvalAI's answer processor) normalises both
+the model's answer and the reference before an exact match: punctuation is dropped when
+it touches a space (or anywhere, in text with a number like 1,000) and otherwise turns
+into a space ("t-shirt" -> "t shirt"); full stops that are not decimal points go;
+everything is lower-cased; number words "zero".."ten" (and "none") become digits; the
+articles a / an / the go; common contractions get their apostrophe back ("dont" ->
+"don't", a subset of EvalAI's list). ``tests/test_lmms_eval.py`` checks
+:func:`normalize_answer` against lmms-eval's own processor. VQAv2's 10-annotator
+averaging does not apply: a row has one reference answer. Every consumer (``flashvlm
+compare``, the lmms-eval task written from a JSONL file) scores through
+:func:`score_answer`.
 """
 
 from __future__ import annotations
@@ -33,23 +36,21 @@ _CONTRACTIONS = {
         "i'd you're you've you'll they're they've they'll we've what's that's there's who's where's"
     ).split()
 }
-_PUNCTUATION = ";/[]\"{}()=+\\_->,<@`?!"
-# EvalAI's pattern reads as "a full stop not followed by a digit" ("3." -> "3", "1.5" stays).
-_FULL_STOP = re.compile(r"\.(?!\d)")
+_PUNCTUATION = ";/[]\"{}()=+\\_-><@`,?!"
+_FULL_STOP = re.compile(r"\.(?!\d)")  # "3." -> "3", "1.5" stays
+_COMMA_IN_NUMBER = re.compile(r"(?<=\d)(,)+(?=\d)")
 
 
 def normalize_answer(text: str) -> str:
-    """The lmms-eval / EvalAI normal form of a short answer."""
-    text = text.lower().replace(",", "").replace("?", "").replace("'s", " 's")
+    """The lmms-eval / EvalAI normal form of a short answer: ``"The Red."`` -> ``"red"``."""
     text = " ".join(text.split())
-    # A mark next to a space (in the text as it came) is dropped; inside a word it separates
-    # ("t-shirt" -> "t shirt"). EvalAI's extra rule for commas inside numbers never fires,
-    # as commas are already gone.
+    has_number_comma = _COMMA_IN_NUMBER.search(text) is not None
     spaced = text
     for mark in _PUNCTUATION:
-        text = text.replace(mark, "" if f"{mark} " in spaced or f" {mark}" in spaced else " ")
+        touches_space = f"{mark} " in spaced or f" {mark}" in spaced
+        text = text.replace(mark, "" if touches_space or has_number_comma else " ")
     text = _FULL_STOP.sub("", text)
-    words = [_NUMBER_WORDS.get(word, word) for word in text.split()]
+    words = [_NUMBER_WORDS.get(word, word) for word in text.lower().split()]
     return " ".join(_CONTRACTIONS.get(word, word) for word in words if word not in _ARTICLES)
 
 
