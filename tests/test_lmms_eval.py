@@ -1,6 +1,6 @@
 """lmms-eval itself, running flashvlm's model on a local JSONL task (no download).
 
-Skipped unless lmms-eval is installed (``make eval-test`` installs it and runs these).
+Skipped unless lmms-eval is installed (``make test`` installs it and runs these).
 The reference for every number lmms-eval reports is a direct computation with flashvlm
 on the same rows: one row at a time, the model's chat format around the question,
 greedy generation, :func:`flashvlm.eval.score_answer`.
