@@ -15,27 +15,15 @@ from conftest import (
     anyres_batch,
     build_tiny_llava_onevision,
     build_tiny_qwen2_5_vl,
+    kept_per_row,
+    placeholder_counts,
+    selectable_tokens_sent,
+    tiny_model,
 )
 
 import flashvlm
 from flashvlm import FlashVLMError, MethodUnavailableError, TokenSelector
 from flashvlm.saliency import received_attention, segmented_received_attention
-
-_MODELS: dict = {}
-
-
-def tiny_model(case):
-    """One model per builder for the whole session (the video cases share the image cases')."""
-    if case.build not in _MODELS:
-        _MODELS[case.build] = case.build()
-    return _MODELS[case.build]
-
-
-def placeholder_counts(model, input_ids: torch.Tensor) -> torch.Tensor:
-    """(B,) visual placeholders per row (LLaVA-1.5 and -NeXT have no video token)."""
-    adapter = flashvlm.adapter_for(model)
-    tokens = [IMAGE_TOKEN_ID] + ([VIDEO_TOKEN_ID] if getattr(adapter, "video_token_id", None) else [])
-    return torch.isin(input_ids, torch.tensor(tokens)).sum(dim=1)
 
 
 def is_qwen(case) -> bool:
@@ -71,22 +59,17 @@ def test_budget_k_sends_exactly_k_tokens_per_unit(case):
         pruned = pruner.prune_inputs(dict(inputs))
     records = pruned.images
     assert all(record.num_kept == budget for record in records)
-    sent = placeholder_counts(model, pruned.model_kwargs["input_ids"])
-    kept = torch.zeros_like(sent)
-    for record in records:
-        kept[record.batch_index] += record.num_kept
+    selectable = selectable_tokens_sent(model, pruned.model_kwargs)
+    assert torch.equal(selectable, kept_per_row(records, 3))
     if is_anyres(case):
         # Newline tokens travel outside the budget: at most one per kept row, and at least one per image.
-        newlines = sent - kept
+        newlines = placeholder_counts(model, pruned.model_kwargs["input_ids"]) - selectable
         assert bool((newlines >= 1).all())
-        encoded = pruned.model_kwargs["mm_encoder_outputs"]["image"].pooler_output
         newline = model.model.image_newline
-        for tokens in encoded:
+        for tokens in pruned.model_kwargs["mm_encoder_outputs"]["image"].pooler_output:
             is_newline = (tokens == newline).all(dim=-1)
             assert int((~is_newline).sum()) == budget
             assert not bool((is_newline[1:] & is_newline[:-1]).any()), "a newline follows an emptied row"
-    else:
-        assert torch.equal(sent, kept)
 
 
 @pytest.mark.parametrize("case", TINY_CASES, ids=lambda case: case.name)
@@ -268,7 +251,7 @@ def test_a_method_needing_a_cls_row_says_when_the_encoder_has_none(case):
     model = tiny_model(case)
     inputs = case.make_inputs(model, 1, 0)
     with flashvlm.prune(model, budget=4, method=_NeedsClsRow()) as pruner:
-        if case.name in ("llava", "llava_next"):  # CLIP towers have a CLS token
+        if "cls_attention" not in case.lacks:  # CLIP towers have a CLS token
             pruner.prune_inputs(dict(inputs))
         else:
             with pytest.raises(MethodUnavailableError, match="needs cls_attention"):
