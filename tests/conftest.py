@@ -479,9 +479,14 @@ def visual_token_ids(model) -> list[int]:
     return [IMAGE_TOKEN_ID] + ([VIDEO_TOKEN_ID] if video is not None else [])
 
 
+def visual_placeholders(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool: where the visual placeholders are."""
+    return torch.isin(input_ids, torch.tensor(visual_token_ids(model)))
+
+
 def placeholder_counts(model, input_ids: torch.Tensor) -> torch.Tensor:
     """(B,) visual placeholders per row."""
-    return torch.isin(input_ids, torch.tensor(visual_token_ids(model))).sum(dim=1)
+    return visual_placeholders(model, input_ids).sum(dim=1)
 
 
 def selectable_tokens_sent(model, pruned_kwargs: dict) -> torch.Tensor:

@@ -19,11 +19,13 @@ from conftest import (
     placeholder_counts,
     selectable_tokens_sent,
     tiny_model,
+    visual_placeholders,
 )
 
 import flashvlm
 from flashvlm import FlashVLMError, MethodUnavailableError, TokenSelector
 from flashvlm.saliency import received_attention, segmented_received_attention
+from flashvlm.selection.fastv import FastV
 
 
 def is_qwen(case) -> bool:
@@ -310,3 +312,50 @@ def test_every_input_a_method_may_ask_for_is_served(case):
         generated = model.generate(**inputs, max_new_tokens=1, do_sample=False, pad_token_id=0)
     assert all(record.num_kept == 3 for record in pruner.last.images)
     assert generated.shape[1] == inputs["input_ids"].shape[1] + 1
+
+
+# -- lm_attention (FastV's input) ----------------------------------------------------------------
+@dataclass
+class _RecordsLmAttention(FastV):
+    """FastV that records each unit's tokens (projected) with the lm_attention it is given."""
+
+    name: ClassVar[str] = "records_lm_attention"
+    requires: ClassVar[frozenset[str]] = frozenset({"lm_attention", "projected"})
+    seen: ClassVar[list[tuple[torch.Tensor, torch.Tensor]]] = []
+
+    def select(self, inputs, num_keep):
+        _RecordsLmAttention.seen.append((inputs.projected.flatten(0, 1), inputs.lm_attention.flatten()))
+        return super().select(inputs, num_keep)
+
+
+@pytest.mark.parametrize("case", TINY_CASES, ids=lambda case: case.name)
+def test_lm_attention_is_the_eager_attention_row_at_each_selectable_token(case):
+    model = tiny_model(case)
+    eager = case.build()
+    eager.set_attn_implementation("eager")
+    inputs = case.make_inputs(model, 2, 0)
+    embeds = []
+    hook = eager.model.language_model.register_forward_pre_hook(
+        lambda _m, _a, kwargs: embeds.append(kwargs["inputs_embeds"]), with_kwargs=True
+    )
+    # Qwen computes its M-RoPE positions itself; the others get generate's (count of real tokens).
+    positions = None if is_qwen(case) else (inputs["attention_mask"].cumsum(1) - 1).clamp(min=0)
+    try:
+        with torch.no_grad():
+            attentions = eager(**inputs, position_ids=positions, output_attentions=True).attentions
+    finally:
+        hook.remove()
+    _RecordsLmAttention.seen = []
+    with flashvlm.prune(model, budget=2, method=_RecordsLmAttention(layer=2)), torch.no_grad():
+        model(**inputs)
+    last_row = attentions[1][:, :, -1].mean(dim=1)  # (B, L): left padding, the last token is real
+    is_selectable = visual_placeholders(model, inputs["input_ids"])
+    newline = getattr(model.model, "image_newline", None)
+    if newline is not None:  # newline tokens are scored too, but are no unit's tokens
+        is_selectable &= ~(embeds[0] == newline).all(dim=-1)
+    expected_tokens, expected = embeds[0][is_selectable], last_row[is_selectable]  # (T, D), (T,)
+    tokens, scores = (torch.cat(parts) for parts in zip(*_RecordsLmAttention.seen))
+    # Each unit token is found where the model placed it, and carries that position's attention.
+    places = torch.cdist(tokens, expected_tokens).argmin(dim=1)
+    assert places.sort().values.tolist() == list(range(expected.numel()))
+    torch.testing.assert_close(scores, expected[places], atol=1e-6, rtol=1e-4)
