@@ -17,6 +17,8 @@ the real patch tokens only:
   lose every token lose their newline too. An image therefore reaches the language
   model as ``K`` patch tokens plus one newline per non-empty crop row (plus the single
   trailing newline of a base-only image).
+- **FastV.** The scoring pass (``lm_attention``) runs on the unpruned prompt with every
+  token, newlines included, where the model puts it; each unit ranks its own patch tokens.
 
 Positions stay ordinary 1-D positions over the shortened prompt, as for LLaVA-1.5.
 """

@@ -10,7 +10,8 @@ Positions: the (t, h, w) M-RoPE positions are computed by the model's own
 ``get_rope_index`` on the *unpruned* prompt and sliced with the keep mask, so a kept
 token keeps exactly the position it would have had; text after an image continues from
 the unpruned positions, and decoding continues at the unpruned maximum + 1 (the
-``rope_deltas`` the model caches are set to match the shortened prompt).
+``rope_deltas`` the model caches are set to match the shortened prompt). FastV's scoring
+pass (``lm_attention``) runs on the unpruned prompt at those same unpruned positions.
 """
 
 from __future__ import annotations
