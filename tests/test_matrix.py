@@ -13,7 +13,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_CASES, kept_per_row, placeholder_counts, selectable_tokens_sent, tiny_model
+from conftest import (
+    TINY_CASES,
+    kept_per_row,
+    placeholder_counts,
+    selectable_tokens_sent,
+    tiny_model,
+)
 
 import flashvlm
 from flashvlm.adapters import adapter_for
@@ -108,9 +114,9 @@ def test_batch_rows_are_independent_and_finite(case, method):
 def test_a_method_the_family_cannot_serve_says_what_is_missing(case, method):
     model = tiny_model(case)
     inputs = case.make_inputs(model, batch_size=2, seed=0)
-    with flashvlm.prune(model, budget_for(case), method), torch.no_grad():
-        with pytest.raises(MethodUnavailableError, match=f"method '{method}' needs ") as error:
-            model.generate(**inputs, max_new_tokens=1, do_sample=False, pad_token_id=0)
+    needs = pytest.raises(MethodUnavailableError, match=f"method '{method}' needs ")
+    with flashvlm.prune(model, budget_for(case), method), torch.no_grad(), needs as error:
+        model.generate(**inputs, max_new_tokens=1, do_sample=False, pad_token_id=0)
     for need in missing_inputs(case, method):
         assert f"{need} (" in str(error.value)
     assert "no CLS token" in str(error.value)
@@ -120,9 +126,9 @@ def test_a_method_the_family_cannot_serve_says_what_is_missing(case, method):
 def test_pool_says_a_jointly_selected_video_has_no_grid(case):
     model = tiny_model(case)
     inputs = case.make_inputs(model, batch_size=1, seed=0)
-    with flashvlm.prune(model, 4, "pool", video_budget="per_video") as pruner:
-        with pytest.raises(MethodUnavailableError, match="needs grid"):
-            pruner.prune_inputs(dict(inputs))
+    needs_grid = pytest.raises(MethodUnavailableError, match="needs grid")
+    with flashvlm.prune(model, 4, "pool", video_budget="per_video") as pruner, needs_grid:
+        pruner.prune_inputs(dict(inputs))
 
 
 @pytest.mark.parametrize("method", METHODS)
