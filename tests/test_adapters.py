@@ -300,6 +300,7 @@ class _UsesEverything(TokenSelector):
         batch, tokens = inputs.batch_size, inputs.num_tokens
         assert inputs.saliency.shape == (batch, tokens) and inputs.keys.shape[:2] == (batch, tokens)
         assert inputs.projected.shape[:2] == (batch, tokens) and inputs.text_embeds.shape[0] == batch
+        assert inputs.key_heads > 1 and inputs.keys.shape[-1] % inputs.key_heads == 0  # keys split into heads
         score = inputs.saliency + inputs.keys.float().norm(dim=-1)
         return score.argsort(dim=-1, descending=True)[:, :num_keep]
 
