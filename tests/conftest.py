@@ -145,9 +145,22 @@ class TinyCase:
     tokens_per_image: int
     select_row: Callable[[dict, int], dict] | None = None  # (batch, row) -> that row alone, unpadded
     video: bool = False  # the inputs hold videos
+    #: Selection inputs (``flashvlm.selection.REQUIREMENTS``) this family cannot serve, from
+    #: its architecture: a method needing one must raise MethodUnavailableError.
+    lacks: frozenset[str] = frozenset()
 
 
 TINY_CASES = [TinyCase("llava", build_tiny_llava, llava_batch, NUM_PATCHES, llava_row)]
+
+_TINY_MODELS: dict[Callable[[], torch.nn.Module], torch.nn.Module] = {}
+
+
+def tiny_model(case: TinyCase) -> torch.nn.Module:
+    """One model per builder for the whole session, shared by every test file (the video
+    cases share the image cases')."""
+    if case.build not in _TINY_MODELS:
+        _TINY_MODELS[case.build] = case.build()
+    return _TINY_MODELS[case.build]
 
 
 #: LLaVA-1.5's conversation format, as a chat template.
@@ -440,22 +453,69 @@ def qwen_row(inputs: dict, row: int) -> dict:
     return unpad_row(inputs, row, **visual)
 
 
+#: SigLIP and the Qwen ViT have no CLS token, hence no CLS attention row.
+NO_CLS = frozenset({"cls_attention"})
+
 TINY_CASES += [
     # Smallest image: (45, 24) -> 36 base + 72 unpadded crop tokens (newlines not counted).
     TinyCase("llava_next", build_tiny_llava_next, anyres_batch, 108, anyres_row),
     # Crop rasters are interpolated down to about one view: (30, 45) -> 36 base + 28 crop tokens.
-    TinyCase("llava_onevision", build_tiny_llava_onevision, anyres_batch, 64, anyres_row),
+    TinyCase("llava_onevision", build_tiny_llava_onevision, anyres_batch, 64, anyres_row, lacks=NO_CLS),
     # 6 x 6 raster pooled 2 x 2 -> 9 tokens per frame.
-    TinyCase("llava_onevision_video", build_tiny_llava_onevision, anyres_video_batch, 9, anyres_row, video=True),
+    TinyCase(
+        "llava_onevision_video", build_tiny_llava_onevision, anyres_video_batch, 9, anyres_row, video=True, lacks=NO_CLS
+    ),
     # Smallest image and frame: 4 x 6 patches -> 6 merged tokens.
-    TinyCase("qwen2_vl", build_tiny_qwen2_vl, qwen_batch, 6, qwen_row),
-    TinyCase("qwen2_vl_video", build_tiny_qwen2_vl, qwen_video_batch, 6, qwen_row, video=True),
-    TinyCase("qwen2_5_vl", build_tiny_qwen2_5_vl, qwen_batch, 6, qwen_row),
-    TinyCase("qwen2_5_vl_video", build_tiny_qwen2_5_vl, qwen_video_batch, 6, qwen_row, video=True),
+    TinyCase("qwen2_vl", build_tiny_qwen2_vl, qwen_batch, 6, qwen_row, lacks=NO_CLS),
+    TinyCase("qwen2_vl_video", build_tiny_qwen2_vl, qwen_video_batch, 6, qwen_row, video=True, lacks=NO_CLS),
+    TinyCase("qwen2_5_vl", build_tiny_qwen2_5_vl, qwen_batch, 6, qwen_row, lacks=NO_CLS),
+    TinyCase("qwen2_5_vl_video", build_tiny_qwen2_5_vl, qwen_video_batch, 6, qwen_row, video=True, lacks=NO_CLS),
 ]
 
 
-# Defined after every family has added its case: pytest copies ``params`` when decorating.
-@pytest.fixture(scope="session", params=TINY_CASES, ids=lambda case: case.name)
-def tiny_case(request) -> TinyCase:
-    return request.param
+def visual_token_ids(model) -> list[int]:
+    """The placeholder ids of the visual tokens ``model`` takes (LLaVA-1.5 and -NeXT have no video token)."""
+    video = getattr(model.config, "video_token_id", None)
+    return [IMAGE_TOKEN_ID] + ([VIDEO_TOKEN_ID] if video is not None else [])
+
+
+def visual_placeholders(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool: where the visual placeholders are."""
+    return torch.isin(input_ids, torch.tensor(visual_token_ids(model)))
+
+
+def placeholder_counts(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """(B,) visual placeholders per row."""
+    return visual_placeholders(model, input_ids).sum(dim=1)
+
+
+def selectable_tokens_sent(model, pruned_kwargs: dict) -> torch.Tensor:
+    """(B,) visual tokens each row of a pruned prompt sends that count against the budget.
+
+    Every visual token but the LLaVA-NeXT/OneVision newline tokens, which travel outside the
+    budget: they are told apart by their embedding (the model's ``image_newline``) in the
+    encoder outputs the pruned arguments carry, placed at the placeholders in order.
+    """
+    input_ids = pruned_kwargs["input_ids"]
+    newline = getattr(model.model, "image_newline", None)
+    counts = torch.zeros(input_ids.shape[0], dtype=torch.long)
+    for kind, token_id in zip(("image", "video"), visual_token_ids(model)):
+        output = pruned_kwargs["mm_encoder_outputs"].get(kind)
+        if output is None:
+            continue
+        tokens = torch.cat(list(output.pooler_output))  # (T, D) in placeholder order
+        is_selectable = torch.ones(tokens.shape[0], dtype=torch.bool)
+        if newline is not None:
+            is_selectable = ~(tokens == newline).all(dim=-1)
+        selectable = torch.zeros_like(input_ids, dtype=torch.bool)
+        selectable[input_ids == token_id] = is_selectable
+        counts += selectable.sum(dim=1)
+    return counts
+
+
+def kept_per_row(records, batch_size: int) -> torch.Tensor:
+    """(B,) tokens the selection records say each row keeps."""
+    kept = torch.zeros(batch_size, dtype=torch.long)
+    for record in records:
+        kept[record.batch_index] += record.num_kept
+    return kept

@@ -15,27 +15,17 @@ from conftest import (
     anyres_batch,
     build_tiny_llava_onevision,
     build_tiny_qwen2_5_vl,
+    kept_per_row,
+    placeholder_counts,
+    selectable_tokens_sent,
+    tiny_model,
+    visual_placeholders,
 )
 
 import flashvlm
 from flashvlm import FlashVLMError, MethodUnavailableError, TokenSelector
 from flashvlm.saliency import received_attention, segmented_received_attention
-
-_MODELS: dict = {}
-
-
-def tiny_model(case):
-    """One model per builder for the whole session (the video cases share the image cases')."""
-    if case.build not in _MODELS:
-        _MODELS[case.build] = case.build()
-    return _MODELS[case.build]
-
-
-def placeholder_counts(model, input_ids: torch.Tensor) -> torch.Tensor:
-    """(B,) visual placeholders per row (LLaVA-1.5 and -NeXT have no video token)."""
-    adapter = flashvlm.adapter_for(model)
-    tokens = [IMAGE_TOKEN_ID] + ([VIDEO_TOKEN_ID] if getattr(adapter, "video_token_id", None) else [])
-    return torch.isin(input_ids, torch.tensor(tokens)).sum(dim=1)
+from flashvlm.selection.fastv import FastV
 
 
 def is_qwen(case) -> bool:
@@ -71,22 +61,17 @@ def test_budget_k_sends_exactly_k_tokens_per_unit(case):
         pruned = pruner.prune_inputs(dict(inputs))
     records = pruned.images
     assert all(record.num_kept == budget for record in records)
-    sent = placeholder_counts(model, pruned.model_kwargs["input_ids"])
-    kept = torch.zeros_like(sent)
-    for record in records:
-        kept[record.batch_index] += record.num_kept
+    selectable = selectable_tokens_sent(model, pruned.model_kwargs)
+    assert torch.equal(selectable, kept_per_row(records, 3))
     if is_anyres(case):
         # Newline tokens travel outside the budget: at most one per kept row, and at least one per image.
-        newlines = sent - kept
+        newlines = placeholder_counts(model, pruned.model_kwargs["input_ids"]) - selectable
         assert bool((newlines >= 1).all())
-        encoded = pruned.model_kwargs["mm_encoder_outputs"]["image"].pooler_output
         newline = model.model.image_newline
-        for tokens in encoded:
+        for tokens in pruned.model_kwargs["mm_encoder_outputs"]["image"].pooler_output:
             is_newline = (tokens == newline).all(dim=-1)
             assert int((~is_newline).sum()) == budget
             assert not bool((is_newline[1:] & is_newline[:-1]).any()), "a newline follows an emptied row"
-    else:
-        assert torch.equal(sent, kept)
 
 
 @pytest.mark.parametrize("case", TINY_CASES, ids=lambda case: case.name)
@@ -268,7 +253,7 @@ def test_a_method_needing_a_cls_row_says_when_the_encoder_has_none(case):
     model = tiny_model(case)
     inputs = case.make_inputs(model, 1, 0)
     with flashvlm.prune(model, budget=4, method=_NeedsClsRow()) as pruner:
-        if case.name in ("llava", "llava_next"):  # CLIP towers have a CLS token
+        if "cls_attention" not in case.lacks:  # CLIP towers have a CLS token
             pruner.prune_inputs(dict(inputs))
         else:
             with pytest.raises(MethodUnavailableError, match="needs cls_attention"):
@@ -315,6 +300,7 @@ class _UsesEverything(TokenSelector):
         batch, tokens = inputs.batch_size, inputs.num_tokens
         assert inputs.saliency.shape == (batch, tokens) and inputs.keys.shape[:2] == (batch, tokens)
         assert inputs.projected.shape[:2] == (batch, tokens) and inputs.text_embeds.shape[0] == batch
+        assert inputs.key_heads > 1 and inputs.keys.shape[-1] % inputs.key_heads == 0  # keys split into heads
         score = inputs.saliency + inputs.keys.float().norm(dim=-1)
         return score.argsort(dim=-1, descending=True)[:, :num_keep]
 
@@ -327,3 +313,50 @@ def test_every_input_a_method_may_ask_for_is_served(case):
         generated = model.generate(**inputs, max_new_tokens=1, do_sample=False, pad_token_id=0)
     assert all(record.num_kept == 3 for record in pruner.last.images)
     assert generated.shape[1] == inputs["input_ids"].shape[1] + 1
+
+
+# -- lm_attention (FastV's input) ----------------------------------------------------------------
+@dataclass
+class _RecordsLmAttention(FastV):
+    """FastV that records each unit's tokens (projected) with the lm_attention it is given."""
+
+    name: ClassVar[str] = "records_lm_attention"
+    requires: ClassVar[frozenset[str]] = frozenset({"lm_attention", "projected"})
+    seen: ClassVar[list[tuple[torch.Tensor, torch.Tensor]]] = []
+
+    def select(self, inputs, num_keep):
+        _RecordsLmAttention.seen.append((inputs.projected.flatten(0, 1), inputs.lm_attention.flatten()))
+        return super().select(inputs, num_keep)
+
+
+@pytest.mark.parametrize("case", TINY_CASES, ids=lambda case: case.name)
+def test_lm_attention_is_the_eager_attention_row_at_each_selectable_token(case):
+    model = tiny_model(case)
+    eager = case.build()
+    eager.set_attn_implementation("eager")
+    inputs = case.make_inputs(model, 2, 0)
+    embeds = []
+    hook = eager.model.language_model.register_forward_pre_hook(
+        lambda _m, _a, kwargs: embeds.append(kwargs["inputs_embeds"]), with_kwargs=True
+    )
+    # Qwen computes its M-RoPE positions itself; the others get generate's (count of real tokens).
+    positions = None if is_qwen(case) else (inputs["attention_mask"].cumsum(1) - 1).clamp(min=0)
+    try:
+        with torch.no_grad():
+            attentions = eager(**inputs, position_ids=positions, output_attentions=True).attentions
+    finally:
+        hook.remove()
+    _RecordsLmAttention.seen = []
+    with flashvlm.prune(model, budget=2, method=_RecordsLmAttention(layer=2)), torch.no_grad():
+        model(**inputs)
+    last_row = attentions[1][:, :, -1].mean(dim=1)  # (B, L): left padding, the last token is real
+    is_selectable = visual_placeholders(model, inputs["input_ids"])
+    newline = getattr(model.model, "image_newline", None)
+    if newline is not None:  # newline tokens are scored too, but are no unit's tokens
+        is_selectable &= ~(embeds[0] == newline).all(dim=-1)
+    expected_tokens, expected = embeds[0][is_selectable], last_row[is_selectable]  # (T, D), (T,)
+    tokens, scores = (torch.cat(parts) for parts in zip(*_RecordsLmAttention.seen))
+    # Each unit token is found where the model placed it, and carries that position's attention.
+    places = torch.cdist(tokens, expected_tokens).argmin(dim=1)
+    assert places.sort().values.tolist() == list(range(expected.numel()))
+    torch.testing.assert_close(scores, expected[places], atol=1e-6, rtol=1e-4)

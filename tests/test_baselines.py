@@ -228,8 +228,8 @@ def test_fastv_attention_equals_the_eager_attention_map(layer):
         features, _, _ = adapter.encode_images(inputs["pixel_values"], -2, "default", need_qk=False)
         projected = sdpa.model.multi_modal_projector(features)  # (I, N, D)
         scores = adapter.visual_token_attention(
-            inputs["input_ids"], inputs["attention_mask"], is_image, projected, layer
-        )
+            inputs["input_ids"], inputs["attention_mask"], {IMAGE_TOKEN_ID: projected.flatten(0, 1)}, layer
+        )[IMAGE_TOKEN_ID].view(-1, NUM_PATCHES)
         positions = (inputs["attention_mask"].cumsum(1) - 1).clamp(min=0)
         attentions = eager(**inputs, position_ids=positions, output_attentions=True).attentions
     expected = attentions[layer - 1][:, :, -1].mean(dim=1)[is_image].view(-1, NUM_PATCHES)

@@ -1,82 +1,134 @@
 """Every registered method on every tiny model family: the one contract, checked the same way.
 
-For each (method, family): exactly K visual tokens per image reach the language model,
-generation works, a left-padded batch row gives the same logits and the same kept tokens
-as that prompt alone, nothing is NaN, and a method missing an input says so.
+Each (family, method) pair either runs or cannot, decided by what the method ``requires``
+and what the family cannot serve (``TinyCase.lacks``: SigLIP and the Qwen ViT have no CLS
+attention row). A pair that runs: exactly K selectable tokens per budget unit reach the
+language model (LLaVA-NeXT/OneVision newline tokens travel outside the budget), generation
+works, a left-padded batch row keeps the same tokens and gives the same last-position
+logits as that prompt alone, and nothing is NaN. A pair that cannot run raises
+:class:`MethodUnavailableError` naming what is missing and why.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from conftest import (
+    TINY_CASES,
+    kept_per_row,
+    placeholder_counts,
+    selectable_tokens_sent,
+    tiny_model,
+)
 
 import flashvlm
 from flashvlm.adapters import adapter_for
 from flashvlm.errors import MethodUnavailableError
 from flashvlm.selection import SelectionInputs, available_methods, get_method
+from flashvlm.selection.base import REQUIREMENTS
 
 METHODS = available_methods()
-BUDGET = 12  # not a square, and well under the 64 tokens a tiny image has
-_MODELS: dict[str, torch.nn.Module] = {}
 
 
-def model_for(case) -> torch.nn.Module:
-    if case.name not in _MODELS:
-        _MODELS[case.name] = case.build()
-    return _MODELS[case.name]
+def missing_inputs(case, method: str) -> list[str]:
+    """What ``method`` needs that the family of ``case`` cannot serve."""
+    return sorted(get_method(method).requires & case.lacks)
 
 
-def expected_kept(method: str, case) -> int:
-    return case.tokens_per_image if get_method(method).keeps_all else min(BUDGET, case.tokens_per_image)
+def pairs(runnable: bool) -> list:
+    return [
+        pytest.param(case, method, id=f"{case.name}-{method}")
+        for case in TINY_CASES
+        for method in METHODS
+        if bool(missing_inputs(case, method)) != runnable
+    ]
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_exactly_k_tokens_reach_the_language_model(method, tiny_case):
-    model = model_for(tiny_case)
-    inputs = tiny_case.make_inputs(model, batch_size=3, seed=1)
-    adapter = adapter_for(model)
-    calls = []
-    hook = adapter.language_model.register_forward_pre_hook(
-        lambda _m, _a, kwargs: calls.append(kwargs["attention_mask"].clone()), with_kwargs=True
+RUNNABLE, UNAVAILABLE = pairs(runnable=True), pairs(runnable=False)
+
+
+def budget_for(case) -> int:
+    """12 (not a square), or less where the smallest unit is smaller, so every unit is pruned."""
+    return min(12, case.tokens_per_image - 1)
+
+
+def test_the_matrix_exercises_every_input_and_every_family_runs_most_methods():
+    assert set().union(*(get_method(method).requires for method in METHODS)) == REQUIREMENTS
+    assert all(case.lacks <= REQUIREMENTS for case in TINY_CASES)
+    assert {case.name for case, _ in (param.values for param in RUNNABLE)} == {case.name for case in TINY_CASES}
+
+
+@pytest.mark.parametrize(("case", "method"), RUNNABLE)
+def test_exactly_k_tokens_per_unit_reach_the_language_model(case, method):
+    model = tiny_model(case)
+    inputs = case.make_inputs(model, batch_size=3, seed=1)
+    budget = budget_for(case)
+    masks = []
+    hook = adapter_for(model).language_model.register_forward_pre_hook(
+        lambda _m, _a, kwargs: masks.append(kwargs["attention_mask"].clone()), with_kwargs=True
     )
     try:
-        with flashvlm.prune(model, BUDGET, method) as pruner, torch.no_grad():
+        with flashvlm.prune(model, budget, method) as pruner, torch.no_grad():
             model(**inputs)
     finally:
         hook.remove()
-    keep = expected_kept(method, tiny_case)
-    is_placeholder = inputs["input_ids"] == model.config.image_token_id
-    images_per_row = is_placeholder.sum(dim=1) // tiny_case.tokens_per_image
-    text_per_row = (inputs["attention_mask"].bool() & ~is_placeholder).sum(dim=1)
-    prefill_mask = calls[-1]  # a scoring pass (fastv) runs before the prefill
-    assert prefill_mask.sum(dim=1).tolist() == (text_per_row + images_per_row * keep).tolist()
-    assert [image.num_kept for image in pruner.last.images] == [keep] * int(images_per_row.sum())
+    records, pruned_kwargs = pruner.last.images, pruner.last.model_kwargs
+    keeps_all = get_method(method).keeps_all
+    assert min(record.num_tokens for record in records) == case.tokens_per_image
+    assert [record.num_kept for record in records] == [record.num_tokens if keeps_all else budget for record in records]
+    assert torch.equal(selectable_tokens_sent(model, pruned_kwargs), kept_per_row(records, 3))
+    # The prefill is the last language-model call (fastv's scoring pass runs before it):
+    # it sees the prompt's text and the visual tokens sent, nothing else.
+    text = inputs["attention_mask"].sum(dim=1) - placeholder_counts(model, inputs["input_ids"])
+    sent = placeholder_counts(model, pruned_kwargs["input_ids"])
+    assert masks[-1].sum(dim=1).tolist() == (text + sent).tolist()
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_generation_works(method, tiny_case):
-    model = model_for(tiny_case)
-    inputs = tiny_case.make_inputs(model, batch_size=2, seed=2)
-    with flashvlm.prune(model, BUDGET, method), torch.no_grad():
-        output = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+@pytest.mark.parametrize(("case", "method"), RUNNABLE)
+def test_generation_works(case, method):
+    model = tiny_model(case)
+    inputs = case.make_inputs(model, batch_size=2, seed=2)
+    with flashvlm.prune(model, budget_for(case), method), torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0)
     length = inputs["input_ids"].shape[1]
     assert output.shape == (2, length + 3)
     assert torch.equal(output[:, :length], inputs["input_ids"])
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_batch_rows_are_independent_and_finite(method, tiny_case):
-    model = model_for(tiny_case)
-    inputs = tiny_case.make_inputs(model, batch_size=3, seed=3)
-    with flashvlm.prune(model, BUDGET, method) as pruner, torch.no_grad():
-        batch_logits = model(**inputs).logits[:, -1]  # (B, V); left padding: the last position is real
-        batch_kept = [(image.batch_index, image.keep_indices.tolist()) for image in pruner.last.images]
+@pytest.mark.parametrize(("case", "method"), RUNNABLE)
+def test_batch_rows_are_independent_and_finite(case, method):
+    model = tiny_model(case)
+    inputs = case.make_inputs(model, batch_size=3, seed=3)
+    with flashvlm.prune(model, budget_for(case), method) as pruner, torch.no_grad():
+        batch_logits = model(**inputs).logits
         assert torch.isfinite(batch_logits).all()
+        batch_kept = [(record.batch_index, record.keep_indices.tolist()) for record in pruner.last.images]
         for row in range(3):
-            alone_logits = model(**tiny_case.select_row(inputs, row)).logits[:, -1]
-            alone_kept = [image.keep_indices.tolist() for image in pruner.last.images]
+            alone_logits = model(**case.select_row(inputs, row)).logits[:, -1]  # left padding: last is real
+            alone_kept = [record.keep_indices.tolist() for record in pruner.last.images]
             assert alone_kept == [kept for batch_row, kept in batch_kept if batch_row == row]
-            torch.testing.assert_close(alone_logits[0], batch_logits[row], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(alone_logits[0], batch_logits[row, -1], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("case", "method"), UNAVAILABLE)
+def test_a_method_the_family_cannot_serve_says_what_is_missing(case, method):
+    model = tiny_model(case)
+    inputs = case.make_inputs(model, batch_size=2, seed=0)
+    needs = pytest.raises(MethodUnavailableError, match=f"method '{method}' needs ")
+    with flashvlm.prune(model, budget_for(case), method), torch.no_grad(), needs as error:
+        model.generate(**inputs, max_new_tokens=1, do_sample=False, pad_token_id=0)
+    for need in missing_inputs(case, method):
+        assert f"{need} (" in str(error.value)
+    assert "no CLS token" in str(error.value)
+
+
+@pytest.mark.parametrize("case", [case for case in TINY_CASES if case.video], ids=lambda case: case.name)
+def test_pool_says_a_jointly_selected_video_has_no_grid(case):
+    model = tiny_model(case)
+    inputs = case.make_inputs(model, batch_size=1, seed=0)
+    needs_grid = pytest.raises(MethodUnavailableError, match="needs grid")
+    with flashvlm.prune(model, 4, "pool", video_budget="per_video") as pruner, needs_grid:
+        pruner.prune_inputs(dict(inputs))
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -95,28 +95,33 @@ class ModelAdapter(ABC):
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
-        is_visual: torch.Tensor,
-        visual_tokens: torch.Tensor,
+        visual_tokens: dict[int, torch.Tensor],
         layer: int,
         position_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    ) -> dict[int, torch.Tensor]:
         """The ``lm_attention`` input: each row's last-token attention to its visual tokens.
 
-        input_ids, attention_mask, is_visual: (B, L); visual_tokens: (I, N, D), the projected
-        tokens of every image in placeholder order. Builds the full, unpruned input
-        embeddings and runs the language model through its first ``layer`` layers, where
-        only the attention row of each row's last real token is computed (from that layer's
-        own rotated queries and keys, mean over heads); the earlier layers keep their
-        attention implementation. ``position_ids`` default to the ones ``generate`` uses
-        (count of real tokens so far). Returns (I, N) float32.
+        input_ids, attention_mask: (B, L). ``visual_tokens`` maps a placeholder token id to
+        the (T, D) tokens that fill its placeholders, in placeholder order (row-major over
+        the batch, newline tokens included where the model sends them). Builds the full,
+        unpruned input embeddings and runs the language model through its first ``layer``
+        layers, where only the attention row of each row's last real token is computed (from
+        that layer's own rotated queries and keys, mean over heads); the earlier layers keep
+        their attention implementation. ``position_ids`` default to the ones ``generate``
+        uses (count of real tokens so far); models with other positions (M-RoPE) pass their
+        own. Returns, per placeholder id, (T,) float32 in the same order.
         """
         num_layers = len(self.decoder_layers)
         if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer <= num_layers:
             raise FlashVLMError(
                 f"language-model layer {layer!r} is out of range: this language model has {num_layers} layers (use 1..{num_layers})"
             )
+        placeholders = {token_id: input_ids == token_id for token_id in visual_tokens}  # (B, L) each
+        is_visual = torch.stack(list(placeholders.values())).any(dim=0)
+        # Placeholder ids may lie outside the embedding table: embed a valid id there, then overwrite.
         embeds = self.model.get_input_embeddings()(input_ids.masked_fill(is_visual, 0))  # (B, L, D)
-        embeds[is_visual] = visual_tokens.reshape(-1, visual_tokens.shape[-1]).to(embeds.dtype)
+        for token_id, is_placeholder in placeholders.items():
+            embeds[is_placeholder] = visual_tokens[token_id].to(embeds.dtype)
         if position_ids is None:
             position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
         with tap_last_token_attention(self.decoder_layers[layer - 1].self_attn, attention_mask) as tap:
@@ -127,7 +132,7 @@ class ModelAdapter(ABC):
                 position_ids=position_ids,
                 use_cache=False,
             )
-        return tap.attention[is_visual].view(visual_tokens.shape[:2])
+        return {token_id: tap.attention[is_placeholder] for token_id, is_placeholder in placeholders.items()}
 
 
 @dataclass

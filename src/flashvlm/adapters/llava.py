@@ -123,10 +123,9 @@ class LlavaAdapter(ModelAdapter):
             projected = projector(encoded.features) if need_projected else None  # (I, N, D)
             lm_attention = None
             if "lm_attention" in needs:
-                is_image = attention_mask.bool() & (input_ids == self.image_token_id)
-                lm_attention = self.visual_token_attention(
-                    input_ids, attention_mask, is_image, projected, selector.lm_attention_layer
-                )  # (I, N)
+                sent = {self.image_token_id: projected.flatten(0, 1)}
+                scores = self.visual_token_attention(input_ids, attention_mask, sent, selector.lm_attention_layer)
+                lm_attention = scores[self.image_token_id].view(num_images, num_tokens)
             grid = square_grid(num_tokens) if self._feature_settings(model_kwargs)[1] == "default" else None
             units = [
                 VisualUnit(

@@ -17,6 +17,8 @@ the real patch tokens only:
   lose every token lose their newline too. An image therefore reaches the language
   model as ``K`` patch tokens plus one newline per non-empty crop row (plus the single
   trailing newline of a base-only image).
+- **FastV.** The scoring pass (``lm_attention``) runs on the unpruned prompt with every
+  token, newlines included, where the model puts it; each unit ranks its own patch tokens.
 
 Positions stay ordinary 1-D positions over the shortened prompt, as for LLaVA-1.5.
 """
@@ -61,6 +63,7 @@ class PackedItem:
     #: Budget units: (positions (N_u,) long, grid) each; an image's units share its budget.
     regions: list[tuple[torch.Tensor, tuple[int, int] | None]] = field(default_factory=list)
     batch_index: int = 0
+    lm_attention: torch.Tensor | None = None  # (L,) float32, the last prompt token's attention in the LM
 
 
 class LlavaNextAdapter(LlavaAdapter):
@@ -161,6 +164,7 @@ class LlavaNextAdapter(LlavaAdapter):
                 None if item.saliency is None else item.saliency[positions],
                 None if item.keys is None else item.keys[positions],
                 grid,
+                None if item.lm_attention is None else item.lm_attention[positions],
             )
 
         if item.kind == "video":
@@ -192,13 +196,24 @@ class LlavaNextAdapter(LlavaAdapter):
                 items += self.image_items(model_kwargs, needs)
             if model_kwargs.get("pixel_values_videos") is not None:
                 items += self.video_items(model_kwargs, needs)
-            for kind in ("image", "video"):
-                kind_items = [item for item in items if item.kind == kind]
-                if not kind_items:
-                    continue
+            by_kind = {kind: [item for item in items if item.kind == kind] for kind in token_ids}
+            by_kind = {kind: kind_items for kind, kind_items in by_kind.items() if kind_items}
+            for kind, kind_items in by_kind.items():
                 lengths = [item.tokens.shape[0] for item in kind_items]
                 for item, row in zip(kind_items, placeholder_rows(input_ids, token_ids[kind], lengths, kind)):
                     item.batch_index = row
+            if "lm_attention" in needs:
+                # The scoring pass sees every token where the model puts it, newlines included;
+                # each unit then reads the scores of its own selectable tokens.
+                sent = {
+                    token_ids[kind]: torch.cat([item.tokens for item in kind_items])
+                    for kind, kind_items in by_kind.items()
+                }
+                scores = self.visual_token_attention(input_ids, attention_mask, sent, selector.lm_attention_layer)
+                for kind, kind_items in by_kind.items():
+                    lengths = [item.tokens.shape[0] for item in kind_items]
+                    for item, item_scores in zip(kind_items, scores[token_ids[kind]].split(lengths)):
+                        item.lm_attention = item_scores
             per_item = [self.item_units(item, budget) for item in items]
             units = [unit for item_units in per_item for unit, _ in item_units]
             choices = iter(select_units(units, selector, self.saliency_kind, *text, key_heads=self.key_heads))

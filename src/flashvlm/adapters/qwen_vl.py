@@ -10,7 +10,8 @@ Positions: the (t, h, w) M-RoPE positions are computed by the model's own
 ``get_rope_index`` on the *unpruned* prompt and sliced with the keep mask, so a kept
 token keeps exactly the position it would have had; text after an image continues from
 the unpruned positions, and decoding continues at the unpruned maximum + 1 (the
-``rope_deltas`` the model caches are set to match the shortened prompt).
+``rope_deltas`` the model caches are set to match the shortened prompt). FastV's scoring
+pass (``lm_attention``) runs on the unpruned prompt at those same unpruned positions.
 """
 
 from __future__ import annotations
@@ -63,6 +64,9 @@ class QwenVLAdapter(ModelAdapter):
         full_attention_blocks = getattr(self.tower, "fullatt_block_indexes", None)
         last_full = max(full_attention_blocks) if full_attention_blocks else len(self.tower.blocks) - 1
         self.saliency_attention = self.tower.blocks[last_full].attn
+        self.key_heads = self.saliency_attention.num_heads
+        # No CLS token: saliency is the attention each token receives.
+        self.saliency_kind = "received"
 
     def has_visual_input(self, model_kwargs: dict[str, Any]) -> bool:
         return model_kwargs.get("pixel_values") is not None or model_kwargs.get("pixel_values_videos") is not None
@@ -148,6 +152,8 @@ class QwenVLAdapter(ModelAdapter):
 
         with torch.no_grad():
             text = prompt_text(self.model, input_ids, attention_mask, placeholder_ids, needs)
+            # kind -> (placeholder id, features, projected, saliency, keys, units) of every image or video
+            encoded: dict[str, tuple] = {}
             for kind, pixels_name, grid_name, token_id in (
                 ("image", "pixel_values", "image_grid_thw", self.image_token_id),
                 ("video", "pixel_values_videos", "video_grid_thw", self.video_token_id),
@@ -156,8 +162,19 @@ class QwenVLAdapter(ModelAdapter):
                 if pixel_values is None:
                     continue
                 grid_thw = require_argument(model_kwargs, grid_name, pixels_name)
-                features, projected, saliency, keys = self.encode(pixel_values, grid_thw, need_saliency)
                 item_units = self._units(kind, grid_thw, input_ids, token_id, budget)
+                encoded[kind] = (token_id, *self.encode(pixel_values, grid_thw, need_saliency), item_units)
+            scores = {}
+            if "lm_attention" in needs:
+                # Scored on the unpruned prompt, at the (t, h, w) positions its tokens really have.
+                sent = {token_id: projected for token_id, _, projected, *_ in encoded.values()}
+                positions = self._rope_positions(model_kwargs)
+                scores = self.visual_token_attention(
+                    input_ids, attention_mask, sent, selector.lm_attention_layer, positions
+                )
+
+            for kind, (token_id, features, projected, saliency, keys, item_units) in encoded.items():
+                lm_attention = scores.get(token_id)
                 units = [
                     VisualUnit(
                         row,
@@ -167,10 +184,11 @@ class QwenVLAdapter(ModelAdapter):
                         None if saliency is None else saliency[span],
                         None if keys is None else keys[span],
                         grid,
+                        None if lm_attention is None else lm_attention[span],
                     )
                     for _, span, row, unit_budget, grid, _ in item_units
                 ]
-                choices = select_units(units, selector, "received", *text)
+                choices = select_units(units, selector, self.saliency_kind, *text, key_heads=self.key_heads)
 
                 kept_per_item: dict[int, list[torch.Tensor]] = {}
                 keep_per_item: dict[int, list[torch.Tensor]] = {}
@@ -217,11 +235,8 @@ class QwenVLAdapter(ModelAdapter):
             start += t * h * w
         return units
 
-    def _kept_positions(
-        self, model_kwargs: dict[str, Any], keep: torch.Tensor, new_mask: torch.Tensor
-    ) -> torch.Tensor:
-        """Position ids (4, B, L') for the pruned prompt: the sequence positions it has, then
-        the unpruned prompt's (t, h, w) M-RoPE positions at the kept tokens."""
+    def _rope_positions(self, model_kwargs: dict[str, Any]) -> torch.Tensor:
+        """The unpruned prompt's (t, h, w) M-RoPE positions (3, B, L), 0 at padding, as the model computes them."""
         input_ids, attention_mask = prompt_tensors(model_kwargs)
         token_types = model_kwargs.get("mm_token_type_ids")
         if token_types is None:
@@ -236,7 +251,16 @@ class QwenVLAdapter(ModelAdapter):
             video_grid_thw=model_kwargs.get("video_grid_thw"),
             attention_mask=attention_mask,
             **extra,
-        )  # (3, B, L), 0 at padding
+        )
+        return positions
+
+    def _kept_positions(
+        self, model_kwargs: dict[str, Any], keep: torch.Tensor, new_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Position ids (4, B, L') for the pruned prompt: the sequence positions it has, then
+        the unpruned prompt's (t, h, w) M-RoPE positions at the kept tokens."""
+        attention_mask = prompt_tensors(model_kwargs)[1]
+        positions = self._rope_positions(model_kwargs)  # (3, B, L)
         _, compacted = compact_sequences(keep, attention_mask, {"positions": (positions.permute(1, 2, 0), 0)})
         kept_positions = compacted["positions"].permute(2, 0, 1)  # (3, B, L')
         sequence_positions = (new_mask.long().cumsum(-1) - 1).masked_fill(new_mask == 0, 0)  # (B, L')
