@@ -85,11 +85,13 @@ class _TimedSelector:
 
     def __init__(self, selector, synchronize: Callable[[], None]) -> None:
         self.selector = selector
-        self.requires = selector.requires
-        self.name = selector.name
         self.synchronize = synchronize
         self.started_at: float | None = None
         self.ended_at: float | None = None
+
+    def __getattr__(self, name: str):
+        # Everything adapters read of a method (requires, name, lm_attention_layer, ...).
+        return getattr(self.selector, name)
 
     def __call__(self, inputs, budget):
         self.synchronize()
