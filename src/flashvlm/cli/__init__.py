@@ -10,10 +10,10 @@ import argparse
 import sys
 
 from ..errors import FlashVLMError
-from . import generate
+from . import demo, generate
 
 #: Subcommand modules, in the order ``--help`` lists them.
-SUBCOMMANDS = [generate]
+SUBCOMMANDS = [generate, demo]
 
 
 class UsageError(FlashVLMError):
