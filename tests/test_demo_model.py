@@ -11,9 +11,9 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 import flashvlm
 from flashvlm.demo import MODEL_DIR
-from flashvlm.demo.model import build_processor, multimodal_logits, pixel_tensor
+from flashvlm.demo.model import build_model, build_processor, multimodal_logits, pixel_tensor
 from flashvlm.demo.scenes import GRID, split_example
-from flashvlm.demo.train import STAGES, make_config, train
+from flashvlm.demo.train import STAGES, StageData, collate, make_config, stage_loss, train
 from flashvlm.loading import chat_prompt
 
 
@@ -108,3 +108,16 @@ def test_resume_continues_inside_a_stage(tmp_path):
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert next(line for line in log if "resumed" in line)["step"] == 2
     assert [line["step"] for line in log if line.get("stage") == "lm"] == [1, 2, 3, 4]
+
+
+def test_lm_stage_can_show_a_symbolic_grid():
+    config = make_config("smoke")
+    data = StageData("lm", 0, batch_size=2, grid_share=1.0)
+    samples = [data[i] for i in range(2)]
+    assert all(len(s["grid"]) == GRID * GRID for s in samples)
+    assert any(any(cell != [0, 0, 0] for cell in s["grid"]) for s in samples)
+    batch = collate(samples)
+    model = build_model(config.size)
+    loss, _ = stage_loss(model, "lm", batch, None)
+    loss.backward()
+    assert torch.isfinite(loss) and model.get_input_embeddings().weight.grad.abs().sum() > 0

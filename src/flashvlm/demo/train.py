@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .data import object_tokens
 from .model import (
     EOS,
     ModelSize,
@@ -75,6 +76,8 @@ class TrainConfig:
     tune: StagePlan = field(default_factory=lambda: StagePlan(900, 16, 1e-3))
     #: Learning rate of the vision tower in ``tune`` as a share of the stage's; 0 freezes it, as LLaVA-1.5 does.
     tune_vision_lr_scale: float = 0.0
+    #: Share of ``lm`` batches that show the scene as a symbolic grid instead of a caption (see StageData).
+    lm_grid_share: float = 0.0
     weight_decay: float = 0.01
     checkpoint_every: int = 100
     #: Validation questions scored during ``tune`` (every ``checkpoint_every`` steps) and at the end.
@@ -86,12 +89,13 @@ class TrainConfig:
 PRESETS: dict[str, dict] = {
     # About 45 minutes on one busy CPU core (two cores shared with other jobs).
     "cpu": {},
-    # The GPU follow-up: same model, far more data. Minutes on one H100.
+    # The GPU follow-up: same model, ~1.2 M rendered scenes. Rendering (about 7 ms a scene on
+    # one core, spread over the data workers) rather than the GPU sets the pace.
     "gpu": dict(
-        lm=StagePlan(4000, 128, 2e-3),
-        clip=StagePlan(6000, 256, 1e-3),
-        align=StagePlan(3000, 64, 2e-3),
-        tune=StagePlan(20000, 64, 5e-4),
+        lm=StagePlan(3000, 128, 2e-3),
+        clip=StagePlan(2000, 256, 1e-3),
+        align=StagePlan(1500, 64, 2e-3),
+        tune=StagePlan(10000, 64, 5e-4),
         tune_vision_lr_scale=0.1,
         checkpoint_every=1000,
         monitor_size=400,
@@ -123,8 +127,9 @@ def make_config(preset: str, **overrides) -> TrainConfig:
 class StageData(torch.utils.data.Dataset):
     """Sample ``index`` of one stage's stream: a pure function of (seed, stage, index)."""
 
-    def __init__(self, stage: str, seed: int) -> None:
+    def __init__(self, stage: str, seed: int, batch_size: int = 1, grid_share: float = 0.0) -> None:
         self.stage, self.seed = stage, seed
+        self.batch_size, self.grid_share = batch_size, grid_share
         self.tokenizer = build_tokenizer()
         self.vocab = vocabulary()
         self.image_id = self.vocab["<image>"]
@@ -144,6 +149,8 @@ class StageData(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         rng = example_rng(self.seed, self.stage, index)
         example = make_example(rng, rng.choice(FAMILIES))
+        if self.stage == "lm" and example_rng(self.seed, "lm-grid", index // self.batch_size).random() < self.grid_share:
+            return self.grid_text(example, rng)
         if self.stage == "lm":
             # A quarter of the texts ask for the description back: the copying that ``align`` relies on.
             question, answer = (DESCRIBE, caption(example.objects)) if rng.random() < 0.25 else (
@@ -166,6 +173,26 @@ class StageData(torch.utils.data.Dataset):
             "labels": [-100] * len(prompt) + target,
             "pixels": pixel_tensor([example.render()])[0],
         }
+
+    def grid_text(self, example, rng: random.Random) -> dict:
+        """The image prompt with a symbolic picture in place of the image.
+
+        Each of the 256 placeholder positions will hold the mean word embedding of the
+        object covering that cell (size, colour, shape; nothing for background), so the
+        LM learns to answer from a grid of word-like tokens before it meets projected
+        image tokens. The loss is on the answer only.
+        """
+        question, answer = (DESCRIBE, caption(example.objects)) if rng.random() < 0.25 else (
+            example.question,
+            example.answer,
+        )
+        grid = [[0, 0, 0] for _ in range(GRID * GRID)]
+        for obj in example.objects:  # later objects are drawn on top
+            for cell in object_tokens(obj.bbox):
+                grid[cell] = [self.vocab[obj.size], self.vocab[obj.color], self.vocab[obj.shape]]
+        prompt = self.prompt_ids(question)
+        target = self.encode(answer)[1:] + [self.eos_id]
+        return {"ids": prompt + target, "labels": [-100] * len(prompt) + target, "grid": grid}
 
     def phrases(self, example, rng: random.Random) -> dict:
         """Object phrases in reading order, and the same with one object's colour or shape swapped."""
@@ -195,6 +222,8 @@ def collate(samples: list[dict]) -> dict:
             labels[row, : len(s["labels"])] = torch.tensor(s["labels"])
             mask[row, : len(s["ids"])] = 1
         batch.update(input_ids=ids, labels=labels, attention_mask=mask)
+    if "grid" in samples[0]:
+        batch["grid"] = torch.tensor([s["grid"] for s in samples])  # (B, N, 3) word ids, 0 = background
     if "phrases" in samples[0]:
         for key in ("phrases", "negative"):
             most = max(len(s[key]) for s in samples)
@@ -205,11 +234,11 @@ def collate(samples: list[dict]) -> dict:
     return batch
 
 
-def batches(stage: str, seed: int, plan: StagePlan, start_step: int, workers: int):
+def batches(stage: str, seed: int, plan: StagePlan, start_step: int, workers: int, grid_share: float = 0.0):
     """Batches ``start_step .. plan.steps - 1`` of a stage, in order."""
     indices = [list(range(step * plan.batch_size, (step + 1) * plan.batch_size)) for step in range(start_step, plan.steps)]
     loader = torch.utils.data.DataLoader(
-        StageData(stage, seed), batch_sampler=indices, collate_fn=collate, num_workers=workers,
+        StageData(stage, seed, plan.batch_size, grid_share), batch_sampler=indices, collate_fn=collate, num_workers=workers,
         persistent_workers=False, prefetch_factor=4 if workers else None,
     )
     yield from loader
@@ -326,7 +355,13 @@ def stage_loss(model, stage: str, batch: dict, heads: nn.Module | None) -> tuple
     scored = torch.zeros_like(labels, dtype=torch.bool)
     scored[:, :-1] = labels[:, 1:] != -100
     targets = labels[:, 1:][labels[:, 1:] != -100]
-    if stage == "lm":
+    if stage == "lm" and "grid" in batch:
+        hidden = model.model.language_model(
+            inputs_embeds=symbolic_image_embeds(model, batch["input_ids"], batch["grid"]),
+            attention_mask=batch["attention_mask"],
+        ).last_hidden_state
+        logits = model.lm_head(hidden[scored])
+    elif stage == "lm":
         hidden = model.model.language_model(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
         ).last_hidden_state
@@ -336,6 +371,20 @@ def stage_loss(model, stage: str, batch: dict, heads: nn.Module | None) -> tuple
     loss = F.cross_entropy(logits.float(), targets)
     accuracy = (logits.argmax(-1) == targets).float().mean()
     return loss, {"acc": accuracy.item()}
+
+
+def symbolic_image_embeds(model, input_ids: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """Prompt embeddings with each image placeholder replaced by its cell's mean word embedding.
+
+    input_ids (B, L) with N placeholders per row; grid (B, N, 3) word ids, 0 = none. -> (B, L, D)
+    """
+    embedding = model.get_input_embeddings()
+    present = (grid != 0).unsqueeze(-1)  # (B, N, 3, 1)
+    words = embedding(grid) * present  # (B, N, 3, D)
+    cells = words.sum(2) / present.sum(2).clamp(min=1)  # (B, N, D); background cells are zero
+    embeds = embedding(input_ids)
+    is_image = input_ids == model.config.image_token_id
+    return embeds.masked_scatter(is_image.unsqueeze(-1), cells.to(embeds.dtype))
 
 
 def save_state(path: Path, state: dict) -> None:
@@ -360,7 +409,8 @@ def run_stage(model, stage: str, config: TrainConfig, out: Path, device: torch.d
     progress = tqdm(total=plan.steps, initial=start, desc=f"{stage:>5}", dynamic_ncols=True, mininterval=5)
     running: dict[str, float] = {}
     began = time.perf_counter()
-    for step, batch in enumerate(batches(stage, config.seed, plan, start, config.workers), start=start):
+    grid_share = config.lm_grid_share if stage == "lm" else 0.0
+    for step, batch in enumerate(batches(stage, config.seed, plan, start, config.workers, grid_share), start=start):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         factor = learning_rate_factor(step, plan.steps)
         for group in optimizer.param_groups:
@@ -451,12 +501,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
-    parser.add_argument("--workers", type=int, default=None, help="data-loading processes (default 0 on CPU, 8 on GPU)")
+    parser.add_argument("--workers", type=int, default=None, help="data-loading processes (default 0 on CPU, up to 12 with CUDA)")
     for stage in STAGES:
         parser.add_argument(f"--{stage}-steps", type=int, help=f"steps of stage {stage} (preset's by default)")
         parser.add_argument(f"--{stage}-batch", type=int, help=f"batch size of stage {stage}")
         parser.add_argument(f"--{stage}-lr", type=float, help=f"peak learning rate of stage {stage}")
     parser.add_argument("--tune-vision-lr-scale", type=float, help="vision tower lr in tune, as a share (0 freezes)")
+    parser.add_argument("--lm-grid-share", type=float, help="share of lm batches showing a symbolic grid (0..1)")
     parser.add_argument("--checkpoint-every", type=int)
     parser.add_argument("--eval-size", type=int, help="validation questions scored at the end")
     args = parser.parse_args(argv)
@@ -477,11 +528,11 @@ def main(argv: list[str] | None = None) -> int:
             if value is not None
         }
         overrides[stage] = dataclasses.replace(plan, **changes)
-    for name in ("tune_vision_lr_scale", "checkpoint_every", "eval_size"):
+    for name in ("tune_vision_lr_scale", "lm_grid_share", "checkpoint_every", "eval_size"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     uses_cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
-    overrides["workers"] = args.workers if args.workers is not None else (min(8, os.cpu_count() or 1) if uses_cuda else 0)
+    overrides["workers"] = args.workers if args.workers is not None else (min(12, (os.cpu_count() or 2) - 1) if uses_cuda else 0)
     config = dataclasses.replace(config, **overrides)
     stages = tuple(s for s in args.stages.split(",") if s)
     unknown = set(stages) - set(STAGES)
