@@ -387,6 +387,18 @@ def symbolic_image_embeds(model, input_ids: torch.Tensor, grid: torch.Tensor) ->
     return embeds.masked_scatter(is_image.unsqueeze(-1), cells.to(embeds.dtype))
 
 
+def image_gain(model, stage: str, batch: dict, autocast) -> float:
+    """Loss with each image swapped for another batch row's, minus the loss with its own.
+
+    About 0 means the language model does not use the image yet, whatever the loss says.
+    """
+    shuffled = {**batch, "pixel_values": batch["pixel_values"].roll(1, dims=0)}
+    with torch.no_grad(), autocast:
+        own, _ = stage_loss(model, stage, batch, None)
+        other, _ = stage_loss(model, stage, shuffled, None)
+    return round(other.item() - own.item(), 4)
+
+
 def save_state(path: Path, state: dict) -> None:
     temporary = path.with_suffix(".tmp")
     torch.save(state, temporary)
@@ -428,6 +440,8 @@ def run_stage(model, stage: str, config: TrainConfig, out: Path, device: torch.d
         done = step + 1
         if done % config.checkpoint_every == 0 or done == plan.steps:
             line = {"stage": stage, "step": done, "seconds": round(time.perf_counter() - began, 1), **running}
+            if stage in ("align", "tune"):
+                line["image_gain"] = image_gain(model, stage, batch, autocast)
             if stage == "tune" and config.monitor_size:
                 line["validation"] = evaluate_split(model, "validation", config.monitor_size, config.seed, device)
                 model.train()
