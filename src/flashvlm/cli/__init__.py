@@ -10,10 +10,10 @@ import argparse
 import sys
 
 from ..errors import FlashVLMError
-from . import bench, bench_selection, compare, generate
+from . import bench, bench_selection, compare, demo, generate
 
 #: Subcommand modules, in the order ``--help`` lists them.
-SUBCOMMANDS = [generate, compare, bench, bench_selection]
+SUBCOMMANDS = [demo, generate, compare, bench, bench_selection]
 
 
 class UsageError(FlashVLMError):

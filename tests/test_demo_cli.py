@@ -1,0 +1,67 @@
+"""``flashvlm demo`` end to end, its errors, and the kept-token drawing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from flashvlm.cli import main
+from flashvlm.demo.data import main as data_main
+from flashvlm.vis import draw_kept_tokens, model_view
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    out = tmp_path / "figure" / "demo.png"
+    assert main(["demo", "--out", str(out), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "full:" in printed and "pruned:" in printed and "28 visual tokens" in printed
+    with Image.open(out) as figure:
+        assert figure.size[0] > 2 * 224
+
+
+def test_demo_on_a_user_image(tmp_path, capsys, sample_image_file):
+    out = tmp_path / "mine.png"
+    args = ["demo", "--image", str(sample_image_file), "--prompt", "is there a red circle ?", "--budget", "14"]
+    assert main([*args, "--method", "flashvlm", "--out", str(out), "--device", "cpu"]) == 0
+    assert "14 visual tokens" in capsys.readouterr().out
+    assert out.is_file()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--budget", "0"], "budget"),
+        (["--image", "no-such-image.png", "--prompt", "what ?"], "not found"),
+        (["--image", "no-such-image.png"], "--prompt"),
+        (["--example", "nope"], "unknown example"),
+        (["--method", "nope"], "unknown method"),
+        (["--out", "figure.jpg"], ".png"),
+        (["--model", "./no-such-model"], "no model folder"),
+    ],
+)
+def test_demo_bad_input_exits_2(args, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", *args]) == 2
+    error = capsys.readouterr().err
+    assert message in error and len(error.strip().splitlines()) == 1
+
+
+def test_export_command(tmp_path, capsys):
+    assert data_main(["export", "--split", "test", "--size", "4", "--out", str(tmp_path)]) == 0
+    assert len((tmp_path / "test.jsonl").read_text().splitlines()) == 4
+    assert len(list((tmp_path / "images").glob("*.png"))) == 4
+
+
+def test_draw_kept_tokens_dims_dropped_patches():
+    image = Image.new("RGB", (32, 32), (200, 100, 50))
+    drawn = np.asarray(draw_kept_tokens(image, [0], (2, 2), scale=2)).astype(int)  # (64, 64, 3)
+    assert drawn.shape == (64, 64, 3)
+    assert (drawn[10, 10] == (200, 100, 50)).all()  # inside the kept cell: untouched
+    assert drawn[50, 50].sum() < 0.5 * 350  # a dropped cell: darker
+    assert tuple(drawn[0, 0]) != (200, 100, 50)  # the kept cell's outline
+
+
+def test_model_view_crops_to_the_square_the_encoder_sees():
+    wide = Image.new("RGB", (300, 150))
+    assert model_view(wide, 224).size == (224, 224)
