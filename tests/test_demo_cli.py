@@ -65,3 +65,19 @@ def test_draw_kept_tokens_dims_dropped_patches():
 def test_model_view_crops_to_the_square_the_encoder_sees():
     wide = Image.new("RGB", (300, 150))
     assert model_view(wide, 224).size == (224, 224)
+
+
+def test_report_table_has_every_method_budget_and_hit_rates(tmp_path, capsys):
+    from flashvlm.demo import report
+
+    out = tmp_path / "report.md"
+    assert report.main(["--size", "8", "--methods", "flashvlm,visionzip,random", "--quiet", "--out", str(out)]) == 0
+    lines = out.read_text().splitlines()
+    rows = [line for line in lines if line.startswith("| ") and not line.startswith("| method")]
+    assert [row.split(" | ")[0:2] for row in rows] == [["| none", "256"]] + [
+        [f"| {method}", str(budget)] for method in ("flashvlm", "visionzip", "random") for budget in report.BUDGETS
+    ]
+    # Every pruned row reports hit rates for the queried and the other objects.
+    assert all(row.rstrip(" |").split(" | ")[-1] != "–" for row in rows[1:])
+    assert report.main(["--size", "0"]) == 2
+    assert "--size and --batch-size must be >= 1" in capsys.readouterr().err
