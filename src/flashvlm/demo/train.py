@@ -47,7 +47,6 @@ from .model import (
     build_model,
     build_processor,
     build_tokenizer,
-    image_features,
     multimodal_logits,
     pixel_tensor,
     vision_hidden_states,
