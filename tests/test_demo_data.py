@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flashvlm.demo.data import export_split, object_hits, object_tokens, read_rows, split_examples, target_indices
+from flashvlm.demo.data import export_split, object_hits, object_tokens, split_examples, target_indices
+from flashvlm.eval import load_dataset
 from flashvlm.demo.model import UNK, build_tokenizer
 from flashvlm.demo.scenes import (
     COLORS,
@@ -94,8 +95,10 @@ def test_tokenizer_knows_every_word_the_benchmark_uses():
 
 def test_export_writes_the_rows_compare_reads(tmp_path):
     path = export_split("test", tmp_path, size=8)
-    rows = read_rows(path)
-    assert len(rows) == 8
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    dataset = load_dataset(path, on_bad_row="stop")  # what flashvlm compare reads
+    assert len(rows) == len(dataset.examples) == 8
+    assert all(example.extra.keys() == {"objects", "target"} for example in dataset.examples)
     for row in rows:
         assert set(row) == {"id", "image", "question", "answer", "family", "objects", "target"}
         with Image.open(path.parent / row["image"]) as image:

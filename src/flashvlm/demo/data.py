@@ -54,11 +54,6 @@ def export_split(split: str, out: str | Path, size: int | None = None, seed: int
     return path
 
 
-def read_rows(path: str | Path) -> list[dict]:
-    with Path(path).open() as handle:
-        return [json.loads(line) for line in handle if line.strip()]
-
-
 def object_tokens(bbox: Sequence[int], grid: tuple[int, int] = (GRID, GRID), image_size: int = IMAGE_SIZE) -> list[int]:
     """Raster indices of the grid cells a pixel box overlaps (end-exclusive box)."""
     rows, columns = grid
