@@ -137,6 +137,39 @@ def test_lmms_eval_accuracy_equals_direct_flashvlm_and_records_what_was_kept(tin
         assert sample["token_counts"][0]["input_tokens"] == text_tokens + budget
 
 
+def test_demo_benchmark_lmms_eval_equals_flashvlm_compare(tmp_path):
+    """lmms-eval on the demo benchmark's test split, with the demo model, at two budgets,
+    reports the accuracies ``flashvlm compare`` reports on the same rows."""
+    import csv
+
+    from flashvlm.cli import main as flashvlm_main
+    from flashvlm.demo import MODEL_DIR
+    from flashvlm.demo.data import export_split
+
+    data = export_split("test", tmp_path / "data", size=12)
+    tasks = write_task(data, tmp_path / "tasks", "demo_test", max_new_tokens=MAX_NEW_TOKENS).parent
+    budgets = (28, 14)  # 11 % and 5.6 % of the demo model's 256 tokens
+    out = tmp_path / "compare"
+    assert flashvlm_main([
+        "compare", "--model", str(MODEL_DIR), "--device", "cpu", "--data", str(data), "--methods", "flashvlm",
+        "--budgets", ",".join(map(str, budgets)), "--batch-size", "4", "--out", str(out), "--no-progress",
+        "--prompt-suffix", "", "--max-new-tokens", str(MAX_NEW_TOKENS),
+    ]) == 0  # fmt: skip
+    with (out / "compare.csv").open() as file:
+        compared = {row["budget"]: float(row["accuracy"]) for row in csv.DictReader(file) if row["method"] == "flashvlm"}
+    for budget in budgets:
+        results = simple_evaluate(
+            model=MODEL_ID,
+            model_args=f"pretrained={MODEL_DIR},method=flashvlm,budget={budget},device=cpu",
+            tasks=["demo_test"],
+            batch_size=4,
+            task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
+            bootstrap_iters=0,
+        )
+        assert results["results"]["demo_test"]["exact_match,none"] == pytest.approx(compared[str(budget)], abs=1e-4)
+        assert results["throughput"]["avg_visual_tokens_kept_per_image"] == budget
+
+
 def test_lmms_eval_command_line_with_the_entry_point(tiny_llava_folder, tiny_vqa, tmp_path):
     if not flashvlm_entry_point_installed():
         pytest.skip("the lmms-eval command finds flashvlm through its entry point: pip-install flashvlm (make test does)")
