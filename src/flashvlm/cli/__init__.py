@@ -16,10 +16,6 @@ from . import bench, bench_selection, compare, demo, generate
 SUBCOMMANDS = [demo, generate, compare, bench, bench_selection]
 
 
-class UsageError(FlashVLMError):
-    """Bad command-line input that is not about a budget, model or method."""
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flashvlm", description="Text-guided visual token selection for Hugging Face VLMs."
