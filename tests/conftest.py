@@ -177,7 +177,9 @@ def tiny_processor():
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import CLIPImageProcessorPil, LlavaProcessor, PreTrainedTokenizerFast
 
-    words = "user assistant what is the color of shape a an red green blue circle square triangle yes no how many".split()
+    words = (
+        "user assistant what is the color of shape a an red green blue circle square triangle yes no how many".split()
+    )
     words += [f"w{i}" for i in range(IMAGE_TOKEN_ID - 4 - len(words) - 8)]
     words += list(":?.,!'-\n")
     vocab = {"<pad>": PAD_TOKEN_ID, "<s>": 1, "</s>": 2}

@@ -284,8 +284,9 @@ def test_the_whole_prompt_text_guides_every_unit(case):
     text_per_row = inputs["attention_mask"].sum(dim=1) - placeholder_counts(model, inputs["input_ids"])
     # An AnyRes image is selected as two units (base view and crops) under one budget.
     units_per_record = [2 if is_anyres(case) and record.kind == "image" else 1 for record in records]
-    expected = [int(text_per_row[record.batch_index]) for record, units in zip(records, units_per_record)
-                for _ in range(units)]
+    expected = [
+        int(text_per_row[record.batch_index]) for record, units in zip(records, units_per_record) for _ in range(units)
+    ]
     assert sorted(_RecordsText.seen) == sorted(expected)
 
 

@@ -5,15 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlavaForConditionalGeneration, SiglipVisionConfig
-
-import flashvlm
-from flashvlm.adapters import adapter_for
-from flashvlm.errors import FlashVLMError, MethodUnavailableError
-from flashvlm.selection import FlashVLM, SelectionInputs, get_method
-from flashvlm.selection.baselines import cell_centres, pooled_grid
-from flashvlm.selection.ops import dpp_greedy_map, kmeans_diverse_subset
-
 from conftest import (
     IMAGE_SIZE,
     IMAGE_TOKEN_ID,
@@ -25,6 +16,14 @@ from conftest import (
     random_pixels,
     tiny_llava_config,
 )
+from transformers import LlavaForConditionalGeneration, SiglipVisionConfig
+
+import flashvlm
+from flashvlm.adapters import adapter_for
+from flashvlm.errors import FlashVLMError, MethodUnavailableError
+from flashvlm.selection import FlashVLM, SelectionInputs, get_method
+from flashvlm.selection.baselines import cell_centres, pooled_grid
+from flashvlm.selection.ops import dpp_greedy_map, kmeans_diverse_subset
 
 
 def assert_k_unique(indices: torch.Tensor, batch: int, num_keep: int) -> None:
@@ -72,7 +71,13 @@ def test_random_is_seeded_and_the_same_for_every_image():
 
 @pytest.mark.parametrize(
     ("grid", "budget", "cells"),
-    [((24, 24), 192, (16, 12)), ((24, 24), 128, (8, 16)), ((24, 24), 64, (8, 8)), ((24, 24), 37, (7, 6)), ((8, 8), 7, (3, 3))],
+    [
+        ((24, 24), 192, (16, 12)),
+        ((24, 24), 128, (8, 16)),
+        ((24, 24), 64, (8, 8)),
+        ((24, 24), 37, (7, 6)),
+        ((8, 8), 7, (3, 3)),
+    ],
 )
 def test_pooled_grid_is_the_nearest_grid_with_enough_cells(grid, budget, cells):
     assert pooled_grid(*grid, budget) == cells
@@ -142,8 +147,12 @@ def test_vispruner_is_flashvlm_without_text():
 
 def test_cls_attention_methods_say_the_encoder_has_no_cls():
     vision = SiglipVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-        image_size=IMAGE_SIZE, patch_size=PATCH_SIZE,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH_SIZE,
     )
     torch.manual_seed(0)
     config = tiny_llava_config(vision_config=vision, vision_feature_select_strategy="full")

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import build_tiny_llava, llava_batch, tiny_llava_config
 
 from flashvlm.bench.flops import decoder_prefill_flops, kv_cache_bytes, prefill_flops
 from flashvlm.bench.memory import peak_memory_bytes
@@ -23,16 +24,31 @@ from flashvlm.bench.selection import fit_exponent
 from flashvlm.cli import main
 from flashvlm.errors import FlashVLMError
 
-from conftest import build_tiny_llava, llava_batch, tiny_llava_config
-
 #: Parameters of the real checkpoints, in billions (their model cards round them so).
 REAL_PARAMETERS = {"llava-1.5-7b": 7.06, "llava-1.5-13b": 13.35, "llava-next-7b": 7.57, "qwen2.5-vl-7b": 8.29}
 
 PREFILL_FIELDS = {
-    "method", "budget", "kept_tokens", "prompt_length", "vision_ms", "selection_ms", "handoff_ms", "prefill_ms",
-    "ttft_ms", "decode_tokens_per_s", "peak_memory_bytes", "kv_cache_bytes", "flops_vision", "flops_projector",
-    "flops_language_model", "flops_total", "ideal_prefill_speedup", "ideal_total_speedup", "prefill_speedup",
-    "speedup_vs_ideal", "ttft_speedup",
+    "method",
+    "budget",
+    "kept_tokens",
+    "prompt_length",
+    "vision_ms",
+    "selection_ms",
+    "handoff_ms",
+    "prefill_ms",
+    "ttft_ms",
+    "decode_tokens_per_s",
+    "peak_memory_bytes",
+    "kv_cache_bytes",
+    "flops_vision",
+    "flops_projector",
+    "flops_language_model",
+    "flops_total",
+    "ideal_prefill_speedup",
+    "ideal_total_speedup",
+    "prefill_speedup",
+    "speedup_vs_ideal",
+    "ttft_speedup",
 }
 
 
@@ -133,11 +149,33 @@ def test_markdown_sections_are_replaced_in_place(tmp_path):
 
 def test_bench_runs_end_to_end_and_writes_every_field(tiny_config_file, tmp_path, capsys):
     out, markdown = tmp_path / "bench.json", tmp_path / "performance.md"
-    code = main([
-        "bench", "--model", str(tiny_config_file), "--methods", "flashvlm", "flashvlm:fast_diversity",
-        "--budgets", "16", "--repeats", "1", "--warmup", "0", "--new-tokens", "2", "--text-tokens", "12",
-        "--device", "cpu", "--json", str(out), "--markdown", str(markdown), "--cpu-memory",
-    ])
+    code = main(
+        [
+            "bench",
+            "--model",
+            str(tiny_config_file),
+            "--methods",
+            "flashvlm",
+            "flashvlm:fast_diversity",
+            "--budgets",
+            "16",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--new-tokens",
+            "2",
+            "--text-tokens",
+            "12",
+            "--device",
+            "cpu",
+            "--json",
+            str(out),
+            "--markdown",
+            str(markdown),
+            "--cpu-memory",
+        ]
+    )
     assert code == 0
     report = json.loads(out.read_text())
     assert [row["method"] for row in report["rows"]] == ["unpruned", "flashvlm", "flashvlm:fast_diversity"]
@@ -159,27 +197,69 @@ def test_bench_runs_end_to_end_and_writes_every_field(tiny_config_file, tmp_path
 
 def test_bench_selection_runs_and_fits_growth(tiny_config_file, tmp_path):
     out = tmp_path / "selection.json"
-    code = main([
-        "bench-selection", "--model", str(tiny_config_file), "--methods", "flashvlm", "flashvlm:fast_diversity",
-        "--tokens", "64", "144", "--repeats", "1", "--warmup", "0", "--device", "cpu", "--json", str(out),
-    ])
+    code = main(
+        [
+            "bench-selection",
+            "--model",
+            str(tiny_config_file),
+            "--methods",
+            "flashvlm",
+            "flashvlm:fast_diversity",
+            "--tokens",
+            "64",
+            "144",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--device",
+            "cpu",
+            "--json",
+            str(out),
+        ]
+    )
     assert code == 0
     report = json.loads(out.read_text())
     assert len(report["rows"]) == 4
     assert all(row["peak_memory_bytes"] > 0 and row["kept"] == row["tokens"] // 9 for row in report["rows"])
     assert {fit["method"] for fit in report["fits"]} == {"flashvlm", "flashvlm:fast_diversity"}
     tower = report["tower"]
-    assert set(tower["variants"]) == {"sdpa_to_feature_layer", "sdpa_with_saliency", "sdpa_full_tower", "eager_attention_maps"}
+    assert set(tower["variants"]) == {
+        "sdpa_to_feature_layer",
+        "sdpa_with_saliency",
+        "sdpa_full_tower",
+        "eager_attention_maps",
+    }
     # Full attention maps hold S x S per head and layer: more memory than our one row.
-    assert tower["variants"]["eager_attention_maps"]["peak_memory_bytes"] > tower["variants"]["sdpa_with_saliency"]["peak_memory_bytes"]
+    assert (
+        tower["variants"]["eager_attention_maps"]["peak_memory_bytes"]
+        > tower["variants"]["sdpa_with_saliency"]["peak_memory_bytes"]
+    )
 
 
 def test_bench_prunes_qwen_with_every_method(tmp_path):
     out = tmp_path / "qwen.json"
-    code = main([
-        "bench", "--model", "qwen2.5-vl-7b", "--scale", "tiny", "--budgets", "16", "--repeats", "1",
-        "--warmup", "0", "--new-tokens", "1", "--device", "cpu", "--json", str(out),
-    ])
+    code = main(
+        [
+            "bench",
+            "--model",
+            "qwen2.5-vl-7b",
+            "--scale",
+            "tiny",
+            "--budgets",
+            "16",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--new-tokens",
+            "1",
+            "--device",
+            "cpu",
+            "--json",
+            str(out),
+        ]
+    )
     assert code == 0
     report = json.loads(out.read_text())
     methods = {row["method"] for row in report["rows"]}

@@ -12,8 +12,19 @@ from flashvlm.cli import main
 
 def test_generate_prints_answer_tokens_and_prefill_time(tiny_llava_folder, sample_image_file, capsys):
     code = main(
-        ["generate", "--model", str(tiny_llava_folder), "--image", str(sample_image_file),
-         "--prompt", "what is the color of the circle?", "--budget", "8", "--max-new-tokens", "4"]
+        [
+            "generate",
+            "--model",
+            str(tiny_llava_folder),
+            "--image",
+            str(sample_image_file),
+            "--prompt",
+            "what is the color of the circle?",
+            "--budget",
+            "8",
+            "--max-new-tokens",
+            "4",
+        ]
     )
     out = capsys.readouterr().out
     assert code == 0
@@ -24,8 +35,23 @@ def test_generate_prints_answer_tokens_and_prefill_time(tiny_llava_folder, sampl
 
 def test_generate_with_two_images_and_a_ratio_budget(tiny_llava_folder, sample_image_file, capsys):
     image = str(sample_image_file)
-    code = main(["generate", "--model", str(tiny_llava_folder), "--image", image, "--image", image,
-                 "--prompt", "how many?", "--budget", "25%", "--max-new-tokens", "2"])
+    code = main(
+        [
+            "generate",
+            "--model",
+            str(tiny_llava_folder),
+            "--image",
+            image,
+            "--image",
+            image,
+            "--prompt",
+            "how many?",
+            "--budget",
+            "25%",
+            "--max-new-tokens",
+            "2",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     assert out.count("kept 16 of 64 visual tokens") == 2
@@ -60,8 +86,14 @@ def test_corrupt_image_and_unsupported_model(tmp_path, tiny_llava_folder, capsys
 
     from transformers import LlamaConfig
 
-    LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                vocab_size=32, architectures=["LlamaForCausalLM"]).save_pretrained(tmp_path / "llama")
+    LlamaConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        vocab_size=32,
+        architectures=["LlamaForCausalLM"],
+    ).save_pretrained(tmp_path / "llama")
     image = tmp_path / "ok.png"
     from PIL import Image
 
@@ -73,9 +105,23 @@ def test_corrupt_image_and_unsupported_model(tmp_path, tiny_llava_folder, capsys
 
 def test_command_line_entry_point_exits_2_without_traceback(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "flashvlm", "generate", "--model", str(tmp_path), "--image", "x.png",
-         "--prompt", "?", "--budget", "-1"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "flashvlm",
+            "generate",
+            "--model",
+            str(tmp_path),
+            "--image",
+            "x.png",
+            "--prompt",
+            "?",
+            "--budget",
+            "-1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 2
     assert "budget must be >= 1" in result.stderr and "Traceback" not in result.stderr

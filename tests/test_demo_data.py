@@ -9,7 +9,6 @@ import pytest
 from PIL import Image
 
 from flashvlm.demo.data import export_split, object_hits, object_tokens, split_examples, target_indices
-from flashvlm.eval import load_dataset
 from flashvlm.demo.model import UNK, build_tokenizer
 from flashvlm.demo.scenes import (
     COLORS,
@@ -26,6 +25,7 @@ from flashvlm.demo.scenes import (
     scene_signature,
     split_example,
 )
+from flashvlm.eval import load_dataset
 
 
 def test_examples_are_deterministic_by_seed():
@@ -39,7 +39,9 @@ def test_examples_are_deterministic_by_seed():
 
 
 def test_splits_are_disjoint():
-    signatures = {split: {scene_signature(e) for e in split_examples(split, 120)} for split in ("train", "validation", "test")}
+    signatures = {
+        split: {scene_signature(e) for e in split_examples(split, 120)} for split in ("train", "validation", "test")
+    }
     assert all(len(s) == 120 for s in signatures.values())
     assert not signatures["train"] & signatures["validation"]
     assert not signatures["train"] & signatures["test"]

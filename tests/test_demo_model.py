@@ -39,7 +39,13 @@ def scene_inputs(shipped):
 def test_shipped_folder_is_a_llava_with_processor(shipped):
     model, processor = shipped
     files = {path.name for path in MODEL_DIR.iterdir()}
-    assert {"config.json", "model.safetensors", "tokenizer.json", "processor_config.json", "chat_template.jinja"} <= files
+    assert {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "processor_config.json",
+        "chat_template.jinja",
+    } <= files
     assert (MODEL_DIR / "model.safetensors").stat().st_size <= 30 * 2**20
     assert model.config.vision_feature_layer == -2
     prompt = chat_prompt(processor, "what color is the circle ?")
@@ -92,7 +98,9 @@ def test_every_stage_trains_and_resumes(tmp_path):
     with torch.no_grad(), flashvlm.prune(reloaded, 0.25) as pruner:
         processor = AutoProcessor.from_pretrained(tmp_path / "model")
         example = split_example(0, "test", 0)
-        reloaded(**processor(images=[example.render()], text=chat_prompt(processor, example.question), return_tensors="pt"))
+        reloaded(
+            **processor(images=[example.render()], text=chat_prompt(processor, example.question), return_tensors="pt")
+        )
     assert pruner.last.images[0].num_kept == 64
 
 

@@ -15,8 +15,21 @@ from flashvlm.eval import DatasetError, evaluate, load_dataset, normalize_answer
 from flashvlm.loading import load_model
 
 GOOD_ROWS = [
-    {"id": "a", "image": "img/0.png", "question": "what is the color of the circle ?", "answer": "red", "family": "colour"},
-    {"id": "b", "image": "img/1.png", "question": "how many shape ?", "answer": "two", "family": "count", "source": "x"},
+    {
+        "id": "a",
+        "image": "img/0.png",
+        "question": "what is the color of the circle ?",
+        "answer": "red",
+        "family": "colour",
+    },
+    {
+        "id": "b",
+        "image": "img/1.png",
+        "question": "how many shape ?",
+        "answer": "two",
+        "family": "count",
+        "source": "x",
+    },
     {"id": "c", "image": ["img/0.png", "img/1.png"], "question": "is the square red ?", "answer": "yes"},
 ]
 BAD_LINES = [

@@ -57,7 +57,9 @@ def test_a_round_drops_the_tokens_that_have_a_duplicate(step, fraction, block):
     copies = torch.arange(0, 20, 2)
     features[:, copies] = features[:, copies + 1]
     candidates = torch.arange(100).unsqueeze(0)
-    kept = bipartite_diverse_subset(features, candidates, 90, removal_step=step, removal_fraction=fraction, block_size=block)
+    kept = bipartite_diverse_subset(
+        features, candidates, 90, removal_step=step, removal_fraction=fraction, block_size=block
+    )
     assert set(range(100)) - set(kept[0].tolist()) == set(copies.tolist())
 
 

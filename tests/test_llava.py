@@ -168,8 +168,9 @@ def test_half_precision_model_runs_without_nan():
 def test_unsupported_models_are_named():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    text_model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                              num_attention_heads=2, vocab_size=32))
+    text_model = LlamaForCausalLM(
+        LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=32)
+    )
     with pytest.raises(UnsupportedModelError, match="no vision tower.*LlavaForConditionalGeneration"):
         flashvlm.prune(text_model, budget=4).__enter__()
 

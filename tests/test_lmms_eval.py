@@ -29,11 +29,11 @@ from PIL import Image  # noqa: E402
 
 import flashvlm  # noqa: E402
 from flashvlm.errors import FlashVLMError  # noqa: E402
+from flashvlm.eval import load_dataset, normalize_answer, score_answer  # noqa: E402
 from flashvlm.integrations.lmms_eval import MODEL_ID, register  # noqa: E402
 from flashvlm.integrations.lmms_eval.jsonl_task import write_task  # noqa: E402
 from flashvlm.integrations.lmms_eval.model import PrunedVLM  # noqa: E402
 from flashvlm.loading import chat_prompt, load_image, load_model  # noqa: E402
-from flashvlm.eval import load_dataset, normalize_answer, score_answer  # noqa: E402
 
 MAX_NEW_TOKENS = 4
 TASK = "flashvlm_tiny_vqa"
@@ -85,8 +85,15 @@ def tiny_vqa(tiny_llava_folder, tmp_path_factory):
     for index in range(8):
         pixels = torch.randint(0, 256, (40, 40, 3), generator=generator, dtype=torch.uint8).numpy()
         Image.fromarray(pixels).save(folder / "images" / f"{index}.png")
-        records.append({"id": f"q{index}", "image": f"images/{index}.png", "question": questions[index % 3],
-                        "answer": "?", "family": FAMILIES[index // 2 % 2]})
+        records.append(
+            {
+                "id": f"q{index}",
+                "image": f"images/{index}.png",
+                "question": questions[index % 3],
+                "answer": "?",
+                "family": FAMILIES[index // 2 % 2],
+            }
+        )
     path = folder / "test.jsonl"
     path.write_text("".join(json.dumps(record) + "\n" for record in records))
     model, processor = load_model(str(tiny_llava_folder), device="cpu")
@@ -96,7 +103,9 @@ def tiny_vqa(tiny_llava_folder, tmp_path_factory):
         record["answer"] = (first if index % 2 == 0 else second)[index]
     path.write_text("".join(json.dumps(record) + "\n" for record in records))
     tasks = write_task(path, folder / "tasks", TASK, max_new_tokens=MAX_NEW_TOKENS).parent
-    return dict(path=path, tasks=tasks, rows=load_dataset(path, on_bad_row="stop").examples, model=model, processor=processor)
+    return dict(
+        path=path, tasks=tasks, rows=load_dataset(path, on_bad_row="stop").examples, model=model, processor=processor
+    )
 
 
 def test_the_entry_point_registers_flashvlm_with_lmms_eval():
@@ -133,7 +142,14 @@ def test_lmms_eval_accuracy_equals_direct_flashvlm_and_records_what_was_kept(tin
     assert results["throughput"]["avg_visual_tokens_kept_per_image"] == budget
     assert results["throughput"]["avg_visual_tokens_per_image"] == NUM_PATCHES
     for sample, row in zip(samples, rows):
-        text_tokens = len(processor(images=[load_image(row.images[0])], text=chat_prompt(processor, row.question, 1))["input_ids"][0]) - NUM_PATCHES
+        text_tokens = (
+            len(
+                processor(images=[load_image(row.images[0])], text=chat_prompt(processor, row.question, 1))[
+                    "input_ids"
+                ][0]
+            )
+            - NUM_PATCHES
+        )
         assert sample["token_counts"][0]["input_tokens"] == text_tokens + budget
 
 
@@ -156,7 +172,9 @@ def test_demo_benchmark_lmms_eval_equals_flashvlm_compare(tmp_path):
         "--prompt-suffix", "", "--max-new-tokens", str(MAX_NEW_TOKENS),
     ]) == 0  # fmt: skip
     with (out / "compare.csv").open() as file:
-        compared = {row["budget"]: float(row["accuracy"]) for row in csv.DictReader(file) if row["method"] == "flashvlm"}
+        compared = {
+            row["budget"]: float(row["accuracy"]) for row in csv.DictReader(file) if row["method"] == "flashvlm"
+        }
     for budget in budgets:
         results = simple_evaluate(
             model=MODEL_ID,
@@ -172,15 +190,34 @@ def test_demo_benchmark_lmms_eval_equals_flashvlm_compare(tmp_path):
 
 def test_lmms_eval_command_line_with_the_entry_point(tiny_llava_folder, tiny_vqa, tmp_path):
     if not flashvlm_entry_point_installed():
-        pytest.skip("the lmms-eval command finds flashvlm through its entry point: pip-install flashvlm (make test does)")
+        pytest.skip(
+            "the lmms-eval command finds flashvlm through its entry point: pip-install flashvlm (make test does)"
+        )
     command = [
-        sys.executable, "-m", "lmms_eval", "--model", "flashvlm",
-        "--model_args", f"pretrained={tiny_llava_folder},method=flashvlm,budget=25%,device=cpu",
-        "--tasks", TASK, "--include_path", str(tiny_vqa["tasks"]), "--batch_size", "4",
-        "--output_path", str(tmp_path / "out"), "--log_samples",
+        sys.executable,
+        "-m",
+        "lmms_eval",
+        "--model",
+        "flashvlm",
+        "--model_args",
+        f"pretrained={tiny_llava_folder},method=flashvlm,budget=25%,device=cpu",
+        "--tasks",
+        TASK,
+        "--include_path",
+        str(tiny_vqa["tasks"]),
+        "--batch_size",
+        "4",
+        "--output_path",
+        str(tmp_path / "out"),
+        "--log_samples",
     ]
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=600,
-                               env={**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "cache")})
+    completed = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "cache")},
+    )
     assert completed.returncode == 0, completed.stderr[-3000:]
     (results_file,) = (tmp_path / "out").rglob("*_results.json")
     results = json.loads(results_file.read_text())
@@ -209,15 +246,22 @@ def pruned_vlm(tiny_llava_folder):
 
 def test_a_batch_may_mix_text_only_and_image_rows(pruned_vlm, sample_image_file):
     image = load_image(sample_image_file)
-    docs = {0: {"question": "how many ?", "visuals": []}, 1: {"question": "what is the shape ?", "visuals": [image]},
-            2: {"question": "is it red ?", "visuals": [image, image]}}
+    docs = {
+        0: {"question": "how many ?", "visuals": []},
+        1: {"question": "what is the shape ?", "visuals": [image]},
+        2: {"question": "is it red ?", "visuals": [image, image]},
+    }
     pruned_vlm.task_dict = {"task": {"test": docs}}
     outputs = pruned_vlm.generate_until(requests_for(docs, {"max_new_tokens": 3, "until": ["\n\n"]}))
     assert len(outputs) == 3
     assert all(isinstance(output.text, str) for output in outputs)
     prompt_lengths = [
-        len(pruned_vlm.processor(images=doc["visuals"] or None, text=chat_prompt(pruned_vlm.processor, doc["question"],
-                                                                                  len(doc["visuals"])))["input_ids"][0])
+        len(
+            pruned_vlm.processor(
+                images=doc["visuals"] or None,
+                text=chat_prompt(pruned_vlm.processor, doc["question"], len(doc["visuals"])),
+            )["input_ids"][0]
+        )
         for doc in docs.values()
     ]
     # Each image's 64 placeholders become 8 kept tokens; the text-only row is unchanged.
@@ -247,13 +291,18 @@ def test_loglikelihood_keeping_every_token_equals_the_unpruned_model(tiny_llava_
     image = load_image(sample_image_file)
     docs = {0: {"question": "what is the color ?", "visuals": [image]}}
     full.task_dict = {"task": {"test": docs}}
-    request = Instance(request_type="loglikelihood",
-                       arguments=("what is the color ?", " red", lambda d: d["visuals"], 0, "task", "test"),
-                       idx=0, metadata={"task": "task", "doc_id": 0, "repeats": 1})
+    request = Instance(
+        request_type="loglikelihood",
+        arguments=("what is the color ?", " red", lambda d: d["visuals"], 0, "task", "test"),
+        idx=0,
+        metadata={"task": "task", "doc_id": 0, "repeats": 1},
+    )
     ((log_probability, greedy),) = full.loglikelihood([request])
 
     processor = full.processor
-    inputs = processor(images=[image], text=chat_prompt(processor, "what is the color ?", 1) + " red", return_tensors="pt")
+    inputs = processor(
+        images=[image], text=chat_prompt(processor, "what is the color ?", 1) + " red", return_tensors="pt"
+    )
     with torch.no_grad():
         logits = full.model(**inputs).logits
     target = processor.tokenizer(" red", add_special_tokens=False)["input_ids"]
@@ -290,7 +339,23 @@ def test_scoring_matches_lmms_eval_vqa_normalisation():
     from lmms_eval.tasks._task_utils.vqa_eval_metric import EvalAIAnswerProcessor
 
     processor = EvalAIAnswerProcessor()
-    for text in ["The Red.", "two", "black-white", "1,000 ", "yes!", "a dog", "1.5", "left of the cat?",
-                 "Unanswerable", "3 (three)", "x = y + z", "it's @home", "none", "e.g. this", "dont know", "t-shirt"]:
+    for text in [
+        "The Red.",
+        "two",
+        "black-white",
+        "1,000 ",
+        "yes!",
+        "a dog",
+        "1.5",
+        "left of the cat?",
+        "Unanswerable",
+        "3 (three)",
+        "x = y + z",
+        "it's @home",
+        "none",
+        "e.g. this",
+        "dont know",
+        "t-shirt",
+    ]:
         theirs = processor.process_digit_article(processor.process_punctuation(" ".join(text.split())))
         assert normalize_answer(text) == theirs, text

@@ -66,7 +66,9 @@ def test_task_writer_command_exits_2_on_a_bad_dataset(dataset_folder, capsys):
     path = write_jsonl(dataset_folder / "test.jsonl", [{"id": 1, "image": "images/a.png", "question": "q"}])
     assert jsonl_task.main([str(path), "--task", "t", "--out", str(dataset_folder / "tasks")]) == 2
     assert "test.jsonl line 1: missing field 'answer'" in capsys.readouterr().err
-    good = write_jsonl(dataset_folder / "good.jsonl", [{"id": 1, "image": "images/a.png", "question": "q", "answer": "a"}])
+    good = write_jsonl(
+        dataset_folder / "good.jsonl", [{"id": 1, "image": "images/a.png", "question": "q", "answer": "a"}]
+    )
     assert jsonl_task.main([str(good), "--task", "bad-name", "--out", str(dataset_folder / "tasks")]) == 2
     assert "task name must be letters" in capsys.readouterr().err
     assert jsonl_task.main([str(good), "--task", "good", "--out", str(dataset_folder / "tasks")]) == 0

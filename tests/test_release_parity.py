@@ -93,9 +93,7 @@ def llava_like_inputs(seed: int, batch: int, text_lengths: list[int], dtype=torc
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_release_preset_keeps_the_same_tokens_as_the_release(seed, budget):
     inputs, text_per_image = llava_like_inputs(seed, batch=3, text_lengths=[40, 40, 40])
-    expected = released_llava_selection(
-        inputs.features, inputs.saliency, inputs.projected, text_per_image, budget
-    )
+    expected = released_llava_selection(inputs.features, inputs.saliency, inputs.projected, text_per_image, budget)
     kept = get_method("flashvlm:release")(inputs, budget).indices
     assert torch.equal(kept, expected)
 

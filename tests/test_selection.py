@@ -91,7 +91,9 @@ def test_degenerate_inputs_give_no_nan(preset):
 
 def test_half_precision_inputs_are_scored_in_float32():
     inputs = random_inputs(5)
-    half = SelectionInputs(**{k: v.half() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in vars(inputs).items()})
+    half = SelectionInputs(
+        **{k: v.half() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in vars(inputs).items()}
+    )
     scores = FlashVLM().scores(half)
     assert scores.dtype == torch.float32 and not torch.isnan(scores).any()
     # In fp16 the sharpened relevance (t ** 2.5 of a softmax over tokens) underflows for

@@ -1,8 +1,8 @@
 """flashvlm: keep only the visual tokens that matter for the question.
 
-    import flashvlm
-    with flashvlm.prune(model, budget=64):
-        model.generate(**inputs)
+import flashvlm
+with flashvlm.prune(model, budget=64):
+    model.generate(**inputs)
 """
 
 from .adapters import adapter_for, supported_architectures

@@ -18,7 +18,9 @@ def model_view(image: Image.Image, size: int) -> Image.Image:
     """The square the vision tower sees: shortest edge resized to ``size``, centre-cropped (CLIP)."""
     width, height = image.size
     scale = size / min(width, height)
-    resized = image.convert("RGB").resize((max(size, round(width * scale)), max(size, round(height * scale))), Image.BICUBIC)
+    resized = image.convert("RGB").resize(
+        (max(size, round(width * scale)), max(size, round(height * scale))), Image.BICUBIC
+    )
     return ImageOps.fit(resized, (size, size), centering=(0.5, 0.5)) if resized.size != (size, size) else resized
 
 

@@ -26,11 +26,11 @@ def adapter_for(model: nn.Module, video_budget: str = "per_frame") -> ModelAdapt
         if adapter.serves(model):
             return adapter(model, video_budget=video_budget)
     kind = type(model).__name__
-    has_vision = any(hasattr(getattr(model, "model", model), name) for name in ("vision_tower", "visual", "vision_model"))
-    reason = "is not a vision-language model (it has no vision tower)" if not has_vision else "is not supported yet"
-    raise UnsupportedModelError(
-        f"{kind} {reason}; flashvlm supports: {', '.join(supported_architectures())}"
+    has_vision = any(
+        hasattr(getattr(model, "model", model), name) for name in ("vision_tower", "visual", "vision_model")
     )
+    reason = "is not a vision-language model (it has no vision tower)" if not has_vision else "is not supported yet"
+    raise UnsupportedModelError(f"{kind} {reason}; flashvlm supports: {', '.join(supported_architectures())}")
 
 
 __all__ = [

@@ -162,9 +162,7 @@ class LlavaAdapter(ModelAdapter):
         pruned_kwargs, new_mask = rebuild_model_kwargs(
             model_kwargs, keep, self.vision_only_kwargs, self.pad_token_id, outputs
         )
-        records = [
-            ImageSelection(row, num_tokens, choice.indices.cpu(), grid) for row, choice in zip(rows, choices)
-        ]
+        records = [ImageSelection(row, num_tokens, choice.indices.cpu(), grid) for row, choice in zip(rows, choices)]
         return PrunedInputs(pruned_kwargs, records, input_ids.shape[1], new_mask.shape[1])
 
 

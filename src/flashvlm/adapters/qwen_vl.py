@@ -96,9 +96,7 @@ class QwenVLAdapter(ModelAdapter):
         handles = []
         if need_saliency:
             handles.append(
-                attention.register_forward_pre_hook(
-                    lambda _m, _args, kwargs: captured.update(kwargs), with_kwargs=True
-                )
+                attention.register_forward_pre_hook(lambda _m, _args, kwargs: captured.update(kwargs), with_kwargs=True)
             )
             handles.append(attention.qkv.register_forward_hook(lambda _m, _a, out: captured.update(qkv=out)))
         try:
@@ -192,7 +190,7 @@ class QwenVLAdapter(ModelAdapter):
 
                 kept_per_item: dict[int, list[torch.Tensor]] = {}
                 keep_per_item: dict[int, list[torch.Tensor]] = {}
-                for (item, span, row, _, grid, unit_kind), unit, choice in zip(item_units, units, choices):
+                for (item, _span, row, _, grid, unit_kind), unit, choice in zip(item_units, units, choices):
                     tokens = (
                         self.project(choice.features) if choice.features is not None else unit.projected[choice.indices]
                     )
@@ -254,9 +252,7 @@ class QwenVLAdapter(ModelAdapter):
         )
         return positions
 
-    def _kept_positions(
-        self, model_kwargs: dict[str, Any], keep: torch.Tensor, new_mask: torch.Tensor
-    ) -> torch.Tensor:
+    def _kept_positions(self, model_kwargs: dict[str, Any], keep: torch.Tensor, new_mask: torch.Tensor) -> torch.Tensor:
         """Position ids (4, B, L') for the pruned prompt: the sequence positions it has, then
         the unpruned prompt's (t, h, w) M-RoPE positions at the kept tokens."""
         attention_mask = prompt_tensors(model_kwargs)[1]

@@ -138,8 +138,12 @@ def prefill_flops(
 
 
 def bipartite_diversity_flops(
-    num_candidates: int, num_keep: int, width: int, removal_step: int = 8,
-    removal_fraction: float | None = None, block_size: int | None = None,
+    num_candidates: int,
+    num_keep: int,
+    width: int,
+    removal_step: int = 8,
+    removal_fraction: float | None = None,
+    block_size: int | None = None,
 ) -> tuple[float, int]:
     """(FLOPs of the A x B similarities, rounds) of the bipartite diversity step.
 
@@ -152,7 +156,11 @@ def bipartite_diversity_flops(
     remaining, flops, rounds = num_candidates, 0.0, 0
     while remaining > num_keep and num_keep > 0:
         surplus = remaining - num_keep
-        drop = min(removal_step, surplus) if removal_fraction is None else min(math.ceil(removal_fraction * surplus), surplus)
+        drop = (
+            min(removal_step, surplus)
+            if removal_fraction is None
+            else min(math.ceil(removal_fraction * surplus), surplus)
+        )
         size_a, size_b = (remaining + 1) // 2, remaining // 2
         partners = size_b if block_size is None or remaining <= block_size else block_size // 2
         flops += 2.0 * size_a * partners * width
@@ -167,6 +175,10 @@ def flashvlm_diversity_flops(selector, num_tokens: int, num_keep: int, width: in
         return None
     num_important = int(selector.important_ratio * num_keep)
     return bipartite_diversity_flops(
-        num_tokens - num_important, num_keep - num_important, width, selector.removal_step,
-        selector.removal_fraction, selector.diversity_block,
+        num_tokens - num_important,
+        num_keep - num_important,
+        width,
+        selector.removal_step,
+        selector.removal_fraction,
+        selector.diversity_block,
     )

@@ -330,9 +330,14 @@ def _qwen_link_widths(config) -> None:
 
 
 FAMILIES: dict[str, Family] = {
-    "llava": Family("llava", llava_inputs, shrink_vision_layers=_clip_shrink_layers, shrink_vision_width=_clip_shrink_width),
+    "llava": Family(
+        "llava", llava_inputs, shrink_vision_layers=_clip_shrink_layers, shrink_vision_width=_clip_shrink_width
+    ),
     "llava_next": Family(
-        "llava_next", llava_next_inputs, shrink_vision_layers=_clip_shrink_layers, shrink_vision_width=_clip_shrink_width
+        "llava_next",
+        llava_next_inputs,
+        shrink_vision_layers=_clip_shrink_layers,
+        shrink_vision_width=_clip_shrink_width,
     ),
     "qwen2_5_vl": Family(
         "qwen2_5_vl",

@@ -153,7 +153,10 @@ def _generate_once(model, inputs: SyntheticInputs, new_tokens: int, pruner, devi
             pruner.selector = timed_selector.selector
     vision_start = stamps.get("vision_start")
     if timed_selector is not None and timed_selector.started_at is not None:
-        vision_end, selection_ms = timed_selector.started_at, 1000 * (timed_selector.ended_at - timed_selector.started_at)
+        vision_end, selection_ms = (
+            timed_selector.started_at,
+            1000 * (timed_selector.ended_at - timed_selector.started_at),
+        )
         handoff_ms = 1000 * (timer.prefill_started_at - timed_selector.ended_at)
     else:
         vision_end, selection_ms, handoff_ms = timer.prefill_started_at, None, None
@@ -194,8 +197,16 @@ class Case:
 
 
 def measure_case(
-    model, inputs: SyntheticInputs, method: str | None, budget: Budget | None, *, repeats: int, warmup: int,
-    new_tokens: int, device: torch.device, measure_cpu_memory: bool,
+    model,
+    inputs: SyntheticInputs,
+    method: str | None,
+    budget: Budget | None,
+    *,
+    repeats: int,
+    warmup: int,
+    new_tokens: int,
+    device: torch.device,
+    measure_cpu_memory: bool,
 ) -> Case:
     """Warm-up runs, then ``repeats`` timed runs of one case (a pruner attached for its duration)."""
     case = Case(method, budget)
@@ -238,9 +249,9 @@ def summarise(case: Case, baseline: Case | None, config, inputs: SyntheticInputs
         "ttft_ms": _median([run.ttft_ms for run in runs]),
         "decode_tokens_per_s": _median([run.decode_tokens_per_s for run in runs]),
         "peak_memory_bytes": int(peak) if peak is not None else case.cpu_peak_memory_bytes,
-        "peak_memory_source": "cuda_max_allocated" if peak is not None else (
-            "cpu_live_tensors" if case.cpu_peak_memory_bytes is not None else None
-        ),
+        "peak_memory_source": "cuda_max_allocated"
+        if peak is not None
+        else ("cpu_live_tensors" if case.cpu_peak_memory_bytes is not None else None),
         "kv_cache_bytes": kv_cache_bytes(config.text_config, prompt_length, inputs.num_images, dtype),
         "flops_vision": flops.vision,
         "flops_projector": flops.projector,
@@ -274,14 +285,25 @@ def pruning_support(model) -> str | None:
 
 
 def run_prefill_benchmark(
-    model, config, inputs: SyntheticInputs, methods: list[str], budgets: list[Budget], *, repeats: int,
-    warmup: int, new_tokens: int, device: torch.device, dtype: torch.dtype, measure_cpu_memory: bool = False,
+    model,
+    config,
+    inputs: SyntheticInputs,
+    methods: list[str],
+    budgets: list[Budget],
+    *,
+    repeats: int,
+    warmup: int,
+    new_tokens: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    measure_cpu_memory: bool = False,
     progress: Callable[[str], None] = lambda message: None,
 ) -> tuple[list[dict], list[str]]:
     """The unpruned model, then every method at every budget. Returns (rows, skip messages)."""
     skipped: list[str] = []
-    settings = dict(repeats=repeats, warmup=warmup, new_tokens=new_tokens, device=device,
-                    measure_cpu_memory=measure_cpu_memory)
+    settings = dict(
+        repeats=repeats, warmup=warmup, new_tokens=new_tokens, device=device, measure_cpu_memory=measure_cpu_memory
+    )
     progress("unpruned")
     baseline = measure_case(model, inputs, None, None, **settings)
     rows = [summarise(baseline, baseline, config, inputs, dtype)]

@@ -67,9 +67,22 @@ def render_table(headers: list[str], rows: list[list[str]], markdown: bool) -> s
 
 
 PREFILL_HEADERS = [
-    "method", "budget", "kept", "LM positions", "vision ms", "selection ms", "LM prefill ms", "TTFT ms",
-    "decode tok/s", "peak MiB", "KV MiB", "prefill GFLOPs (V+P+LM)", "ideal ×", "measured ×",
-    "measured/ideal", "selection / unpruned prefill",
+    "method",
+    "budget",
+    "kept",
+    "LM positions",
+    "vision ms",
+    "selection ms",
+    "LM prefill ms",
+    "TTFT ms",
+    "decode tok/s",
+    "peak MiB",
+    "KV MiB",
+    "prefill GFLOPs (V+P+LM)",
+    "ideal ×",
+    "measured ×",
+    "measured/ideal",
+    "selection / unpruned prefill",
 ]
 
 
@@ -77,14 +90,26 @@ def prefill_table(report: dict, markdown: bool = False) -> str:
     rows = []
     for row in report["rows"]:
         flops = f"{row['flops_vision'] / 1e9:,.1f}+{row['flops_projector'] / 1e9:,.1f}+{row['flops_language_model'] / 1e9:,.1f}"
-        rows.append([
-            row["method"], _format(row["budget"]), str(row["kept_tokens"]), str(row["prompt_length"]),
-            _format(row["vision_ms"]), _format(row["selection_ms"], 2), _format(row["prefill_ms"]),
-            _format(row["ttft_ms"]), _format(row["decode_tokens_per_s"]), _mib(row["peak_memory_bytes"]),
-            _mib(row["kv_cache_bytes"]), flops, _times(row["ideal_prefill_speedup"]),
-            _times(row.get("prefill_speedup")), _format(row.get("speedup_vs_ideal"), 2),
-            _percent(row.get("selection_share_of_unpruned_prefill")),
-        ])
+        rows.append(
+            [
+                row["method"],
+                _format(row["budget"]),
+                str(row["kept_tokens"]),
+                str(row["prompt_length"]),
+                _format(row["vision_ms"]),
+                _format(row["selection_ms"], 2),
+                _format(row["prefill_ms"]),
+                _format(row["ttft_ms"]),
+                _format(row["decode_tokens_per_s"]),
+                _mib(row["peak_memory_bytes"]),
+                _mib(row["kv_cache_bytes"]),
+                flops,
+                _times(row["ideal_prefill_speedup"]),
+                _times(row.get("prefill_speedup")),
+                _format(row.get("speedup_vs_ideal"), 2),
+                _percent(row.get("selection_share_of_unpruned_prefill")),
+            ]
+        )
     return render_table(PREFILL_HEADERS, rows, markdown)
 
 
@@ -100,8 +125,15 @@ def prefill_header(report: dict) -> list[str]:
 
 
 SELECTION_HEADERS = [
-    "method", "N", "K", "selection ms", "peak MiB", "diversity rounds", "diversity GFLOPs",
-    "LM prefill of kept (est.) ms", "selection / LM prefill",
+    "method",
+    "N",
+    "K",
+    "selection ms",
+    "peak MiB",
+    "diversity rounds",
+    "diversity GFLOPs",
+    "LM prefill of kept (est.) ms",
+    "selection / LM prefill",
 ]
 
 
@@ -109,11 +141,19 @@ def selection_table(report: dict, markdown: bool = False) -> str:
     rows = []
     for row in report["rows"]:
         selection = _format(row["selection_ms"], 2) + (" (extrapolated)" if row["extrapolated"] else "")
-        rows.append([
-            row["method"], f"{row['tokens']:,}", f"{row['kept']:,}", selection, _mib(row.get("peak_memory_bytes")),
-            _format(row.get("diversity_rounds")), _format(row.get("diversity_gflops"), 2),
-            _format(row["lm_prefill_of_kept_estimate_ms"]), _percent(row["selection_share_of_lm_prefill"]),
-        ])
+        rows.append(
+            [
+                row["method"],
+                f"{row['tokens']:,}",
+                f"{row['kept']:,}",
+                selection,
+                _mib(row.get("peak_memory_bytes")),
+                _format(row.get("diversity_rounds")),
+                _format(row.get("diversity_gflops"), 2),
+                _format(row["lm_prefill_of_kept_estimate_ms"]),
+                _percent(row["selection_share_of_lm_prefill"]),
+            ]
+        )
     table = render_table(SELECTION_HEADERS, rows, markdown)
     lines = []
     for fit in report["fits"]:

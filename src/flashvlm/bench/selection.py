@@ -13,6 +13,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 
 import torch
 
@@ -30,8 +31,13 @@ DEFAULT_TOKEN_COUNTS = (576, 2_880, 10_000, 50_000)
 
 
 def selection_inputs(
-    num_tokens: int, vision_width: int, lm_width: int, text_tokens: int, device: torch.device,
-    dtype: torch.dtype, seed: int = 0,
+    num_tokens: int,
+    vision_width: int,
+    lm_width: int,
+    text_tokens: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    seed: int = 0,
 ) -> SelectionInputs:
     """One image of ``num_tokens`` tokens with every input a method may ask for."""
     generator = torch.Generator().manual_seed(seed)
@@ -85,9 +91,19 @@ def gemm_flops_per_second(width: int, inner: int, rows: int, device: torch.devic
 
 
 def selection_scaling(
-    methods: list[str], token_counts: list[int], text_config, vision_width: int, *, text_tokens: int,
-    device: torch.device, dtype: torch.dtype, repeats: int, warmup: int, max_seconds: float,
-    measure_memory: bool, progress: Callable[[str], None] = lambda message: None,
+    methods: list[str],
+    token_counts: list[int],
+    text_config,
+    vision_width: int,
+    *,
+    text_tokens: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    repeats: int,
+    warmup: int,
+    max_seconds: float,
+    measure_memory: bool,
+    progress: Callable[[str], None] = lambda message: None,
 ) -> tuple[list[dict], list[dict], list[str]]:
     """Time (and peak memory of) every method at every N with K = N // 9.
 
@@ -109,18 +125,31 @@ def selection_scaling(
             num_keep = max(1, num_tokens // 9)
             lm_ms = 1000 * decoder_prefill_flops(text_config, text_tokens + num_keep) / rate
             diversity = flashvlm_diversity_flops(selector, num_tokens, num_keep, vision_width)
-            row = {"method": method_name, "tokens": num_tokens, "kept": num_keep,
-                   "lm_prefill_of_kept_estimate_ms": lm_ms,
-                   "diversity_gflops": diversity[0] / 1e9 if diversity else None,
-                   "diversity_rounds": diversity[1] if diversity else None}
+            row = {
+                "method": method_name,
+                "tokens": num_tokens,
+                "kept": num_keep,
+                "lm_prefill_of_kept_estimate_ms": lm_ms,
+                "diversity_gflops": diversity[0] / 1e9 if diversity else None,
+                "diversity_rounds": diversity[1] if diversity else None,
+            }
             if stop_reason is not None:
                 last = last_measured_row
                 if diversity and last.get("diversity_gflops"):
                     seconds = measured_s[-1] * row["diversity_gflops"] / last["diversity_gflops"]
                 else:
-                    seconds = measured_s[-1] * (num_tokens / measured_n[-1]) ** (fit_exponent(measured_n, measured_s) or 2.0)
-                rows.append({**row, "selection_ms": 1000 * seconds, "extrapolated": True, "note": stop_reason,
-                             "selection_share_of_lm_prefill": 1000 * seconds / lm_ms})
+                    seconds = measured_s[-1] * (num_tokens / measured_n[-1]) ** (
+                        fit_exponent(measured_n, measured_s) or 2.0
+                    )
+                rows.append(
+                    {
+                        **row,
+                        "selection_ms": 1000 * seconds,
+                        "extrapolated": True,
+                        "note": stop_reason,
+                        "selection_share_of_lm_prefill": 1000 * seconds / lm_ms,
+                    }
+                )
                 continue
             progress(f"{method_name} N={num_tokens}")
             inputs = selection_inputs(num_tokens, vision_width, lm_width, text_tokens, device, dtype)
@@ -135,31 +164,47 @@ def selection_scaling(
                 seconds, note = first_call, f"one call took {first_call:.1f} s > --max-seconds {max_seconds:g}"
                 stop_reason = f"not run: N={num_tokens} already took {first_call:.1f} s; extrapolated"
             else:
-                seconds = median_seconds(lambda: selector(inputs, num_keep), repeats, max(0, warmup - 1), device)
+                seconds = median_seconds(partial(selector, inputs, num_keep), repeats, max(0, warmup - 1), device)
                 note = None
             memory = None
             if measure_memory and stop_reason is None:
-                memory = peak_memory_bytes(lambda: selector(inputs, num_keep), device)
+                memory = peak_memory_bytes(partial(selector, inputs, num_keep), device)
             measured_n.append(num_tokens)
             measured_s.append(seconds)
-            last_measured_row = {**row, "selection_ms": 1000 * seconds, "extrapolated": False, "note": note,
-                                 "peak_memory_bytes": memory, "selection_share_of_lm_prefill": 1000 * seconds / lm_ms}
+            last_measured_row = {
+                **row,
+                "selection_ms": 1000 * seconds,
+                "extrapolated": False,
+                "note": note,
+                "peak_memory_bytes": memory,
+                "selection_share_of_lm_prefill": 1000 * seconds / lm_ms,
+            }
             rows.append(last_measured_row)
         if measured_n:
             method_rows = [row for row in rows if row["method"] == method_name and row["diversity_gflops"]]
-            fits.append({
-                "method": method_name,
-                "exponent": fit_exponent(measured_n, measured_s),
-                "fitted_on": measured_n,
-                "diversity_flops_exponent": fit_exponent(
-                    [row["tokens"] for row in method_rows[-2:]], [row["diversity_gflops"] for row in method_rows[-2:]]
-                ),
-            })
+            fits.append(
+                {
+                    "method": method_name,
+                    "exponent": fit_exponent(measured_n, measured_s),
+                    "fitted_on": measured_n,
+                    "diversity_flops_exponent": fit_exponent(
+                        [row["tokens"] for row in method_rows[-2:]],
+                        [row["diversity_gflops"] for row in method_rows[-2:]],
+                    ),
+                }
+            )
     return rows, fits, skipped
 
 
 def tower_saliency_overhead(
-    config, scale: dict, *, batch: int, device: torch.device, dtype: torch.dtype, repeats: int, warmup: int,
+    config,
+    scale: dict,
+    *,
+    batch: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    repeats: int,
+    warmup: int,
     measure_memory: bool,
 ) -> dict:
     """The vision tower four ways, on ``batch`` random images:

@@ -32,16 +32,23 @@ from ..selection import available_methods, get_method, parse_budget
 def add_common_bench_arguments(parser: argparse.ArgumentParser, default_repeats: int) -> None:
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, float16, bfloat16")
-    parser.add_argument("--repeats", type=int, default=default_repeats, help=f"timed runs per case (default {default_repeats})")
+    parser.add_argument(
+        "--repeats", type=int, default=default_repeats, help=f"timed runs per case (default {default_repeats})"
+    )
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs before them (default 1)")
     parser.add_argument(
-        "--scale", nargs="*", default=[], metavar="KEY=VALUE",
+        "--scale",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
         help=f"shrink the model for a CPU: a preset ({', '.join(SCALE_PRESETS)}) or lm_layers=N vision_layers=N "
         "width=F (fraction of hidden sizes); token counts are never scaled (default: full size)",
     )
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     parser.add_argument("--json", metavar="OUT", help="write every figure as JSON")
-    parser.add_argument("--markdown", metavar="OUT", help="write (or replace) this benchmark's section of a Markdown file")
+    parser.add_argument(
+        "--markdown", metavar="OUT", help="write (or replace) this benchmark's section of a Markdown file"
+    )
 
 
 def check_count(name: str, value: int, low: int) -> None:
@@ -66,18 +73,27 @@ def add_parser(subparsers) -> None:
         "bytes and analytic FLOPs of a VLM per method x budget, against the unpruned model and the ideal speed-up.",
     )
     parser.add_argument(
-        "--model", default="llava-1.5-7b",
+        "--model",
+        default="llava-1.5-7b",
         help=f"a shipped config ({', '.join(SHIPPED_CONFIGS)}), a config.json, or a model folder "
         "(its weights are loaded when present and no --scale is given; otherwise random weights)",
     )
-    parser.add_argument("--methods", nargs="+", default=None, help="methods (NAME or NAME:PRESET); default: every registered method")
-    parser.add_argument("--budgets", nargs="+", default=["64", "128", "192"], help="visual tokens kept per image (default 64 128 192)")
+    parser.add_argument(
+        "--methods", nargs="+", default=None, help="methods (NAME or NAME:PRESET); default: every registered method"
+    )
+    parser.add_argument(
+        "--budgets", nargs="+", default=["64", "128", "192"], help="visual tokens kept per image (default 64 128 192)"
+    )
     add_common_bench_arguments(parser, default_repeats=5)
     parser.add_argument("--batch-size", type=int, default=1, help="rows, one image each (default 1)")
     parser.add_argument("--new-tokens", type=int, default=16, help="tokens generated per row (default 16)")
-    parser.add_argument("--text-tokens", type=int, default=40, help="text tokens of the prompt besides the image (default 40)")
+    parser.add_argument(
+        "--text-tokens", type=int, default=40, help="text tokens of the prompt besides the image (default 40)"
+    )
     parser.add_argument("--attn", default="sdpa", help="attention implementation of the model (default sdpa)")
-    parser.add_argument("--cpu-memory", action="store_true", help="on CPU, one extra run per case to track peak tensor memory")
+    parser.add_argument(
+        "--cpu-memory", action="store_true", help="on CPU, one extra run per case to track peak tensor memory"
+    )
     parser.set_defaults(run=run)
 
 
@@ -100,8 +116,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"  measuring {message}", file=sys.stderr, flush=True)
 
     rows, skipped = run_prefill_benchmark(
-        model, config, inputs, methods, budgets, repeats=args.repeats, warmup=args.warmup,
-        new_tokens=args.new_tokens, device=device, dtype=dtype, measure_cpu_memory=args.cpu_memory,
+        model,
+        config,
+        inputs,
+        methods,
+        budgets,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        new_tokens=args.new_tokens,
+        device=device,
+        dtype=dtype,
+        measure_cpu_memory=args.cpu_memory,
         progress=progress,
     )
     report = {
@@ -132,13 +157,15 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         write_json(args.json, report)
     if args.markdown:
-        body = "\n\n".join([
-            f"## Prefill: {args.model}" + (f" (SCALED: {' '.join(args.scale)})" if scale else ""),
-            f"```bash\n{report['command']}\n```",
-            "\n".join(f"- {line}" for line in prefill_header(report)),
-            prefill_table(report, markdown=True),
-            "\n".join(f"- skipped: {message}" for message in skipped),
-        ])
+        body = "\n\n".join(
+            [
+                f"## Prefill: {args.model}" + (f" (SCALED: {' '.join(args.scale)})" if scale else ""),
+                f"```bash\n{report['command']}\n```",
+                "\n".join(f"- {line}" for line in prefill_header(report)),
+                prefill_table(report, markdown=True),
+                "\n".join(f"- skipped: {message}" for message in skipped),
+            ]
+        )
         scale_tag = "-".join(args.scale) if args.scale else "full"
         update_markdown_section(args.markdown, f"prefill-{args.model}-{scale_tag}", body)
     return 0
@@ -147,10 +174,16 @@ def run(args: argparse.Namespace) -> int:
 def _argv(args: argparse.Namespace) -> list[str]:
     """The options of this run, spelled as on the command line (for the report)."""
     words = ["--model", args.model, "--methods", *(args.methods or available_methods()), "--budgets", *args.budgets]
-    for flag, value in (("--device", args.device), ("--dtype", args.dtype), ("--repeats", args.repeats),
-                        ("--warmup", args.warmup), ("--batch-size", args.batch_size),
-                        ("--new-tokens", args.new_tokens), ("--text-tokens", args.text_tokens),
-                        ("--threads", args.threads)):
+    for flag, value in (
+        ("--device", args.device),
+        ("--dtype", args.dtype),
+        ("--repeats", args.repeats),
+        ("--warmup", args.warmup),
+        ("--batch-size", args.batch_size),
+        ("--new-tokens", args.new_tokens),
+        ("--text-tokens", args.text_tokens),
+        ("--threads", args.threads),
+    ):
         if value is not None:
             words += [flag, str(value)]
     if args.scale:

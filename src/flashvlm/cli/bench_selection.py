@@ -39,15 +39,31 @@ def add_parser(subparsers) -> None:
         "compare the vision tower with flashvlm's saliency extraction against full attention maps.",
     )
     parser.add_argument(
-        "--model", default="llava-1.5-7b",
+        "--model",
+        default="llava-1.5-7b",
         help=f"config whose widths the selection inputs take and whose tower is compared ({', '.join(SHIPPED_CONFIGS)}, "
         "or a config.json / model folder)",
     )
-    parser.add_argument("--methods", nargs="+", default=None, help="methods (NAME or NAME:PRESET); default: all, plus flashvlm:fast_diversity")
-    parser.add_argument("--tokens", nargs="+", type=int, default=list(DEFAULT_TOKEN_COUNTS), help="N values (default 576 2880 10000 50000)")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        help="methods (NAME or NAME:PRESET); default: all, plus flashvlm:fast_diversity",
+    )
+    parser.add_argument(
+        "--tokens",
+        nargs="+",
+        type=int,
+        default=list(DEFAULT_TOKEN_COUNTS),
+        help="N values (default 576 2880 10000 50000)",
+    )
     parser.add_argument("--text-tokens", type=int, default=40, help="prompt text tokens (default 40)")
-    parser.add_argument("--max-seconds", type=float, default=20.0,
-                        help="a method whose one call takes longer is not run at larger N (extrapolated instead; default 20)")
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        default=20.0,
+        help="a method whose one call takes longer is not run at larger N (extrapolated instead; default 20)",
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     parser.add_argument("--no-tower", action="store_true", help="skip the vision-tower comparison")
     parser.add_argument("--tower-batch", type=int, default=1, help="images per tower call (default 1)")
@@ -77,16 +93,29 @@ def run(args: argparse.Namespace) -> int:
     # Selection runs at the real widths: it is cheap enough everywhere, and its share of the
     # prefill is what the goals are about.
     rows, fits, skipped = selection_scaling(
-        methods, sorted(args.tokens), real_config.text_config, real_config.vision_config.hidden_size,
-        text_tokens=args.text_tokens, device=device, dtype=dtype, repeats=args.repeats, warmup=args.warmup,
-        max_seconds=args.max_seconds, measure_memory=not args.no_memory, progress=progress,
+        methods,
+        sorted(args.tokens),
+        real_config.text_config,
+        real_config.vision_config.hidden_size,
+        text_tokens=args.text_tokens,
+        device=device,
+        dtype=dtype,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        max_seconds=args.max_seconds,
+        measure_memory=not args.no_memory,
+        progress=progress,
     )
     report = {
         "command": "flashvlm bench-selection " + shlex.join(_argv(args, methods)),
         "machine": machine_description(device),
-        "model": {"name": args.model, "dtype": str(dtype).removeprefix("torch."),
-                  "vision_width": real_config.vision_config.hidden_size,
-                  "lm_width": real_config.text_config.hidden_size, "text_tokens": args.text_tokens},
+        "model": {
+            "name": args.model,
+            "dtype": str(dtype).removeprefix("torch."),
+            "vision_width": real_config.vision_config.hidden_size,
+            "lm_width": real_config.text_config.hidden_size,
+            "text_tokens": args.text_tokens,
+        },
         "lm_prefill_estimate": "analytic FLOPs of the full-size LM prefill of text + K tokens / the measured rate "
         "of an LM-shaped matmul on this device: a lower bound on the real prefill time",
         "rows": rows,
@@ -98,8 +127,14 @@ def run(args: argparse.Namespace) -> int:
         progress("vision tower")
         try:
             tower = tower_saliency_overhead(
-                real_config, scale, batch=args.tower_batch, device=device, dtype=dtype, repeats=args.repeats,
-                warmup=args.warmup, measure_memory=not args.no_memory,
+                real_config,
+                scale,
+                batch=args.tower_batch,
+                device=device,
+                dtype=dtype,
+                repeats=args.repeats,
+                warmup=args.warmup,
+                measure_memory=not args.no_memory,
             )
             tower["shape"] = describe_shape(scale_config(real_config, scale), scale, real_config).split("; ")[-1]
             report["tower"] = tower
@@ -129,8 +164,10 @@ def run(args: argparse.Namespace) -> int:
             selection_table(report, markdown=True),
         ]
         if report["tower"]:
-            parts += [f"### Vision tower: saliency vs attention maps ({report['tower']['shape']})",
-                      tower_table(report["tower"], markdown=True)]
+            parts += [
+                f"### Vision tower: saliency vs attention maps ({report['tower']['shape']})",
+                tower_table(report["tower"], markdown=True),
+            ]
         parts.append("\n".join(f"- skipped: {message}" for message in skipped))
         update_markdown_section(args.markdown, f"selection-{args.model}-{device.type}", "\n\n".join(parts))
     return 0
@@ -138,9 +175,15 @@ def run(args: argparse.Namespace) -> int:
 
 def _argv(args: argparse.Namespace, methods: list[str]) -> list[str]:
     words = ["--model", args.model, "--methods", *methods, "--tokens", *map(str, args.tokens)]
-    for flag, value in (("--device", args.device), ("--dtype", args.dtype), ("--repeats", args.repeats),
-                        ("--warmup", args.warmup), ("--max-seconds", args.max_seconds),
-                        ("--tower-batch", args.tower_batch), ("--threads", args.threads)):
+    for flag, value in (
+        ("--device", args.device),
+        ("--dtype", args.dtype),
+        ("--repeats", args.repeats),
+        ("--warmup", args.warmup),
+        ("--max-seconds", args.max_seconds),
+        ("--tower-batch", args.tower_batch),
+        ("--threads", args.threads),
+    ):
         if value is not None:
             words += [flag, str(value)]
     if args.scale:

@@ -97,7 +97,12 @@ def run(args: argparse.Namespace) -> int:
     # One untimed batch first, so one-off start-up costs are charged to no method.
     evaluate(model, processor, examples[: args.batch_size], REFERENCE, 1, max_new_tokens=1, progress=False)
     runs = [(REFERENCE, "all", 1)]
-    runs += [(method, text, budget) for method in methods if method != REFERENCE for text, budget in zip(budget_texts, budgets)]
+    runs += [
+        (method, text, budget)
+        for method in methods
+        if method != REFERENCE
+        for text, budget in zip(budget_texts, budgets)
+    ]
     summaries: list[RunSummary] = []
     with open(out / "predictions.jsonl", "w", encoding="utf-8") as predictions:
         for method, budget_text, budget in tqdm(runs, desc="methods x budgets", unit="run", disable=args.no_progress):
@@ -129,5 +134,7 @@ def run(args: argparse.Namespace) -> int:
     write_csv(summaries, out / "compare.csv")
     plot_accuracy(summaries[1:], reference, out / "accuracy_vs_budget.png")
     print((out / "compare.md").read_text(encoding="utf-8"))
-    print(f"wrote {out / 'compare.md'}, {out / 'compare.csv'}, {out / 'accuracy_vs_budget.png'}, {out / 'predictions.jsonl'}")
+    print(
+        f"wrote {out / 'compare.md'}, {out / 'compare.csv'}, {out / 'accuracy_vs_budget.png'}, {out / 'predictions.jsonl'}"
+    )
     return 0

@@ -30,7 +30,9 @@ def add_parser(subparsers) -> None:
             "print both answers and prefill times, and write a PNG of the kept tokens."
         ),
     )
-    parser.add_argument("--model", default=str(MODEL_DIR), help="model folder or hub id (default: the shipped demo model)")
+    parser.add_argument(
+        "--model", default=str(MODEL_DIR), help="model folder or hub id (default: the shipped demo model)"
+    )
     parser.add_argument(
         "--example", default=None, help=f"shipped example name (default: the first in {EXAMPLES_DIR / 'examples.json'})"
     )
@@ -96,7 +98,9 @@ def run(args: argparse.Namespace) -> int:
     selection_ms = 1000.0 * pruner.last_selection_seconds
 
     print(f"question: {question}" + (f"   (expected: {expected})" if expected else ""))
-    print(f"full:   {full_answer!r:<12} {selection.num_tokens} visual tokens, prefill {1000 * full.prefill_seconds:.1f} ms")
+    print(
+        f"full:   {full_answer!r:<12} {selection.num_tokens} visual tokens, prefill {1000 * full.prefill_seconds:.1f} ms"
+    )
     share = 100.0 * selection.num_kept / selection.num_tokens
     print(
         f"pruned: {pruned_answer!r:<12} {selection.num_kept} visual tokens ({share:.1f}%, {args.method}), "
@@ -112,8 +116,10 @@ def run(args: argparse.Namespace) -> int:
     figure = side_by_side(
         [
             (enlarged, f"all {selection.num_tokens} tokens: {full_answer}"),
-            (draw_kept_tokens(view, selection.keep_indices.tolist(), grid, scale=scale),
-             f"{args.method}, {selection.num_kept} tokens: {pruned_answer}"),
+            (
+                draw_kept_tokens(view, selection.keep_indices.tolist(), grid, scale=scale),
+                f"{args.method}, {selection.num_kept} tokens: {pruned_answer}",
+            ),
         ]
     )
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,9 @@ def diagnose(model, processor, size: int = 64, seed: int = 0, temperature: float
     word_weight: Counter = Counter()
     visual_norms, word_norms, pairwise, queried_cos, other_cos = [], [], [], [], []
     for index, example in enumerate(split_examples("validation", size, seed)):
-        inputs = processor(images=[example.render()], text=chat_prompt(processor, example.question), return_tensors="pt")
+        inputs = processor(
+            images=[example.render()], text=chat_prompt(processor, example.question), return_tensors="pt"
+        )
         with torch.no_grad():
             visual = projector(image_features(model, inputs["pixel_values"]))[0]  # (N, D)
             ids = inputs["input_ids"][0]

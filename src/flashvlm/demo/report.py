@@ -72,8 +72,15 @@ def run_report(model, processor, examples: Sequence[Example], methods: Sequence[
 
 def markdown(rows, command: str, examples: int) -> str:
     percent = lambda value: "–" if value is None else f"{100 * value:.1f}"  # noqa: E731
-    header = ["method", "tokens", "accuracy %", "% of unpruned", *[f"{family} %" for family in FAMILIES],
-              "queried hit %", "other hit %"]
+    header = [
+        "method",
+        "tokens",
+        "accuracy %",
+        "% of unpruned",
+        *[f"{family} %" for family in FAMILIES],
+        "queried hit %",
+        "other hit %",
+    ]
     lines = [
         MARKER,
         f"Test split, {examples} questions, greedy answers; regenerate with `{command}`.",
@@ -83,14 +90,18 @@ def markdown(rows, command: str, examples: int) -> str:
     ]
     for summary, queried, other in rows:
         if summary.unavailable:
-            lines.append(f"| {summary.method} | {summary.budget} | not available: {summary.unavailable} |" + " |" * (len(header) - 3))
+            lines.append(
+                f"| {summary.method} | {summary.budget} | not available: {summary.unavailable} |"
+                + " |" * (len(header) - 3)
+            )
             continue
         family = [percent(summary.family_accuracy.get(name)) for name in FAMILIES]
         relative = "100" if summary.method == "none" else percent(summary.relative)
         tokens = "256" if summary.method == "none" else summary.budget
         lines.append(
             f"| {summary.method} | {tokens} | {percent(summary.accuracy)} | {relative} | "
-            + " | ".join(family) + f" | {percent(queried)} | {percent(other)} |"
+            + " | ".join(family)
+            + f" | {percent(queried)} | {percent(other)} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -102,8 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=str(MODEL_DIR), help="model folder (default: the shipped demo model)")
     parser.add_argument("--data", help="an exported test split (JSONL); default: export one to a temporary folder")
     parser.add_argument("--size", type=int, default=400, help="questions when exporting (default 400)")
-    parser.add_argument("--methods", default=",".join(m for m in available_methods() if m != "none"),
-                        help="comma-separated methods (default: every registered method)")
+    parser.add_argument(
+        "--methods",
+        default=",".join(m for m in available_methods() if m != "none"),
+        help="comma-separated methods (default: every registered method)",
+    )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--out", help="Markdown file to write (default: print)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")

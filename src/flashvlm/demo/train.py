@@ -148,22 +148,33 @@ class StageData(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         rng = example_rng(self.seed, self.stage, index)
         example = make_example(rng, rng.choice(FAMILIES))
-        if self.stage == "lm" and example_rng(self.seed, "lm-grid", index // self.batch_size).random() < self.grid_share:
+        if (
+            self.stage == "lm"
+            and example_rng(self.seed, "lm-grid", index // self.batch_size).random() < self.grid_share
+        ):
             return self.grid_text(example, rng)
         if self.stage == "lm":
             # A quarter of the texts ask for the description back: the copying that ``align`` relies on.
-            question, answer = (DESCRIBE, caption(example.objects)) if rng.random() < 0.25 else (
-                example.question,
-                example.answer,
+            question, answer = (
+                (DESCRIBE, caption(example.objects))
+                if rng.random() < 0.25
+                else (
+                    example.question,
+                    example.answer,
+                )
             )
             ids = self.encode(f"USER: {caption(example.objects)}\n{question} ASSISTANT: {answer}")
             ids = ids + [self.eos_id]
             return {"ids": ids, "labels": [-100] + ids[1:]}
         if self.stage == "clip":
             return {"pixels": pixel_tensor([example.render()])[0], **self.phrases(example, rng)}
-        question, answer = (DESCRIBE, caption(example.objects)) if self.stage == "align" else (
-            example.question,
-            example.answer,
+        question, answer = (
+            (DESCRIBE, caption(example.objects))
+            if self.stage == "align"
+            else (
+                example.question,
+                example.answer,
+            )
         )
         prompt = self.prompt_ids(question)
         target = self.encode(answer)[1:] + [self.eos_id]
@@ -181,9 +192,13 @@ class StageData(torch.utils.data.Dataset):
         LM learns to answer from a grid of word-like tokens before it meets projected
         image tokens. The loss is on the answer only.
         """
-        question, answer = (DESCRIBE, caption(example.objects)) if rng.random() < 0.25 else (
-            example.question,
-            example.answer,
+        question, answer = (
+            (DESCRIBE, caption(example.objects))
+            if rng.random() < 0.25
+            else (
+                example.question,
+                example.answer,
+            )
         )
         grid = [[0, 0, 0] for _ in range(GRID * GRID)]
         for obj in example.objects:  # later objects are drawn on top
@@ -235,10 +250,16 @@ def collate(samples: list[dict]) -> dict:
 
 def batches(stage: str, seed: int, plan: StagePlan, start_step: int, workers: int, grid_share: float = 0.0):
     """Batches ``start_step .. plan.steps - 1`` of a stage, in order."""
-    indices = [list(range(step * plan.batch_size, (step + 1) * plan.batch_size)) for step in range(start_step, plan.steps)]
+    indices = [
+        list(range(step * plan.batch_size, (step + 1) * plan.batch_size)) for step in range(start_step, plan.steps)
+    ]
     loader = torch.utils.data.DataLoader(
-        StageData(stage, seed, plan.batch_size, grid_share), batch_sampler=indices, collate_fn=collate, num_workers=workers,
-        persistent_workers=False, prefetch_factor=4 if workers else None,
+        StageData(stage, seed, plan.batch_size, grid_share),
+        batch_sampler=indices,
+        collate_fn=collate,
+        num_workers=workers,
+        persistent_workers=False,
+        prefetch_factor=4 if workers else None,
     )
     yield from loader
 
@@ -416,7 +437,9 @@ def run_stage(model, stage: str, config: TrainConfig, out: Path, device: torch.d
             heads.load_state_dict(state["heads"])
         start = state["step"]
     model.train()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    )
     progress = tqdm(total=plan.steps, initial=start, desc=f"{stage:>5}", dynamic_ncols=True, mininterval=5)
     running: dict[str, float] = {}
     began = time.perf_counter()
@@ -475,7 +498,9 @@ def evaluate_split(model, split: str, size: int, seed: int, device: torch.device
 def train(config: TrainConfig, out: Path, stages: tuple[str, ...] = STAGES, device: str = "auto") -> dict:
     """Run (or resume) the stages, save ``out/model`` and return validation accuracy by family."""
     torch.manual_seed(config.seed)
-    torch_device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else torch.device(device)
+    torch_device = (
+        torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else torch.device(device)
+    )
     if torch_device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     out.mkdir(parents=True, exist_ok=True)
@@ -514,7 +539,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
-    parser.add_argument("--workers", type=int, default=None, help="data-loading processes (default 0 on CPU, up to 12 with CUDA)")
+    parser.add_argument(
+        "--workers", type=int, default=None, help="data-loading processes (default 0 on CPU, up to 12 with CUDA)"
+    )
     for stage in STAGES:
         parser.add_argument(f"--{stage}-steps", type=int, help=f"steps of stage {stage} (preset's by default)")
         parser.add_argument(f"--{stage}-batch", type=int, help=f"batch size of stage {stage}")
@@ -545,7 +572,9 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     uses_cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
-    overrides["workers"] = args.workers if args.workers is not None else (min(12, (os.cpu_count() or 2) - 1) if uses_cuda else 0)
+    overrides["workers"] = (
+        args.workers if args.workers is not None else (min(12, (os.cpu_count() or 2) - 1) if uses_cuda else 0)
+    )
     config = dataclasses.replace(config, **overrides)
     stages = tuple(s for s in args.stages.split(",") if s)
     unknown = set(stages) - set(STAGES)

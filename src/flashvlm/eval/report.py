@@ -65,7 +65,9 @@ def _columns(summaries: Sequence[RunSummary]) -> tuple[list[str], list[list[str]
     rows = []
     for summary in summaries:
         if summary.unavailable is not None:
-            rows.append([summary.method, summary.budget, "0", f"unavailable: {summary.unavailable}"] + [""] * (len(header) - 4))
+            rows.append(
+                [summary.method, summary.budget, "0", f"unavailable: {summary.unavailable}"] + [""] * (len(header) - 4)
+            )
             continue
         values = [summary.accuracy, summary.relative, summary.visual_tokens]
         values += [summary.selection_ms, summary.prefill_ms, summary.total_ms]

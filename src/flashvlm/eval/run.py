@@ -59,7 +59,9 @@ def evaluate(
         with prune(model, budget, method, **params) as pruner, torch.no_grad():
             label = method if isinstance(method, str) else pruner.selector.name
             for batch in tqdm(batches, desc=f"{label} @ {budget}", unit="batch", disable=not progress, leave=False):
-                prompts = [chat_prompt(processor, example.question + prompt_suffix, len(example.images)) for example in batch]
+                prompts = [
+                    chat_prompt(processor, example.question + prompt_suffix, len(example.images)) for example in batch
+                ]
                 images = [load_image(path) for example in batch for path in example.images]
                 inputs = processor(images=images, text=prompts, padding=True, return_tensors="pt").to(model.device)
                 with PrefillTimer(pruner.adapter.language_model) as timer:

@@ -36,7 +36,7 @@ _CONTRACTIONS = {
         "i'd you're you've you'll they're they've they'll we've what's that's there's who's where's"
     ).split()
 }
-_PUNCTUATION = ";/[]\"{}()=+\\_-><@`,?!"
+_PUNCTUATION = ';/[]"{}()=+\\_-><@`,?!'
 _FULL_STOP = re.compile(r"\.(?!\d)")  # "3." -> "3", "1.5" stays
 _COMMA_IN_NUMBER = re.compile(r"(?<=\d)(,)+(?=\d)")
 

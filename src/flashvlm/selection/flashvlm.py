@@ -223,4 +223,3 @@ class FlashVLM(TokenSelector):
             block_size=self.diversity_block,
         )
         return Selection(keep)
-

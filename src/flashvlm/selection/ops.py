@@ -237,7 +237,9 @@ def important_and_diverse(
     return torch.cat([important, diverse], dim=1)
 
 
-def dpp_greedy_map(unit_features: torch.Tensor, quality: torch.Tensor, num_keep: int, eps: float = 1e-10) -> torch.Tensor:
+def dpp_greedy_map(
+    unit_features: torch.Tensor, quality: torch.Tensor, num_keep: int, eps: float = 1e-10
+) -> torch.Tensor:
     """Greedy MAP of a DPP with kernel ``L = diag(q) U U^T diag(q)`` (CDPruner's selection).
 
     unit_features: (B, N, C) unit rows U; quality: (B, N) q >= 0. The fast greedy of Chen

@@ -133,7 +133,9 @@ class PrunedVLM(lmms):
 
     def _inputs(self, contexts: list[str], images_per_row: list[list[Image.Image]]) -> dict:
         """Left-padded model inputs: each row is the model's chat format around its context."""
-        prompts = [chat_prompt(self.processor, context, len(images)) for context, images in zip(contexts, images_per_row)]
+        prompts = [
+            chat_prompt(self.processor, context, len(images)) for context, images in zip(contexts, images_per_row)
+        ]
         images = [image for row in images_per_row for image in row]
         inputs = self.processor(images=images or None, text=prompts, padding=True, return_tensors="pt")
         inputs = inputs.to(self.device)
