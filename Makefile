@@ -1,39 +1,62 @@
-# `make test` sets up a virtual environment (CPU torch 2.13.0, never a CUDA build, never
-# torchvision, lmms-eval without its torchvision requirement) and runs the whole test
-# suite, lmms-eval's end-to-end tests included; `make demo` sets up and runs the demo.
+# `make test` sets up a virtual environment from the checked-in locks (CPU torch 2.13.0,
+# never a CUDA build, never torchvision, lmms-eval without its torchvision requirement),
+# lints, and runs the whole test suite, lmms-eval's end-to-end tests included; `make demo`
+# sets up and runs the demo. `make lock` regenerates the locks (see README, "Locked environments").
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION := 2.13.0
-LMMS_EVAL_VERSION := 0.7.3
+# Where the CPU build of torch lies on this workplace's machines (it is not on PyPI).
+TORCH_FIND_LINKS ?= /opt/wheels
+# Every environment installs exactly its lock: hashes required, nothing resolved at install time.
+PIP_LOCKED := $(PY) -m pip install --quiet --require-hashes --no-deps --find-links $(TORCH_FIND_LINKS)
+# The project itself goes in editable, built with the locked setuptools (no build isolation,
+# which would fetch an unpinned one).
+PIP_PROJECT := $(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+UV_VERSION := 0.13.8
+UV := $(VENV)-tools/bin/uv
+UV_COMPILE := $(UV) pip compile --quiet --generate-hashes --find-links $(TORCH_FIND_LINKS) --python-version 3.11
 
-.PHONY: setup eval-setup test demo clean performance performance-gpu
+.PHONY: setup eval-setup test lint lock demo clean performance performance-gpu
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml locks/base.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	# torch first and pinned: an unpinned torch would pull several GB of CUDA packages.
-	$(PY) -m pip install --quiet torch==$(TORCH_VERSION)
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PIP_LOCKED) -r locks/base.txt
+	$(PIP_PROJECT)
 	touch $@
 
 setup: $(VENV)/.installed
 
 
 # lmms-eval's metadata requires torchvision, whose PyPI build is CUDA-only and breaks the
-# CPU torch: install what it needs for image tasks (flashvlm[eval], with torch held at its
-# version) and then lmms-eval itself without its dependencies.
-$(VENV)/.eval-installed: $(VENV)/.installed
-	$(PY) -m pip install --quiet -e ".[test,eval]" torch==$(TORCH_VERSION)
-	$(PY) -m pip install --quiet --no-deps lmms-eval==$(LMMS_EVAL_VERSION)
+# CPU torch: locks/eval.txt holds what it needs for image tasks (flashvlm[eval]) and
+# locks/lmms-eval.txt lmms-eval itself, both installed without dependency resolution.
+$(VENV)/.eval-installed: $(VENV)/.installed locks/eval.txt locks/lmms-eval.txt
+	$(PIP_LOCKED) -r locks/eval.txt -r locks/lmms-eval.txt
 	$(PY) -c "import lmms_eval.evaluator, flashvlm.integrations.lmms_eval.model"
 	$(PY) -c "import importlib.util as u, torch; assert torch.__version__.startswith('$(TORCH_VERSION)') and not u.find_spec('torchvision'), 'torch replaced or torchvision pulled in'"
 	touch $@
 
 eval-setup: $(VENV)/.eval-installed
 
-test: eval-setup
+lint: setup
+	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff format --check src tests
+
+test: eval-setup lint
 	$(PY) -m pytest -q
+
+# Regenerate every lock from pyproject.toml. Run it after changing a dependency there (the
+# suite's lock check fails until you do) or to take newer releases on purpose; commit the
+# result. eval.txt is solved first and base.txt inside it, so the two agree on every version.
+$(UV):
+	$(PYTHON) -m venv $(VENV)-tools
+	$(VENV)-tools/bin/pip install --quiet uv==$(UV_VERSION)
+
+lock: $(UV)
+	$(UV_COMPILE) pyproject.toml locks/torch-cpu.in --extra test --extra eval -o locks/eval.txt
+	$(UV_COMPILE) pyproject.toml locks/torch-cpu.in --extra test -c locks/eval.txt -o locks/base.txt
+	$(UV_COMPILE) locks/lmms-eval.in --no-deps -o locks/lmms-eval.txt
 
 demo: setup
 	$(VENV)/bin/flashvlm demo
@@ -58,4 +81,4 @@ performance-gpu: setup
 	done
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) $(VENV)-tools .pytest_cache .hypothesis
