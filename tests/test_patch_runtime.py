@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from conftest import build_tiny_llava, llava_batch
+from conftest import TINY_CASES, build_tiny_llava, llava_batch
 
 import flashvlm
 from flashvlm.errors import FlashVLMError
@@ -102,3 +102,31 @@ def test_parameters_are_checked_on_instances_and_parameterless_methods():
     with pytest.raises(FlashVLMError, match="'none' has no parameter 'foo'; it takes no parameters"):
         get_method("none", foo=1)
     assert get_method("flashvlm:release", text_weight=0.25).text_weight == 0.25
+
+
+#: Parameters of the vision side: the tower's patch embedding and the projector (merger).
+VISION_SIDE = ("patch_embed", "multi_modal_projector", "merger")
+
+
+def vision_side_gradients(case, training: bool) -> dict[str, torch.Tensor | None]:
+    """Gradient of every vision-side parameter after a pruned forward and backward of the LM loss."""
+    model = case.build()  # its own copy: training mode and gradients must not reach the shared one
+    inputs = case.make_inputs(model, 2, 0)
+    model.train(training)
+    with flashvlm.prune(model, budget=3):
+        logits = model(**inputs).logits
+    logits.float().logsumexp(dim=-1).mean().backward()
+    return {name: param.grad for name, param in model.named_parameters() if any(part in name for part in VISION_SIDE)}
+
+
+@pytest.mark.parametrize("case", [case for case in TINY_CASES if not case.video], ids=lambda case: case.name)
+def test_training_sends_gradients_to_the_tower_and_projector_through_the_kept_tokens(case):
+    gradients = vision_side_gradients(case, training=True)
+    assert gradients and all(grad is not None and bool(grad.abs().sum() > 0) for grad in gradients.values()), [
+        name for name, grad in gradients.items() if grad is None or not bool(grad.abs().sum() > 0)
+    ]
+
+
+def test_inference_keeps_the_vision_side_out_of_the_graph():
+    gradients = vision_side_gradients(TINY_CASES[0], training=False)
+    assert gradients and all(grad is None for grad in gradients.values())
