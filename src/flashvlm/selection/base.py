@@ -134,8 +134,8 @@ def check_parameters(cls: type[TokenSelector], params: dict) -> None:
     field_names = sorted(field.name for field in dataclasses.fields(cls) if field.init)
     unknown = sorted(set(params) - set(field_names))
     if unknown:
-        accepted = f"its parameters are: {', '.join(field_names)}" if field_names else "it takes no parameters"
-        raise FlashVLMError(f"method {cls.name!r} has no parameter {', '.join(map(repr, unknown))}; {accepted}")
+        accepted = f"its parameters are {field_names}" if field_names else "it takes no parameters"
+        raise FlashVLMError(f"method {cls.name!r} has no parameter(s) {unknown}; {accepted}")
 
 
 @dataclass
