@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .adapters import supported_architectures
 from .errors import FlashVLMError, UnsupportedModelError
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open an image file as RGB, or raise a clear error for a missing or unreadable file."""
+    """Open an image file as 8-bit RGB, upright, or raise a clear error for a missing or unreadable file.
+
+    The EXIF orientation is applied (as transformers' own ``load_image`` does: a phone photo
+    would otherwise reach the model sideways), and images of more than 8 bits per channel are
+    scaled down to 8 bits rather than clipped.
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"image file not found: {path}")
@@ -21,21 +28,59 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         raise IsADirectoryError(f"expected an image file, got a directory: {path}")
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+            return to_rgb(ImageOps.exif_transpose(image))
+    except Image.DecompressionBombError as error:
+        raise FlashVLMError(f"image {path} is too large to open safely: {error}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise FlashVLMError(f"cannot read image {path}: not a readable image file ({error})") from None
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB. Pillow's own conversion clips 16-bit grayscale (``I;16``) at 255, which turns
+    almost every pixel white; those values are scaled from 0..65535 to 0..255 instead. A 32-bit
+    ``I`` image is read the same way when its values exceed 8 bits (Pillow opens some 16-bit
+    files as ``I``)."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        pixels = np.asarray(image).astype(np.float64)  # (H, W)
+        if image.mode.startswith("I;16") or pixels.max(initial=0) > 255:
+            pixels = pixels / 257.0
+        image = Image.fromarray(pixels.round().clip(0, 255).astype(np.uint8), mode="L")
+    return image.convert("RGB")
+
+
+def check_device(name: str) -> torch.device:
+    """The torch device ``name`` names, refused unless this machine has it.
+
+    ``load_model`` calls it before reading any weights, so ``--device mps`` on a machine
+    without MPS fails at once, not after the model has loaded.
+    """
+    accepted = "use auto, cpu, cuda, cuda:N or mps"
+    if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        resolved = torch.device(device)
-    except RuntimeError:
-        raise FlashVLMError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise FlashVLMError(f"device {device!r} was requested but no CUDA device is available")
-    return resolved
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise FlashVLMError(f"unknown device {name!r}; {accepted}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise FlashVLMError(f"device {name!r} was requested but this machine has no CUDA device; use auto or cpu")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise FlashVLMError(
+                f"device {name!r} does not exist: this machine has CUDA devices cuda:0..cuda:{count - 1}"
+            )
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise FlashVLMError(
+                f"device {name!r} was requested but this machine has no Apple MPS device; use auto or cpu"
+            )
+    elif device.type != "cpu":
+        raise FlashVLMError(f"unsupported device {name!r}; {accepted}")
+    return device
+
+
+#: The name the bench commands import; the same function.
+resolve_device = check_device
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -47,31 +92,163 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return choices[dtype]
 
 
+#: Weight files ``from_pretrained`` reads, single-file and sharded (the index lists the shards).
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+_WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+#: Files a saved processor leaves (one of each group is enough).
+_PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def check_model_folder(folder: str | os.PathLike) -> None:
+    """Raise :class:`FlashVLMError` naming what a local model folder lacks, before anything loads.
+
+    A folder needs a config.json, complete weights (every shard its index lists; safetensors
+    files as long as their header says) and processor and tokenizer files.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FlashVLMError(f"no model folder at {folder}")
+    if not (folder / "config.json").is_file():
+        raise FlashVLMError(
+            f"{folder} has no config.json: not a Hugging Face model folder (save one with save_pretrained)"
+        )
+    for name, group in (("processor", _PROCESSOR_FILES), ("tokenizer", _TOKENIZER_FILES)):
+        if not any((folder / file).is_file() for file in group):
+            raise FlashVLMError(
+                f"{folder} has no {name} files ({' or '.join(group)}): save the processor there with "
+                "processor.save_pretrained"
+            )
+    weights = [folder / file for file in _WEIGHT_FILES if (folder / file).is_file()]
+    for index in (folder / file for file in _WEIGHT_INDEXES):
+        if index.is_file():
+            try:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (ValueError, KeyError, TypeError):
+                raise FlashVLMError(f"{index} is not a readable weight index (no weight_map)") from None
+            missing = [shard for shard in shards if not (folder / shard).is_file()]
+            if missing:
+                raise FlashVLMError(f"{folder} is missing weight shard(s) {', '.join(missing)} listed in {index.name}")
+            weights += [folder / shard for shard in shards]
+    if not weights:
+        raise FlashVLMError(f"{folder} has no weights ({', '.join(_WEIGHT_FILES + _WEIGHT_INDEXES)})")
+    for path in weights:
+        if path.suffix == ".safetensors":
+            check_safetensors_complete(path)
+
+
+def check_safetensors_complete(path: Path) -> None:
+    """Raise :class:`FlashVLMError` when a safetensors file is shorter than its header says.
+
+    The file is an 8-byte little-endian header length, a JSON header giving each tensor's
+    byte range, then the data; only the header is read.
+    """
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as file:
+            header_length = int.from_bytes(file.read(8), "little")
+            if size < 8 or header_length > size - 8:
+                raise ValueError
+            header = json.loads(file.read(header_length))
+        data_length = max(
+            (entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0
+        )
+    except (ValueError, KeyError, TypeError, IndexError):
+        raise FlashVLMError(
+            f"{path} is truncated or not a safetensors file ({size} bytes; header unreadable)"
+        ) from None
+    expected = 8 + header_length + data_length
+    if size < expected:
+        raise FlashVLMError(f"{path} is truncated: {size} of {expected} bytes (copy or download it again)")
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (transformers' hub errors run to several)."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def model_architecture(config, name_or_path: str) -> str:
+    """The supported model class a config describes, or :class:`UnsupportedModelError` saying why not.
+
+    A config without ``architectures`` is read by its ``model_type``, as transformers'
+    ``AutoModelForImageTextToText`` reads it.
+    """
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    supported = supported_architectures()
+    declared = list(config.architectures or [])
+    if not declared:
+        inferred = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(config.model_type)
+        if inferred in supported:
+            return inferred
+        raise UnsupportedModelError(
+            f"{name_or_path}: config.json names no architectures, and its model_type {config.model_type!r} is not "
+            f"one flashvlm supports; flashvlm supports: {', '.join(supported)}"
+        )
+    matches = [name for name in declared if name in supported]
+    if not matches:
+        raise UnsupportedModelError(
+            f"{name_or_path} is a {', '.join(declared)}; flashvlm supports: {', '.join(supported)}"
+        )
+    return matches[0]
+
+
+def load_processor(name_or_path: str, config):
+    """The model's processor. Without torchvision, a processor that holds a video processor
+    (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision) is loaded without it: images work, videos are
+    refused with a message (see :mod:`flashvlm._torchvision_compat`)."""
+    from transformers import AutoProcessor
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
+
+    from ._torchvision_compat import needs_torchvision, without_video_processor
+
+    processor_class = PROCESSOR_MAPPING.get(type(config), None)
+    if processor_class is not None and needs_torchvision(processor_class):
+        loader = without_video_processor(processor_class)
+    else:
+        loader = AutoProcessor
+    try:
+        return loader.from_pretrained(name_or_path)
+    except (OSError, ValueError, ImportError, KeyError) as error:
+        raise FlashVLMError(f"could not load the processor of {name_or_path}: {first_line(error)}") from None
+
+
 def load_model(name_or_path: str, device: str = "auto", dtype: str = "auto"):
     """Load a supported VLM and its processor with ``from_pretrained`` (hub id or local folder).
 
-    The architecture is checked from the config before any weights are read.
+    Everything that can be checked is checked before any weights are read, in this order: the
+    device (:func:`check_device`), the architecture the config names, the folder's files
+    (:func:`check_model_folder`) and the processor (:func:`load_processor`). Each failure is
+    one :class:`FlashVLMError` line naming the folder or hub id and what is wrong.
     """
     import transformers
-    from transformers import AutoConfig, AutoProcessor
+    from transformers import AutoConfig
 
-    local = Path(name_or_path)
-    if (local.exists() or name_or_path.startswith((".", "/"))) and not (local / "config.json").is_file():
-        raise FileNotFoundError(f"no model folder with a config.json at {name_or_path}")
+    torch_device = check_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    name_or_path = str(name_or_path)
+    local = Path(name_or_path).expanduser()
+    is_local = local.exists() or name_or_path.startswith((".", "/", "~"))
+    if is_local:
+        if not (local / "config.json").is_file():
+            raise FlashVLMError(f"no model folder with a config.json at {name_or_path}")
+        name_or_path = str(local)
     try:
         config = AutoConfig.from_pretrained(name_or_path)
-    except (OSError, ValueError) as error:
-        raise FlashVLMError(f"could not load a model config from {name_or_path!r}: {error}") from None
-    architectures = [name for name in (config.architectures or []) if name in supported_architectures()]
-    if not architectures:
-        raise UnsupportedModelError(
-            f"{name_or_path} is a {', '.join(config.architectures or [config.model_type])}; "
-            f"flashvlm supports: {', '.join(supported_architectures())}"
-        )
-    torch_device = resolve_device(device)
-    model_class = getattr(transformers, architectures[0])
-    model = model_class.from_pretrained(name_or_path, dtype=resolve_dtype(dtype, torch_device))
-    processor = AutoProcessor.from_pretrained(name_or_path)
+    except (OSError, ValueError, KeyError) as error:
+        where = "" if is_local else " (not a local folder, and not available from the Hugging Face Hub)"
+        raise FlashVLMError(
+            f"could not load a model config from {name_or_path!r}{where}: {first_line(error)}"
+        ) from None
+    model_class = getattr(transformers, model_architecture(config, name_or_path))
+    if is_local:
+        check_model_folder(local)  # after the architecture: an unsupported model is the first thing to say
+    processor = load_processor(name_or_path, config)
+    try:
+        model = model_class.from_pretrained(name_or_path, dtype=torch_dtype)
+    except (OSError, ValueError, RuntimeError) as error:
+        raise FlashVLMError(f"could not load the weights of {name_or_path}: {first_line(error)}") from None
     return model.to(torch_device).eval(), processor
 
 

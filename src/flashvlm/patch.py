@@ -4,13 +4,17 @@ Two seams, both removable: a forward pre-hook (a plain ``model(**inputs)`` call 
 images is pruned before the language model runs) and an instance-level ``generate``
 wrapper (``generate`` must see the shortened prompt, so that its attention mask, cache
 positions and KV cache all hold ``text + K`` positions). The class itself is never
-modified, and :meth:`Pruner.remove` restores the instance exactly.
+modified, and :meth:`Pruner.remove` restores the instance exactly. A ``torch.compile``
+wrapper is unwrapped: the method attaches to the module it compiles, so calls through the
+wrapper are pruned too.
 """
 
 from __future__ import annotations
 
 import inspect
+import sys
 import time
+import weakref
 from contextlib import contextmanager
 from typing import Any
 
@@ -22,6 +26,23 @@ from .errors import FlashVLMError
 from .selection import Budget, TokenSelector, get_method, validate_budget
 
 _ATTRIBUTE = "_flashvlm_pruner"
+
+#: KV caches that a pruned prompt filled: they hold ``text + K`` positions, not the caller's
+#: ``text + N``, so a later ``generate`` must not continue from them (see :meth:`Pruner._generate`).
+_PRUNED_CACHES: weakref.WeakSet = weakref.WeakSet()
+
+
+def unwrap_compiled(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile(model)`` wrapper compiles, or ``model`` itself.
+
+    The wrapper's forward runs the original module's ``__call__`` (its hooks included), and
+    its attributes, ``generate`` among them, are the original's: attaching there prunes both.
+    """
+    # Only a loaded torch._dynamo can have made a wrapper (importing it here would cost seconds).
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    if eval_frame is not None and isinstance(model, eval_frame.OptimizedModule):
+        return model._orig_mod
+    return model
 
 
 class Pruner:
@@ -36,11 +57,13 @@ class Pruner:
         video_budget: str = "per_frame",
         **params,
     ) -> None:
+        model = unwrap_compiled(model)
         self.model = model
         self.adapter = adapter_for(model, video_budget=video_budget)
         self.budget = validate_budget(budget)
         self.selector = get_method(method, **params)
-        #: The most recent pruning: kept indices per image, lengths before and after.
+        #: The most recent call's pruning: kept indices per image, lengths before and after;
+        #: None before any call and after a call without visual input.
         self.last: PrunedInputs | None = None
         #: Seconds the most recent vision encoding + selection took (device-synchronised).
         self.last_selection_seconds: float | None = None
@@ -48,6 +71,8 @@ class Pruner:
         self._hook = None
         self._had_own_generate = False
         self._own_generate = None
+        # True while the generate wrapper runs: its forwards belong to the call it recorded.
+        self._generating = False
 
     # -- attaching ---------------------------------------------------------------------
     def attach(self) -> Pruner:
@@ -94,12 +119,18 @@ class Pruner:
         self.last = pruned
         return pruned
 
+    def _forget_last(self) -> None:
+        self.last = None
+        self.last_selection_seconds = None
+
     def _before_forward(self, _module, args: tuple, kwargs: dict[str, Any]):
         if args:
             kwargs = {**dict(zip(self._forward_parameters, args)), **kwargs}
-        cache = kwargs.get("past_key_values")
-        continuing = cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0
-        if continuing or not self.adapter.has_visual_input(kwargs):
+        if filled_cache(kwargs) is not None:
+            return None
+        if not self.adapter.has_visual_input(kwargs):
+            if not self._generating:
+                self._forget_last()
             return None
         return (), self.prune_inputs(kwargs).model_kwargs
 
@@ -109,11 +140,28 @@ class Pruner:
             args = args[1:]
         if "inputs" in kwargs:
             kwargs["input_ids"] = kwargs.pop("inputs")
-        if not self.adapter.has_visual_input(kwargs):
+        cache = filled_cache(kwargs)
+        if cache is not None and cache in _PRUNED_CACHES:
+            raise FlashVLMError(
+                "this KV cache holds a pruned prompt (its text and only the kept visual tokens), so continuing "
+                "generate from it with the caller's unpruned ids would misalign every position; run generate "
+                "again on the whole conversation (prompt, answer and follow-up) with its images instead"
+            )
+        if cache is not None or not self.adapter.has_visual_input(kwargs):
+            # A cache filled without pruning already holds every visual token: nothing to prune.
+            self._forget_last()
             return original_generate(*args, **kwargs)
         input_ids = kwargs["input_ids"]
         pruned = self.prune_inputs(kwargs)
-        output = original_generate(*args, **pruned.model_kwargs)
+        self._generating = True
+        try:
+            output = original_generate(*args, **pruned.model_kwargs)
+        finally:
+            self._generating = False
+        given = [pruned.model_kwargs.get(name) for name in _CACHE_NAMES]
+        for filled in [*given, *(getattr(output, name, None) for name in _CACHE_NAMES)]:
+            if filled is not None:
+                _PRUNED_CACHES.add(filled)
         # Give back the caller's own prompt followed by the new tokens, so code that slices
         # off `input_ids.shape[1]` prompt tokens works exactly as without flashvlm.
         sequences = output if isinstance(output, torch.Tensor) else output.sequences
@@ -143,9 +191,22 @@ def apply(
     return Pruner(model, budget, method, video_budget=video_budget, **params).attach()
 
 
+#: Names a KV cache is passed under: transformers 5 renamed ``past_key_values`` to ``cache``.
+_CACHE_NAMES = ("cache", "past_key_values")
+
+
+def filled_cache(model_kwargs: dict[str, Any]):
+    """The KV cache argument when it already holds positions, else None."""
+    for name in _CACHE_NAMES:
+        cache = model_kwargs.get(name)
+        if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
+            return cache
+    return None
+
+
 def remove(model: nn.Module) -> None:
     """Detach whatever method :func:`apply` attached to ``model`` (no-op if none)."""
-    pruner = getattr(model, _ATTRIBUTE, None)
+    pruner = getattr(unwrap_compiled(model), _ATTRIBUTE, None)
     if pruner is not None:
         pruner.remove()
 

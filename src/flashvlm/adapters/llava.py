@@ -114,7 +114,8 @@ class LlavaAdapter(ModelAdapter):
         needs = selector.requires
         projector = self.core.multi_modal_projector
 
-        with torch.no_grad():
+        # In training, gradients reach the tower and projector through the kept tokens.
+        with torch.set_grad_enabled(self.model.training and torch.is_grad_enabled()):
             encoded = self.encode_patches(model_kwargs["pixel_values"], model_kwargs, needs)
             num_images, num_tokens, _ = encoded.features.shape
             rows = placeholder_rows(input_ids, self.image_token_id, [num_tokens] * num_images, "image")

@@ -189,7 +189,8 @@ class LlavaNextAdapter(LlavaAdapter):
         outputs: dict[str, BaseModelOutputWithPooling] = {}
         records: list[ImageSelection] = []
 
-        with torch.no_grad():
+        # In training, gradients reach the tower and projector through the kept tokens.
+        with torch.set_grad_enabled(self.model.training and torch.is_grad_enabled()):
             text = prompt_text(self.model, input_ids, attention_mask, placeholders, needs)
             items = []
             if model_kwargs.get("pixel_values") is not None:

@@ -148,7 +148,8 @@ class QwenVLAdapter(ModelAdapter):
         outputs: dict[str, BaseModelOutputWithPooling] = {}
         records: list[ImageSelection] = []
 
-        with torch.no_grad():
+        # In training, gradients reach the tower and projector through the kept tokens.
+        with torch.set_grad_enabled(self.model.training and torch.is_grad_enabled()):
             text = prompt_text(self.model, input_ids, attention_mask, placeholder_ids, needs)
             # kind -> (placeholder id, features, projected, saliency, keys, units) of every image or video
             encoded: dict[str, tuple] = {}

@@ -108,26 +108,34 @@ def available_methods() -> list[str]:
 
 
 def get_method(method: str | TokenSelector, **params) -> TokenSelector:
-    """A method instance from its name (with parameters) or an instance passed through."""
+    """A method instance from its name (with parameters) or an instance passed through.
+
+    ``params`` override the method's (or the preset's) fields; a name that is not one of
+    its fields raises :class:`FlashVLMError` listing the fields (lmms-eval's ``model_args``
+    arrive here too, so the message must say what is accepted).
+    """
     if isinstance(method, TokenSelector):
-        if params:
-            return dataclasses.replace(method, **params)
-        return method
+        check_parameters(type(method), params)
+        return dataclasses.replace(method, **params) if params else method
     if not isinstance(method, str):
         raise FlashVLMError(f"method must be a name or a TokenSelector; got {method!r}")
     name, _, preset = method.partition(":")
     if name not in _REGISTRY:
         raise FlashVLMError(f"unknown method {method!r}; available: {', '.join(available_methods())}")
     cls = _REGISTRY[name]
+    check_parameters(cls, params)
     if preset:
         return cls.preset(preset, **params)
-    field_names = {field.name for field in dataclasses.fields(cls)}
-    unknown = set(params) - field_names
-    if unknown:
-        raise FlashVLMError(
-            f"method {name!r} has no parameter(s) {sorted(unknown)}; its parameters are {sorted(field_names)}"
-        )
     return cls(**params)
+
+
+def check_parameters(cls: type[TokenSelector], params: dict) -> None:
+    """Raise :class:`FlashVLMError` naming any of ``params`` that is not a field of ``cls``."""
+    field_names = sorted(field.name for field in dataclasses.fields(cls) if field.init)
+    unknown = sorted(set(params) - set(field_names))
+    if unknown:
+        accepted = f"its parameters are {field_names}" if field_names else "it takes no parameters"
+        raise FlashVLMError(f"method {cls.name!r} has no parameter(s) {unknown}; {accepted}")
 
 
 @dataclass
