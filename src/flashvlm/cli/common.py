@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from ..errors import FlashVLMError
 from ..files import check_writable_folder
-from ..selection import available_methods
+from ..selection import Budget, available_methods, parse_budget
 
 #: The placeholder a prompt may carry where an image goes (LLaVA's; other processors have their own).
 IMAGE_PLACEHOLDER = "<image>"
@@ -32,6 +33,27 @@ def check_count(option: str, value: int | None, low: int = 1) -> None:
     """Refuse an integer option below ``low`` (None means the option was not given)."""
     if value is not None and value < low:
         raise FlashVLMError(f"{option} must be an integer >= {low}; got {value}")
+
+
+def without_repeats(command: str, items: list[str], keys: list, what: str) -> list[str]:
+    """``items`` without repeats (two items repeat when their ``keys`` are equal), in order; a note names the dropped."""
+    kept, seen, dropped = [], set(), []
+    for item, key in zip(items, keys):
+        if key in seen:
+            dropped.append(item)
+            continue
+        seen.add(key)
+        kept.append(item)
+    if dropped:
+        print(f"flashvlm {command}: note: {what} {', '.join(dropped)} repeated; each runs once", file=sys.stderr)
+    return kept
+
+
+def parse_budgets(command: str, texts: list[str]) -> dict[str, Budget]:
+    """Budget as written -> parsed, without repeats: "64" and "64.0", or "25%" and "0.25", are one (the first kept)."""
+    parsed = {text.strip(): parse_budget(text) for text in texts}
+    kept = without_repeats(command, list(parsed), [(type(value), value) for value in parsed.values()], "budget")
+    return {text: parsed[text] for text in kept}
 
 
 def check_prompt(prompt: str, num_images: int, image_token: str = IMAGE_PLACEHOLDER) -> None:

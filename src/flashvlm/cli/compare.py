@@ -27,8 +27,8 @@ from ..eval import (
 from ..eval.journal import JournalContents, RunJournal
 from ..files import atomic_write, check_writable_folder, write_text_atomic
 from ..loading import load_model
-from ..selection import available_methods, get_method, parse_budget
-from .common import add_model_arguments, check_count
+from ..selection import available_methods, get_method
+from .common import add_model_arguments, check_count, parse_budgets, without_repeats
 
 #: The unpruned reference every run is compared with.
 REFERENCE = "none"
@@ -82,20 +82,6 @@ OUTPUT_FILES = ("predictions.jsonl", "compare.csv", "compare.md", "accuracy_vs_b
 #: Settings a resumed run must share with the run it continues: each changes the predictions.
 #: --batch-size, --limit, --device and --on-bad-row may differ (--limit can stage a long run).
 RESUME_SETTINGS = ("model", "data_sha256", "methods", "budgets", "max_new_tokens", "prompt_suffix", "dtype")
-
-
-def _unique(items: list, keys: list, what: str) -> list:
-    """``items`` without repeats (by ``keys``), in order; a note names what was dropped."""
-    kept, seen, dropped = [], set(), []
-    for item, key in zip(items, keys):
-        if key in seen:
-            dropped.append(item)
-            continue
-        seen.add(key)
-        kept.append(item)
-    if dropped:
-        print(f"flashvlm compare: note: {what} {', '.join(dropped)} repeated; each runs once", file=sys.stderr)
-    return kept
 
 
 def _check_out_folder(out: Path, resume: bool, overwrite: bool) -> bool:
@@ -157,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     check_count("--limit", args.limit)
     check_count("--max-new-tokens", args.max_new_tokens)
     methods = [name.strip() for name in args.methods.split(",") if name.strip()]
-    methods = [name for name in _unique(methods, methods, "method") if name != REFERENCE]
+    methods = [name for name in without_repeats("compare", methods, methods, "method") if name != REFERENCE]
     if not methods:
         raise FlashVLMError(
             "--methods names no method to compare; name at least one of " + ", ".join(available_methods())
@@ -167,9 +153,8 @@ def run(args: argparse.Namespace) -> int:
     budget_texts = [text.strip() for text in args.budgets.split(",") if text.strip()]
     if not budget_texts:
         raise FlashVLMError("--budgets is empty; give budgets like 192,128,64,32")
-    budgets = {text: parse_budget(text) for text in budget_texts}
-    # "64" and "64.0", or "25%" and "0.25", are one budget: the first spelling is kept.
-    budget_texts = _unique(budget_texts, [(type(budgets[text]), budgets[text]) for text in budget_texts], "budget")
+    budgets = parse_budgets("compare", budget_texts)
+    budget_texts = list(budgets)
     out = Path(args.out)
     resuming = _check_out_folder(out, args.resume, args.overwrite)
     dataset = load_dataset(args.data, on_bad_row=args.on_bad_row)
