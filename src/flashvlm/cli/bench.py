@@ -48,15 +48,15 @@ def check_attention(name: str) -> None:
         raise FlashVLMError(f"--attn must be one of {', '.join(accepted)}; got {name!r}")
 
 
-def add_common_bench_arguments(parser: argparse.ArgumentParser, default_repeats: int) -> None:
+def add_common_bench_arguments(parser: argparse.ArgumentParser, default_repeats: int, default_warmup: int = 1) -> None:
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, float16, bfloat16")
     parser.add_argument(
         "--repeats", type=int, default=default_repeats, help=f"timed runs per case (default {default_repeats})"
     )
-    # Two: the first run after loading still grows the allocator and picks kernels, and its
-    # successor is often slow too on a loaded CPU.
-    parser.add_argument("--warmup", type=int, default=2, help="untimed runs before them (default 2)")
+    parser.add_argument(
+        "--warmup", type=int, default=default_warmup, help=f"untimed runs before them (default {default_warmup})"
+    )
     parser.add_argument(
         "--scale",
         nargs="*",
@@ -103,7 +103,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--budgets", nargs="+", default=["64", "128", "192"], help="visual tokens kept per image (default 64 128 192)"
     )
-    add_common_bench_arguments(parser, default_repeats=5)
+    # Two warm-up runs: the first after loading still grows the allocator and picks kernels,
+    # and on a loaded CPU its successor is often slow too, which skews the baseline.
+    add_common_bench_arguments(parser, default_repeats=5, default_warmup=2)
     parser.add_argument("--batch-size", type=int, default=1, help="rows, one image each (default 1)")
     parser.add_argument("--new-tokens", type=int, default=16, help="tokens generated per row (default 16)")
     parser.add_argument(
