@@ -260,13 +260,14 @@ def _write_outputs(out: Path, runs, examples, done: JournalContents, summaries, 
         "accuracy_vs_budget.png": lambda path: plot_accuracy(summaries[1:], reference, path),
     }
     failures: list[OSError] = []
+    written = []
     for name in OUTPUT_FILES:
         try:
             writers[name](out / name)
+            written.append(name)
         except OSError as error:
             failures.append(error)
     if failures:
-        written = [name for name in OUTPUT_FILES if (out / name).exists()]
         first = failures[0]
         raise type(first)(
             first.errno,
