@@ -238,3 +238,27 @@ def test_repeated_methods_and_budgets_run_once(compare_argv, tmp_path, capsys):
     assert [(row["method"], row["budget"]) for row in table(out)] == [
         ("none", "all"), ("flashvlm", "8"), ("flashvlm", "25%")
     ]  # fmt: skip
+
+
+def test_journal_reads_back_rows_and_unavailable_runs_and_cuts_a_torn_last_line(tmp_path):
+    from flashvlm.errors import FlashVLMError
+    from flashvlm.eval import RowResult
+    from flashvlm.eval.journal import RunJournal
+
+    row = RowResult("r0", "red", "red", True, None, [2], [[0, 5]], 0.1, 0.2)
+    journal = RunJournal(tmp_path / "journal.jsonl")
+    assert journal.read().num_predictions == 0
+    with journal:
+        journal.append_rows("flashvlm", "25%", [row])
+        journal.append_unavailable("visionzip", "8", "needs a CLS token")
+    with open(journal.path, "ab") as file:
+        file.write(b'{"method": "flash')  # a kill in the middle of an append
+    contents = journal.read()
+    assert contents.results == {("flashvlm", "25%"): {"r0": row}}
+    assert contents.unavailable == {("visionzip", "8"): "needs a CLS token"}
+    with journal:
+        journal.append_rows("flashvlm", "8", [row])
+    assert journal.path.read_text().count("\n") == 3 and journal.read().num_predictions == 2
+    journal.path.write_text('{"method": "flashvlm"}\n')
+    with pytest.raises(FlashVLMError, match="line 1 is not a journal record"):
+        journal.read()
