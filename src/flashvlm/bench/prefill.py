@@ -188,8 +188,12 @@ UNSTEADY_SPREAD = 0.25
 
 
 def _spread(values: list[float]) -> float:
-    """(max - min) / median of the repeats: 0 for one run."""
-    return (max(values) - min(values)) / statistics.median(values) if len(values) > 1 else 0.0
+    """Interquartile range / median of the repeats (0 for one run): the spread of the middle
+    half, as robust to one outlier as the median the figures report."""
+    if len(values) < 2:
+        return 0.0
+    lower, _, upper = statistics.quantiles(values, n=4, method="inclusive")
+    return (upper - lower) / statistics.median(values)
 
 
 @dataclass

@@ -183,8 +183,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"skipped: {message}")
     unsteady = [f"{row['method']} @ {row['budget']}" for row in rows if row.get("speedup_unsteady")]
     unsteady_note = (
-        f"measured/ideal marked (unsteady): its prefill repeats, or the unpruned baseline's, spread more than "
-        f"{UNSTEADY_SPREAD:.0%} of their median"
+        f"measured/ideal marked (unsteady): the interquartile range of its prefill repeats, or of the unpruned "
+        f"baseline's, exceeds {UNSTEADY_SPREAD:.0%} of their median"
     )
     if unsteady:
         print(
