@@ -155,6 +155,14 @@ def test_bench_shows_budgets_as_written_and_flags_unsteady_ratios(tmp_path, monk
     assert all(row["speedup_unsteady"] for row in report["rows"][1:])
 
 
+def test_one_outlier_does_not_make_a_case_unsteady_but_a_wide_middle_does():
+    from flashvlm.bench.prefill import UNSTEADY_SPREAD, _spread
+
+    assert _spread([10.0]) == 0.0
+    assert _spread([10.0, 10.0, 10.0, 10.0, 100.0]) == 0.0  # the median ignores it, and so does the flag
+    assert _spread([10.0, 14.0, 20.0, 26.0, 30.0]) > UNSTEADY_SPREAD
+
+
 # -- datasets --------------------------------------------------------------------------------
 
 
