@@ -182,6 +182,20 @@ def _median(values: list[float | None]) -> float | None:
     return statistics.median(present) if present else None
 
 
+#: A case whose prefill repeats spread wider than this share of their median (or whose
+#: baseline's do) gets its measured/ideal ratio flagged: the machine was not steady.
+UNSTEADY_SPREAD = 0.25
+
+
+def _spread(values: list[float]) -> float:
+    """Interquartile range / median of the repeats (0 for one run): the spread of the middle
+    half, as robust to one outlier as the median the figures report."""
+    if len(values) < 2:
+        return 0.0
+    lower, _, upper = statistics.quantiles(values, n=4, method="inclusive")
+    return (upper - lower) / statistics.median(values)
+
+
 @dataclass
 class Case:
     """One row of the benchmark: a method at a budget, or the unpruned model (method None)."""
@@ -260,12 +274,15 @@ def summarise(case: Case, baseline: Case | None, config, inputs: SyntheticInputs
         "ideal_prefill_speedup": full.language_model / flops.language_model,
         "ideal_total_speedup": full.total / flops.total,
         "repeats": len(runs),
+        "prefill_spread": _spread([run.prefill_ms for run in runs]),
     }
     if baseline is not None and baseline.runs:
         base_prefill = _median([run.prefill_ms for run in baseline.runs])
         base_ttft = _median([run.ttft_ms for run in baseline.runs])
         row["prefill_speedup"] = base_prefill / row["prefill_ms"]
         row["speedup_vs_ideal"] = row["prefill_speedup"] / row["ideal_prefill_speedup"]
+        spread = max(row["prefill_spread"], _spread([run.prefill_ms for run in baseline.runs]))
+        row["speedup_unsteady"] = spread > UNSTEADY_SPREAD
         row["ttft_speedup"] = base_ttft / row["ttft_ms"]
         if row["selection_ms"] is not None:
             row["selection_share_of_unpruned_prefill"] = row["selection_ms"] / base_prefill

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from ..files import write_text_atomic
+
 MIB = 2**20
 
 
@@ -106,7 +108,7 @@ def prefill_table(report: dict, markdown: bool = False) -> str:
                 flops,
                 _times(row["ideal_prefill_speedup"]),
                 _times(row.get("prefill_speedup")),
-                _format(row.get("speedup_vs_ideal"), 2),
+                _format(row.get("speedup_vs_ideal"), 2) + (" (unsteady)" if row.get("speedup_unsteady") else ""),
                 _percent(row.get("selection_share_of_unpruned_prefill")),
             ]
         )
@@ -191,7 +193,7 @@ def tower_table(tower: dict, markdown: bool = False) -> str:
 
 def write_json(path: str | os.PathLike, report: dict) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(report, indent=2) + "\n")
+    write_text_atomic(path, json.dumps(report, indent=2) + "\n")
 
 
 PERFORMANCE_PREAMBLE = """# Performance
@@ -216,4 +218,4 @@ def update_markdown_section(path: str | os.PathLike, section: str, body: str) ->
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    write_text_atomic(path, text)  # an interrupted write must not truncate the document

@@ -16,7 +16,7 @@ from ..bench.models import (
     parse_scale,
     synthetic_inputs,
 )
-from ..bench.prefill import run_prefill_benchmark
+from ..bench.prefill import UNSTEADY_SPREAD, run_prefill_benchmark
 from ..bench.report import (
     machine_description,
     prefill_header,
@@ -26,16 +26,37 @@ from ..bench.report import (
 )
 from ..errors import FlashVLMError
 from ..loading import resolve_device, resolve_dtype
-from ..selection import available_methods, get_method, parse_budget
+from ..selection import available_methods, get_method
+from .common import check_count, check_output_file, parse_budgets, without_repeats
 
 
-def add_common_bench_arguments(parser: argparse.ArgumentParser, default_repeats: int) -> None:
+def attention_implementations() -> list[str]:
+    """What ``--attn`` accepts: eager and every attention function transformers registers."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    # flashvlm's own entries serve one layer of one method (fastv), not a whole model.
+    names = [
+        name for name in ALL_ATTENTION_FUNCTIONS.valid_keys() if "|" not in name and not name.startswith("flashvlm")
+    ]
+    return ["eager", *names]
+
+
+def check_attention(name: str) -> None:
+    accepted = attention_implementations()
+    # "org/kernel" names a hub kernel, which transformers fetches itself; "paged|sdpa" wraps one above.
+    if name.removeprefix("paged|") not in accepted and "/" not in name:
+        raise FlashVLMError(f"--attn must be one of {', '.join(accepted)}; got {name!r}")
+
+
+def add_common_bench_arguments(parser: argparse.ArgumentParser, default_repeats: int, default_warmup: int = 1) -> None:
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, float16, bfloat16")
     parser.add_argument(
         "--repeats", type=int, default=default_repeats, help=f"timed runs per case (default {default_repeats})"
     )
-    parser.add_argument("--warmup", type=int, default=1, help="untimed runs before them (default 1)")
+    parser.add_argument(
+        "--warmup", type=int, default=default_warmup, help=f"untimed runs before them (default {default_warmup})"
+    )
     parser.add_argument(
         "--scale",
         nargs="*",
@@ -51,15 +72,13 @@ def add_common_bench_arguments(parser: argparse.ArgumentParser, default_repeats:
     )
 
 
-def check_count(name: str, value: int, low: int) -> None:
-    if value < low:
-        raise FlashVLMError(f"{name} must be an integer >= {low}; got {value}")
-
-
 def apply_common_settings(args: argparse.Namespace) -> None:
-    """Validate the shared options and apply --threads."""
+    """Validate the shared options (output files included, before anything is built) and apply --threads."""
     check_count("--repeats", args.repeats, 1)
     check_count("--warmup", args.warmup, 0)
+    for option, path in (("--json", args.json), ("--markdown", args.markdown)):
+        if path:
+            check_output_file(option, path)
     if args.threads is not None:
         check_count("--threads", args.threads, 1)
         torch.set_num_threads(args.threads)
@@ -84,7 +103,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--budgets", nargs="+", default=["64", "128", "192"], help="visual tokens kept per image (default 64 128 192)"
     )
-    add_common_bench_arguments(parser, default_repeats=5)
+    # Two warm-up runs: the first after loading still grows the allocator and picks kernels,
+    # and on a loaded CPU its successor is often slow too, which skews the baseline.
+    add_common_bench_arguments(parser, default_repeats=5, default_warmup=2)
     parser.add_argument("--batch-size", type=int, default=1, help="rows, one image each (default 1)")
     parser.add_argument("--new-tokens", type=int, default=16, help="tokens generated per row (default 16)")
     parser.add_argument(
@@ -98,14 +119,18 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    budgets = [parse_budget(text) for text in args.budgets]
+    # Everything a user can get wrong is checked before anything is built.
+    budgets = parse_budgets("bench", args.budgets)
+    written = {budget: text for text, budget in budgets.items()}  # the table shows "25%", not 0.2
     methods = args.methods or available_methods()
+    methods = without_repeats("bench", methods, methods, "method")
     for method in methods:
-        get_method(method)  # reject an unknown method before building anything
+        get_method(method)
     apply_common_settings(args)
     check_count("--batch-size", args.batch_size, 1)
     check_count("--new-tokens", args.new_tokens, 1)
     check_count("--text-tokens", args.text_tokens, 8)
+    check_attention(args.attn)
     scale = parse_scale(args.scale)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
@@ -120,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
         config,
         inputs,
         methods,
-        budgets,
+        list(budgets.values()),
         repeats=args.repeats,
         warmup=args.warmup,
         new_tokens=args.new_tokens,
@@ -129,6 +154,8 @@ def run(args: argparse.Namespace) -> int:
         measure_cpu_memory=args.cpu_memory,
         progress=progress,
     )
+    for row in rows:
+        row["budget"] = written.get(row["budget"], row["budget"])
     report = {
         "command": "flashvlm bench " + shlex.join(_argv(args)),
         "machine": machine_description(device),
@@ -154,6 +181,17 @@ def run(args: argparse.Namespace) -> int:
     print(prefill_table(report))
     for message in skipped:
         print(f"skipped: {message}")
+    unsteady = [f"{row['method']} @ {row['budget']}" for row in rows if row.get("speedup_unsteady")]
+    unsteady_note = (
+        f"measured/ideal marked (unsteady): the interquartile range of its prefill repeats, or of the unpruned "
+        f"baseline's, exceeds {UNSTEADY_SPREAD:.0%} of their median"
+    )
+    if unsteady:
+        print(
+            f"flashvlm bench: warning: {unsteady_note} ({', '.join(unsteady)}): the machine was busy; "
+            "rerun with more --repeats / --warmup, or --threads 1 on a shared CPU",
+            file=sys.stderr,
+        )
     if args.json:
         write_json(args.json, report)
     if args.markdown:
@@ -164,6 +202,7 @@ def run(args: argparse.Namespace) -> int:
                 "\n".join(f"- {line}" for line in prefill_header(report)),
                 prefill_table(report, markdown=True),
                 "\n".join(f"- skipped: {message}" for message in skipped),
+                f"- {unsteady_note}" if unsteady else "",
             ]
         )
         scale_tag = "-".join(args.scale) if args.scale else "full"

@@ -20,7 +20,8 @@ from ..bench.selection import DEFAULT_TOKEN_COUNTS, selection_scaling, tower_sal
 from ..errors import FlashVLMError, UnsupportedModelError
 from ..loading import resolve_device, resolve_dtype
 from ..selection import available_methods, get_method
-from .bench import add_common_bench_arguments, apply_common_settings, check_count
+from .bench import add_common_bench_arguments, apply_common_settings
+from .common import check_count
 
 
 def default_methods() -> list[str]:

@@ -1,10 +1,18 @@
-"""Arguments and helpers shared by the subcommands."""
+"""Arguments and checks shared by the subcommands."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+from pathlib import Path
 
-from ..selection import available_methods
+from ..errors import FlashVLMError
+from ..files import check_writable_folder
+from ..selection import Budget, available_methods, parse_budget
+
+#: The placeholder a prompt may carry where an image goes (LLaVA's; other processors have their own).
+IMAGE_PLACEHOLDER = "<image>"
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,3 +27,60 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
         default="flashvlm",
         help=f"selection method, optionally with a preset as NAME:PRESET; one of {', '.join(available_methods())}",
     )
+
+
+def check_count(option: str, value: int | None, low: int = 1) -> None:
+    """Refuse an integer option below ``low`` (None means the option was not given)."""
+    if value is not None and value < low:
+        raise FlashVLMError(f"{option} must be an integer >= {low}; got {value}")
+
+
+def without_repeats(command: str, items: list[str], keys: list, what: str) -> list[str]:
+    """``items`` without repeats (two items repeat when their ``keys`` are equal), in order; a note names the dropped."""
+    kept, seen, dropped = [], set(), []
+    for item, key in zip(items, keys):
+        if key in seen:
+            dropped.append(item)
+            continue
+        seen.add(key)
+        kept.append(item)
+    if dropped:
+        print(f"flashvlm {command}: note: {what} {', '.join(dropped)} repeated; each runs once", file=sys.stderr)
+    return kept
+
+
+def parse_budgets(command: str, texts: list[str]) -> dict[str, Budget]:
+    """Budget as written -> parsed, without repeats: "64" and "64.0", or "25%" and "0.25", are one (the first kept)."""
+    parsed = {text.strip(): parse_budget(text) for text in texts}
+    kept = without_repeats(command, list(parsed), [(type(value), value) for value in parsed.values()], "budget")
+    return {text: parsed[text] for text in kept}
+
+
+def check_prompt(prompt: str, num_images: int, image_token: str = IMAGE_PLACEHOLDER) -> None:
+    """Refuse an empty prompt, and one whose image placeholders do not match the images given.
+
+    A prompt without placeholders is fine: the chat template puts the images before it.
+    """
+    if not prompt.strip():
+        raise FlashVLMError(f"--prompt is empty; got {prompt!r}: ask a question about the image")
+    placeholders = prompt.count(image_token)
+    if placeholders and placeholders != num_images:
+        images = f"{num_images} image{'s' if num_images != 1 else ''}"
+        raise FlashVLMError(
+            f"--prompt has {placeholders} {image_token} placeholder{'s' if placeholders != 1 else ''} for {images}; "
+            f"write one {image_token} per --image, or none to have the images placed before the question"
+        )
+
+
+def check_output_file(option: str, path: str | os.PathLike) -> None:
+    """Refuse an output file that cannot be written (a folder, or in a read-only folder) before any work.
+
+    Missing folders above it are fine: they are created when the file is written.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise FlashVLMError(f"{option} {path} is a folder; name a file")
+    folder = next(parent for parent in path.absolute().parents if parent.exists())
+    if not folder.is_dir():
+        raise FlashVLMError(f"{option} {path}: {folder} is a file, not a folder")
+    check_writable_folder(folder)

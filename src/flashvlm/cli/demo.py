@@ -11,12 +11,13 @@ from PIL import Image
 
 from ..adapters import adapter_for
 from ..errors import FlashVLMError
+from ..files import atomic_write
 from ..loading import chat_prompt, load_image, load_model
 from ..patch import prune
 from ..selection import get_method, parse_budget
 from ..timing import PrefillTimer
 from ..vis import draw_kept_tokens, model_view, side_by_side
-from .common import add_method_arguments
+from .common import add_method_arguments, check_count, check_output_file, check_prompt
 
 
 def add_parser(subparsers) -> None:
@@ -57,8 +58,10 @@ def _choose_input(args: argparse.Namespace):
     """(image, question, expected answer or None, label) from the arguments."""
     from ..demo import EXAMPLES_DIR
 
+    if args.prompt is not None:
+        check_prompt(args.prompt, 1)
     if args.image:
-        if not args.prompt:
+        if args.prompt is None:
             raise FlashVLMError("--image needs --prompt: the question to ask about your image")
         return load_image(args.image), args.prompt, None, Path(args.image).name
     examples = shipped_examples()
@@ -79,11 +82,14 @@ def _answer(model, processor, inputs, max_new_tokens: int) -> tuple[str, Prefill
 
 
 def run(args: argparse.Namespace) -> int:
+    # Everything a user can get wrong is checked before the model is loaded.
     budget = parse_budget(args.budget)
-    get_method(args.method)  # an unknown method fails before anything loads
+    get_method(args.method)
+    check_count("--max-new-tokens", args.max_new_tokens)
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise FlashVLMError(f"--out must name a .png file; got {args.out!r}")
+    check_output_file("--out", out)
     image, question, expected, label = _choose_input(args)
     model, processor = load_model(args.model, args.device, args.dtype)
     prompt = chat_prompt(processor, question)
@@ -123,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
         ]
     )
     out.parent.mkdir(parents=True, exist_ok=True)
-    figure.save(out)
+    with atomic_write(out, "wb") as file:
+        figure.save(file, format="PNG")
     print(f"kept tokens of {label}: {out}")
     return 0

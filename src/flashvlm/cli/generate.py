@@ -11,7 +11,7 @@ from ..loading import chat_prompt, load_image, load_model
 from ..patch import prune
 from ..selection import get_method, parse_budget
 from ..timing import PrefillTimer
-from .common import add_method_arguments, add_model_arguments
+from .common import IMAGE_PLACEHOLDER, add_method_arguments, add_model_arguments, check_count, check_prompt
 
 
 def add_parser(subparsers) -> None:
@@ -30,10 +30,14 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Everything a user can get wrong is checked before the model is loaded.
     budget = parse_budget(args.budget)
-    get_method(args.method)  # reject an unknown method before loading anything
-    images = [load_image(path) for path in args.image]  # reject a bad image before loading the model
+    get_method(args.method)
+    check_count("--max-new-tokens", args.max_new_tokens)
+    check_prompt(args.prompt, len(args.image))
+    images = [load_image(path) for path in args.image]
     model, processor = load_model(args.model, args.device, args.dtype)
+    check_prompt(args.prompt, len(images), getattr(processor, "image_token", IMAGE_PLACEHOLDER))
     prompt = chat_prompt(processor, args.prompt, len(images))
     inputs = processor(images=images, text=prompt, return_tensors="pt").to(model.device)
     adapter = adapter_for(model)

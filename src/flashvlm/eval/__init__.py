@@ -7,7 +7,16 @@ batched generation with a method attached, and reports.
 """
 
 from .data import BAD_ROW_POLICIES, BadRow, Dataset, DatasetError, Example, load_dataset
-from .report import RunSummary, markdown_table, plot_accuracy, set_relative, summarize, write_csv, write_markdown
+from .report import (
+    RunSummary,
+    markdown_report,
+    markdown_table,
+    plot_accuracy,
+    set_relative,
+    summarize,
+    write_csv,
+    write_markdown,
+)
 from .run import SHORT_ANSWER_PROMPT, RowResult, evaluate
 from .scoring import SCORING_RULES, normalize_answer, score_answer
 
@@ -23,6 +32,7 @@ __all__ = [
     "RunSummary",
     "evaluate",
     "load_dataset",
+    "markdown_report",
     "markdown_table",
     "normalize_answer",
     "plot_accuracy",

@@ -12,8 +12,9 @@ them for several images. ``family`` (optional) groups rows in reports. ``scoring
 match), "exact" or "contains" (see :mod:`flashvlm.eval.scoring`). Any other field is
 kept in ``extra``.
 
-A row that cannot be used (bad JSON, a missing or empty field, a missing or unreadable
-image, a repeated id) is never scored: it is reported with its line number and either
+The file is UTF-8 (a byte-order mark is allowed). A row that cannot be used (bad JSON,
+bytes that are not UTF-8, a missing or empty field, a missing or unreadable image, a
+repeated id) is never scored: it is reported with its line number and either
 skipped (``on_bad_row="skip"``, the default; listed in :attr:`Dataset.bad_rows`) or the
 load stops with a :class:`DatasetError`.
 """
@@ -33,6 +34,14 @@ from .scoring import SCORING_RULES
 #: What a bad row does: be skipped and reported, or stop the load.
 BAD_ROW_POLICIES = ("skip", "stop")
 _REQUIRED_TEXT_FIELDS = ("id", "question", "answer")
+#: Leading bytes of files that are not UTF-8 text at all, and what they are: the whole file
+#: is refused at once rather than every line reported as a bad row.
+_NOT_TEXT_SIGNATURES = {
+    b"\x1f\x8b": "a gzip-compressed file; decompress it first (gunzip -k)",
+    b"PK\x03\x04": "a zip archive; extract the JSONL file first",
+    b"\xff\xfe": "UTF-16 text; save it as UTF-8",
+    b"\xfe\xff": "UTF-16 text; save it as UTF-8",
+}
 
 
 class DatasetError(FlashVLMError):
@@ -82,11 +91,17 @@ def load_dataset(path: str | os.PathLike, on_bad_row: str = "skip") -> Dataset:
         raise FileNotFoundError(f"dataset file not found: {path}")
     dataset = Dataset(path, [])
     seen_ids: dict[str, int] = {}
-    with path.open(encoding="utf-8") as lines:
-        for number, text in enumerate(lines, start=1):
-            if not text.strip():
-                continue
+    with path.open("rb") as lines:
+        start = lines.read(4)
+        for signature, what in _NOT_TEXT_SIGNATURES.items():
+            if start.startswith(signature):
+                raise DatasetError(f"{path} is {what}; expected JSON Lines in UTF-8")
+        lines.seek(0)
+        for number, raw in enumerate(lines, start=1):
             try:
+                text = _decode_line(raw, number)
+                if not text.strip():
+                    continue
                 example = _parse_row(text, number, path.parent)
                 if example.id in seen_ids:
                     raise DatasetError(f"id {example.id!r} repeats the row on line {seen_ids[example.id]}")
@@ -98,6 +113,16 @@ def load_dataset(path: str | os.PathLike, on_bad_row: str = "skip") -> Dataset:
             seen_ids[example.id] = number
             dataset.examples.append(example)
     return dataset
+
+
+def _decode_line(raw: bytes, number: int) -> str:
+    """One line's bytes as text; line 1 may start with a UTF-8 byte-order mark (Windows editors write one)."""
+    try:
+        return raw.decode("utf-8-sig" if number == 1 else "utf-8")
+    except UnicodeDecodeError as error:
+        raise DatasetError(
+            f"not UTF-8 text (byte 0x{raw[error.start]:02x} at column {error.start + 1}); save the file as UTF-8"
+        ) from None
 
 
 def _parse_row(text: str, number: int, folder: Path) -> Example:

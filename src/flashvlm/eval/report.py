@@ -6,8 +6,8 @@ import csv
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
+from ..files import atomic_write, write_text_atomic
 from .data import BadRow
 from .run import RowResult
 
@@ -80,7 +80,7 @@ def _columns(summaries: Sequence[RunSummary]) -> tuple[list[str], list[list[str]
 
 def write_csv(summaries: Sequence[RunSummary], path: str | os.PathLike) -> None:
     header, rows = _columns(summaries)
-    with open(path, "w", newline="", encoding="utf-8") as file:
+    with atomic_write(path, newline="", encoding="utf-8") as file:
         writer = csv.writer(file)
         writer.writerow(header)
         writer.writerows(rows)
@@ -93,6 +93,17 @@ def markdown_table(summaries: Sequence[RunSummary]) -> str:
     return "\n".join(lines)
 
 
+def markdown_report(
+    summaries: Sequence[RunSummary], title: str, notes: Sequence[str] = (), bad_rows: Sequence[BadRow] = ()
+) -> str:
+    """The title, notes, table and skipped rows of a run, as Markdown."""
+    parts = [f"# {title}", "", *notes, "", markdown_table(summaries), ""]
+    if bad_rows:
+        parts += [f"## Skipped rows ({len(bad_rows)})", ""]
+        parts += [f"- line {row.line}: {row.reason}" for row in bad_rows] + [""]
+    return "\n".join(parts)
+
+
 def write_markdown(
     summaries: Sequence[RunSummary],
     path: str | os.PathLike,
@@ -100,11 +111,7 @@ def write_markdown(
     notes: Sequence[str] = (),
     bad_rows: Sequence[BadRow] = (),
 ) -> None:
-    parts = [f"# {title}", "", *notes, "", markdown_table(summaries), ""]
-    if bad_rows:
-        parts += [f"## Skipped rows ({len(bad_rows)})", ""]
-        parts += [f"- line {row.line}: {row.reason}" for row in bad_rows] + [""]
-    Path(path).write_text("\n".join(parts), encoding="utf-8")
+    write_text_atomic(path, markdown_report(summaries, title, notes, bad_rows))
 
 
 def plot_accuracy(summaries: Sequence[RunSummary], reference: RunSummary | None, path: str | os.PathLike) -> None:
@@ -132,5 +139,8 @@ def plot_accuracy(summaries: Sequence[RunSummary], reference: RunSummary | None,
     axes.grid(True, alpha=0.3)
     axes.legend(fontsize="small")
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    try:
+        with atomic_write(path, "wb") as file:
+            figure.savefig(file, format="png", dpi=120)
+    finally:
+        plt.close(figure)

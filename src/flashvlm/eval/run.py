@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -44,11 +44,16 @@ def evaluate(
     max_new_tokens: int = 16,
     prompt_suffix: str = SHORT_ANSWER_PROMPT,
     progress: bool = True,
+    label: str | None = None,
+    on_batch: Callable[[list[RowResult]], None] | None = None,
     **params,
 ) -> list[RowResult]:
     """Answer every example with ``method`` at ``budget`` attached; greedy decoding, left padding.
 
     Times are measured per batch (device-synchronised) and shared equally among its rows.
+    ``label`` names the run in the progress bar (default ``"METHOD @ BUDGET"``, and
+    ``"none (unpruned)"`` for the reference). ``on_batch`` is called with each batch's
+    results as soon as they exist, so a caller can keep them before the next batch runs.
     """
     tokenizer = getattr(processor, "tokenizer", processor)
     padding_side = tokenizer.padding_side
@@ -57,8 +62,12 @@ def evaluate(
     batches = [examples[start : start + batch_size] for start in range(0, len(examples), batch_size)]
     try:
         with prune(model, budget, method, **params) as pruner, torch.no_grad():
-            label = method if isinstance(method, str) else pruner.selector.name
-            for batch in tqdm(batches, desc=f"{label} @ {budget}", unit="batch", disable=not progress, leave=False):
+            if label is None:
+                name = pruner.selector.name
+                label = (
+                    "none (unpruned)" if name == "none" else f"{method if isinstance(method, str) else name} @ {budget}"
+                )
+            for batch in tqdm(batches, desc=label, unit="batch", disable=not progress, leave=False):
                 prompts = [
                     chat_prompt(processor, example.question + prompt_suffix, len(example.images)) for example in batch
                 ]
@@ -69,7 +78,10 @@ def evaluate(
                         **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
                     )
                 answers = processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-                results.extend(_row_results(batch, answers, pruner, timer))
+                batch_results = _row_results(batch, answers, pruner, timer)
+                results.extend(batch_results)
+                if on_batch is not None:
+                    on_batch(batch_results)
     finally:
         tokenizer.padding_side = padding_side
     return results

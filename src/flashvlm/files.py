@@ -1,0 +1,62 @@
+"""Files that are whole or absent: outputs written atomically, and a folder proved writable.
+
+A report written in place and interrupted (Ctrl-C, a full disk) leaves a truncated file
+where a good one stood. :func:`atomic_write` writes a temporary file beside the target,
+flushes it to disk and renames it over the target (``os.replace`` is atomic within one
+file system), so a reader sees the old file or the new one, never half of either.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Iterator[IO]:
+    """Open a temporary file beside ``path``; on success it replaces ``path``, on failure it is removed.
+
+    ``mode`` is ``"w"`` (text; pass ``encoding``, ``newline``) or ``"wb"``.
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_write mode must be 'w' or 'wb'; got {mode!r}")
+    path = Path(path)
+    try:
+        descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as error:
+        raise type(error)(error.errno, f"cannot write {path}: {error.strerror}") from None
+    try:
+        with os.fdopen(descriptor, mode, **open_kwargs) as file:
+            yield file
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException as error:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        if isinstance(error, OSError) and error.strerror:  # a write's OSError names no file
+            raise type(error)(error.errno, f"cannot write {path}: {error.strerror}") from None
+        raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """``Path.write_text`` (UTF-8), atomically."""
+    with atomic_write(path, encoding="utf-8") as file:
+        file.write(text)
+
+
+def check_writable_folder(folder: str | os.PathLike) -> None:
+    """Raise an ``OSError`` naming ``folder`` unless a file can be created in it.
+
+    A real probe file rather than ``os.access``, which says yes to root on a read-only
+    mount and knows nothing of full disks or quotas.
+    """
+    try:
+        with tempfile.TemporaryFile(dir=folder, prefix=".flashvlm-probe-"):
+            pass
+    except OSError as error:
+        raise type(error)(error.errno, f"cannot write in {folder}: {error.strerror}") from None
