@@ -437,7 +437,7 @@ def qwen_video_batch(model, batch_size: int = 2, seed: int = 0) -> dict:
 
 
 def qwen_row(inputs: dict, row: int) -> dict:
-    from flashvlm.adapters.base import placeholder_rows
+    from flashvlm.adapters.sequence import placeholder_rows
 
     visual = {}
     for token_id, pixels, grid in (

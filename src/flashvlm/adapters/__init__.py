@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from .base import VIDEO_BUDGETS, ImageSelection, ModelAdapter, PrunedInputs
+from .base import VIDEO_BUDGETS, ImageSelection, ModelAdapter, PrunedInputs, TokenRegion, VisualItem
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 from .llava_onevision import LlavaOnevisionAdapter
@@ -39,6 +39,8 @@ __all__ = [
     "ImageSelection",
     "ModelAdapter",
     "PrunedInputs",
+    "TokenRegion",
+    "VisualItem",
     "adapter_for",
     "supported_architectures",
 ]
