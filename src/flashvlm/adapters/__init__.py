@@ -6,13 +6,22 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from .base import VIDEO_BUDGETS, ImageSelection, ModelAdapter, PrunedInputs, TokenRegion, VisualItem
+from .gemma3 import Gemma3Adapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 from .llava_onevision import LlavaOnevisionAdapter
+from .qwen3_vl import Qwen3VLAdapter
 from .qwen_vl import QwenVLAdapter
 
 #: Every adapter, in lookup order.
-ADAPTERS: list[type[ModelAdapter]] = [LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, QwenVLAdapter]
+ADAPTERS: list[type[ModelAdapter]] = [
+    LlavaAdapter,
+    LlavaNextAdapter,
+    LlavaOnevisionAdapter,
+    QwenVLAdapter,
+    Qwen3VLAdapter,
+    Gemma3Adapter,
+]
 
 
 def supported_architectures() -> list[str]:
