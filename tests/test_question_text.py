@@ -139,3 +139,12 @@ def test_the_flashvlm_question_preset_runs_and_says_what_it_needs():
         model(**inputs, question=question)
     with pytest.raises(FlashVLMError, match="text_tokens must be one of 'prompt', 'question'; got 'user'"):
         get_method("flashvlm", text_tokens="user")
+
+
+def test_the_cli_passes_the_question(tiny_llava_folder, sample_image_file, capsys):
+    from flashvlm.cli import main
+
+    argv = ["generate", "--model", str(tiny_llava_folder), "--image", str(sample_image_file)]
+    argv += ["--prompt", "how many?", "--budget", "8", "--method", "flashvlm:question", "--max-new-tokens", "2"]
+    assert main(argv) == 0
+    assert "kept 8 of 64 visual tokens" in capsys.readouterr().out
