@@ -26,6 +26,8 @@ from .errors import FlashVLMError
 from .selection import Budget, TokenSelector, get_method, validate_budget
 
 _ATTRIBUTE = "_flashvlm_pruner"
+#: The forward/generate argument that carries the user's question (see ``text_tokens``).
+QUESTION_ARGUMENT = "question"
 
 #: KV caches that a pruned prompt filled: they hold ``text + K`` positions, not the caller's
 #: ``text + N``, so a later ``generate`` must not continue from them (see :meth:`Pruner._generate`).
@@ -55,11 +57,12 @@ class Pruner:
         method: str | TokenSelector = "flashvlm",
         *,
         video_budget: str = "per_frame",
+        tokenizer=None,
         **params,
     ) -> None:
         model = unwrap_compiled(model)
         self.model = model
-        self.adapter = adapter_for(model, video_budget=video_budget)
+        self.adapter = adapter_for(model, video_budget=video_budget, tokenizer=tokenizer)
         self.budget = validate_budget(budget)
         self.selector = get_method(method, **params)
         #: The most recent call's pruning: kept indices per image, lengths before and after;
@@ -108,12 +111,18 @@ class Pruner:
 
     # -- the work --------------------------------------------------------------------------
     def prune_inputs(self, model_kwargs: dict[str, Any]) -> PrunedInputs:
-        """Arguments for the model with only the kept visual tokens (no hooks involved)."""
+        """Arguments for the model with only the kept visual tokens (no hooks involved).
+
+        A ``question`` entry (the user's words, a string or one per batch row) guides a
+        method whose ``text_tokens`` is "question"; it never reaches the model.
+        """
+        model_kwargs = dict(model_kwargs)
+        questions = model_kwargs.pop(QUESTION_ARGUMENT, None)
         device = next(self.model.parameters()).device
         synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         synchronize()
         start = time.perf_counter()
-        pruned = self.adapter.prune_inputs(model_kwargs, self.selector, self.budget)
+        pruned = self.adapter.prune_inputs(model_kwargs, self.selector, self.budget, questions)
         synchronize()
         self.last_selection_seconds = time.perf_counter() - start
         self.last = pruned
@@ -126,12 +135,15 @@ class Pruner:
     def _before_forward(self, _module, args: tuple, kwargs: dict[str, Any]):
         if args:
             kwargs = {**dict(zip(self._forward_parameters, args)), **kwargs}
-        if filled_cache(kwargs) is not None:
-            return None
-        if not self.adapter.has_visual_input(kwargs):
-            if not self._generating:
+        continuing = filled_cache(kwargs) is not None
+        if continuing or not self.adapter.has_visual_input(kwargs):
+            # A call without images forgets the last selection, except the decoding steps of
+            # the pruned generate in progress, which continue from its cache.
+            if not continuing and not self._generating:
                 self._forget_last()
-            return None
+            if QUESTION_ARGUMENT not in kwargs:
+                return None
+            return (), {name: value for name, value in kwargs.items() if name != QUESTION_ARGUMENT}
         return (), self.prune_inputs(kwargs).model_kwargs
 
     def _generate(self, original_generate, *args, **kwargs):
@@ -150,6 +162,7 @@ class Pruner:
         if cache is not None or not self.adapter.has_visual_input(kwargs):
             # A cache filled without pruning already holds every visual token: nothing to prune.
             self._forget_last()
+            kwargs.pop(QUESTION_ARGUMENT, None)
             return original_generate(*args, **kwargs)
         input_ids = kwargs["input_ids"]
         pruned = self.prune_inputs(kwargs)
@@ -180,15 +193,18 @@ def apply(
     method: str | TokenSelector = "flashvlm",
     *,
     video_budget: str = "per_frame",
+    tokenizer=None,
     **params,
 ) -> Pruner:
     """Attach a method to ``model`` until :func:`remove` is called. Returns the :class:`Pruner`.
 
     ``budget`` counts tokens per image; for videos, ``video_budget`` says whether it counts
     per frame (``"per_frame"``, the default) or per video, with the frames selected jointly
-    (``"per_video"``). ``params`` are the method's parameters.
+    (``"per_video"``). ``tokenizer`` (the model's tokenizer or processor) lets a method with
+    ``text_tokens="question"`` (e.g. ``"flashvlm:question"``) find the ``question=`` passed to
+    ``generate``/``forward`` in the prompt. ``params`` are the method's parameters.
     """
-    return Pruner(model, budget, method, video_budget=video_budget, **params).attach()
+    return Pruner(model, budget, method, video_budget=video_budget, tokenizer=tokenizer, **params).attach()
 
 
 #: Names a KV cache is passed under: transformers 5 renamed ``past_key_values`` to ``cache``.
@@ -218,10 +234,11 @@ def prune(
     method: str | TokenSelector = "flashvlm",
     *,
     video_budget: str = "per_frame",
+    tokenizer=None,
     **params,
 ):
     """``with flashvlm.prune(model, budget=64): model.generate(...)``; restored on exit (see :func:`apply`)."""
-    pruner = apply(model, budget, method, video_budget=video_budget, **params)
+    pruner = apply(model, budget, method, video_budget=video_budget, tokenizer=tokenizer, **params)
     try:
         yield pruner
     finally:

@@ -5,14 +5,23 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from .base import VIDEO_BUDGETS, ImageSelection, ModelAdapter, PrunedInputs
+from .base import TEXT_TOKENS, VIDEO_BUDGETS, ImageSelection, ModelAdapter, PrunedInputs, TokenRegion, VisualItem
+from .gemma3 import Gemma3Adapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 from .llava_onevision import LlavaOnevisionAdapter
+from .qwen3_vl import Qwen3VLAdapter
 from .qwen_vl import QwenVLAdapter
 
 #: Every adapter, in lookup order.
-ADAPTERS: list[type[ModelAdapter]] = [LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, QwenVLAdapter]
+ADAPTERS: list[type[ModelAdapter]] = [
+    LlavaAdapter,
+    LlavaNextAdapter,
+    LlavaOnevisionAdapter,
+    QwenVLAdapter,
+    Qwen3VLAdapter,
+    Gemma3Adapter,
+]
 
 
 def supported_architectures() -> list[str]:
@@ -20,11 +29,11 @@ def supported_architectures() -> list[str]:
     return [name for adapter in ADAPTERS for name in adapter.architectures]
 
 
-def adapter_for(model: nn.Module, video_budget: str = "per_frame") -> ModelAdapter:
+def adapter_for(model: nn.Module, video_budget: str = "per_frame", tokenizer=None) -> ModelAdapter:
     """The adapter serving ``model``, or :class:`UnsupportedModelError` naming the supported ones."""
     for adapter in ADAPTERS:
         if adapter.serves(model):
-            return adapter(model, video_budget=video_budget)
+            return adapter(model, video_budget=video_budget, tokenizer=tokenizer)
     kind = type(model).__name__
     has_vision = any(
         hasattr(getattr(model, "model", model), name) for name in ("vision_tower", "visual", "vision_model")
@@ -35,10 +44,13 @@ def adapter_for(model: nn.Module, video_budget: str = "per_frame") -> ModelAdapt
 
 __all__ = [
     "ADAPTERS",
+    "TEXT_TOKENS",
     "VIDEO_BUDGETS",
     "ImageSelection",
     "ModelAdapter",
     "PrunedInputs",
+    "TokenRegion",
+    "VisualItem",
     "adapter_for",
     "supported_architectures",
 ]

@@ -1,27 +1,52 @@
-"""The model-adapter interface and the sequence surgery every adapter shares.
+"""The model-adapter interface: the pruning pipeline, written once over a few family hooks.
 
-An adapter knows one model family: how to run its vision tower up to the feature
-layer (with saliency taken from that layer's queries and keys), how to project, where
-the prompt's text is, and how the language model receives visual tokens. It knows
-nothing about any selection method: it gathers what the method ``requires`` and hands
-it a :class:`~flashvlm.selection.SelectionInputs`.
+An adapter knows one model family: how to run its vision tower up to the feature layer
+(with saliency taken from that layer's queries and keys), how to project, where the
+prompt's text is, and how the language model receives visual tokens. It knows nothing
+about any selection method: it gathers what the method ``requires`` and hands it a
+:class:`~flashvlm.selection.SelectionInputs`.
+
+:meth:`ModelAdapter.prune_inputs` is the whole pipeline. A family overrides only its
+differences:
+
+- :meth:`~ModelAdapter.visual_items` (required): encode the images/videos and return one
+  :class:`VisualItem` each, in placeholder order, with the budget units it selects in;
+- :meth:`~ModelAdapter.project`: vision features -> language-model tokens (merging methods);
+- :meth:`~ModelAdapter.scoring_positions` and :meth:`~ModelAdapter.pruned_position_ids`:
+  positions, 1-D by default (``None``: the model's own), M-RoPE for Qwen;
+- :meth:`~ModelAdapter.scoring_kwargs`: what else the ``lm_attention`` pass's decoder gets;
+- :meth:`~ModelAdapter.encoder_output`: how the kept tokens go back into the model.
+
+Sequence surgery lives in :mod:`.sequence`, the vision/LM taps in :mod:`.taps`.
 """
 
 from __future__ import annotations
 
-import copy
 from abc import ABC, abstractmethod
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from transformers import AttentionInterface
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..errors import FlashVLMError
-from ..selection import Budget, SelectionInputs, TokenSelector
+from ..selection import Budget, SelectionInputs, TokenSelector, resolve_budget
 from ..selection.base import check_choice
+from .sequence import (
+    pad_token_id,
+    placeholder_rows,
+    prompt_tensors,
+    question_token_mask,
+    rebuild_model_kwargs,
+    text_embeddings,
+)
+from .taps import run_until_tap, tap_last_token_attention
+
+#: Which prompt tokens guide a text-guided method (its ``text_tokens``): the whole prompt
+#: but the visual placeholders (the release's default), or only the user's question.
+TEXT_TOKENS = ("prompt", "question")
 
 #: How a video's budget is counted: the budget applies to each frame separately, or to the
 #: whole video with its frames selected jointly (a frame with more relevant tokens keeps more).
@@ -29,12 +54,24 @@ VIDEO_BUDGETS = ("per_frame", "per_video")
 
 
 @dataclass
+class TokenRegion:
+    """Tokens of one item that a method selects among together: a view, a frame, a video."""
+
+    positions: torch.Tensor  # (N,) long: the item's tokens of this region, ascending
+    grid_shape: tuple[int, int] | None = None  # (rows, cols) when the region is a raster
+    budget: Budget | None = None  # what the method keeps of it (the unit's budget, or its share)
+    chosen: torch.Tensor | None = None  # (K,) after selection: kept places among ``positions``
+    merged: torch.Tensor | None = None  # (K, C) after selection: a merging method's features
+
+
+@dataclass
 class ImageSelection:
-    """What happened to one budget unit (an image, a video frame or a whole video).
+    """One budget unit (an image, a video frame or a whole video) and what was kept of it.
 
     ``keep_indices`` index the unit's selectable tokens in the order the language model
     receives them; tokens outside the budget (LLaVA-NeXT/OneVision newline tokens) are
-    not counted in ``num_tokens``.
+    not counted in ``num_tokens``. A unit of several regions (an AnyRes image's base view
+    and crops) shares its budget among them in proportion to their sizes.
     """
 
     batch_index: int  # row of the batch the unit belongs to
@@ -42,10 +79,74 @@ class ImageSelection:
     keep_indices: torch.Tensor  # (K,) kept token positions, ascending
     grid_shape: tuple[int, int] | None = None  # (rows, cols) of the token raster
     kind: str = "image"  # "image", "frame" (per-frame video budget) or "video"
+    regions: list[TokenRegion] = field(default_factory=list, repr=False)
+
+    @classmethod
+    def of(cls, kind: str, regions: list[TokenRegion]) -> ImageSelection:
+        """A unit over ``regions``, before selection (nothing kept yet)."""
+        grid = regions[0].grid_shape if len(regions) == 1 else None
+        num_tokens = sum(region.positions.numel() for region in regions)
+        return cls(0, num_tokens, torch.zeros(0, dtype=torch.long), grid, kind, regions)
 
     @property
     def num_kept(self) -> int:
         return int(self.keep_indices.numel())
+
+
+#: Per-token fields of a :class:`VisualItem` that are sliced, packed and pruned together.
+TOKEN_FIELDS = ("features", "tokens", "saliency", "keys", "lm_attention")
+
+
+@dataclass
+class VisualItem:
+    """One image or video as the language model receives it, and what a method may read of it.
+
+    Per-token tensors share their leading dimensions: (L, ...) over the item's L
+    placeholder tokens in the language model's order. (A family may use the same record
+    for a stack of tower inputs, (P, n, ...), before arranging it into items.)
+    """
+
+    kind: str  # "image" or "video": which placeholder and encoder output it fills
+    features: torch.Tensor  # (L, C) vision features the projector consumes (zeros outside the budget)
+    tokens: torch.Tensor | None = None  # (L, D) projected; None: only the kept rows get projected
+    saliency: torch.Tensor | None = None  # (L,) float32 encoder saliency
+    keys: torch.Tensor | None = None  # (L, C_k) attention keys of the saliency layer
+    lm_attention: torch.Tensor | None = None  # (L,) the last prompt token's attention in the LM
+    #: Further per-token outputs the model consumes, pruned with the same keep mask
+    #: (Qwen3-VL's DeepStack features: name -> (L, D)).
+    side_outputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: Tokens outside the budget (LLaVA-NeXT newlines): (L,) bool, kept when a token of
+    #: the same ``row_of`` is kept.
+    is_newline: torch.Tensor | None = None
+    row_of: torch.Tensor | None = None  # (L,) long: the raster row a token belongs to; -1 for none
+    units: list[ImageSelection] = field(default_factory=list)  # the budget units, in order
+    batch_index: int = 0  # row of the batch whose prompt holds the item
+    keep: torch.Tensor | None = None  # (L,) bool, after selection: the tokens that stay
+    sent: torch.Tensor | None = None  # (K', D), after selection: the tokens the language model gets
+    sent_side_outputs: dict[str, torch.Tensor] = field(default_factory=dict)  # after selection: name -> (K', D)
+
+    @property
+    def length(self) -> int:
+        return self.features.shape[-2]
+
+    def map(self, function: Callable[[torch.Tensor], torch.Tensor]) -> VisualItem:
+        """A copy with ``function`` applied to every per-token tensor present."""
+        changed = {name: function(getattr(self, name)) for name in TOKEN_FIELDS if getattr(self, name) is not None}
+        changed["side_outputs"] = {name: function(value) for name, value in self.side_outputs.items()}
+        return replace(self, **changed)
+
+
+@dataclass(frozen=True)
+class FamilySupport:
+    """How a family is pruned, in words: the README's "Supported models" row and the
+    methods x families table are generated from it."""
+
+    name: str  # what users call the family, e.g. "LLaVA-1.5"
+    saliency: str  # where encoder saliency comes from
+    budget_unit: str  # what one budget counts
+    positions: str  # what positions the pruned prompt gets
+    #: Selection inputs the family cannot serve (``flashvlm.selection.REQUIREMENTS``).
+    lacks: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -63,11 +164,29 @@ class ModelAdapter(ABC):
 
     #: Class names of the Hugging Face models this adapter serves.
     architectures: ClassVar[tuple[str, ...]] = ()
+    #: Arguments that carry pixels: their presence means there is something to prune.
+    pixel_arguments: ClassVar[tuple[str, ...]] = ("pixel_values",)
+    #: Arguments that only feed the vision side (or positions recomputed): consumed here.
+    vision_only_kwargs: ClassVar[tuple[str, ...]] = ("pixel_values",)
+    #: "cls" (a CLS row) or "received" (attention each token receives): what saliency is.
+    saliency_kind: str = "received"
+    #: Heads the saliency layer's keys split into.
+    key_heads: int | None = None
+    #: The family in words (docs tables are generated from it).
+    support: ClassVar[FamilySupport]
 
-    def __init__(self, model: nn.Module, video_budget: str = "per_frame") -> None:
+    def __init__(self, model: nn.Module, video_budget: str = "per_frame", tokenizer=None) -> None:
         check_choice("video_budget", video_budget, VIDEO_BUDGETS)
         self.model = model
         self.video_budget = video_budget
+        #: The model's tokenizer (or processor): needed to find the question's tokens.
+        self.tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+        self.core = model.model
+        config = model.config
+        #: Placeholder token id of each kind of visual input the family takes.
+        self.token_ids = {"image": config.image_token_id}
+        if "pixel_values_videos" in self.pixel_arguments:
+            self.token_ids["video"] = config.video_token_id
 
     @classmethod
     def serves(cls, model: nn.Module) -> bool:
@@ -78,19 +197,217 @@ class ModelAdapter(ABC):
         """The decoder that runs the prefill (timed by benchmarks and the CLI)."""
         return self.model.model.language_model
 
-    @abstractmethod
-    def has_visual_input(self, model_kwargs: dict[str, Any]) -> bool:
-        """Whether these forward/generate arguments carry visual tokens to prune."""
+    @property
+    def vision_tower(self) -> nn.Module:
+        """The vision encoder (timed by benchmarks)."""
+        return self.core.vision_tower
 
     @property
     def decoder_layers(self) -> nn.ModuleList:
         """The language model's decoder layers, each with a ``self_attn`` module."""
         return self.language_model.layers
 
-    @abstractmethod
-    def prune_inputs(self, model_kwargs: dict[str, Any], selector: TokenSelector, budget: Budget) -> PrunedInputs:
-        """Run the vision side, select, and return arguments for the unpruned-token-free forward."""
+    def has_visual_input(self, model_kwargs: dict[str, Any]) -> bool:
+        """Whether these forward/generate arguments carry visual tokens to prune."""
+        return any(model_kwargs.get(name) is not None for name in self.pixel_arguments)
 
+    # -- the hooks a family overrides ---------------------------------------------------------
+    @abstractmethod
+    def visual_items(self, model_kwargs: dict[str, Any], needs: frozenset[str]) -> list[VisualItem]:
+        """Encode every image and video: one item each, images first, each kind in placeholder
+        order, with its budget units and what ``needs`` asks for (``tokens`` are required
+        when ``needs`` has "projected" or "lm_attention")."""
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """The projector on (K, C) vision features -> (K, D) language-model tokens."""
+        return self.core.multi_modal_projector(features)
+
+    def scoring_positions(self, model_kwargs: dict[str, Any]) -> torch.Tensor | None:
+        """Positions of the unpruned prompt for the ``lm_attention`` pass; None: 1-D."""
+        return None
+
+    def pruned_position_ids(
+        self, model_kwargs: dict[str, Any], keep: torch.Tensor, new_mask: torch.Tensor
+    ) -> torch.Tensor | None:
+        """``position_ids`` for the pruned prompt (keep: (B, L), new_mask: (B, L')); None:
+        the model's own contiguous positions over the shortened prompt."""
+        return None
+
+    def scoring_kwargs(
+        self, model_kwargs: dict[str, Any], inputs_embeds: torch.Tensor, by_kind: dict[str, list[VisualItem]]
+    ) -> dict[str, Any]:
+        """Further language-model arguments for the ``lm_attention`` pass over the unpruned
+        prompt (inputs_embeds: (B, L, D)), so it sees what the model's own forward gives its
+        decoder (Gemma 3's image mask, Qwen3-VL's DeepStack features)."""
+        return {}
+
+    def encoder_output(self, kind: str, items: list[VisualItem]) -> BaseModelOutputWithPooling:
+        """What the model's forward takes as ``mm_encoder_outputs[kind]``: a list of (K_i, D)."""
+        return BaseModelOutputWithPooling(pooler_output=[item.sent for item in items])
+
+    # -- the pipeline -----------------------------------------------------------------------
+    def prune_inputs(
+        self,
+        model_kwargs: dict[str, Any],
+        selector: TokenSelector,
+        budget: Budget,
+        questions: list[str | None] | None = None,
+    ) -> PrunedInputs:
+        """Run the vision side, select, and return arguments for the unpruned-token-free forward.
+
+        ``questions`` (one per batch row) are the user's own words, for a method whose
+        ``text_tokens`` is "question".
+        """
+        input_ids, attention_mask = prompt_tensors(model_kwargs)
+        needs = selector.requires
+        placeholder_ids = list(self.token_ids.values())
+        # Gradients reach the vision side only when training asks for them.
+        with torch.set_grad_enabled(self.model.training and torch.is_grad_enabled()):
+            items = self.visual_items(model_kwargs, needs)
+            by_kind = {kind: [item for item in items if item.kind == kind] for kind in self.token_ids}
+            by_kind = {kind: kind_items for kind, kind_items in by_kind.items() if kind_items}
+            for kind, kind_items in by_kind.items():
+                rows = placeholder_rows(input_ids, self.token_ids[kind], [item.length for item in kind_items], kind)
+                for item, row in zip(kind_items, rows):
+                    item.batch_index = row
+                    for unit in item.units:
+                        unit.batch_index = row
+            if "lm_attention" in needs:
+                self._score_in_language_model(by_kind, model_kwargs, selector.lm_attention_layer)
+            text = self.prompt_text(input_ids, attention_mask, selector, questions)
+            self._select(items, selector, budget, text)
+            for item in items:
+                self._keep_tokens(item)
+
+        # Existing padding goes too: rows are re-padded to the longest pruned row.
+        keep = attention_mask.bool() & ~torch.isin(input_ids, torch.tensor(placeholder_ids, device=input_ids.device))
+        outputs = {}
+        for kind, kind_items in by_kind.items():
+            keep[input_ids == self.token_ids[kind]] = torch.cat([item.keep for item in kind_items]).to(keep.device)
+            outputs[kind] = self.encoder_output(kind, kind_items)
+        pruned_kwargs, new_mask = rebuild_model_kwargs(
+            model_kwargs, keep, self.vision_only_kwargs, pad_token_id(self.model), outputs
+        )
+        position_ids = self.pruned_position_ids(model_kwargs, keep, new_mask)
+        if position_ids is not None:
+            pruned_kwargs["position_ids"] = position_ids
+        records = [unit for item in items for unit in item.units]
+        return PrunedInputs(pruned_kwargs, records, input_ids.shape[1], new_mask.shape[1])
+
+    def prompt_text(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, selector: TokenSelector, questions
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Embeddings (B, L_text, D) and mask (B, L_text) of the text that guides ``selector``:
+        every prompt token that is neither padding nor a visual placeholder, wherever the
+        images sit, or (``text_tokens="question"``) only the question's tokens; (None, None)
+        when the method needs no text."""
+        if "text" not in selector.requires:
+            return None, None
+        placeholder_ids = torch.tensor(list(self.token_ids.values()), device=input_ids.device)
+        is_text = attention_mask.bool() & ~torch.isin(input_ids, placeholder_ids)
+        text_tokens = getattr(selector, "text_tokens", "prompt")
+        check_choice("text_tokens", text_tokens, TEXT_TOKENS)
+        if text_tokens == "question":
+            if questions is None or self.tokenizer is None:
+                raise FlashVLMError(
+                    f"method {selector.name!r} with text_tokens='question' needs the question text and the tokenizer: "
+                    "flashvlm.prune(model, budget, method, tokenizer=processor), then call generate/forward with "
+                    "question=<the user's words> (one string per batch row)"
+                )
+            rows = [questions] if isinstance(questions, str) else list(questions)
+            is_text &= question_token_mask(self.tokenizer, input_ids, attention_mask, rows)
+        return text_embeddings(self.model.get_input_embeddings(), input_ids, is_text)
+
+    def _score_in_language_model(self, by_kind: dict[str, list[VisualItem]], model_kwargs: dict, layer: int) -> None:
+        """Fill every item's ``lm_attention``: one pass over the unpruned prompt, every token
+        (newlines included) where the model puts it."""
+        input_ids, attention_mask = prompt_tensors(model_kwargs)
+        sent = {self.token_ids[kind]: torch.cat([item.tokens for item in items]) for kind, items in by_kind.items()}
+        positions = self.scoring_positions(model_kwargs)
+        scores = self.visual_token_attention(input_ids, attention_mask, sent, layer, positions, model_kwargs, by_kind)
+        for kind, items in by_kind.items():
+            for item, item_scores in zip(items, scores[self.token_ids[kind]].split([item.length for item in items])):
+                item.lm_attention = item_scores
+
+    def _select(self, items: list[VisualItem], selector: TokenSelector, budget: Budget, text) -> None:
+        """Run ``selector`` on every region, batching regions that share a token count, budget
+        and raster (so grid-aware methods keep their grid); fills each unit's ``keep_indices``
+        and each region's ``chosen`` positions and replacement ``merged`` features."""
+        text_embeds, text_mask = text
+        groups: dict[tuple[int, Budget, tuple[int, int] | None], list[tuple[VisualItem, TokenRegion]]] = {}
+        for item in items:
+            for unit in item.units:
+                for region, share in zip(unit.regions, region_budgets(unit, budget)):
+                    region.budget = share
+                    region.chosen = torch.zeros(0, dtype=torch.long, device=region.positions.device)
+                    if not (isinstance(share, int) and share == 0):
+                        key = (region.positions.numel(), share, region.grid_shape)
+                        groups.setdefault(key, []).append((item, region))
+        for (_, share, grid_shape), members in groups.items():
+
+            def stacked(name: str, members=members) -> torch.Tensor | None:
+                if getattr(members[0][0], name) is None:
+                    return None
+                return torch.stack([getattr(item, name)[region.positions] for item, region in members])
+
+            inputs = SelectionInputs(
+                features=stacked("features"),
+                saliency=stacked("saliency"),
+                saliency_kind=self.saliency_kind,
+                projected=stacked("tokens"),
+                keys=stacked("keys"),
+                key_heads=self.key_heads,
+                grid_shape=grid_shape,
+                lm_attention=stacked("lm_attention"),
+            )
+            if text_embeds is not None:
+                rows = torch.tensor([item.batch_index for item, _ in members], device=text_embeds.device)
+                inputs.text_embeds, inputs.text_mask = text_embeds[rows], text_mask[rows]
+            selection = selector(inputs, share)
+            for row, (_, region) in enumerate(members):
+                region.chosen = selection.indices[row]
+                region.merged = None if selection.features is None else selection.features[row]
+        for item in items:
+            for unit in item.units:
+                offsets = torch.tensor([0, *[r.positions.numel() for r in unit.regions]]).cumsum(0)
+                unit.keep_indices = torch.cat(
+                    [region.chosen.cpu() + offset for region, offset in zip(unit.regions, offsets.tolist())]
+                )
+
+    def _keep_tokens(self, item: VisualItem) -> None:
+        """Fill ``item.keep`` (L,) and ``item.sent`` (K', D) from its regions' choices."""
+        device = item.features.device
+        keep = torch.zeros(item.length, dtype=torch.bool, device=device)
+        merged_at, merged = [], []
+        for unit in item.units:
+            for region in unit.regions:
+                chosen = region.positions[region.chosen.to(region.positions.device)]
+                keep[chosen] = True
+                if region.merged is not None:
+                    merged_at.append(chosen)
+                    merged.append(region.merged)
+        if item.is_newline is not None:
+            # A row's newline stays when the row keeps a token, so the LM still sees where it ends.
+            rows_kept = item.row_of[keep & ~item.is_newline]
+            keep |= item.is_newline & torch.isin(item.row_of, rows_kept)
+        if item.tokens is None:
+            # Project only what stays: merged features replace the originals at their positions.
+            features = item.features
+            if merged:
+                features = features.clone()
+                features[torch.cat(merged_at)] = torch.cat(merged).to(features.dtype)
+            item.sent = self.project(features[keep])
+        else:
+            tokens = item.tokens
+            if merged:
+                tokens = tokens.clone()
+                for positions, features in zip(merged_at, merged):
+                    tokens[positions] = self.project(features).to(tokens.dtype)
+            item.sent = tokens[keep]
+        item.keep = keep
+        item.sent_side_outputs = {name: value[keep] for name, value in item.side_outputs.items()}
+
+    # -- the language-model tap ----------------------------------------------------------------
     def visual_token_attention(
         self,
         input_ids: torch.Tensor,
@@ -98,6 +415,8 @@ class ModelAdapter(ABC):
         visual_tokens: dict[int, torch.Tensor],
         layer: int,
         position_ids: torch.Tensor | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+        by_kind: dict[str, list[VisualItem]] | None = None,
     ) -> dict[int, torch.Tensor]:
         """The ``lm_attention`` input: each row's last-token attention to its visual tokens.
 
@@ -109,7 +428,9 @@ class ModelAdapter(ABC):
         that layer's own rotated queries and keys, mean over heads); the earlier layers keep
         their attention implementation. ``position_ids`` default to the ones ``generate``
         uses (count of real tokens so far); models with other positions (M-RoPE) pass their
-        own. Returns, per placeholder id, (T,) float32 in the same order.
+        own. With the prompt's ``model_kwargs`` and its items ``by_kind``, the pass also
+        gets the family's :meth:`scoring_kwargs`. Returns, per placeholder id, (T,) float32
+        in the same order.
         """
         num_layers = len(self.decoder_layers)
         if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer <= num_layers:
@@ -124,353 +445,25 @@ class ModelAdapter(ABC):
             embeds[is_placeholder] = visual_tokens[token_id].to(embeds.dtype)
         if position_ids is None:
             position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+        decoder_kwargs = dict(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids)
+        if model_kwargs is not None:
+            decoder_kwargs.update(self.scoring_kwargs(model_kwargs, embeds, by_kind))
         with tap_last_token_attention(self.decoder_layers[layer - 1].self_attn, attention_mask) as tap:
-            run_until_tap(
-                self.language_model,
-                inputs_embeds=embeds,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                use_cache=False,
-            )
+            run_until_tap(self.language_model, use_cache=False, **decoder_kwargs)
         return {token_id: tap.attention[is_placeholder] for token_id, is_placeholder in placeholders.items()}
 
 
-@dataclass
-class VisualUnit:
-    """The tokens that share one budget, as a method sees them (one row of :class:`SelectionInputs`)."""
-
-    batch_index: int  # row of the batch whose prompt guides the selection
-    budget: Budget  # what to keep of this unit (an int 0 keeps nothing)
-    features: torch.Tensor  # (N, C) vision features the projector consumes
-    projected: torch.Tensor | None = None  # (N, D) projector output
-    saliency: torch.Tensor | None = None  # (N,) encoder saliency
-    keys: torch.Tensor | None = None  # (N, C_k) attention keys of the saliency layer
-    grid_shape: tuple[int, int] | None = None  # (rows, cols) when the tokens form a raster
-    lm_attention: torch.Tensor | None = None  # (N,) last prompt token's attention inside the LM
-
-    @property
-    def num_tokens(self) -> int:
-        return self.features.shape[0]
-
-
-@dataclass
-class UnitChoice:
-    """What a method kept of one :class:`VisualUnit`."""
-
-    indices: torch.Tensor  # (K,) kept positions, ascending
-    features: torch.Tensor | None = None  # (K, C) replacement features (merging methods), or None
-
-
-def select_units(
-    units: list[VisualUnit],
-    selector: TokenSelector,
-    saliency_kind: str | None,
-    text_embeds: torch.Tensor | None = None,
-    text_mask: torch.Tensor | None = None,
-    key_heads: int | None = None,
-) -> list[UnitChoice]:
-    """Run ``selector`` on every unit, batching the units that share a token count and budget.
-
-    text_embeds (B, L, D) and text_mask (B, L) hold each batch row's prompt text; a unit
-    is guided by its own row's. ``key_heads`` is how many heads the units' keys split
-    into. Returns one :class:`UnitChoice` per unit, in order.
-    """
-    choices: list[UnitChoice | None] = [None] * len(units)
-    # Units of one group share N, budget and raster shape, so grid-aware methods keep their grid.
-    groups: dict[tuple[int, Budget, tuple[int, int] | None], list[int]] = {}
-    for position, unit in enumerate(units):
-        if isinstance(unit.budget, int) and unit.budget == 0:
-            empty = torch.zeros(0, dtype=torch.long, device=unit.features.device)
-            choices[position] = UnitChoice(empty)
-        else:
-            groups.setdefault((unit.num_tokens, unit.budget, unit.grid_shape), []).append(position)
-
-    def stacked(name: str, members: list[VisualUnit]) -> torch.Tensor | None:
-        values = [getattr(unit, name) for unit in members]
-        return None if values[0] is None else torch.stack(values)
-
-    for (_, budget, grid_shape), positions in groups.items():
-        members = [units[position] for position in positions]
-        inputs = SelectionInputs(
-            features=stacked("features", members),
-            saliency=stacked("saliency", members),
-            saliency_kind=saliency_kind,
-            projected=stacked("projected", members),
-            keys=stacked("keys", members),
-            key_heads=key_heads,
-            grid_shape=grid_shape,
-            lm_attention=stacked("lm_attention", members),
-        )
-        if text_embeds is not None:
-            rows = torch.tensor([unit.batch_index for unit in members], device=text_embeds.device)
-            inputs.text_embeds, inputs.text_mask = text_embeds[rows], text_mask[rows]
-        selection = selector(inputs, budget)
-        for place, position in enumerate(positions):
-            features = None if selection.features is None else selection.features[place]
-            choices[position] = UnitChoice(selection.indices[place], features)
-    return choices
-
-
-def require_argument(model_kwargs: dict[str, Any], name: str, needed_by: str) -> Any:
-    """``model_kwargs[name]``, or a :class:`FlashVLMError` saying which input needs it."""
-    value = model_kwargs.get(name)
-    if value is None:
-        raise FlashVLMError(f"{needed_by} needs {name} alongside it (as the model's processor returns them)")
-    return value
-
-
-def prompt_tensors(model_kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """input_ids and attention_mask (all ones when not given), both (B, L)."""
-    input_ids = model_kwargs.get("input_ids")
-    if input_ids is None:
-        raise FlashVLMError("flashvlm needs input_ids (not only inputs_embeds) to find the visual placeholders")
-    attention_mask = model_kwargs.get("attention_mask")
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    return input_ids, attention_mask
-
-
-def prompt_text(
-    model: nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    placeholder_ids: list[int],
-    needs: frozenset[str],
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Embeddings (B, L_text, D) and mask (B, L_text) of every prompt token that is neither
-    padding nor a visual placeholder, wherever the images sit in the prompt; (None, None)
-    when the method's ``needs`` do not include text."""
-    if "text" not in needs:
-        return None, None
-    is_text = attention_mask.bool() & ~torch.isin(input_ids, torch.tensor(placeholder_ids, device=input_ids.device))
-    return text_embeddings(model.get_input_embeddings(), input_ids, is_text)
-
-
-def placeholder_rows(input_ids: torch.Tensor, token_id: int, lengths: list[int], what: str) -> list[int]:
-    """Batch row of each visual item whose placeholders (``lengths`` tokens each) run row-major.
-
-    Raises :class:`FlashVLMError` when the prompt's placeholder count does not match.
-    """
-    rows, _ = (input_ids == token_id).nonzero(as_tuple=True)
-    if rows.numel() != sum(lengths):
-        raise FlashVLMError(
-            f"the prompt has {rows.numel()} {what} placeholder tokens, but the {len(lengths)} {what}(s) given "
-            f"need {sum(lengths)}: build inputs with the model's processor"
-        )
-    starts = torch.tensor([0, *lengths[:-1]], dtype=torch.long).cumsum(0)
-    return rows.cpu()[starts].tolist() if lengths else []
-
-
-def pad_token_id(model: nn.Module) -> int:
-    """The id new padding gets when pruned rows are re-padded."""
-    for config in (model.config, getattr(model.config, "text_config", None), getattr(model, "generation_config", None)):
-        pad = getattr(config, "pad_token_id", None) if config is not None else None
-        if isinstance(pad, int):
-            return pad
-    return 0
-
-
-#: Fill values for per-token arguments when rows are re-padded (0 for any other).
-_PER_TOKEN_FILL = {"labels": -100}
-
-
-def rebuild_model_kwargs(
-    model_kwargs: dict[str, Any],
-    keep: torch.Tensor,
-    vision_only: tuple[str, ...],
-    pad_id: int,
-    mm_encoder_outputs: dict[str, Any],
-) -> tuple[dict[str, Any], torch.Tensor]:
-    """Arguments for the language-model-only forward: rows without the dropped placeholders.
-
-    keep: (B, L) bool. Every (B, L) tensor argument is compacted the same way (see
-    :func:`compact_sequences`); the ``vision_only`` arguments are consumed. Returns the
-    kwargs and the new attention mask (B, L').
-    """
-    input_ids, attention_mask = prompt_tensors(model_kwargs)
-    batch, length = input_ids.shape
-    pruned = {k: v for k, v in model_kwargs.items() if k not in vision_only}
-    per_token = {
-        name: (value, pad_id if name == "input_ids" else _PER_TOKEN_FILL.get(name, 0))
-        for name, value in model_kwargs.items()
-        if name != "attention_mask" and isinstance(value, torch.Tensor) and value.shape[:2] == (batch, length)
-    }
-    new_mask, compacted = compact_sequences(keep, attention_mask, per_token)
-    pruned.update(compacted)
-    pruned["attention_mask"] = new_mask
-    pruned["mm_encoder_outputs"] = mm_encoder_outputs
-    return pruned, new_mask
-
-
-def text_embeddings(
-    embedding: nn.Module, input_ids: torch.Tensor, text_mask: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Input embeddings of each row's text tokens, packed to the left.
-
-    input_ids, text_mask: (B, L). Returns embeds (B, L_text, D) and mask (B, L_text),
-    where L_text is the most text tokens any row has, so similarity costs O(N * L_text)
-    rather than O(N * L) with all the image placeholders.
-    """
-    counts = text_mask.sum(dim=1)  # (B,)
-    width = max(int(counts.max()), 1)
-    # A stable sort of "is not text" brings each row's text positions to the front, in order.
-    order = (~text_mask).to(torch.int8).argsort(dim=1, stable=True)[:, :width]  # (B, L_text)
-    packed_mask = torch.arange(width, device=input_ids.device)[None, :] < counts[:, None]
-    packed_ids = input_ids.gather(1, order).masked_fill(~packed_mask, 0)
-    return embedding(packed_ids), packed_mask
-
-
-def padding_side(attention_mask: torch.Tensor) -> str:
-    """'right' if any row ends in padding, else 'left' (the generation convention)."""
-    if attention_mask.shape[1] and bool((attention_mask[:, -1] == 0).any()):
-        return "right"
-    return "left"
-
-
-def compact_sequences(
-    keep: torch.Tensor,
-    attention_mask: torch.Tensor,
-    per_token: dict[str, tuple[torch.Tensor, int]],
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Remove the positions where ``keep`` is False from every row (padding included), then re-pad.
-
-    keep, attention_mask: (B, L). ``per_token`` maps names to ((B, L, ...) tensor, fill
-    value for new padding). Rows shrink by different amounts, so they are re-padded to
-    the longest on the side the input was padded on (left unless rows end in padding).
-    Returns the new attention mask (B, L') and the compacted tensors.
-    """
-    batch, _ = keep.shape
-    lengths = keep.sum(dim=1)  # (B,)
-    new_length = int(lengths.max())
-    offsets = new_length - lengths if padding_side(attention_mask) == "left" else torch.zeros_like(lengths)
-    destination = offsets[:, None] + keep.long().cumsum(dim=1) - 1  # (B, L), valid where keep
-    rows, columns = keep.nonzero(as_tuple=True)
-    targets = destination[rows, columns]
-
-    def compact(tensor: torch.Tensor, fill: int | float) -> torch.Tensor:
-        out = tensor.new_full((batch, new_length, *tensor.shape[2:]), fill)
-        out[rows, targets] = tensor[rows, columns]
-        return out
-
-    new_mask = compact(attention_mask, 0)
-    return new_mask, {name: compact(tensor, fill) for name, (tensor, fill) in per_token.items()}
-
-
-class _StopForward(Exception):
-    """Raised inside a hook to end a vision forward once the needed layer has run."""
-
-
-@dataclass
-class LayerTap:
-    """What :func:`tap_vision_layer` captured from one encoder layer."""
-
-    output: torch.Tensor | None = None  # (B, S, C) the layer's output hidden states
-    queries: torch.Tensor | None = None  # (B, S, C) q_proj output of the layer
-    keys: torch.Tensor | None = None  # (B, S, C) k_proj output of the layer
-
-
-@contextmanager
-def tap_vision_layer(layer: nn.Module, capture_qk: bool, stop_after: bool):
-    """Capture one encoder layer's output (and its q/k projections) during a forward.
-
-    With ``stop_after`` the forward is cut short after this layer: the later layers'
-    outputs are not used, so they need not run. Use :func:`run_until_tap` to call.
-    """
-    tap = LayerTap()
-    handles = []
-
-    def keep_output(_module, _args, output):
-        tap.output = output[0] if isinstance(output, tuple) else output
-        if stop_after:
-            raise _StopForward
-
-    handles.append(layer.register_forward_hook(keep_output))
-    if capture_qk:
-        attention = layer.self_attn
-        handles.append(attention.q_proj.register_forward_hook(lambda _m, _a, out: setattr(tap, "queries", out)))
-        handles.append(attention.k_proj.register_forward_hook(lambda _m, _a, out: setattr(tap, "keys", out)))
-    try:
-        yield tap
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def run_until_tap(forward, *args, **kwargs) -> None:
-    """Call ``forward``; a :class:`_StopForward` from a tap ends it normally."""
-    try:
-        forward(*args, **kwargs)
-    except _StopForward:
-        pass
-
-
-def resolve_hidden_state_layer(feature_layer: int, num_layers: int) -> int:
-    """Index of the encoder layer whose output is ``hidden_states[feature_layer]``.
-
-    hidden_states[0] is the embedding output, hidden_states[i] the output of layer i-1.
-    """
-    hidden_index = feature_layer if feature_layer >= 0 else num_layers + 1 + feature_layer
-    if not 1 <= hidden_index <= num_layers:
-        raise FlashVLMError(
-            f"vision_feature_layer {feature_layer} does not name an encoder layer's output "
-            f"(the tower has {num_layers} layers: use 1..{num_layers} or -{num_layers}..-1)"
-        )
-    return hidden_index - 1
-
-
-#: Attention implementation name under which :func:`tap_last_token_attention` runs one layer.
-_LAST_TOKEN_ROW = "flashvlm_last_token_row"
-
-
-@dataclass
-class LastTokenTap:
-    """What :func:`tap_last_token_attention` captured."""
-
-    key_mask: torch.Tensor  # (B, L) bool, keys that are real tokens
-    attention: torch.Tensor | None = None  # (B, L) float32, the last real token's attention, mean over heads
-
-
-def _last_token_row(module: nn.Module, query, key, value, attention_mask, scaling=None, **kwargs):
-    """Attention "implementation" for one tapped layer: compute one row, then end the forward.
-
-    query: (B, H, L, d) and key: (B, H_kv, L, d), already rotated. The causal mask allows
-    the last real token every key, so only padding is masked (from the 2-D mask).
-    """
-    tap: LastTokenTap = module._flashvlm_last_token_tap
-    key_mask = tap.key_mask.to(query.device)
-    batch, heads, _, head_dim = query.shape
-    last = key_mask.shape[1] - 1 - key_mask.flip(1).long().argmax(dim=1)  # (B,) last real position
-    last_query = query[torch.arange(batch, device=query.device), :, last].float()  # (B, H, d)
-    keys = key.float().repeat_interleave(heads // key.shape[1], dim=1)  # (B, H, L, d)
-    scale = head_dim**-0.5 if scaling is None else scaling
-    logits = torch.einsum("bhd,bhld->bhl", last_query, keys) * scale
-    logits = logits.masked_fill(~key_mask[:, None, :], float("-inf"))
-    tap.attention = torch.softmax(logits, dim=-1).mean(dim=1)
-    raise _StopForward
-
-
-AttentionInterface.register(_LAST_TOKEN_ROW, _last_token_row)
-
-
-@contextmanager
-def tap_last_token_attention(attention: nn.Module, attention_mask: torch.Tensor):
-    """Make one attention module compute only its last-token attention row and stop the forward.
-
-    Only this module sees the change: it gets a copy of its config naming
-    :data:`_LAST_TOKEN_ROW` as its attention implementation, restored on exit, so every
-    other layer keeps SDPA/FlashAttention. Works for any Hugging Face attention module that
-    dispatches through ``ALL_ATTENTION_FUNCTIONS`` (standard softmax attention; sliding
-    windows and logit soft-capping are not modelled).
-    """
-    tap = LastTokenTap(key_mask=attention_mask.bool())
-    shared_config = attention.config
-    tapped_config = copy.copy(shared_config)
-    # Set the stored value directly: the public setter would recurse into (shared) sub-configs.
-    tapped_config._attn_implementation_internal = _LAST_TOKEN_ROW
-    attention.config = tapped_config
-    attention._flashvlm_last_token_tap = tap
-    try:
-        yield tap
-    finally:
-        attention.config = shared_config
-        del attention._flashvlm_last_token_tap
+def region_budgets(unit: ImageSelection, budget: Budget) -> list[Budget]:
+    """The budget of each region of ``unit``: the whole budget for a single region, or, for
+    the views of one image, ``K`` split in proportion to their token counts (the last view
+    takes the rest)."""
+    if len(unit.regions) == 1:
+        return [budget]
+    num_keep = resolve_budget(budget, unit.num_tokens)
+    shares, assigned = [], 0
+    for place, region in enumerate(unit.regions):
+        last = place == len(unit.regions) - 1
+        share = num_keep - assigned if last else round(num_keep * region.positions.numel() / unit.num_tokens)
+        shares.append(share)
+        assigned += share
+    return shares

@@ -24,22 +24,27 @@ from typing import Any
 import torch
 
 from ..errors import FlashVLMError
-from .llava import _VISION_ONLY_KWARGS
-from .llava_next import LlavaNextAdapter, PackedItem
-
-_ONEVISION_ONLY_KWARGS = ("pixel_values_videos", "image_sizes_videos", "vision_aspect_ratio", "batch_num_images")
+from .base import FamilySupport, ImageSelection, TokenRegion, VisualItem
+from .llava import LlavaAdapter
+from .llava_next import LlavaNextAdapter, side_channels, split_side_channels
 
 
 class LlavaOnevisionAdapter(LlavaNextAdapter):
     architectures = ("LlavaOnevisionForConditionalGeneration",)
-    vision_only_kwargs = _VISION_ONLY_KWARGS + _ONEVISION_ONLY_KWARGS
-
-    def __init__(self, model, video_budget: str = "per_frame") -> None:
-        super().__init__(model, video_budget)
-        self.video_token_id = model.config.video_token_id
-
-    def has_visual_input(self, model_kwargs: dict[str, Any]) -> bool:
-        return model_kwargs.get("pixel_values") is not None or model_kwargs.get("pixel_values_videos") is not None
+    support = FamilySupport(
+        "LLaVA-OneVision",
+        saliency="attention received (SigLIP has no CLS), in chunks",
+        budget_unit="image (as LLaVA-NeXT), or video frame / whole video",
+        positions="contiguous",
+        lacks=frozenset({"cls_attention"}),
+    )
+    pixel_arguments = ("pixel_values", "pixel_values_videos")
+    vision_only_kwargs = LlavaAdapter.vision_only_kwargs + (
+        "pixel_values_videos",
+        "image_sizes_videos",
+        "vision_aspect_ratio",
+        "batch_num_images",
+    )
 
     def patches_per_image(self, model_kwargs: dict[str, Any]) -> list[int]:
         # A prompt with several images sends each as its base view only (the model's rule).
@@ -57,12 +62,12 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         )
         return packed
 
-    def video_items(self, model_kwargs: dict[str, Any], needs: frozenset[str]) -> list[PackedItem]:
+    def video_items(self, model_kwargs: dict[str, Any], needs: frozenset[str]) -> list[VisualItem]:
         videos = model_kwargs["pixel_values_videos"]  # (V, F, 3, H, W)
         num_videos, num_frames = videos.shape[:2]
-        encoded = self.encode_patches(videos.flatten(0, 1), model_kwargs, needs)
-        tokens = self.core.apply_pooling(self.core.multi_modal_projector(encoded.features))  # (V*F, m, D)
-        side = self.core.apply_pooling(self.side_channels(encoded))  # (V*F, m, X)
+        stack = self.encode_patches(videos.flatten(0, 1), model_kwargs, needs)
+        tokens = self.core.apply_pooling(self.project(stack.features))  # (V*F, m, D)
+        side = self.core.apply_pooling(side_channels(stack))  # (V*F, m, X)
         per_frame = tokens.shape[1]
         height = width = int(round(per_frame**0.5))
         grid = (height, width) if height * width == per_frame else None
@@ -73,25 +78,26 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             video_side = side[frames].flatten(0, 1)
             marker = torch.zeros_like(video_side[:1])
             marker[0, -1] = 1.0
-            features, saliency, keys, is_newline = self.split_side_channels(
-                torch.cat([video_side, marker]), encoded, tokens.dtype
-            )
+            item = split_side_channels(torch.cat([video_side, marker]), stack, "video", video_tokens)
             # One "row" (every frame token) ends with the video's newline.
-            one_row = torch.zeros_like(is_newline, dtype=torch.long)
-            item = PackedItem("video", video_tokens, features, saliency, keys, is_newline, one_row)
+            item.row_of = torch.zeros_like(item.is_newline, dtype=torch.long)
             positions = torch.arange(num_frames * per_frame, device=tokens.device)
             if self.video_budget == "per_frame":
-                item.regions = [(frame, grid) for frame in positions.split(per_frame)]
+                item.units = [
+                    ImageSelection.of("frame", [TokenRegion(frame, grid)]) for frame in positions.split(per_frame)
+                ]
             else:
-                item.regions = [(positions, None)]
+                item.units = [ImageSelection.of("video", [TokenRegion(positions)])]
             items.append(item)
         return items
 
-    def encoder_output(self, kind: str, kept_tokens: list[torch.Tensor]):
+    def encoder_output(self, kind: str, items: list[VisualItem]):
+        output = super().encoder_output(kind, items)
         if kind == "image":
-            return kept_tokens
+            return output
         # The model flattens a (V, L, D) tensor of videos, so every video must keep as many tokens.
-        lengths = sorted({tokens.shape[0] for tokens in kept_tokens})
+        lengths = sorted({item.sent.shape[0] for item in items})
         if len(lengths) != 1:
             raise FlashVLMError(f"every video in a batch must keep the same number of tokens; got {lengths}")
-        return torch.stack(kept_tokens)
+        output.pooler_output = torch.stack(output.pooler_output)
+        return output

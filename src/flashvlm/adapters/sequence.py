@@ -1,0 +1,184 @@
+"""Sequence surgery every adapter shares: find the placeholders, drop the pruned ones, re-pad.
+
+Nothing here knows a model family: these functions work on the (B, L) prompt tensors a
+processor returns and on the keyword arguments of a Hugging Face forward.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import FlashVLMError
+
+
+def require_argument(model_kwargs: dict[str, Any], name: str, needed_by: str) -> Any:
+    """``model_kwargs[name]``, or a :class:`FlashVLMError` saying which input needs it."""
+    value = model_kwargs.get(name)
+    if value is None:
+        raise FlashVLMError(f"{needed_by} needs {name} alongside it (as the model's processor returns them)")
+    return value
+
+
+def prompt_tensors(model_kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids and attention_mask (all ones when not given), both (B, L)."""
+    input_ids = model_kwargs.get("input_ids")
+    if input_ids is None:
+        raise FlashVLMError("flashvlm needs input_ids (not only inputs_embeds) to find the visual placeholders")
+    attention_mask = model_kwargs.get("attention_mask")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    return input_ids, attention_mask
+
+
+def question_token_mask(
+    tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor, questions: list[str | None]
+) -> torch.Tensor:
+    """(B, L) bool: the tokens that spell each row's question inside its prompt.
+
+    Whatever the chat template put around the question (system prompt, role words,
+    image markers, punctuation), the question's own characters are found in the prompt:
+    every token is decoded on its own, whitespace is dropped on both sides (tokenizers
+    mark spaces differently: "Ġ", "▁", or not at all), and the question's last
+    occurrence in the row's real tokens is taken (the user's final message). Tokens
+    overlapping it are the question's. A row whose question is None keeps its whole prompt.
+    """
+    batch, length = input_ids.shape
+    if len(questions) != batch:
+        raise FlashVLMError(f"question: give one per batch row ({batch}); got {len(questions)}")
+    mask = torch.zeros(batch, length, dtype=torch.bool, device=input_ids.device)
+    for row, question in enumerate(questions):
+        if question is None:
+            mask[row] = True
+            continue
+        if not isinstance(question, str) or not "".join(question.split()):
+            raise FlashVLMError(f"question for row {row} must be a non-empty string or None; got {question!r}")
+        positions = attention_mask[row].nonzero().squeeze(-1).tolist()
+        pieces = tokenizer.batch_decode([[token] for token in input_ids[row, positions].tolist()])
+        stream, owner = [], []
+        for place, piece in enumerate(pieces):
+            characters = "".join(piece.split())
+            stream.append(characters)
+            owner += [place] * len(characters)
+        target = "".join(question.split())
+        start = "".join(stream).rfind(target)
+        if start < 0:
+            raise FlashVLMError(
+                f"question {question[:60]!r} does not appear in row {row}'s prompt: pass the user's words as the "
+                "processor received them"
+            )
+        for place in sorted(set(owner[start : start + len(target)])):
+            mask[row, positions[place]] = True
+    return mask
+
+
+def placeholder_rows(input_ids: torch.Tensor, token_id: int, lengths: list[int], what: str) -> list[int]:
+    """Batch row of each visual item whose placeholders (``lengths`` tokens each) run row-major.
+
+    Raises :class:`FlashVLMError` when the prompt's placeholder count does not match.
+    """
+    rows, _ = (input_ids == token_id).nonzero(as_tuple=True)
+    if rows.numel() != sum(lengths):
+        raise FlashVLMError(
+            f"the prompt has {rows.numel()} {what} placeholder tokens, but the {len(lengths)} {what}(s) given "
+            f"need {sum(lengths)}: build inputs with the model's processor"
+        )
+    starts = torch.tensor([0, *lengths[:-1]], dtype=torch.long).cumsum(0)
+    return rows.cpu()[starts].tolist() if lengths else []
+
+
+def pad_token_id(model: nn.Module) -> int:
+    """The id new padding gets when pruned rows are re-padded."""
+    for config in (model.config, getattr(model.config, "text_config", None), getattr(model, "generation_config", None)):
+        pad = getattr(config, "pad_token_id", None) if config is not None else None
+        if isinstance(pad, int):
+            return pad
+    return 0
+
+
+#: Fill values for per-token arguments when rows are re-padded (0 for any other).
+_PER_TOKEN_FILL = {"labels": -100}
+
+
+def rebuild_model_kwargs(
+    model_kwargs: dict[str, Any],
+    keep: torch.Tensor,
+    vision_only: tuple[str, ...],
+    pad_id: int,
+    mm_encoder_outputs: dict[str, Any],
+) -> tuple[dict[str, Any], torch.Tensor]:
+    """Arguments for the language-model-only forward: rows without the dropped placeholders.
+
+    keep: (B, L) bool. Every (B, L) tensor argument is compacted the same way (see
+    :func:`compact_sequences`); the ``vision_only`` arguments are consumed. Returns the
+    kwargs and the new attention mask (B, L').
+    """
+    input_ids, attention_mask = prompt_tensors(model_kwargs)
+    batch, length = input_ids.shape
+    pruned = {k: v for k, v in model_kwargs.items() if k not in vision_only}
+    per_token = {
+        name: (value, pad_id if name == "input_ids" else _PER_TOKEN_FILL.get(name, 0))
+        for name, value in model_kwargs.items()
+        if name != "attention_mask" and isinstance(value, torch.Tensor) and value.shape[:2] == (batch, length)
+    }
+    new_mask, compacted = compact_sequences(keep, attention_mask, per_token)
+    pruned.update(compacted)
+    pruned["attention_mask"] = new_mask
+    pruned["mm_encoder_outputs"] = mm_encoder_outputs
+    return pruned, new_mask
+
+
+def text_embeddings(
+    embedding: nn.Module, input_ids: torch.Tensor, text_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input embeddings of each row's text tokens, packed to the left.
+
+    input_ids, text_mask: (B, L). Returns embeds (B, L_text, D) and mask (B, L_text),
+    where L_text is the most text tokens any row has, so similarity costs O(N * L_text)
+    rather than O(N * L) with all the image placeholders.
+    """
+    counts = text_mask.sum(dim=1)  # (B,)
+    width = max(int(counts.max()), 1)
+    # A stable sort of "is not text" brings each row's text positions to the front, in order.
+    order = (~text_mask).to(torch.int8).argsort(dim=1, stable=True)[:, :width]  # (B, L_text)
+    packed_mask = torch.arange(width, device=input_ids.device)[None, :] < counts[:, None]
+    packed_ids = input_ids.gather(1, order).masked_fill(~packed_mask, 0)
+    return embedding(packed_ids), packed_mask
+
+
+def padding_side(attention_mask: torch.Tensor) -> str:
+    """'right' if any row ends in padding, else 'left' (the generation convention)."""
+    if attention_mask.shape[1] and bool((attention_mask[:, -1] == 0).any()):
+        return "right"
+    return "left"
+
+
+def compact_sequences(
+    keep: torch.Tensor,
+    attention_mask: torch.Tensor,
+    per_token: dict[str, tuple[torch.Tensor, int]],
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Remove the positions where ``keep`` is False from every row (padding included), then re-pad.
+
+    keep, attention_mask: (B, L). ``per_token`` maps names to ((B, L, ...) tensor, fill
+    value for new padding). Rows shrink by different amounts, so they are re-padded to
+    the longest on the side the input was padded on (left unless rows end in padding).
+    Returns the new attention mask (B, L') and the compacted tensors.
+    """
+    batch, _ = keep.shape
+    lengths = keep.sum(dim=1)  # (B,)
+    new_length = int(lengths.max())
+    offsets = new_length - lengths if padding_side(attention_mask) == "left" else torch.zeros_like(lengths)
+    destination = offsets[:, None] + keep.long().cumsum(dim=1) - 1  # (B, L), valid where keep
+    rows, columns = keep.nonzero(as_tuple=True)
+    targets = destination[rows, columns]
+
+    def compact(tensor: torch.Tensor, fill: int | float) -> torch.Tensor:
+        out = tensor.new_full((batch, new_length, *tensor.shape[2:]), fill)
+        out[rows, targets] = tensor[rows, columns]
+        return out
+
+    new_mask = compact(attention_mask, 0)
+    return new_mask, {name: compact(tensor, fill) for name, (tensor, fill) in per_token.items()}
