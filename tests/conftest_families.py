@@ -48,7 +48,8 @@ def _eval_model(model_class, config, seed: int = 0):
     return model_class(config).eval()
 
 
-def build_tiny_internvl(seed: int = 0):
+def build_tiny_internvl(seed: int = 0, **vision_overrides):
+    """``vision_overrides``: InternViT settings, e.g. ``use_qk_norm=True`` as InternViT-6B has."""
     from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig
 
     vision = InternVLVisionConfig(
@@ -58,6 +59,7 @@ def build_tiny_internvl(seed: int = 0):
         num_attention_heads=4,
         image_size=TILE_SIZE,
         patch_size=PATCH_SIZE,
+        **vision_overrides,
     )
     config = InternVLConfig(
         vision_config=vision,

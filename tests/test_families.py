@@ -17,6 +17,7 @@ from conftest_families import (
     FAMILY_CASES,
     IDEFICS3_SPLITS,
     TOKENS_PER_TILE,
+    build_tiny_internvl,
     idefics3_image_prompt,
     internvl_batch,
     tiny_idefics3_processor,
@@ -82,8 +83,9 @@ def reference_attention(tower, pixel_values, layer: int, **tower_kwargs) -> torc
         return eager(pixel_values, output_attentions=True, **tower_kwargs).attentions[layer]
 
 
-def test_internvl_saliency_is_the_cls_row_averaged_over_each_shuffle_group():
-    model = tiny_model(CASES["internvl"])
+@pytest.mark.parametrize("qk_norm", [False, True], ids=["internvit-300m", "internvit-6b-qk-norm"])
+def test_internvl_saliency_is_the_cls_row_averaged_over_each_shuffle_group(qk_norm):
+    model = build_tiny_internvl(use_qk_norm=qk_norm, norm_type="rms_norm" if qk_norm else "layer_norm")
     inputs = internvl_batch(model, 2, 0)
     adapter = adapter_for(model)
     stack = adapter.encode_tiles(inputs["pixel_values"], inputs, frozenset({"saliency"}))
@@ -190,3 +192,15 @@ def test_llava_next_video_budget_per_frame_or_per_video():
     assert [record.num_kept for record in per_frame] == [5] * 6 and {r.grid_shape for r in per_frame} == {(3, 3)}
     assert [(record.num_tokens, record.num_kept, record.grid_shape) for record in per_video] == [(27, 14, None)] * 2
     assert generated.shape[1] == inputs["input_ids"].shape[1] + 2
+
+
+def test_llava_next_video_frame_saliency_is_the_cls_row_averaged_over_the_pooling_windows():
+    case = CASES["llava_next_video"]
+    model = tiny_model(case)
+    inputs = case.make_inputs(model, 1, 0)
+    (video,) = adapter_for(model).video_items(inputs, frozenset({"saliency"}))
+    frames = inputs["pixel_values_videos"][0]  # (F, 3, H, W)
+    attention = reference_attention(model.model.vision_tower, frames, layer=-2)  # the feature layer
+    cls_row = attention[:, :, 0, 1:].mean(dim=1).view(-1, 1, 6, 6)  # (F, 1, 6, 6) patch raster
+    pooled = torch.nn.functional.avg_pool2d(cls_row, kernel_size=2).flatten(1)  # (F, 9)
+    torch.testing.assert_close(video.saliency, pooled.flatten())
