@@ -400,9 +400,11 @@ def build_tiny_qwen2_5_vl(seed: int = 0):
     return _eval_model(Qwen2_5_VLForConditionalGeneration, config, seed)
 
 
-def qwen_batch(model, batch_size: int = 2, seed: int = 0, video: bool = False) -> dict:
+def qwen_batch(model, batch_size: int = 2, seed: int = 0, video: bool = False, timestamps: bool = False) -> dict:
     """A left-padded batch: images of different sizes (two in one row) amid the text, as the
-    Qwen processor lays them out, and with ``video`` one video per row after the images."""
+    Qwen processor lays them out, and with ``video`` one video per row after the images
+    (with ``timestamps``, as Qwen3-VL's processor does: a timestamp token, then each frame
+    between its own vision start/end tokens)."""
     generator = torch.Generator().manual_seed(seed)
     rows, pixels, grids, video_pixels, video_grids = [], [], [], [], []
     for row in range(batch_size):
@@ -414,7 +416,11 @@ def qwen_batch(model, batch_size: int = 2, seed: int = 0, video: bool = False) -
             grids.append([1, height, width])
         if video:
             frames, height, width = QWEN_VIDEO_GRIDS[row % len(QWEN_VIDEO_GRIDS)]
-            ids += [VISION_START_ID] + [VIDEO_TOKEN_ID] * (frames * height * width // 4) + [VISION_END_ID]
+            if timestamps:
+                frame = [VISION_START_ID] + [VIDEO_TOKEN_ID] * (height * width // 4) + [VISION_END_ID]
+                ids += [t for second in range(frames) for t in [QWEN3_TIMESTAMP_IDS[second], *frame]]
+            else:
+                ids += [VISION_START_ID] + [VIDEO_TOKEN_ID] * (frames * height * width // 4) + [VISION_END_ID]
             video_pixels.append(torch.randn(frames * height * width, QWEN_PIXELS_PER_PATCH, generator=generator))
             video_grids.append([frames, height, width])
         rows.append(ids + text[2:])
@@ -436,6 +442,39 @@ def qwen_video_batch(model, batch_size: int = 2, seed: int = 0) -> dict:
     return qwen_batch(model, batch_size, seed, video=True)
 
 
+# -- Qwen3-VL: Qwen's packed ViT with DeepStack features, timestamped video frames --------------------
+#: Stand-ins for the "<0.5 seconds>" text Qwen3-VL's processor puts before each video frame.
+QWEN3_TIMESTAMP_IDS = [120, 121, 122]
+
+
+def build_tiny_qwen3_vl(seed: int = 0):
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLTextConfig
+
+    rope = {"rope_type": "default", "mrope_section": [2, 2, 2], "mrope_interleaved": True, "rope_theta": 10000.0}
+    text = tiny_text_config(Qwen3VLTextConfig, head_dim=12, rope_parameters=rope)
+    # DeepStack: the outputs of blocks 0 and 1 are merged and added after LM layers 1 and 2.
+    vision = dict(
+        depth=3,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=4,
+        patch_size=QWEN_PATCH,
+        out_hidden_size=48,
+        num_position_embeddings=16,
+        deepstack_visual_indexes=[0, 1],
+    )
+    config = Qwen3VLConfig(text_config=text.to_dict(), vision_config=vision, **_QWEN_TOKENS)
+    return _eval_model(Qwen3VLForConditionalGeneration, config, seed)
+
+
+def qwen3_batch(model, batch_size: int = 2, seed: int = 0) -> dict:
+    return qwen_batch(model, batch_size, seed)
+
+
+def qwen3_video_batch(model, batch_size: int = 2, seed: int = 0) -> dict:
+    return qwen_batch(model, batch_size, seed, video=True, timestamps=True)
+
+
 def qwen_row(inputs: dict, row: int) -> dict:
     from flashvlm.adapters.sequence import placeholder_rows
 
@@ -455,6 +494,65 @@ def qwen_row(inputs: dict, row: int) -> dict:
     return unpad_row(inputs, row, **visual)
 
 
+# -- Gemma 3: SigLIP patches average-pooled into a fixed number of tokens, bidirectional images ------
+BEGIN_IMAGE_ID, END_IMAGE_ID = 123, 124
+GEMMA3_TOKENS_PER_IMAGE = 16  # an 8 x 8 patch raster pooled 2 x 2 -> 4 x 4 tokens
+
+
+def build_tiny_gemma3(seed: int = 0):
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
+
+    # One sliding-window layer (its window longer than any test prompt) and one global layer.
+    text = tiny_text_config(
+        Gemma3TextConfig,
+        head_dim=12,
+        query_pre_attn_scalar=12,
+        sliding_window=256,
+        layer_types=["sliding_attention", "full_attention"],
+    )
+    vision = SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=4
+    )
+    config = Gemma3Config(
+        text_config=text,
+        vision_config=vision,
+        mm_tokens_per_image=GEMMA3_TOKENS_PER_IMAGE,
+        boi_token_index=BEGIN_IMAGE_ID,
+        eoi_token_index=END_IMAGE_ID,
+        image_token_index=IMAGE_TOKEN_ID,
+    )
+    model = _eval_model(Gemma3ForConditionalGeneration, config, seed)
+    # The projection starts at zero (as the model initialises it), which would send every
+    # image as identical tokens: give it random weights, as training would.
+    with torch.no_grad():
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=0.5)
+    return model
+
+
+def gemma3_batch(model, batch_size: int = 2, seed: int = 0) -> dict:
+    """A left-padded batch laid out as Gemma 3's processor does (begin-image token, the
+    image's tokens, end-image token), one image per row, two in the last row, with the
+    ``token_type_ids`` that make each image's tokens attend to each other."""
+    generator = torch.Generator().manual_seed(seed)
+    rows, images = [], 0
+    image = [BEGIN_IMAGE_ID] + [IMAGE_TOKEN_ID] * GEMMA3_TOKENS_PER_IMAGE + [END_IMAGE_ID]
+    for row in range(batch_size):
+        text = torch.randint(3, BEGIN_IMAGE_ID, (4 + 3 * row,), generator=generator).tolist()
+        count = 2 if row == batch_size - 1 and batch_size > 1 else 1
+        rows.append([1] + text[: 1 + row] + image * count + text[1 + row :])
+        images += count
+    input_ids, attention_mask = left_pad(rows)
+    token_type_ids = (input_ids == IMAGE_TOKEN_ID).long()
+    pixels = random_pixels(images, seed)
+    return dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, pixel_values=pixels)
+
+
+def gemma3_row(inputs: dict, row: int) -> dict:
+    per_row = (inputs["input_ids"] == IMAGE_TOKEN_ID).sum(dim=1) // GEMMA3_TOKENS_PER_IMAGE
+    first = int(per_row[:row].sum())
+    return unpad_row(inputs, row, pixel_values=inputs["pixel_values"][first : first + int(per_row[row])])
+
+
 #: SigLIP and the Qwen ViT have no CLS token, hence no CLS attention row.
 NO_CLS = frozenset({"cls_attention"})
 
@@ -472,6 +570,9 @@ TINY_CASES += [
     TinyCase("qwen2_vl_video", build_tiny_qwen2_vl, qwen_video_batch, 6, qwen_row, video=True, lacks=NO_CLS),
     TinyCase("qwen2_5_vl", build_tiny_qwen2_5_vl, qwen_batch, 6, qwen_row, lacks=NO_CLS),
     TinyCase("qwen2_5_vl_video", build_tiny_qwen2_5_vl, qwen_video_batch, 6, qwen_row, video=True, lacks=NO_CLS),
+    TinyCase("qwen3_vl", build_tiny_qwen3_vl, qwen3_batch, 6, qwen_row, lacks=NO_CLS),
+    TinyCase("qwen3_vl_video", build_tiny_qwen3_vl, qwen3_video_batch, 6, qwen_row, video=True, lacks=NO_CLS),
+    TinyCase("gemma3", build_tiny_gemma3, gemma3_batch, GEMMA3_TOKENS_PER_IMAGE, gemma3_row, lacks=NO_CLS),
 ]
 
 

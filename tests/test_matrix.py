@@ -67,15 +67,23 @@ def test_exactly_k_tokens_per_unit_reach_the_language_model(case, method):
     model = tiny_model(case)
     inputs = case.make_inputs(model, batch_size=3, seed=1)
     budget = budget_for(case)
-    masks = []
-    hook = adapter_for(model).language_model.register_forward_pre_hook(
-        lambda _m, _a, kwargs: masks.append(kwargs["attention_mask"].clone()), with_kwargs=True
-    )
+    masks, widths = [], []
+    # The 2-D mask the multimodal model gets (its language model may get a mask mapping, as
+    # Gemma 3's does), and the width of every language-model call.
+    hooks = [
+        model.model.register_forward_pre_hook(
+            lambda _m, _a, kwargs: masks.append(kwargs["attention_mask"].clone()), with_kwargs=True
+        ),
+        adapter_for(model).language_model.register_forward_pre_hook(
+            lambda _m, _a, kwargs: widths.append(kwargs["inputs_embeds"].shape[1]), with_kwargs=True
+        ),
+    ]
     try:
         with flashvlm.prune(model, budget, method) as pruner, torch.no_grad():
             model(**inputs)
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
     records, pruned_kwargs = pruner.last.images, pruner.last.model_kwargs
     keeps_all = get_method(method).keeps_all
     assert min(record.num_tokens for record in records) == case.tokens_per_image
@@ -85,6 +93,7 @@ def test_exactly_k_tokens_per_unit_reach_the_language_model(case, method):
     # it sees the prompt's text and the visual tokens sent, nothing else.
     text = inputs["attention_mask"].sum(dim=1) - placeholder_counts(model, inputs["input_ids"])
     sent = placeholder_counts(model, pruned_kwargs["input_ids"])
+    assert len(masks) == 1 and widths[-1] == masks[-1].shape[1]
     assert masks[-1].sum(dim=1).tolist() == (text + sent).tolist()
 
 

@@ -6,16 +6,25 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from .base import VIDEO_BUDGETS, ImageSelection, ModelAdapter, PrunedInputs, TokenRegion, VisualItem
+from .gemma3 import Gemma3Adapter
 from .idefics3 import Idefics3Adapter
 from .internvl import InternVLAdapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 from .llava_next_video import LlavaNextVideoAdapter
 from .llava_onevision import LlavaOnevisionAdapter
+from .qwen3_vl import Qwen3VLAdapter
 from .qwen_vl import QwenVLAdapter
 
 #: Every adapter, in lookup order.
-ADAPTERS: list[type[ModelAdapter]] = [LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, QwenVLAdapter]
+ADAPTERS: list[type[ModelAdapter]] = [
+    LlavaAdapter,
+    LlavaNextAdapter,
+    LlavaOnevisionAdapter,
+    QwenVLAdapter,
+    Qwen3VLAdapter,
+    Gemma3Adapter,
+]
 # InternVL, SmolVLM/Idefics3 and LLaVA-NeXT-Video (issue 13).
 ADAPTERS += [InternVLAdapter, Idefics3Adapter, LlavaNextVideoAdapter]
 

@@ -113,6 +113,7 @@ class VisualItem:
     batch_index: int = 0  # row of the batch whose prompt holds the item
     keep: torch.Tensor | None = None  # (L,) bool, after selection: the tokens that stay
     sent: torch.Tensor | None = None  # (K', D), after selection: the tokens the language model gets
+    sent_side_outputs: dict[str, torch.Tensor] = field(default_factory=dict)  # after selection: name -> (K', D)
 
     @property
     def length(self) -> int:
@@ -200,6 +201,14 @@ class ModelAdapter(ABC):
         the model's own contiguous positions over the shortened prompt."""
         return None
 
+    def scoring_kwargs(
+        self, model_kwargs: dict[str, Any], inputs_embeds: torch.Tensor, by_kind: dict[str, list[VisualItem]]
+    ) -> dict[str, Any]:
+        """Further language-model arguments for the ``lm_attention`` pass over the unpruned
+        prompt (inputs_embeds: (B, L, D)), so it sees what the model's own forward gives its
+        decoder (Gemma 3's image mask, Qwen3-VL's DeepStack features)."""
+        return {}
+
     def encoder_output(self, kind: str, items: list[VisualItem]) -> BaseModelOutputWithPooling:
         """What the model's forward takes as ``mm_encoder_outputs[kind]``: a list of (K_i, D)."""
         return BaseModelOutputWithPooling(pooler_output=[item.sent for item in items])
@@ -249,7 +258,7 @@ class ModelAdapter(ABC):
         input_ids, attention_mask = prompt_tensors(model_kwargs)
         sent = {self.token_ids[kind]: torch.cat([item.tokens for item in items]) for kind, items in by_kind.items()}
         positions = self.scoring_positions(model_kwargs)
-        scores = self.visual_token_attention(input_ids, attention_mask, sent, layer, positions)
+        scores = self.visual_token_attention(input_ids, attention_mask, sent, layer, positions, model_kwargs, by_kind)
         for kind, items in by_kind.items():
             for item, item_scores in zip(items, scores[self.token_ids[kind]].split([item.length for item in items])):
                 item.lm_attention = item_scores
@@ -329,9 +338,11 @@ class ModelAdapter(ABC):
             tokens = item.tokens
             if merged:
                 tokens = tokens.clone()
-                tokens[torch.cat(merged_at)] = self.project(torch.cat(merged)).to(tokens.dtype)
+                for positions, features in zip(merged_at, merged):
+                    tokens[positions] = self.project(features).to(tokens.dtype)
             item.sent = tokens[keep]
         item.keep = keep
+        item.sent_side_outputs = {name: value[keep] for name, value in item.side_outputs.items()}
 
     # -- the language-model tap ----------------------------------------------------------------
     def visual_token_attention(
@@ -341,6 +352,8 @@ class ModelAdapter(ABC):
         visual_tokens: dict[int, torch.Tensor],
         layer: int,
         position_ids: torch.Tensor | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+        by_kind: dict[str, list[VisualItem]] | None = None,
     ) -> dict[int, torch.Tensor]:
         """The ``lm_attention`` input: each row's last-token attention to its visual tokens.
 
@@ -352,7 +365,9 @@ class ModelAdapter(ABC):
         that layer's own rotated queries and keys, mean over heads); the earlier layers keep
         their attention implementation. ``position_ids`` default to the ones ``generate``
         uses (count of real tokens so far); models with other positions (M-RoPE) pass their
-        own. Returns, per placeholder id, (T,) float32 in the same order.
+        own. With the prompt's ``model_kwargs`` and its items ``by_kind``, the pass also
+        gets the family's :meth:`scoring_kwargs`. Returns, per placeholder id, (T,) float32
+        in the same order.
         """
         num_layers = len(self.decoder_layers)
         if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer <= num_layers:
@@ -367,14 +382,11 @@ class ModelAdapter(ABC):
             embeds[is_placeholder] = visual_tokens[token_id].to(embeds.dtype)
         if position_ids is None:
             position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+        decoder_kwargs = dict(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids)
+        if model_kwargs is not None:
+            decoder_kwargs.update(self.scoring_kwargs(model_kwargs, embeds, by_kind))
         with tap_last_token_attention(self.decoder_layers[layer - 1].self_attn, attention_mask) as tap:
-            run_until_tap(
-                self.language_model,
-                inputs_embeds=embeds,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                use_cache=False,
-            )
+            run_until_tap(self.language_model, use_cache=False, **decoder_kwargs)
         return {token_id: tap.attention[is_placeholder] for token_id, is_placeholder in placeholders.items()}
 
 
