@@ -204,3 +204,13 @@ def test_llava_next_video_frame_saliency_is_the_cls_row_averaged_over_the_poolin
     cls_row = attention[:, :, 0, 1:].mean(dim=1).view(-1, 1, 6, 6)  # (F, 1, 6, 6) patch raster
     pooled = torch.nn.functional.avg_pool2d(cls_row, kernel_size=2).flatten(1)  # (F, 9)
     torch.testing.assert_close(video.saliency, pooled.flatten())
+
+
+@pytest.mark.parametrize("name", ["internvl", "smolvlm"])
+def test_families_that_send_frames_as_images_refuse_a_per_video_budget(name):
+    model = tiny_model(CASES[name])
+    with pytest.raises(
+        FlashVLMError, match="video_budget='per_video' is not available for .*use video_budget='per_frame'"
+    ):
+        flashvlm.apply(model, budget=4, video_budget="per_video")
+    assert not hasattr(model, "_flashvlm_pruner")

@@ -18,7 +18,7 @@ goes through the SigLIP tower; the connector pixel-shuffles it (scale 2-4) and p
   from the prompt: an image ends with the run after ``<global-img>``, the marker before
   the last run of every row.
 - **Video** (SmolVLM2): the processor sends each frame as an unsplit image, so each frame
-  gets the budget; ``video_budget="per_video"`` cannot apply (frames are not told apart
+  gets the budget; ``video_budget="per_video"`` is refused (frames are not told apart
   from images in the model's inputs).
 
 Positions stay ordinary 1-D positions over the shortened prompt.
@@ -33,7 +33,7 @@ import torch
 from ..errors import FlashVLMError
 from ..saliency import received_attention
 from .base import ImageSelection, ModelAdapter, TokenRegion, VisualItem
-from .internvl import placeholder_runs
+from .internvl import placeholder_runs, refuse_per_video
 from .llava import square_grid
 from .taps import tap_vision_layer
 
@@ -45,6 +45,7 @@ class Idefics3Adapter(ModelAdapter):
 
     def __init__(self, model, video_budget: str = "per_frame") -> None:
         super().__init__(model, video_budget)
+        refuse_per_video(model, video_budget)
         self.saliency_layer = self.core.vision_model.encoder.layers[-1]
         self.key_heads = self.saliency_layer.self_attn.num_heads
         self.scale_factor = self.core.connector.scale_factor

@@ -17,8 +17,8 @@ of an image are counted from its run of context tokens.
   is not in the model's inputs, so they form no known grid), and the thumbnail, the global
   view, keeps the rest. A one-tile image is one 16 x 16 raster.
 - **Video.** The processor sends each frame as a one-tile image (``Frame1: <img>...``), so
-  each frame gets the budget; ``video_budget="per_video"`` cannot apply (frames are not
-  told apart from images in the model's inputs).
+  each frame gets the budget; ``video_budget="per_video"`` is refused (frames are not told
+  apart from images in the model's inputs).
 
 Positions stay ordinary 1-D positions over the shortened prompt.
 """
@@ -44,6 +44,7 @@ class InternVLAdapter(ModelAdapter):
 
     def __init__(self, model, video_budget: str = "per_frame") -> None:
         super().__init__(model, video_budget)
+        refuse_per_video(model, video_budget)
         self.vision_layers = self.core.vision_tower.encoder.layer
         self.saliency_attention = self.vision_layers[0].attention
         self.key_heads = self.saliency_attention.num_heads
@@ -137,6 +138,15 @@ class InternVLAdapter(ModelAdapter):
     def encoder_output(self, kind: str, items: list[VisualItem]) -> BaseModelOutputWithPooling:
         # The model scatters one tensor into the placeholders: every kept token, image after image.
         return BaseModelOutputWithPooling(pooler_output=torch.cat([item.sent for item in items])[None])
+
+
+def refuse_per_video(model, video_budget: str) -> None:
+    """Families whose processors send video frames as images can only budget per frame."""
+    if video_budget == "per_video":
+        raise FlashVLMError(
+            f"video_budget='per_video' is not available for {type(model).__name__}: its processor sends video "
+            "frames as separate images, so each frame gets the budget (use video_budget='per_frame')"
+        )
 
 
 def placeholder_runs(input_ids: torch.Tensor, token_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
