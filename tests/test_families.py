@@ -155,19 +155,34 @@ def test_idefics3_sub_images_form_images_and_markers_stay():
         assert int((after == IMAGE_TOKEN_ID).sum()) == 5 * len(IDEFICS3_SPLITS[row])
 
 
-def test_idefics3_processor_folder_prunes_through_from_pretrained(tmp_path):
+@pytest.fixture(scope="module")
+def idefics3_folder(tmp_path_factory):
+    """The tiny Idefics3 saved as a Hugging Face folder with its processor."""
+    folder = tmp_path_factory.mktemp("tiny-idefics3")
+    tiny_model(CASES["idefics3"]).save_pretrained(folder)
+    tiny_idefics3_processor().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def wide_image_file(tmp_path_factory):
+    from PIL import Image
+
+    path = tmp_path_factory.mktemp("images") / "wide.png"
+    generator = torch.Generator().manual_seed(0)
+    Image.fromarray(torch.randint(0, 256, (40, 70, 3), generator=generator, dtype=torch.uint8).numpy()).save(path)
+    return path
+
+
+def test_idefics3_processor_folder_prunes_through_from_pretrained(idefics3_folder, wide_image_file):
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    tiny_model(CASES["idefics3"]).save_pretrained(tmp_path)
-    tiny_idefics3_processor().save_pretrained(tmp_path)
-    processor = AutoProcessor.from_pretrained(tmp_path)
-    model = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
-    generator = torch.Generator().manual_seed(0)
-    image = Image.fromarray(torch.randint(0, 256, (40, 70, 3), generator=generator, dtype=torch.uint8).numpy())
+    processor = AutoProcessor.from_pretrained(idefics3_folder)
+    model = AutoModelForImageTextToText.from_pretrained(idefics3_folder).eval()
     content = [{"type": "image"}, {"type": "text", "text": "what is the color of the circle ?"}]
     text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-    inputs = processor(images=[image], text=[text], return_tensors="pt")
+    inputs = processor(images=[Image.open(wide_image_file)], text=[text], return_tensors="pt")
     # 40 x 70 px -> a 2 x 2 split: the processor writes exactly the layout the tests build.
     assert inputs["input_ids"][0, 3:-12].tolist() == idefics3_image_prompt(2, 2)
     settings = dict(max_new_tokens=3, do_sample=False)
@@ -178,6 +193,16 @@ def test_idefics3_processor_folder_prunes_through_from_pretrained(tmp_path):
         with flashvlm.prune(model, budget=8) as pruner:
             assert model.generate(**inputs, **settings).shape == expected.shape
     assert [(record.num_tokens, record.num_kept) for record in pruner.last.images] == [(80, 8)]
+
+
+def test_idefics3_folder_through_the_command_line(idefics3_folder, wide_image_file, capsys):
+    from flashvlm.cli import main
+
+    arguments = ["generate", "--model", str(idefics3_folder), "--image", str(wide_image_file)]
+    code = main([*arguments, "--prompt", "what is the color ?", "--budget", "8", "--max-new-tokens", "2"])
+    out = capsys.readouterr().out
+    assert code == 0 and out.startswith("answer:")
+    assert "kept 8 of 80 visual tokens" in out
 
 
 def test_llava_next_video_budget_per_frame_or_per_video():
