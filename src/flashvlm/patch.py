@@ -22,6 +22,8 @@ from .errors import FlashVLMError
 from .selection import Budget, TokenSelector, get_method, validate_budget
 
 _ATTRIBUTE = "_flashvlm_pruner"
+#: The forward/generate argument that carries the user's question (see ``text_tokens``).
+QUESTION_ARGUMENT = "question"
 
 
 class Pruner:
@@ -34,10 +36,11 @@ class Pruner:
         method: str | TokenSelector = "flashvlm",
         *,
         video_budget: str = "per_frame",
+        tokenizer=None,
         **params,
     ) -> None:
         self.model = model
-        self.adapter = adapter_for(model, video_budget=video_budget)
+        self.adapter = adapter_for(model, video_budget=video_budget, tokenizer=tokenizer)
         self.budget = validate_budget(budget)
         self.selector = get_method(method, **params)
         #: The most recent pruning: kept indices per image, lengths before and after.
@@ -83,12 +86,18 @@ class Pruner:
 
     # -- the work --------------------------------------------------------------------------
     def prune_inputs(self, model_kwargs: dict[str, Any]) -> PrunedInputs:
-        """Arguments for the model with only the kept visual tokens (no hooks involved)."""
+        """Arguments for the model with only the kept visual tokens (no hooks involved).
+
+        A ``question`` entry (the user's words, a string or one per batch row) guides a
+        method whose ``text_tokens`` is "question"; it never reaches the model.
+        """
+        model_kwargs = dict(model_kwargs)
+        questions = model_kwargs.pop(QUESTION_ARGUMENT, None)
         device = next(self.model.parameters()).device
         synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         synchronize()
         start = time.perf_counter()
-        pruned = self.adapter.prune_inputs(model_kwargs, self.selector, self.budget)
+        pruned = self.adapter.prune_inputs(model_kwargs, self.selector, self.budget, questions)
         synchronize()
         self.last_selection_seconds = time.perf_counter() - start
         self.last = pruned
@@ -100,7 +109,9 @@ class Pruner:
         cache = kwargs.get("past_key_values")
         continuing = cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0
         if continuing or not self.adapter.has_visual_input(kwargs):
-            return None
+            if QUESTION_ARGUMENT not in kwargs:
+                return None
+            return (), {name: value for name, value in kwargs.items() if name != QUESTION_ARGUMENT}
         return (), self.prune_inputs(kwargs).model_kwargs
 
     def _generate(self, original_generate, *args, **kwargs):
@@ -110,6 +121,7 @@ class Pruner:
         if "inputs" in kwargs:
             kwargs["input_ids"] = kwargs.pop("inputs")
         if not self.adapter.has_visual_input(kwargs):
+            kwargs.pop(QUESTION_ARGUMENT, None)
             return original_generate(*args, **kwargs)
         input_ids = kwargs["input_ids"]
         pruned = self.prune_inputs(kwargs)
@@ -132,15 +144,18 @@ def apply(
     method: str | TokenSelector = "flashvlm",
     *,
     video_budget: str = "per_frame",
+    tokenizer=None,
     **params,
 ) -> Pruner:
     """Attach a method to ``model`` until :func:`remove` is called. Returns the :class:`Pruner`.
 
     ``budget`` counts tokens per image; for videos, ``video_budget`` says whether it counts
     per frame (``"per_frame"``, the default) or per video, with the frames selected jointly
-    (``"per_video"``). ``params`` are the method's parameters.
+    (``"per_video"``). ``tokenizer`` (the model's tokenizer or processor) lets a method with
+    ``text_tokens="question"`` (e.g. ``"flashvlm:question"``) find the ``question=`` passed to
+    ``generate``/``forward`` in the prompt. ``params`` are the method's parameters.
     """
-    return Pruner(model, budget, method, video_budget=video_budget, **params).attach()
+    return Pruner(model, budget, method, video_budget=video_budget, tokenizer=tokenizer, **params).attach()
 
 
 def remove(model: nn.Module) -> None:
@@ -157,10 +172,11 @@ def prune(
     method: str | TokenSelector = "flashvlm",
     *,
     video_budget: str = "per_frame",
+    tokenizer=None,
     **params,
 ):
     """``with flashvlm.prune(model, budget=64): model.generate(...)``; restored on exit (see :func:`apply`)."""
-    pruner = apply(model, budget, method, video_budget=video_budget, **params)
+    pruner = apply(model, budget, method, video_budget=video_budget, tokenizer=tokenizer, **params)
     try:
         yield pruner
     finally:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from .base import VIDEO_BUDGETS, ImageSelection, ModelAdapter, PrunedInputs, TokenRegion, VisualItem
+from .base import TEXT_TOKENS, VIDEO_BUDGETS, ImageSelection, ModelAdapter, PrunedInputs, TokenRegion, VisualItem
 from .gemma3 import Gemma3Adapter
 from .idefics3 import Idefics3Adapter
 from .internvl import InternVLAdapter
@@ -34,11 +34,11 @@ def supported_architectures() -> list[str]:
     return [name for adapter in ADAPTERS for name in adapter.architectures]
 
 
-def adapter_for(model: nn.Module, video_budget: str = "per_frame") -> ModelAdapter:
+def adapter_for(model: nn.Module, video_budget: str = "per_frame", tokenizer=None) -> ModelAdapter:
     """The adapter serving ``model``, or :class:`UnsupportedModelError` naming the supported ones."""
     for adapter in ADAPTERS:
         if adapter.serves(model):
-            return adapter(model, video_budget=video_budget)
+            return adapter(model, video_budget=video_budget, tokenizer=tokenizer)
     kind = type(model).__name__
     has_vision = any(
         hasattr(getattr(model, "model", model), name) for name in ("vision_tower", "visual", "vision_model")
@@ -49,6 +49,7 @@ def adapter_for(model: nn.Module, video_budget: str = "per_frame") -> ModelAdapt
 
 __all__ = [
     "ADAPTERS",
+    "TEXT_TOKENS",
     "VIDEO_BUDGETS",
     "ImageSelection",
     "ModelAdapter",

@@ -33,8 +33,19 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from ..errors import FlashVLMError
 from ..selection import Budget, SelectionInputs, TokenSelector, resolve_budget
 from ..selection.base import check_choice
-from .sequence import pad_token_id, placeholder_rows, prompt_tensors, prompt_text, rebuild_model_kwargs
+from .sequence import (
+    pad_token_id,
+    placeholder_rows,
+    prompt_tensors,
+    question_token_mask,
+    rebuild_model_kwargs,
+    text_embeddings,
+)
 from .taps import run_until_tap, tap_last_token_attention
+
+#: Which prompt tokens guide a text-guided method (its ``text_tokens``): the whole prompt
+#: but the visual placeholders (the release's default), or only the user's question.
+TEXT_TOKENS = ("prompt", "question")
 
 #: How a video's budget is counted: the budget applies to each frame separately, or to the
 #: whole video with its frames selected jointly (a frame with more relevant tokens keeps more).
@@ -150,10 +161,12 @@ class ModelAdapter(ABC):
     #: Heads the saliency layer's keys split into.
     key_heads: int | None = None
 
-    def __init__(self, model: nn.Module, video_budget: str = "per_frame") -> None:
+    def __init__(self, model: nn.Module, video_budget: str = "per_frame", tokenizer=None) -> None:
         check_choice("video_budget", video_budget, VIDEO_BUDGETS)
         self.model = model
         self.video_budget = video_budget
+        #: The model's tokenizer (or processor): needed to find the question's tokens.
+        self.tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
         self.core = model.model
         config = model.config
         #: Placeholder token id of each kind of visual input the family takes.
@@ -214,8 +227,18 @@ class ModelAdapter(ABC):
         return BaseModelOutputWithPooling(pooler_output=[item.sent for item in items])
 
     # -- the pipeline -----------------------------------------------------------------------
-    def prune_inputs(self, model_kwargs: dict[str, Any], selector: TokenSelector, budget: Budget) -> PrunedInputs:
-        """Run the vision side, select, and return arguments for the unpruned-token-free forward."""
+    def prune_inputs(
+        self,
+        model_kwargs: dict[str, Any],
+        selector: TokenSelector,
+        budget: Budget,
+        questions: list[str | None] | None = None,
+    ) -> PrunedInputs:
+        """Run the vision side, select, and return arguments for the unpruned-token-free forward.
+
+        ``questions`` (one per batch row) are the user's own words, for a method whose
+        ``text_tokens`` is "question".
+        """
         input_ids, attention_mask = prompt_tensors(model_kwargs)
         needs = selector.requires
         placeholder_ids = list(self.token_ids.values())
@@ -232,7 +255,7 @@ class ModelAdapter(ABC):
                         unit.batch_index = row
             if "lm_attention" in needs:
                 self._score_in_language_model(by_kind, model_kwargs, selector.lm_attention_layer)
-            text = prompt_text(self.model, input_ids, attention_mask, placeholder_ids, needs)
+            text = self.prompt_text(input_ids, attention_mask, selector, questions)
             self._select(items, selector, budget, text)
             for item in items:
                 self._keep_tokens(item)
@@ -251,6 +274,30 @@ class ModelAdapter(ABC):
             pruned_kwargs["position_ids"] = position_ids
         records = [unit for item in items for unit in item.units]
         return PrunedInputs(pruned_kwargs, records, input_ids.shape[1], new_mask.shape[1])
+
+    def prompt_text(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, selector: TokenSelector, questions
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Embeddings (B, L_text, D) and mask (B, L_text) of the text that guides ``selector``:
+        every prompt token that is neither padding nor a visual placeholder, wherever the
+        images sit, or (``text_tokens="question"``) only the question's tokens; (None, None)
+        when the method needs no text."""
+        if "text" not in selector.requires:
+            return None, None
+        placeholder_ids = torch.tensor(list(self.token_ids.values()), device=input_ids.device)
+        is_text = attention_mask.bool() & ~torch.isin(input_ids, placeholder_ids)
+        text_tokens = getattr(selector, "text_tokens", "prompt")
+        check_choice("text_tokens", text_tokens, TEXT_TOKENS)
+        if text_tokens == "question":
+            if questions is None or self.tokenizer is None:
+                raise FlashVLMError(
+                    f"method {selector.name!r} with text_tokens='question' needs the question text and the tokenizer: "
+                    "flashvlm.prune(model, budget, method, tokenizer=processor), then call generate/forward with "
+                    "question=<the user's words> (one string per batch row)"
+                )
+            rows = [questions] if isinstance(questions, str) else list(questions)
+            is_text &= question_token_mask(self.tokenizer, input_ids, attention_mask, rows)
+        return text_embeddings(self.model.get_input_embeddings(), input_ids, is_text)
 
     def _score_in_language_model(self, by_kind: dict[str, list[VisualItem]], model_kwargs: dict, layer: int) -> None:
         """Fill every item's ``lm_attention``: one pass over the unpruned prompt, every token

@@ -33,8 +33,8 @@ class Gemma3Adapter(ModelAdapter):
     architectures = ("Gemma3ForConditionalGeneration",)
     saliency_kind = "received"
 
-    def __init__(self, model, video_budget: str = "per_frame") -> None:
-        super().__init__(model, video_budget)
+    def __init__(self, model, **settings) -> None:
+        super().__init__(model, **settings)
         tower = self.core.vision_tower
         self.saliency_layer = getattr(tower, "vision_model", tower).encoder.layers[-1]
         self.key_heads = self.saliency_layer.self_attn.num_heads

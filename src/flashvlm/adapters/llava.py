@@ -19,8 +19,8 @@ class LlavaAdapter(ModelAdapter):
     architectures = ("LlavaForConditionalGeneration",)
     vision_only_kwargs = ("pixel_values", "image_sizes", "vision_feature_layer", "vision_feature_select_strategy")
 
-    def __init__(self, model, video_budget: str = "per_frame") -> None:
-        super().__init__(model, video_budget)
+    def __init__(self, model, **settings) -> None:
+        super().__init__(model, **settings)
         vision = getattr(self.core.vision_tower, "vision_model", self.core.vision_tower)
         self.vision_layers = vision.encoder.layers
         # CLIP towers prepend a CLS token (class_embedding); SigLIP towers have none.

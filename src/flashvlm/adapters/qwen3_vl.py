@@ -25,8 +25,8 @@ from .qwen_vl import QwenVLAdapter
 class Qwen3VLAdapter(QwenVLAdapter):
     architectures = ("Qwen3VLForConditionalGeneration",)
 
-    def __init__(self, model, video_budget: str = "per_frame") -> None:
-        super().__init__(model, video_budget)
+    def __init__(self, model, **settings) -> None:
+        super().__init__(model, **settings)
         self.deepstack_names = [f"deepstack_{layer}" for layer in range(len(self.tower.deepstack_visual_indexes))]
 
     def tower_side_outputs(self, output) -> dict[str, torch.Tensor]:

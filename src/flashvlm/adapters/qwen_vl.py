@@ -39,8 +39,8 @@ class QwenVLAdapter(ModelAdapter):
     )
     saliency_kind = "received"  # no CLS token: saliency is the attention each token receives
 
-    def __init__(self, model, video_budget: str = "per_frame") -> None:
-        super().__init__(model, video_budget)
+    def __init__(self, model, **settings) -> None:
+        super().__init__(model, **settings)
         self.tower = self.core.visual
         self.merge_size = self.tower.spatial_merge_size
         full_attention_blocks = getattr(self.tower, "fullatt_block_indexes", None)

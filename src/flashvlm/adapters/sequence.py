@@ -33,20 +33,45 @@ def prompt_tensors(model_kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Te
     return input_ids, attention_mask
 
 
-def prompt_text(
-    model: nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    placeholder_ids: list[int],
-    needs: frozenset[str],
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Embeddings (B, L_text, D) and mask (B, L_text) of every prompt token that is neither
-    padding nor a visual placeholder, wherever the images sit in the prompt; (None, None)
-    when the method's ``needs`` do not include text."""
-    if "text" not in needs:
-        return None, None
-    is_text = attention_mask.bool() & ~torch.isin(input_ids, torch.tensor(placeholder_ids, device=input_ids.device))
-    return text_embeddings(model.get_input_embeddings(), input_ids, is_text)
+def question_token_mask(
+    tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor, questions: list[str | None]
+) -> torch.Tensor:
+    """(B, L) bool: the tokens that spell each row's question inside its prompt.
+
+    Whatever the chat template put around the question (system prompt, role words,
+    image markers, punctuation), the question's own characters are found in the prompt:
+    every token is decoded on its own, whitespace is dropped on both sides (tokenizers
+    mark spaces differently: "Ġ", "▁", or not at all), and the question's last
+    occurrence in the row's real tokens is taken (the user's final message). Tokens
+    overlapping it are the question's. A row whose question is None keeps its whole prompt.
+    """
+    batch, length = input_ids.shape
+    if len(questions) != batch:
+        raise FlashVLMError(f"question: give one per batch row ({batch}); got {len(questions)}")
+    mask = torch.zeros(batch, length, dtype=torch.bool, device=input_ids.device)
+    for row, question in enumerate(questions):
+        if question is None:
+            mask[row] = True
+            continue
+        if not isinstance(question, str) or not "".join(question.split()):
+            raise FlashVLMError(f"question for row {row} must be a non-empty string or None; got {question!r}")
+        positions = attention_mask[row].nonzero().squeeze(-1).tolist()
+        pieces = tokenizer.batch_decode([[token] for token in input_ids[row, positions].tolist()])
+        stream, owner = [], []
+        for place, piece in enumerate(pieces):
+            characters = "".join(piece.split())
+            stream.append(characters)
+            owner += [place] * len(characters)
+        target = "".join(question.split())
+        start = "".join(stream).rfind(target)
+        if start < 0:
+            raise FlashVLMError(
+                f"question {question[:60]!r} does not appear in row {row}'s prompt: pass the user's words as the "
+                "processor received them"
+            )
+        for place in sorted(set(owner[start : start + len(target)])):
+            mask[row, positions[place]] = True
+    return mask
 
 
 def placeholder_rows(input_ids: torch.Tensor, token_id: int, lengths: list[int], what: str) -> list[int]:

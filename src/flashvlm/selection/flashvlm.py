@@ -116,6 +116,9 @@ class FlashVLM(TokenSelector):
         # round and redundancy within blocks of 1,024 list places. The same rule applied
         # more coarsely, so the kept set differs from the release's.
         "fast_diversity": {"removal_fraction": 0.25, "diversity_block": 1024},
+        # The paper's text variant: relevance to the user's own words only (no system
+        # prompt, role words or template punctuation); needs tokenizer= and question=.
+        "question": {"text_tokens": "question"},
     }
 
     #: eta: weight of text relevance against saliency in the log-domain fusion.
@@ -159,6 +162,10 @@ class FlashVLM(TokenSelector):
     #: Break exact ties in rankings by position (True, the same on every device), or as
     #: torch's default sort does on the current device (False, as the release does).
     stable_ranking: bool = True
+    #: Text that guides the selection: "prompt" (the whole prompt but the visual
+    #: placeholders, as released) or "question" (only the user's question; the adapter
+    #: finds its tokens, see ``flashvlm.prune(..., tokenizer=)``).
+    text_tokens: Literal["prompt", "question"] = "prompt"
 
     def __post_init__(self) -> None:
         check_range("text_weight", self.text_weight, 0.0, 1.0)
@@ -181,6 +188,7 @@ class FlashVLM(TokenSelector):
         check_choice("text_norm_gate", self.text_norm_gate, ("off", "on", "after_normalization"))
         check_choice("score_dtype", self.score_dtype, ("float32", "model"))
         check_choice("stable_ranking", self.stable_ranking, (True, False))
+        check_choice("text_tokens", self.text_tokens, ("prompt", "question"))
 
     def scores(self, inputs: SelectionInputs) -> torch.Tensor:
         """Fused FlashVLM score of every token (steps 1-4), float32 (B, N) in [0, 1]."""
