@@ -239,3 +239,26 @@ def test_families_that_send_frames_as_images_refuse_a_per_video_budget(name):
     ):
         flashvlm.apply(model, budget=4, video_budget="per_video")
     assert not hasattr(model, "_flashvlm_pruner")
+
+
+def test_idefics3_question_tokens_are_the_users_words_amid_the_image_markers(idefics3_folder, wide_image_file, capsys):
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from flashvlm.adapters.sequence import question_token_mask
+    from flashvlm.cli import main
+
+    processor = AutoProcessor.from_pretrained(idefics3_folder)
+    model = AutoModelForImageTextToText.from_pretrained(idefics3_folder).eval()
+    question = "what is the color of the circle ?"
+    content = [{"type": "image"}, {"type": "text", "text": question}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    inputs = processor(images=[Image.open(wide_image_file)], text=[text], return_tensors="pt")
+    mask = question_token_mask(processor.tokenizer, inputs["input_ids"], inputs["attention_mask"], [question])
+    assert processor.tokenizer.decode(inputs["input_ids"][0][mask[0]]) == question
+    with flashvlm.prune(model, 8, "flashvlm:question", tokenizer=processor) as pruner, torch.no_grad():
+        model.generate(**inputs, question=[question], max_new_tokens=2, do_sample=False)
+    assert pruner.last.images[0].num_kept == 8
+    arguments = ["generate", "--model", str(idefics3_folder), "--image", str(wide_image_file), "--prompt", question]
+    assert main([*arguments, "--method", "flashvlm:question", "--budget", "8", "--max-new-tokens", "2"]) == 0
+    assert "kept 8 of 80 visual tokens" in capsys.readouterr().out

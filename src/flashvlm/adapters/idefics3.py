@@ -43,9 +43,9 @@ class Idefics3Adapter(ModelAdapter):
     vision_only_kwargs = ("pixel_values", "pixel_attention_mask")
     saliency_kind = "received"
 
-    def __init__(self, model, video_budget: str = "per_frame") -> None:
-        super().__init__(model, video_budget)
-        refuse_per_video(model, video_budget)
+    def __init__(self, model, **settings) -> None:
+        super().__init__(model, **settings)
+        refuse_per_video(model, self.video_budget)
         self.saliency_layer = self.core.vision_model.encoder.layers[-1]
         self.key_heads = self.saliency_layer.self_attn.num_heads
         self.scale_factor = self.core.connector.scale_factor

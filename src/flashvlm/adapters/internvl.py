@@ -42,9 +42,9 @@ class InternVLAdapter(ModelAdapter):
     vision_only_kwargs = ("pixel_values", "image_sizes", "vision_feature_layer", "vision_feature_select_strategy")
     saliency_kind = "cls"
 
-    def __init__(self, model, video_budget: str = "per_frame") -> None:
-        super().__init__(model, video_budget)
-        refuse_per_video(model, video_budget)
+    def __init__(self, model, **settings) -> None:
+        super().__init__(model, **settings)
+        refuse_per_video(model, self.video_budget)
         self.vision_layers = self.core.vision_tower.encoder.layer
         self.saliency_attention = self.vision_layers[0].attention
         self.key_heads = self.saliency_attention.num_heads
