@@ -105,7 +105,8 @@ ROW_COL_IDS = {(1, 1): 133, (1, 2): 134, (2, 1): 135, (2, 2): 136}  # <row_i_col
 IDEFICS3_SPLITS = [[(1, 2)], [(0, 0)], [(0, 0), (2, 2)]]
 
 
-def build_tiny_idefics3(seed: int = 0, model_type: str = "idefics3"):
+def build_tiny_idefics3(seed: int = 0, model_type: str = "idefics3", scale_factor: int = 2):
+    """``scale_factor``: the pixel shuffle's (SmolVLM-256M/500M use 4, the 2.2B model 3)."""
     from transformers import (
         Idefics3Config,
         Idefics3ForConditionalGeneration,
@@ -131,7 +132,7 @@ def build_tiny_idefics3(seed: int = 0, model_type: str = "idefics3"):
         vision_config=vision,
         text_config=tiny_text_config(LlamaConfig, vocab_size=FAMILY_VOCAB_SIZE),
         image_token_id=IMAGE_TOKEN_ID,
-        scale_factor=2,
+        scale_factor=scale_factor,
         pad_token_id=PAD_TOKEN_ID,
     )
     return _eval_model(model_class, config, seed)

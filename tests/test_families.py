@@ -17,6 +17,7 @@ from conftest_families import (
     FAMILY_CASES,
     IDEFICS3_SPLITS,
     TOKENS_PER_TILE,
+    build_tiny_idefics3,
     build_tiny_internvl,
     idefics3_image_prompt,
     internvl_batch,
@@ -128,8 +129,9 @@ def test_internvl_placeholders_that_make_no_whole_tiles_are_a_clear_error():
         model(**inputs)
 
 
-def test_idefics3_saliency_is_the_attention_received_averaged_over_each_shuffle_group():
-    model = tiny_model(CASES["idefics3"])
+@pytest.mark.parametrize("scale_factor", [2, 4])
+def test_idefics3_saliency_is_the_attention_received_averaged_over_each_shuffle_group(scale_factor):
+    model = build_tiny_idefics3(model_type="smolvlm", scale_factor=scale_factor)
     inputs = CASES["idefics3"].make_inputs(model, 1, 0)
     adapter = adapter_for(model)
     stack = adapter.encode_sub_images(inputs, frozenset({"saliency"}))
@@ -137,6 +139,8 @@ def test_idefics3_saliency_is_the_attention_received_averaged_over_each_shuffle_
     attention = reference_attention(model.model.vision_model, pixel_values, layer=-1)
     received = attention.sum(dim=2).mean(dim=1)  # (R, n)
     torch.testing.assert_close(stack.saliency, adapter.group_mean(received[..., None]).squeeze(-1))
+    # One score per language-model token: the 8 x 8 patch raster shuffled by the scale factor.
+    assert stack.saliency.shape == (received.shape[0], 64 // scale_factor**2)
 
 
 def test_idefics3_sub_images_form_images_and_markers_stay():
