@@ -32,9 +32,8 @@ import torch
 
 from ..errors import FlashVLMError
 from ..saliency import received_attention
-from .base import ImageSelection, ModelAdapter, TokenRegion, VisualItem
-from .internvl import placeholder_runs, refuse_per_video
-from .llava import square_grid
+from .base import ModelAdapter, VisualItem
+from .internvl import image_of_views, placeholder_runs, refuse_per_video
 from .taps import tap_vision_layer
 
 
@@ -101,19 +100,9 @@ class Idefics3Adapter(ModelAdapter):
                 f"{per_sub_image} tokens in pixel_values: build inputs with the model's processor"
             )
         ends_image = global_view_runs(input_ids, self.token_ids["image"])
-        grid = square_grid(per_sub_image)
         items, first = [], 0
         for last in [place for place, is_global in enumerate(ends_image) if is_global]:
-            views = last + 1 - first
-            item = stack.map(lambda tensor, first=first, views=views: tensor[first : first + views].flatten(0, 1))
-            positions = torch.arange(views * per_sub_image, device=stack.features.device)
-            if views == 1:
-                regions = [TokenRegion(positions, grid)]
-            else:  # the tiles jointly, then the global view
-                regions = [TokenRegion(positions[:-per_sub_image]), TokenRegion(positions[-per_sub_image:], grid)]
-            item.units = [ImageSelection.of("image", regions)]
-            item.shares_budget = True
-            items.append(item)
+            items.append(image_of_views(stack, first, last + 1 - first))
             first = last + 1
         return items
 

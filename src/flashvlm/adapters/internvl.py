@@ -46,8 +46,7 @@ class InternVLAdapter(ModelAdapter):
         super().__init__(model, **settings)
         refuse_per_video(model, self.video_budget)
         self.vision_layers = self.core.vision_tower.encoder.layer
-        self.saliency_attention = self.vision_layers[0].attention
-        self.key_heads = self.saliency_attention.num_heads
+        self.key_heads = self.vision_layers[0].attention.num_heads
         self.scale_factor = model.config.downsample_ratio
 
     def feature_settings(self, model_kwargs: dict[str, Any]) -> tuple[int, str]:
@@ -120,24 +119,32 @@ class InternVLAdapter(ModelAdapter):
                 f"the prompt's image placeholder runs {runs} do not make whole tiles of {per_tile} tokens "
                 f"for the {num_tiles} tiles in pixel_values: build inputs with the model's processor"
             )
-        grid = square_grid(per_tile)
         items, first = [], 0
         for tiles in tiles_per_image:
-            item = stack.map(lambda tensor, first=first, tiles=tiles: tensor[first : first + tiles].flatten(0, 1))
-            positions = torch.arange(tiles * per_tile, device=stack.features.device)
-            if tiles == 1:
-                regions = [TokenRegion(positions, grid)]
-            else:  # the tiles jointly, then the thumbnail (the processor puts it last)
-                regions = [TokenRegion(positions[:-per_tile]), TokenRegion(positions[-per_tile:], grid)]
-            item.units = [ImageSelection.of("image", regions)]
-            item.shares_budget = True
-            items.append(item)
+            items.append(image_of_views(stack, first, tiles))
             first += tiles
         return items
 
     def encoder_output(self, kind: str, items: list[VisualItem]) -> BaseModelOutputWithPooling:
         # The model scatters one tensor into the placeholders: every kept token, image after image.
         return BaseModelOutputWithPooling(pooler_output=torch.cat([item.sent for item in items])[None])
+
+
+def image_of_views(stack: VisualItem, first: int, num_views: int) -> VisualItem:
+    """One image from ``num_views`` consecutive views of a (V, m, ...) stack, sharing one budget:
+    a single view is one raster; several are the tiles, selected jointly (their layout is not
+    in the model's inputs), then the global view, which the processors put last."""
+    item = stack.map(lambda tensor: tensor[first : first + num_views].flatten(0, 1))
+    per_view = stack.features.shape[1]
+    grid = square_grid(per_view)
+    positions = torch.arange(num_views * per_view, device=stack.features.device)
+    if num_views == 1:
+        regions = [TokenRegion(positions, grid)]
+    else:
+        regions = [TokenRegion(positions[:-per_view]), TokenRegion(positions[-per_view:], grid)]
+    item.units = [ImageSelection.of("image", regions)]
+    item.shares_budget = True
+    return item
 
 
 def refuse_per_video(model, video_budget: str) -> None:
