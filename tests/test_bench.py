@@ -25,7 +25,15 @@ from flashvlm.cli import main
 from flashvlm.errors import FlashVLMError
 
 #: Parameters of the real checkpoints, in billions (their model cards round them so).
-REAL_PARAMETERS = {"llava-1.5-7b": 7.06, "llava-1.5-13b": 13.35, "llava-next-7b": 7.57, "qwen2.5-vl-7b": 8.29}
+REAL_PARAMETERS = {
+    "llava-1.5-7b": 7.06,
+    "llava-1.5-13b": 13.35,
+    "llava-next-7b": 7.57,
+    "qwen2.5-vl-7b": 8.29,
+    "qwen3-vl-8b": 8.77,
+    "gemma-3-4b": 4.30,
+    "gemma-3-12b": 12.19,
+}
 
 PREFILL_FIELDS = {
     "method",

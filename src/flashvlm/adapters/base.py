@@ -137,6 +137,19 @@ class VisualItem:
         return replace(self, **changed)
 
 
+@dataclass(frozen=True)
+class FamilySupport:
+    """How a family is pruned, in words: the README's "Supported models" row and the
+    methods x families table are generated from it."""
+
+    name: str  # what users call the family, e.g. "LLaVA-1.5"
+    saliency: str  # where encoder saliency comes from
+    budget_unit: str  # what one budget counts
+    positions: str  # what positions the pruned prompt gets
+    #: Selection inputs the family cannot serve (``flashvlm.selection.REQUIREMENTS``).
+    lacks: frozenset[str] = frozenset()
+
+
 @dataclass
 class PrunedInputs:
     """Model keyword arguments with only the kept visual tokens, and what was kept."""
@@ -160,6 +173,8 @@ class ModelAdapter(ABC):
     saliency_kind: str = "received"
     #: Heads the saliency layer's keys split into.
     key_heads: int | None = None
+    #: The family in words (docs tables are generated from it).
+    support: ClassVar[FamilySupport]
 
     def __init__(self, model: nn.Module, video_budget: str = "per_frame", tokenizer=None) -> None:
         check_choice("video_budget", video_budget, VIDEO_BUDGETS)
@@ -182,6 +197,11 @@ class ModelAdapter(ABC):
     def language_model(self) -> nn.Module:
         """The decoder that runs the prefill (timed by benchmarks and the CLI)."""
         return self.model.model.language_model
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        """The vision encoder (timed by benchmarks)."""
+        return self.core.vision_tower
 
     @property
     def decoder_layers(self) -> nn.ModuleList:

@@ -24,13 +24,20 @@ import torch
 from transformers.models.gemma3.modeling_gemma3 import create_masks_for_vision_model, get_block_sequence_ids_for_mask
 
 from ..saliency import received_attention
-from .base import ImageSelection, ModelAdapter, TokenRegion, VisualItem
+from .base import FamilySupport, ImageSelection, ModelAdapter, TokenRegion, VisualItem
 from .sequence import prompt_tensors
 from .taps import tap_vision_layer
 
 
 class Gemma3Adapter(ModelAdapter):
     architectures = ("Gemma3ForConditionalGeneration",)
+    support = FamilySupport(
+        "Gemma 3",
+        saliency="attention received in the last SigLIP layer, average-pooled like the patches into the 256 tokens",
+        budget_unit="image (every image keeps K; image tokens stay one bidirectional block)",
+        positions="contiguous",
+        lacks=frozenset({"cls_attention"}),
+    )
     saliency_kind = "received"
 
     def __init__(self, model, **settings) -> None:

@@ -32,13 +32,22 @@ import torch
 
 from ..errors import FlashVLMError
 from ..saliency import received_attention
-from .base import ModelAdapter, VisualItem
+from .base import FamilySupport, ModelAdapter, VisualItem
 from .internvl import image_of_views, placeholder_runs, refuse_per_video
 from .taps import tap_vision_layer
 
 
 class Idefics3Adapter(ModelAdapter):
     architectures = ("Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration")
+    support = FamilySupport(
+        "Idefics3 / SmolVLM",
+        saliency="attention received in the last SigLIP layer (padding patches excluded), averaged over each "
+        "pixel-shuffle group",
+        budget_unit="whole image across its sub-images, as InternVL (tiles jointly, then the global view); "
+        "row/column marker tokens kept outside the budget; video frames arrive as images, so per frame",
+        positions="contiguous",
+        lacks=frozenset({"cls_attention", "grid"}),
+    )
     vision_only_kwargs = ("pixel_values", "pixel_attention_mask")
     saliency_kind = "received"
 
@@ -52,6 +61,10 @@ class Idefics3Adapter(ModelAdapter):
     @property
     def language_model(self) -> torch.nn.Module:
         return self.core.text_model
+
+    @property
+    def vision_tower(self) -> torch.nn.Module:
+        return self.core.vision_model
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         return self.core.connector.modality_projection(features)

@@ -32,13 +32,22 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..errors import FlashVLMError, UnsupportedModelError
 from ..saliency import query_row_attention
-from .base import ImageSelection, ModelAdapter, TokenRegion, VisualItem
+from .base import FamilySupport, ImageSelection, ModelAdapter, TokenRegion, VisualItem
 from .llava import square_grid
 from .taps import resolve_hidden_state_layer, run_until_tap, tap_vision_layer
 
 
 class InternVLAdapter(ModelAdapter):
     architectures = ("InternVLForConditionalGeneration",)
+    support = FamilySupport(
+        "InternVL3/3.5, HF-native",
+        saliency="CLS attention row of the feature layer, averaged over each 2×2 pixel-shuffle group",
+        budget_unit="whole image across its tiles: the tiles keep round(K·N_tiles/N) jointly (in no known grid: "
+        "their layout is not in the inputs), the thumbnail the rest; video frames arrive as one-tile images, so "
+        "per frame",
+        positions="contiguous",
+        lacks=frozenset({"grid"}),
+    )
     vision_only_kwargs = ("pixel_values", "image_sizes", "vision_feature_layer", "vision_feature_select_strategy")
     saliency_kind = "cls"
 

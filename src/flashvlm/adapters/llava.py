@@ -11,12 +11,18 @@ import torch
 
 from ..errors import UnsupportedModelError
 from ..saliency import query_row_attention, received_attention
-from .base import ImageSelection, ModelAdapter, TokenRegion, VisualItem
+from .base import FamilySupport, ImageSelection, ModelAdapter, TokenRegion, VisualItem
 from .taps import resolve_hidden_state_layer, run_until_tap, tap_vision_layer
 
 
 class LlavaAdapter(ModelAdapter):
     architectures = ("LlavaForConditionalGeneration",)
+    support = FamilySupport(
+        "LLaVA-1.5",
+        saliency="CLS attention row of the feature layer (-2)",
+        budget_unit="image",
+        positions="contiguous over the shortened prompt (as the release)",
+    )
     vision_only_kwargs = ("pixel_values", "image_sizes", "vision_feature_layer", "vision_feature_select_strategy")
 
     def __init__(self, model, **settings) -> None:

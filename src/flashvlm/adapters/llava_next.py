@@ -31,13 +31,20 @@ import torch
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 from ..errors import FlashVLMError
-from .base import ImageSelection, TokenRegion, VisualItem
+from .base import FamilySupport, ImageSelection, TokenRegion, VisualItem
 from .llava import LlavaAdapter, square_grid
 from .sequence import require_argument
 
 
 class LlavaNextAdapter(LlavaAdapter):
     architectures = ("LlavaNextForConditionalGeneration",)
+    support = FamilySupport(
+        "LLaVA-NeXT",
+        saliency="CLS attention row, per view",
+        budget_unit="whole image: the base view keeps round(K·N_base/N), the crops the rest; newline tokens kept "
+        "outside the budget, one per row that keeps tokens",
+        positions="contiguous",
+    )
 
     # -- the model's own layout ------------------------------------------------------------------
     def patches_per_image(self, model_kwargs: dict[str, Any]) -> list[int]:

@@ -21,13 +21,19 @@ from typing import Any
 
 import torch
 
-from .base import ImageSelection, TokenRegion, VisualItem
+from .base import FamilySupport, ImageSelection, TokenRegion, VisualItem
 from .llava import LlavaAdapter, square_grid
 from .llava_next import LlavaNextAdapter
 
 
 class LlavaNextVideoAdapter(LlavaNextAdapter):
     architectures = ("LlavaNextVideoForConditionalGeneration",)
+    support = FamilySupport(
+        "LLaVA-NeXT-Video",
+        saliency="CLS attention row, per view; for video averaged over the resampler's pooling windows",
+        budget_unit="image (as LLaVA-NeXT), or video frame / whole video",
+        positions="contiguous",
+    )
     pixel_arguments = ("pixel_values", "pixel_values_videos")
     vision_only_kwargs = LlavaAdapter.vision_only_kwargs + ("pixel_values_videos",)
 

@@ -24,13 +24,20 @@ from typing import Any
 import torch
 
 from ..errors import FlashVLMError
-from .base import ImageSelection, TokenRegion, VisualItem
+from .base import FamilySupport, ImageSelection, TokenRegion, VisualItem
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter, side_channels, split_side_channels
 
 
 class LlavaOnevisionAdapter(LlavaNextAdapter):
     architectures = ("LlavaOnevisionForConditionalGeneration",)
+    support = FamilySupport(
+        "LLaVA-OneVision",
+        saliency="attention received (SigLIP has no CLS), in chunks",
+        budget_unit="image (as LLaVA-NeXT), or video frame / whole video",
+        positions="contiguous",
+        lacks=frozenset({"cls_attention"}),
+    )
     pixel_arguments = ("pixel_values", "pixel_values_videos")
     vision_only_kwargs = LlavaAdapter.vision_only_kwargs + (
         "pixel_values_videos",

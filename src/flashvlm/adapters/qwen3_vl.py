@@ -18,12 +18,19 @@ from typing import Any
 import torch
 from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 
-from .base import VisualItem
+from .base import FamilySupport, VisualItem
 from .qwen_vl import QwenVLAdapter
 
 
 class Qwen3VLAdapter(QwenVLAdapter):
     architectures = ("Qwen3VLForConditionalGeneration",)
+    support = FamilySupport(
+        "Qwen3-VL",
+        saliency="as Qwen2.5-VL (last block); DeepStack features pruned with the same keep mask",
+        budget_unit="image, or video frame / whole video",
+        positions="as Qwen2.5-VL (unpruned M-RoPE ids, sliced)",
+        lacks=frozenset({"cls_attention"}),
+    )
 
     def __init__(self, model, **settings) -> None:
         super().__init__(model, **settings)

@@ -22,12 +22,21 @@ from typing import Any
 import torch
 
 from ..saliency import segmented_received_attention
-from .base import ImageSelection, ModelAdapter, TokenRegion, VisualItem
+from .base import FamilySupport, ImageSelection, ModelAdapter, TokenRegion, VisualItem
 from .sequence import compact_sequences, prompt_tensors, require_argument
 
 
 class QwenVLAdapter(ModelAdapter):
     architectures = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+    support = FamilySupport(
+        "Qwen2-VL / Qwen2.5-VL",
+        saliency="attention received in the last full-attention block, per image (packed images never mix), "
+        "averaged over each 2×2 merge group",
+        budget_unit="image, or video frame / whole video",
+        positions="the unpruned M-RoPE (t, h, w) ids, sliced: kept tokens keep their positions and decoding "
+        "continues at the unpruned max + 1",
+        lacks=frozenset({"cls_attention"}),
+    )
     pixel_arguments = ("pixel_values", "pixel_values_videos")
     vision_only_kwargs = (
         "pixel_values",
@@ -47,6 +56,10 @@ class QwenVLAdapter(ModelAdapter):
         last_full = max(full_attention_blocks) if full_attention_blocks else len(self.tower.blocks) - 1
         self.saliency_attention = self.tower.blocks[last_full].attn
         self.key_heads = self.saliency_attention.num_heads
+
+    @property
+    def vision_tower(self):
+        return self.tower
 
     # -- vision side --------------------------------------------------------------------------
     def _window_index(self, grid_thw: torch.Tensor) -> torch.Tensor | None:

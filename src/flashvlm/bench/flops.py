@@ -86,6 +86,29 @@ def qwen_tower_flops(vision_config, patches: int) -> float:
     return float(embed + blocks + merger)
 
 
+def qwen3_tower_flops(vision_config, patches: int) -> float:
+    """Qwen3-VL's ViT on one image of ``patches`` patches: every block attends fully within
+    the image (plain two-matrix MLPs); the merger and the DeepStack mergers (2x2 groups ->
+    LM width) are counted here, as they run before any selection."""
+    width, inner = vision_config.hidden_size, vision_config.intermediate_size
+    embed = 2 * patches * 3 * vision_config.temporal_patch_size * vision_config.patch_size**2 * width
+    blocks = vision_config.depth * _encoder_layer_flops(patches, width, inner, False, patches)
+    merged_width = width * vision_config.spatial_merge_size**2
+    merged = patches // vision_config.spatial_merge_size**2
+    mergers = 1 + len(vision_config.deepstack_visual_indexes)
+    merger = mergers * 2 * merged * (merged_width * merged_width + merged_width * vision_config.out_hidden_size)
+    return float(embed + blocks + merger)
+
+
+def siglip_tower_flops(vision_config, num_views: int) -> float:
+    """A SigLIP tower (no CLS token) on ``num_views`` images, every layer run."""
+    patches = (vision_config.image_size // vision_config.patch_size) ** 2
+    width = vision_config.hidden_size
+    embed = 2 * patches * 3 * vision_config.patch_size**2 * width
+    layer = _encoder_layer_flops(patches, width, vision_config.intermediate_size, False, patches)
+    return float(num_views * (embed + vision_config.num_hidden_layers * layer))
+
+
 @dataclass
 class PrefillFlops:
     """FLOPs of one prefill (all rows of the batch), by part."""
@@ -108,6 +131,39 @@ def _vision_layers_run(config, pruned: bool) -> int:
     return feature if feature >= 0 else layers + 1 + feature
 
 
+def llava_vision_flops(config, visual_tokens: int, pruned: bool, projected: int, batch: int) -> tuple[float, float]:
+    """(vision, projector) FLOPs of LLaVA-1.5: one CLIP view per image, the MLP projector."""
+    vision = batch * clip_tower_flops(config.vision_config, 1, _vision_layers_run(config, pruned))
+    return vision, batch * llava_projector_flops(config, projected)
+
+
+def llava_next_vision_flops(config, visual_tokens: int, pruned: bool, projected: int, batch: int):
+    """(vision, projector) FLOPs of LLaVA-NeXT: the base view and g x g crops per image."""
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    grid = round(((visual_tokens - side * side) / side**2) ** 0.5)
+    views = 1 + grid * grid
+    vision = batch * clip_tower_flops(config.vision_config, views, _vision_layers_run(config, pruned))
+    return vision, batch * llava_projector_flops(config, projected)
+
+
+def qwen_vision_flops(config, visual_tokens: int, pruned: bool, projected: int, batch: int):
+    """(vision, 0): Qwen2.5-VL's tower with its merger (Qwen projects before any selection can run)."""
+    patches = visual_tokens * config.vision_config.spatial_merge_size**2
+    return batch * qwen_tower_flops(config.vision_config, patches), 0.0
+
+
+def qwen3_vision_flops(config, visual_tokens: int, pruned: bool, projected: int, batch: int):
+    """(vision, 0): Qwen3-VL's tower with its mergers."""
+    patches = visual_tokens * config.vision_config.spatial_merge_size**2
+    return batch * qwen3_tower_flops(config.vision_config, patches), 0.0
+
+
+def gemma3_vision_flops(config, visual_tokens: int, pruned: bool, projected: int, batch: int):
+    """(vision, projector) of Gemma 3: the whole SigLIP tower, then the projection of the pooled tokens."""
+    projector = 2 * projected * config.vision_config.hidden_size * config.text_config.hidden_size
+    return batch * siglip_tower_flops(config.vision_config, 1), float(batch * projector)
+
+
 def prefill_flops(
     config, text_tokens: int, visual_tokens: int, kept_tokens: int, batch: int, projected_tokens: int | None = None
 ) -> PrefillFlops:
@@ -115,26 +171,17 @@ def prefill_flops(
 
     ``kept_tokens == visual_tokens`` is the unpruned model. ``projected_tokens`` is how
     many rows go through the projector (all N for methods that score projected tokens,
-    K otherwise; default K).
+    K otherwise; default K). The vision side is the family's (``Family.vision_flops``).
+    Sliding-window layers (Gemma 3) are counted as full causal attention, which they are
+    for prompts within the window.
     """
+    from .models import family_of
+
     pruned = kept_tokens < visual_tokens
     projected = kept_tokens if projected_tokens is None else projected_tokens
-    text = config.text_config
-    language_model = decoder_prefill_flops(text, text_tokens + kept_tokens, batch)
-    model_type = config.model_type
-    if model_type == "qwen2_5_vl":
-        patches = visual_tokens * config.vision_config.spatial_merge_size**2
-        vision = batch * qwen_tower_flops(config.vision_config, patches)
-        # The merger is counted with the tower: Qwen projects before any selection can run.
-        return PrefillFlops(vision, 0.0, language_model)
-    views = 1
-    if model_type == "llava_next":
-        side = config.vision_config.image_size // config.vision_config.patch_size
-        grid = round(((visual_tokens - side * side) / side**2) ** 0.5)
-        views = 1 + grid * grid
-    layers = _vision_layers_run(config, pruned)
-    vision = batch * clip_tower_flops(config.vision_config, views, layers)
-    return PrefillFlops(vision, batch * llava_projector_flops(config, projected), language_model)
+    language_model = decoder_prefill_flops(config.text_config, text_tokens + kept_tokens, batch)
+    vision, projector = family_of(config).vision_flops(config, visual_tokens, pruned, projected, batch)
+    return PrefillFlops(vision, projector, language_model)
 
 
 def bipartite_diversity_flops(

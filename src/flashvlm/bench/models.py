@@ -22,9 +22,18 @@ from pathlib import Path
 import torch
 
 from ..errors import FlashVLMError
+from . import flops
 
 #: Short names of the configs shipped in ``flashvlm/bench/configs``.
-SHIPPED_CONFIGS = ("llava-1.5-7b", "llava-1.5-13b", "llava-next-7b", "qwen2.5-vl-7b")
+SHIPPED_CONFIGS = (
+    "llava-1.5-7b",
+    "llava-1.5-13b",
+    "llava-next-7b",
+    "qwen2.5-vl-7b",
+    "qwen3-vl-8b",
+    "gemma-3-4b",
+    "gemma-3-12b",
+)
 
 #: ``--scale`` keys and what they shrink.
 SCALE_KEYS = {
@@ -123,7 +132,7 @@ def _shrink_width(sub_config, width: float, hidden_keys: tuple[str, ...], head_k
 def scale_config(config, scale: dict[str, float]):
     """A copy of ``config`` shrunk as ``scale`` says; token counts are unchanged."""
     scaled = copy.deepcopy(config)
-    family = FAMILIES[config.model_type]
+    family = family_of(config)
     text, vision = scaled.text_config, scaled.vision_config
     if "lm_layers" in scale:
         text.num_hidden_layers = min(int(scale["lm_layers"]), text.num_hidden_layers)
@@ -146,7 +155,7 @@ def describe_shape(config, scale: dict[str, float], reference=None) -> str:
         return "full size"
     text, vision = config.text_config, config.vision_config
     real_text, real_vision = reference.text_config, reference.vision_config
-    family = FAMILIES[config.model_type]
+    family = family_of(config)
     parts = [
         f"LM {text.num_hidden_layers} of {real_text.num_hidden_layers} layers, "
         f"hidden {text.hidden_size} of {real_text.hidden_size}, MLP {text.intermediate_size} of {real_text.intermediate_size}",
@@ -220,6 +229,8 @@ class Family:
 
     model_type: str
     make_inputs: Callable[..., SyntheticInputs]  # (config, batch, text_tokens, seed) -> inputs
+    #: (config, visual tokens per image, pruned, rows projected, batch) -> (vision, projector) FLOPs
+    vision_flops: Callable[..., tuple[float, float]]
     vision_layer_count: Callable = field(default=lambda vision: vision.num_hidden_layers)
     shrink_vision_layers: Callable = field(default=None)
     shrink_vision_width: Callable = field(default=None)
@@ -289,9 +300,11 @@ def _clip_shrink_width(vision, width: float) -> None:
 QWEN_IMAGE_SIDE = 672
 
 
-def qwen2_5_vl_inputs(config, batch: int, text_tokens: int, seed: int = 0) -> SyntheticInputs:
+def qwen2_5_vl_inputs(
+    config, batch: int, text_tokens: int, seed: int = 0, image_side: int = QWEN_IMAGE_SIDE
+) -> SyntheticInputs:
     vision = config.vision_config
-    patches_side = QWEN_IMAGE_SIDE // vision.patch_size
+    patches_side = image_side // vision.patch_size
     merge = vision.spatial_merge_size
     image_tokens = (patches_side // merge) ** 2
     generator = torch.Generator().manual_seed(seed)
@@ -329,27 +342,103 @@ def _qwen_link_widths(config) -> None:
     config.vision_config.out_hidden_size = config.text_config.hidden_size
 
 
+# -- Qwen3-VL (full-attention ViT, 2x2 merger, DeepStack, M-RoPE LM) -----------------------------
+
+#: Image side in pixels for Qwen3-VL inputs: 768 px -> 48 x 48 patches of 16 -> 576 LM tokens.
+QWEN3_IMAGE_SIDE = 768
+
+
+def qwen3_vl_inputs(config, batch: int, text_tokens: int, seed: int = 0) -> SyntheticInputs:
+    """As Qwen2.5-VL's, at 16-px patches, with the ``mm_token_type_ids`` Qwen3-VL requires."""
+    inputs = qwen2_5_vl_inputs(config, batch, text_tokens, seed, image_side=QWEN3_IMAGE_SIDE)
+    input_ids = inputs.model_kwargs["input_ids"]
+    inputs.model_kwargs["mm_token_type_ids"] = (input_ids == config.image_token_id).int()
+    return inputs
+
+
+def _qwen3_shrink_layers(vision, layers: int) -> None:
+    # DeepStack taps keep their relative depths in the shortened tower.
+    depth = vision.depth
+    vision.depth = min(layers, depth)
+    taps = sorted({min(vision.depth - 1, index * vision.depth // depth) for index in vision.deepstack_visual_indexes})
+    vision.deepstack_visual_indexes = taps
+
+
+# -- Gemma 3 (SigLIP tower, pooled to 256 tokens, bidirectional image attention) -------------------
+
+
+def gemma3_inputs(config, batch: int, text_tokens: int, seed: int = 0) -> SyntheticInputs:
+    """BOS, 5 text tokens, begin-image, the image's tokens, end-image, the rest of the text."""
+    generator = torch.Generator().manual_seed(seed)
+    image_tokens = config.mm_tokens_per_image
+    avoid = {config.image_token_id, config.boi_token_index, config.eoi_token_index}
+    rows = []
+    for _ in range(batch):
+        text = _text_ids(generator, text_tokens - 3, config.text_config.vocab_size, avoid)
+        head = min(5, text.numel())
+        image = [config.boi_token_index] + [config.image_token_id] * image_tokens + [config.eoi_token_index]
+        rows.append(torch.cat([torch.tensor([2]), text[:head], torch.tensor(image), text[head:]]))
+    input_ids = torch.stack(rows)
+    size = config.vision_config.image_size
+    kwargs = dict(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        token_type_ids=(input_ids == config.image_token_id).long(),
+        pixel_values=torch.randn(batch, 3, size, size, generator=generator),
+    )
+    return SyntheticInputs(kwargs, image_tokens, text_tokens, batch)
+
+
 FAMILIES: dict[str, Family] = {
     "llava": Family(
-        "llava", llava_inputs, shrink_vision_layers=_clip_shrink_layers, shrink_vision_width=_clip_shrink_width
+        "llava",
+        llava_inputs,
+        flops.llava_vision_flops,
+        shrink_vision_layers=_clip_shrink_layers,
+        shrink_vision_width=_clip_shrink_width,
     ),
     "llava_next": Family(
         "llava_next",
         llava_next_inputs,
+        flops.llava_next_vision_flops,
         shrink_vision_layers=_clip_shrink_layers,
         shrink_vision_width=_clip_shrink_width,
     ),
     "qwen2_5_vl": Family(
         "qwen2_5_vl",
         qwen2_5_vl_inputs,
+        flops.qwen_vision_flops,
         vision_layer_count=lambda vision: vision.depth,
         shrink_vision_layers=_qwen_shrink_layers,
         shrink_vision_width=_qwen_shrink_width,
         link_widths=_qwen_link_widths,
     ),
+    "qwen3_vl": Family(
+        "qwen3_vl",
+        qwen3_vl_inputs,
+        flops.qwen3_vision_flops,
+        vision_layer_count=lambda vision: vision.depth,
+        shrink_vision_layers=_qwen3_shrink_layers,
+        shrink_vision_width=_qwen_shrink_width,
+        link_widths=_qwen_link_widths,
+    ),
+    "gemma3": Family(
+        "gemma3",
+        gemma3_inputs,
+        flops.gemma3_vision_flops,
+        shrink_vision_layers=_clip_shrink_layers,
+        shrink_vision_width=_clip_shrink_width,
+    ),
 }
+
+
+def family_of(config) -> Family:
+    """The benchmark's record for the family of ``config`` (by its ``model_type``)."""
+    if config.model_type not in FAMILIES:
+        raise FlashVLMError(f"model_type {config.model_type!r}: the benchmark knows {', '.join(sorted(FAMILIES))}")
+    return FAMILIES[config.model_type]
 
 
 def synthetic_inputs(config, batch: int, text_tokens: int, seed: int = 0) -> SyntheticInputs:
     """Prompt of ``text_tokens`` text tokens around one image per row, with random pixels."""
-    return FAMILIES[config.model_type].make_inputs(config, batch, text_tokens, seed)
+    return family_of(config).make_inputs(config, batch, text_tokens, seed)

@@ -44,19 +44,14 @@ def synchronizer(device: torch.device) -> Callable[[], None]:
     return lambda: None
 
 
-def vision_module(model: torch.nn.Module) -> torch.nn.Module | None:
-    """The model's vision tower (LLaVA: vision_tower, Qwen-VL: visual), or None."""
-    core = getattr(model, "model", model)
-    for name in ("vision_tower", "visual", "vision_model"):
-        module = getattr(core, name, None)
-        if isinstance(module, torch.nn.Module):
-            return module
-    return None
+def vision_module(model: torch.nn.Module) -> torch.nn.Module:
+    """The model's vision tower, as its family's adapter names it."""
+    return adapter_for(model).vision_tower
 
 
 def language_model_of(model: torch.nn.Module) -> torch.nn.Module:
-    core = getattr(model, "model", model)
-    return getattr(core, "language_model", core)
+    """The model's language model, as its family's adapter names it."""
+    return adapter_for(model).language_model
 
 
 class _TokenClock(BaseStreamer):

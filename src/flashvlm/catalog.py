@@ -1,0 +1,70 @@
+"""The tables the docs show about families and methods, generated from the code.
+
+README's "Supported models" comes from each adapter's :class:`~flashvlm.adapters.base.FamilySupport`;
+docs/methods.md's methods x families table from what each method ``requires`` and what
+each family ``lacks``. ``python -m flashvlm.catalog`` rewrites both sections;
+``tests/test_catalog.py`` fails when they are stale.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from .adapters import ADAPTERS
+from .bench.report import update_markdown_section
+from .selection import available_methods, get_method
+
+#: (file, section) of each generated table, relative to the repository root.
+SUPPORTED_MODELS = ("README.md", "supported-models")
+METHODS_BY_FAMILY = ("docs/methods.md", "methods-by-family")
+
+
+def supported_models_table() -> str:
+    """Markdown: every Hugging Face class with its saliency source, budget unit and positions."""
+    lines = ["| Hugging Face class | encoder saliency | budget unit | positions |", "|---|---|---|---|"]
+    for adapter in ADAPTERS:
+        support = adapter.support
+        classes = ", ".join(f"`{name}`" for name in adapter.architectures)
+        lines.append(
+            f"| {classes} ({support.name}) | {support.saliency} | {support.budget_unit} | {support.positions} |"
+        )
+    return "\n".join(lines)
+
+
+def method_cell(method: str, adapter) -> str:
+    """Whether ``method`` runs on the family of ``adapter``, in a few words."""
+    missing = sorted(get_method(method).requires & adapter.support.lacks)
+    if missing:
+        return "no (needs " + ", ".join(f"`{need}`" for need in missing) + ")"
+    if "pixel_values_videos" not in adapter.pixel_arguments:
+        return "yes"
+    if "grid" in get_method(method).requires:
+        return "yes; video per frame only"
+    return "yes (images, video)"
+
+
+def methods_by_family_table() -> str:
+    """Markdown: one row per group of methods with the same cells, one column per family."""
+    header = "| method | " + " | ".join(adapter.support.name for adapter in ADAPTERS) + " |"
+    rows: dict[tuple[str, ...], list[str]] = {}
+    for method in available_methods():
+        rows.setdefault(tuple(method_cell(method, adapter) for adapter in ADAPTERS), []).append(method)
+    lines = [header, "|---" * (len(ADAPTERS) + 1) + "|"]
+    for cells, methods in rows.items():
+        lines.append("| " + ", ".join(f"`{method}`" for method in methods) + " | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def generated_sections() -> dict[tuple[str, str], str]:
+    return {SUPPORTED_MODELS: supported_models_table(), METHODS_BY_FAMILY: methods_by_family_table()}
+
+
+def main(root: str = ".") -> int:
+    for (path, section), body in generated_sections().items():
+        update_markdown_section(Path(root) / path, section, body)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(*sys.argv[1:]))

@@ -1,0 +1,45 @@
+"""The benchmark drives every family from its record: synthetic inputs, FLOPs, a pruned run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import flashvlm
+from flashvlm.bench.flops import prefill_flops
+from flashvlm.bench.models import SHIPPED_CONFIGS, build_model, load_config, scale_config, synthetic_inputs
+from flashvlm.bench.prefill import language_model_of, vision_module
+
+#: The smallest shape a family still runs at: one layer each side, 1/16 of every width.
+SMALLEST = {"lm_layers": 1, "vision_layers": 1, "width": 0.0625}
+
+
+@pytest.mark.parametrize("name", SHIPPED_CONFIGS)
+def test_synthetic_inputs_hold_one_image_per_row_and_flops_shrink_with_the_budget(name):
+    config = load_config(name)
+    inputs = synthetic_inputs(config, batch=2, text_tokens=40, seed=0)
+    placeholders = (inputs.model_kwargs["input_ids"] == config.image_token_id).sum(dim=1)
+    assert placeholders.tolist() == [inputs.visual_tokens_per_image] * 2
+    assert inputs.model_kwargs["input_ids"].shape[1] == 40 + inputs.visual_tokens_per_image
+    full = prefill_flops(config, 40, inputs.visual_tokens_per_image, inputs.visual_tokens_per_image, 2)
+    pruned = prefill_flops(config, 40, inputs.visual_tokens_per_image, 64, 2)
+    assert full.vision > 0 and pruned.language_model < full.language_model
+
+
+@pytest.mark.parametrize("name", ["qwen3-vl-8b", "gemma-3-4b"])
+def test_a_new_family_prunes_at_its_real_token_count(name):
+    config = scale_config(load_config(name), SMALLEST)
+    model = build_model(config, torch.device("cpu"), torch.float32)
+    assert vision_module(model) is flashvlm.adapter_for(model).vision_tower
+    inputs = synthetic_inputs(config, batch=1, text_tokens=20, seed=0)
+    seen = []
+    hook = language_model_of(model).register_forward_pre_hook(
+        lambda _m, _a, kwargs: seen.append(kwargs["inputs_embeds"].shape[1]), with_kwargs=True
+    )
+    try:
+        with flashvlm.prune(model, 32) as pruner, torch.no_grad():
+            model(**inputs.model_kwargs)
+    finally:
+        hook.remove()
+    assert pruner.last.images[0].num_tokens == inputs.visual_tokens_per_image
+    assert seen == [20 + 32]
