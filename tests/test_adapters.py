@@ -360,3 +360,18 @@ def test_lm_attention_is_the_eager_attention_row_at_each_selectable_token(case):
     places = torch.cdist(tokens, expected_tokens).argmin(dim=1)
     assert places.sort().values.tolist() == list(range(expected.numel()))
     torch.testing.assert_close(scores, expected[places], atol=1e-6, rtol=1e-4)
+
+
+def test_a_training_model_gets_gradients_through_the_vision_side():
+    from conftest import build_tiny_llava, llava_batch
+
+    model = build_tiny_llava(seed=3).train()
+    inputs = llava_batch(model, 2)
+    with flashvlm.prune(model, budget=8, method="flashvlm"):
+        model(**inputs).logits.sum().backward()
+    projector_grad = model.model.multi_modal_projector.linear_1.weight.grad
+    tower_grad = model.model.vision_tower.encoder.layers[0].mlp.fc1.weight.grad
+    assert projector_grad is not None and tower_grad is not None and bool(tower_grad.abs().sum() > 0)
+    with torch.no_grad(), flashvlm.prune(model.eval(), budget=8) as pruner:
+        pruner.prune_inputs(dict(inputs))
+    assert not pruner.last.model_kwargs["mm_encoder_outputs"]["image"].pooler_output[0].requires_grad

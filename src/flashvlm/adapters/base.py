@@ -58,6 +58,7 @@ class TokenRegion:
 
     positions: torch.Tensor  # (N,) long: the item's tokens of this region, ascending
     grid_shape: tuple[int, int] | None = None  # (rows, cols) when the region is a raster
+    budget: Budget | None = None  # what the method keeps of it (the unit's budget, or its share)
     chosen: torch.Tensor | None = None  # (K,) after selection: kept places among ``positions``
     merged: torch.Tensor | None = None  # (K, C) after selection: a merging method's features
 
@@ -335,24 +336,21 @@ class ModelAdapter(ABC):
         and raster (so grid-aware methods keep their grid); fills each unit's ``keep_indices``
         and each region's ``chosen`` positions and replacement ``merged`` features."""
         text_embeds, text_mask = text
-        regions = []  # (item, region, budget) of every region to select in
+        groups: dict[tuple[int, Budget, tuple[int, int] | None], list[tuple[VisualItem, TokenRegion]]] = {}
         for item in items:
             for unit in item.units:
                 for region, share in zip(unit.regions, region_budgets(unit, budget, item.shares_budget)):
-                    regions.append((item, region, share))
-        groups: dict[tuple[int, Budget, tuple[int, int] | None], list[int]] = {}
-        for place, (_, region, share) in enumerate(regions):
-            region.chosen = torch.zeros(0, dtype=torch.long, device=region.positions.device)
-            if not (isinstance(share, int) and share == 0):
-                groups.setdefault((region.positions.numel(), share, region.grid_shape), []).append(place)
-        for (_, share, grid_shape), places in groups.items():
-            members = [regions[place] for place in places]
+                    region.budget = share
+                    region.chosen = torch.zeros(0, dtype=torch.long, device=region.positions.device)
+                    if not (isinstance(share, int) and share == 0):
+                        key = (region.positions.numel(), share, region.grid_shape)
+                        groups.setdefault(key, []).append((item, region))
+        for (_, share, grid_shape), members in groups.items():
 
             def stacked(name: str, members=members) -> torch.Tensor | None:
-                values = [getattr(item, name) for item, _, _ in members]
-                if values[0] is None:
+                if getattr(members[0][0], name) is None:
                     return None
-                return torch.stack([value[region.positions] for value, (_, region, _) in zip(values, members)])
+                return torch.stack([getattr(item, name)[region.positions] for item, region in members])
 
             inputs = SelectionInputs(
                 features=stacked("features"),
@@ -365,10 +363,10 @@ class ModelAdapter(ABC):
                 lm_attention=stacked("lm_attention"),
             )
             if text_embeds is not None:
-                rows = torch.tensor([item.batch_index for item, _, _ in members], device=text_embeds.device)
+                rows = torch.tensor([item.batch_index for item, _ in members], device=text_embeds.device)
                 inputs.text_embeds, inputs.text_mask = text_embeds[rows], text_mask[rows]
             selection = selector(inputs, share)
-            for row, (_, region, _) in enumerate(members):
+            for row, (_, region) in enumerate(members):
                 region.chosen = selection.indices[row]
                 region.merged = None if selection.features is None else selection.features[row]
         for item in items:
