@@ -15,6 +15,7 @@ import torch
 from conftest import IMAGE_TOKEN_ID, tiny_model
 from conftest_families import (
     FAMILY_CASES,
+    GLOBAL_IMAGE_ID,
     IDEFICS3_SPLITS,
     TOKENS_PER_TILE,
     build_tiny_idefics3,
@@ -127,6 +128,21 @@ def test_internvl_placeholders_that_make_no_whole_tiles_are_a_clear_error():
     inputs["pixel_values"] = inputs["pixel_values"][:2]
     with flashvlm.prune(model, budget=4), pytest.raises(FlashVLMError, match="whole tiles of 16 tokens"):
         model(**inputs)
+
+
+def test_idefics3_prompts_that_do_not_match_the_sub_images_are_a_clear_error():
+    model = tiny_model(CASES["idefics3"])
+    inputs = CASES["idefics3"].make_inputs(model, 1, 0)  # one image split 1 x 2: three sub-images
+    fewer = dict(inputs, pixel_values=inputs["pixel_values"][:, :2], pixel_attention_mask=None)
+    with flashvlm.prune(model, budget=4), pytest.raises(FlashVLMError, match="do not match the 2 sub-images"):
+        model(**fewer)
+    last_marker = inputs["input_ids"] == GLOBAL_IMAGE_ID
+    two_rows = {
+        name: torch.cat([value, value.masked_fill(last_marker, 5) if name == "input_ids" else value])
+        for name, value in inputs.items()
+    }
+    with flashvlm.prune(model, budget=4), pytest.raises(FlashVLMError, match="do not all end with the same marker"):
+        model(**two_rows)
 
 
 @pytest.mark.parametrize("scale_factor", [2, 4])
