@@ -55,8 +55,9 @@ def evaluate(
                 logits = model(**inputs).logits[:, -1]
                 kept = None
             else:
-                with prune(model, budget, method) as pruner:
-                    logits = model(**inputs).logits[:, -1]
+                # The questions let a method with text_tokens="question" find the user's words.
+                with prune(model, budget, method, tokenizer=processor) as pruner:
+                    logits = model(**inputs, question=[e.question for e in chunk]).logits[:, -1]
                 kept = [image.keep_indices.tolist() for image in pruner.last.images]
         predictions = processor.tokenizer.convert_ids_to_tokens(logits.argmax(-1).tolist())
         for i, (row, prediction) in enumerate(zip(rows, predictions)):
