@@ -467,6 +467,20 @@ def build_tiny_qwen3_vl(seed: int = 0):
     return _eval_model(Qwen3VLForConditionalGeneration, config, seed)
 
 
+def build_tiny_qwen3_vl_moe(seed: int = 0):
+    """Qwen3-VL with a mixture-of-experts language model (4 experts, 2 per token)."""
+    from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration, Qwen3VLMoeTextConfig
+
+    dense = build_tiny_qwen3_vl(seed).config
+    experts = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+    text = tiny_text_config(
+        Qwen3VLMoeTextConfig, head_dim=12, rope_parameters=dense.text_config.rope_parameters, **experts
+    )
+    vision = dense.vision_config.to_dict()
+    config = Qwen3VLMoeConfig(text_config=text.to_dict(), vision_config=vision, **_QWEN_TOKENS)
+    return _eval_model(Qwen3VLMoeForConditionalGeneration, config, seed)
+
+
 def qwen3_batch(model, batch_size: int = 2, seed: int = 0) -> dict:
     return qwen_batch(model, batch_size, seed)
 
@@ -572,6 +586,7 @@ TINY_CASES += [
     TinyCase("qwen2_5_vl_video", build_tiny_qwen2_5_vl, qwen_video_batch, 6, qwen_row, video=True, lacks=NO_CLS),
     TinyCase("qwen3_vl", build_tiny_qwen3_vl, qwen3_batch, 6, qwen_row, lacks=NO_CLS),
     TinyCase("qwen3_vl_video", build_tiny_qwen3_vl, qwen3_video_batch, 6, qwen_row, video=True, lacks=NO_CLS),
+    TinyCase("qwen3_vl_moe", build_tiny_qwen3_vl_moe, qwen3_batch, 6, qwen_row, lacks=NO_CLS),
     TinyCase("gemma3", build_tiny_gemma3, gemma3_batch, GEMMA3_TOKENS_PER_IMAGE, gemma3_row, lacks=NO_CLS),
 ]
 

@@ -14,6 +14,7 @@ differences:
 - :meth:`~ModelAdapter.project`: vision features -> language-model tokens (merging methods);
 - :meth:`~ModelAdapter.scoring_positions` and :meth:`~ModelAdapter.pruned_position_ids`:
   positions, 1-D by default (``None``: the model's own), M-RoPE for Qwen;
+- :meth:`~ModelAdapter.scoring_kwargs`: what else the ``lm_attention`` pass's decoder gets;
 - :meth:`~ModelAdapter.encoder_output`: how the kept tokens go back into the model.
 
 Sequence surgery lives in :mod:`.sequence`, the vision/LM taps in :mod:`.taps`.
@@ -119,9 +120,6 @@ class VisualItem:
     is_newline: torch.Tensor | None = None
     row_of: torch.Tensor | None = None  # (L,) long: the raster row a token belongs to; -1 for none
     units: list[ImageSelection] = field(default_factory=list)  # the budget units, in order
-    #: True when the item's units are views of one image that share the budget between
-    #: them (one record); False when each unit has the whole budget (video frames).
-    shares_budget: bool = False
     batch_index: int = 0  # row of the batch whose prompt holds the item
     keep: torch.Tensor | None = None  # (L,) bool, after selection: the tokens that stay
     sent: torch.Tensor | None = None  # (K', D), after selection: the tokens the language model gets
@@ -339,7 +337,7 @@ class ModelAdapter(ABC):
         groups: dict[tuple[int, Budget, tuple[int, int] | None], list[tuple[VisualItem, TokenRegion]]] = {}
         for item in items:
             for unit in item.units:
-                for region, share in zip(unit.regions, region_budgets(unit, budget, item.shares_budget)):
+                for region, share in zip(unit.regions, region_budgets(unit, budget)):
                     region.budget = share
                     region.chosen = torch.zeros(0, dtype=torch.long, device=region.positions.device)
                     if not (isinstance(share, int) and share == 0):
@@ -455,11 +453,12 @@ class ModelAdapter(ABC):
         return {token_id: tap.attention[is_placeholder] for token_id, is_placeholder in placeholders.items()}
 
 
-def region_budgets(unit: ImageSelection, budget: Budget, shares_budget: bool) -> list[Budget]:
-    """The budget of each region of ``unit``: the whole budget each, or, for views that
-    share one, ``K`` split in proportion to their token counts (the last view takes the rest)."""
-    if not shares_budget:
-        return [budget] * len(unit.regions)
+def region_budgets(unit: ImageSelection, budget: Budget) -> list[Budget]:
+    """The budget of each region of ``unit``: the whole budget for a single region, or, for
+    the views of one image, ``K`` split in proportion to their token counts (the last view
+    takes the rest)."""
+    if len(unit.regions) == 1:
+        return [budget]
     num_keep = resolve_budget(budget, unit.num_tokens)
     shares, assigned = [], 0
     for place, region in enumerate(unit.regions):

@@ -152,7 +152,6 @@ def image_of_views(stack: VisualItem, first: int, num_views: int) -> VisualItem:
     else:
         regions = [TokenRegion(positions[:-per_view]), TokenRegion(positions[-per_view:], grid)]
     item.units = [ImageSelection.of("image", regions)]
-    item.shares_budget = True
     return item
 
 

@@ -88,7 +88,6 @@ class LlavaNextAdapter(LlavaAdapter):
         items = []
         for count, image_tokens, image_side in zip(counts, tokens, sides):
             item = split_side_channels(image_side, stack, "image", image_tokens)
-            item.shares_budget = True
             is_newline = item.is_newline
             item.row_of = is_newline.long().cumsum(0) - is_newline.long()  # a row ends with its newline
             real = (~is_newline).nonzero().squeeze(-1)

@@ -1,4 +1,5 @@
-"""Adapter for Qwen3-VL (``Qwen3VLForConditionalGeneration``): Qwen's packed ViT, plus DeepStack.
+"""Adapter for Qwen3-VL (``Qwen3VLForConditionalGeneration``, and the MoE
+``Qwen3VLMoeForConditionalGeneration``, whose vision side is the same): Qwen's packed ViT, plus DeepStack.
 
 Everything of :mod:`.qwen_vl` holds (packed images and videos, saliency as attention
 received in the last block averaged over each 2x2 merge group, M-RoPE positions sliced
@@ -23,9 +24,9 @@ from .qwen_vl import QwenVLAdapter
 
 
 class Qwen3VLAdapter(QwenVLAdapter):
-    architectures = ("Qwen3VLForConditionalGeneration",)
+    architectures = ("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
     support = FamilySupport(
-        "Qwen3-VL",
+        "Qwen3-VL (dense and MoE)",
         saliency="as Qwen2.5-VL (last block); DeepStack features pruned with the same keep mask",
         budget_unit="image, or video frame / whole video",
         positions="as Qwen2.5-VL (unpruned M-RoPE ids, sliced)",
