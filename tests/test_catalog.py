@@ -7,12 +7,15 @@ from pathlib import Path
 
 import pytest
 from conftest import TINY_CASES, tiny_model
+from conftest_families import FAMILY_CASES
 
 from flashvlm import adapter_for, supported_architectures
 from flashvlm.adapters import ADAPTERS
 from flashvlm.catalog import generated_sections
 
 ROOT = Path(__file__).resolve().parent.parent
+#: Every family's tiny models (InternVL, SmolVLM/Idefics3 and LLaVA-NeXT-Video are in conftest_families.py).
+CASES = [*TINY_CASES, *FAMILY_CASES]
 
 
 @pytest.mark.parametrize(("place", "body"), generated_sections().items(), ids=lambda value: str(value)[:40])
@@ -27,10 +30,10 @@ def test_generated_tables_are_up_to_date(place, body):
 def test_every_class_is_listed_and_every_family_has_a_tiny_model():
     table = generated_sections()[("README.md", "supported-models")]
     assert all(f"`{name}`" in table for name in supported_architectures())
-    served = {type(adapter_for(tiny_model(case))) for case in TINY_CASES}
+    served = {type(adapter_for(tiny_model(case))) for case in CASES}
     assert served == set(ADAPTERS)
 
 
-@pytest.mark.parametrize("case", TINY_CASES, ids=lambda case: case.name)
+@pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
 def test_what_a_family_lacks_is_what_its_tiny_model_lacks(case):
     assert adapter_for(tiny_model(case)).support.lacks == case.lacks

@@ -20,12 +20,16 @@ from conftest import (
     selectable_tokens_sent,
     tiny_model,
 )
+from conftest_families import FAMILY_CASES
 
 import flashvlm
 from flashvlm.adapters import adapter_for
 from flashvlm.errors import MethodUnavailableError
 from flashvlm.selection import SelectionInputs, available_methods, get_method
 from flashvlm.selection.base import REQUIREMENTS
+
+#: The families of conftest.py, then InternVL, SmolVLM/Idefics3 and LLaVA-NeXT-Video (conftest_families.py).
+CASES = [*TINY_CASES, *FAMILY_CASES]
 
 METHODS = available_methods()
 
@@ -38,7 +42,7 @@ def missing_inputs(case, method: str) -> list[str]:
 def pairs(runnable: bool) -> list:
     return [
         pytest.param(case, method, id=f"{case.name}-{method}")
-        for case in TINY_CASES
+        for case in CASES
         for method in METHODS
         if bool(missing_inputs(case, method)) != runnable
     ]
@@ -54,8 +58,8 @@ def budget_for(case) -> int:
 
 def test_the_matrix_exercises_every_input_and_every_family_runs_most_methods():
     assert set().union(*(get_method(method).requires for method in METHODS)) == REQUIREMENTS
-    assert all(case.lacks <= REQUIREMENTS for case in TINY_CASES)
-    assert {case.name for case, _ in (param.values for param in RUNNABLE)} == {case.name for case in TINY_CASES}
+    assert all(case.lacks <= REQUIREMENTS for case in CASES)
+    assert {case.name for case, _ in (param.values for param in RUNNABLE)} == {case.name for case in CASES}
 
 
 @pytest.mark.parametrize(("case", "method"), RUNNABLE)
@@ -128,10 +132,12 @@ def test_a_method_the_family_cannot_serve_says_what_is_missing(case, method):
         model.generate(**inputs, max_new_tokens=1, do_sample=False, pad_token_id=0)
     for need in missing_inputs(case, method):
         assert f"{need} (" in str(error.value)
-    assert "no CLS token" in str(error.value)
+    # Each missing input is named with why this family lacks it.
+    for need, why in (("cls_attention", "no CLS token"), ("grid", "no known grid")):
+        assert need not in missing_inputs(case, method) or why in str(error.value)
 
 
-@pytest.mark.parametrize("case", [case for case in TINY_CASES if case.video], ids=lambda case: case.name)
+@pytest.mark.parametrize("case", [case for case in CASES if case.video], ids=lambda case: case.name)
 def test_pool_says_a_jointly_selected_video_has_no_grid(case):
     model = tiny_model(case)
     inputs = case.make_inputs(model, batch_size=1, seed=0)

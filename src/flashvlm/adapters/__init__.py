@@ -7,8 +7,11 @@ from torch import nn
 from ..errors import UnsupportedModelError
 from .base import TEXT_TOKENS, VIDEO_BUDGETS, ImageSelection, ModelAdapter, PrunedInputs, TokenRegion, VisualItem
 from .gemma3 import Gemma3Adapter
+from .idefics3 import Idefics3Adapter
+from .internvl import InternVLAdapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
+from .llava_next_video import LlavaNextVideoAdapter
 from .llava_onevision import LlavaOnevisionAdapter
 from .qwen3_vl import Qwen3VLAdapter
 from .qwen_vl import QwenVLAdapter
@@ -22,6 +25,8 @@ ADAPTERS: list[type[ModelAdapter]] = [
     Qwen3VLAdapter,
     Gemma3Adapter,
 ]
+# InternVL, SmolVLM/Idefics3 and LLaVA-NeXT-Video (issue 13).
+ADAPTERS += [InternVLAdapter, Idefics3Adapter, LlavaNextVideoAdapter]
 
 
 def supported_architectures() -> list[str]:
