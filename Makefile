@@ -40,8 +40,8 @@ $(VENV)/.eval-installed: $(VENV)/.installed locks/eval.txt locks/lmms-eval.txt
 eval-setup: $(VENV)/.eval-installed
 
 lint: setup
-	$(VENV)/bin/ruff check src tests
-	$(VENV)/bin/ruff format --check src tests
+	$(VENV)/bin/ruff check src tests demo
+	$(VENV)/bin/ruff format --check src tests demo
 
 test: eval-setup lint
 	$(PY) -m pytest -q
