@@ -512,7 +512,7 @@ class Trainer:
 
 
 def train(config: TrainConfig, out: Path, stages: tuple[str, ...] = STAGES, device: str = "auto") -> dict:
-    """Run (or resume) the stages; write ``out/parts``, ``out/model`` and ``out/metrics.json``."""
+    """Run (or resume) the stages; once all are done, write ``out/parts``, ``out/model`` and ``out/metrics.json``."""
     from flashvlm.eval import evaluate, load_dataset, summarize
     from flashvlm.loading import load_model
 
@@ -529,6 +529,8 @@ def train(config: TrainConfig, out: Path, stages: tuple[str, ...] = STAGES, devi
     for stage in stages:
         if stage not in trainer.state["completed"]:
             trainer.run_stage(stage)
+    if set(STAGES) - set(trainer.state["completed"]):
+        return {"completed": trainer.state["completed"]}  # a partial run: no model yet
     save_parts(trainer.model, out / "parts", config.vision, config.adapter, config.lm_layers)
     del trainer
     folder = assemble(out / "parts", folder=out / "model")

@@ -81,9 +81,10 @@ def build_tokenizer(lm_folder: Path):
     """SmolLM2's tokenizer with ``<image>`` added (id 49152), left padding, ``<|endoftext|>`` as padding."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(lm_folder, extra_special_tokens={"image_token": IMAGE_TOKEN})
+    tokenizer = AutoTokenizer.from_pretrained(
+        lm_folder, padding_side="left", extra_special_tokens={"image_token": IMAGE_TOKEN}
+    )
     tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
-    tokenizer.padding_side = "left"
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 
