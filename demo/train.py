@@ -58,6 +58,7 @@ from flashvlm.demo.model import (
     build_tokenizer,
     prompt_text,
     save_parts,
+    trained_state,
 )
 
 from .scenes import COLORS, FAMILIES, SHAPES, caption, example_rng, make_example, reading_order, vocabulary_words
@@ -443,8 +444,6 @@ class Trainer:
             handle.write(json.dumps(line) + "\n")
 
     def checkpoint(self, stage: str, step: int, elapsed: float, optimizer, heads, finished: bool) -> None:
-        from flashvlm.demo.model import trained_state
-
         completed = self.state.get("completed", [])
         self.state = {
             "stage": stage,
