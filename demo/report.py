@@ -122,12 +122,13 @@ def _load(args, split: str, folder: str):
 
 
 def evaluate_main(args) -> int:
-    budgets = [parse_budget(text) for text in args.budgets.split(",") if text.strip()]
+    texts = [text.strip() for text in args.budgets.split(",") if text.strip()]
+    budgets = [parse_budget(text) for text in texts]  # a bad budget fails before anything loads
     settings = dict(batch_size=args.batch_size, max_new_tokens=3, prompt_suffix="", progress=not args.quiet)
     results = {}
     with tempfile.TemporaryDirectory() as folder:
         model, processor, examples = _load(args, args.split, folder)
-        for text, budget in zip(args.budgets.split(","), budgets):
+        for text, budget in zip(texts, budgets):
             method = "none" if budget == 1.0 else args.method
             rows = evaluate(model, processor, examples, method, budget, **settings)
             summary = summarize(method, text, rows)

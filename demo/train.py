@@ -561,6 +561,7 @@ def add_arguments(parser) -> None:
         parser.add_argument(f"--{stage}-seconds", type=float, help=f"wall-clock budget of stage {stage}")
         parser.add_argument(f"--{stage}-batch", type=int, help=f"batch size of stage {stage}")
         parser.add_argument(f"--{stage}-lr", type=float, help=f"peak learning rate of stage {stage}")
+    parser.add_argument("--monitor-size", type=int, help="validation questions scored at each tune checkpoint")
     parser.add_argument("--eval-size", type=int, help="validation questions generated at the end")
 
 
@@ -579,8 +580,9 @@ def config_from_arguments(args) -> tuple[TrainConfig, tuple[str, ...]]:
             if getattr(args, f"{stage}_{name}") is not None
         }
         overrides[stage] = dataclasses.replace(getattr(config, stage), **changes)
-    if args.eval_size is not None:
-        overrides["eval_size"] = args.eval_size
+    for name in ("monitor_size", "eval_size"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
     uses_cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
     default_workers = max(1, (os.cpu_count() or 2) - 1) if uses_cuda else 0
     overrides["workers"] = args.workers if args.workers is not None else default_workers
