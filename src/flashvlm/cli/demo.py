@@ -21,7 +21,7 @@ from .common import add_method_arguments, check_count, check_output_file, check_
 
 
 def add_parser(subparsers) -> None:
-    from ..demo import EXAMPLES_DIR, MODEL_DIR
+    from ..demo import EXAMPLES_DIR
 
     parser = subparsers.add_parser(
         "demo",
@@ -32,7 +32,7 @@ def add_parser(subparsers) -> None:
         ),
     )
     parser.add_argument(
-        "--model", default=str(MODEL_DIR), help="model folder or hub id (default: the shipped demo model)"
+        "--model", help="model folder, hub id or a training run's parts/ folder (default: the shipped demo model)"
     )
     parser.add_argument(
         "--example", default=None, help=f"shipped example name (default: the first in {EXAMPLES_DIR / 'examples.json'})"
@@ -91,7 +91,9 @@ def run(args: argparse.Namespace) -> int:
         raise FlashVLMError(f"--out must name a .png file; got {args.out!r}")
     check_output_file("--out", out)
     image, question, expected, label = _choose_input(args)
-    model, processor = load_model(args.model, args.device, args.dtype)
+    from ..demo.model import demo_model_folder
+
+    model, processor = load_model(demo_model_folder(args.model), args.device, args.dtype)
     prompt = chat_prompt(processor, question)
     inputs = processor(images=[image], text=prompt, return_tensors="pt").to(model.device)
 

