@@ -561,6 +561,39 @@ def gemma3_batch(model, batch_size: int = 2, seed: int = 0) -> dict:
     return dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, pixel_values=pixels)
 
 
+def tiny_gemma3_processor():
+    """A Gemma3Processor over a word-level tokenizer whose image tokens have the tiny model's ids."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import Gemma3ImageProcessorPil, Gemma3Processor, PreTrainedTokenizerFast
+
+    special = {"<pad>": PAD_TOKEN_ID, "<bos>": 1, "<eos>": 2, "<start_of_turn>": 3, "<end_of_turn>": 4, "<unk>": 5}
+    special.update(
+        {"<start_of_image>": BEGIN_IMAGE_ID, "<end_of_image>": END_IMAGE_ID, "<image_soft_token>": IMAGE_TOKEN_ID}
+    )
+    words = "user model what is the color of shape a red green blue circle square how many are there".split()
+    vocab = {**special, **{word: 6 + place for place, word in enumerate(words + list(":?.,"))}}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.add_special_tokens(list(special))
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        padding_side="left",
+        extra_special_tokens={
+            "boi_token": "<start_of_image>",
+            "eoi_token": "<end_of_image>",
+            "image_token": "<image_soft_token>",
+        },
+    )
+    image_processor = Gemma3ImageProcessorPil(size={"height": 32, "width": 32})
+    return Gemma3Processor(
+        image_processor=image_processor, tokenizer=tokenizer, image_seq_length=GEMMA3_TOKENS_PER_IMAGE
+    )
+
+
 def gemma3_row(inputs: dict, row: int) -> dict:
     per_row = (inputs["input_ids"] == IMAGE_TOKEN_ID).sum(dim=1) // GEMMA3_TOKENS_PER_IMAGE
     first = int(per_row[:row].sum())

@@ -108,3 +108,29 @@ def test_half_precision_never_gives_nan(case, dtype):
         logits = model(**inputs).logits
     assert torch.isfinite(logits).all()
     assert all(record.num_kept == budget for record in pruner.last.images)
+
+
+def gemma3_chat(question: str) -> str:
+    return f"<bos><start_of_turn>user\n<start_of_image> {question}<end_of_turn>\n<start_of_turn>model\n"
+
+
+def test_gemma3_through_its_own_processor():
+    from conftest import tiny_gemma3_processor
+    from PIL import Image
+
+    model, processor = tiny_model(case_named("gemma3")), tiny_gemma3_processor()
+    questions = ["what is the color of the circle ?", "how many red square are there ?"]
+    images = [[Image.new("RGB", (40, 36), "red")], [Image.new("RGB", (30, 30), "blue")]]
+    inputs = processor(images=images, text=[gemma3_chat(q) for q in questions], return_tensors="pt", padding=True)
+    assert set(inputs) == {"input_ids", "attention_mask", "pixel_values", "token_type_ids"}
+    real = inputs["attention_mask"].bool()
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        with flashvlm.prune(model, 10_000):
+            torch.testing.assert_close(model(**inputs).logits[real], expected[real], atol=1e-5, rtol=0)
+        with flashvlm.prune(model, 5, "flashvlm:question", tokenizer=processor) as pruner:
+            output = model.generate(**inputs, question=questions, max_new_tokens=2, do_sample=False)
+    assert output.shape == (2, inputs["input_ids"].shape[1] + 2)
+    pruned = pruner.last.model_kwargs
+    assert torch.equal(pruned["token_type_ids"].bool(), pruned["input_ids"] == IMAGE_TOKEN_ID)
+    assert [record.num_kept for record in pruner.last.images] == [5, 5]
