@@ -2,7 +2,8 @@
 
 Each (family, method) pair either runs or cannot, decided by what the method ``requires``
 and what the family cannot serve (``TinyCase.lacks``: SigLIP and the Qwen ViT have no CLS
-attention row). A pair that runs: exactly K selectable tokens per budget unit reach the
+attention row, so ``visionzip`` and ``vispruner`` refuse them, while their ``:received``
+variants, ranked by attention received, run on them). A pair that runs: exactly K selectable tokens per budget unit reach the
 language model (LLaVA-NeXT/OneVision newline tokens travel outside the budget), generation
 works, a left-padded batch row keeps the same tokens and gives the same last-position
 logits as that prompt alone, and nothing is NaN. A pair that cannot run raises
@@ -28,6 +29,9 @@ from flashvlm.selection import SelectionInputs, available_methods, get_method
 from flashvlm.selection.base import REQUIREMENTS
 
 METHODS = available_methods()
+#: The matrix runs every method, plus the variants that let CLS-driven methods run on
+#: towers without a CLS token (attention received stands in for the CLS row).
+MATRIX_METHODS = METHODS + ["visionzip:received", "vispruner:received"]
 
 
 def missing_inputs(case, method: str) -> list[str]:
@@ -39,7 +43,7 @@ def pairs(runnable: bool) -> list:
     return [
         pytest.param(case, method, id=f"{case.name}-{method}")
         for case in TINY_CASES
-        for method in METHODS
+        for method in MATRIX_METHODS
         if bool(missing_inputs(case, method)) != runnable
     ]
 
