@@ -71,23 +71,28 @@ def test_flashvlm_release_in_a_half_precision_llava_is_the_release(monkeypatch, 
     assert torch.equal(torch.stack(kept), expected)
 
 
-@pytest.mark.parametrize("budget", [24, 9])
-def test_vispruner_release_in_a_half_precision_llava_is_the_release(monkeypatch, half_llava, budget):
-    inputs = llava_batch(half_llava, batch_size=2, seed=budget)
-    inputs["pixel_values"] = inputs["pixel_values"].to(half_llava.dtype)
-    kept, (seen,) = pruned_with_recorded_inputs(monkeypatch, half_llava, inputs, "vispruner:release", budget, VisPruner)
-    expected = released_vispruner(seen.features, seen.saliency.to(half_llava.dtype), budget)
-    assert torch.equal(torch.stack(kept), expected)
+def released_vispruner_on(seen, budget):
+    return released_vispruner(seen.features, seen.saliency.to(seen.features.dtype), budget)
 
 
+def released_divprune_on(seen, budget):
+    return torch.tensor([released_divprune(projected, budget) for projected in seen.projected])
+
+
+@pytest.mark.parametrize(
+    ("method", "selector_class", "release"),
+    [("vispruner:release", VisPruner, released_vispruner_on), ("divprune:release", DivPrune, released_divprune_on)],
+    ids=["vispruner", "divprune"],
+)
 @pytest.mark.parametrize("budget", [24, 9])
-def test_divprune_release_in_a_half_precision_llava_is_the_release(monkeypatch, half_llava, budget):
+def test_peer_release_presets_in_a_half_precision_llava_are_the_release(
+    monkeypatch, half_llava, method, selector_class, release, budget
+):
     inputs = llava_batch(half_llava, batch_size=2, seed=budget)
     inputs["pixel_values"] = inputs["pixel_values"].to(half_llava.dtype)
-    kept, (seen,) = pruned_with_recorded_inputs(monkeypatch, half_llava, inputs, "divprune:release", budget, DivPrune)
-    assert seen.projected.dtype == half_llava.dtype
-    for image, indices in enumerate(kept):
-        assert indices.tolist() == released_divprune(seen.projected[image], budget)
+    kept, (seen,) = pruned_with_recorded_inputs(monkeypatch, half_llava, inputs, method, budget, selector_class)
+    assert all(tokens.dtype == half_llava.dtype for tokens in (seen.features, seen.projected) if tokens is not None)
+    assert torch.equal(torch.stack(kept), release(seen, budget))
 
 
 def test_the_recorded_inputs_are_one_batch_of_all_images(monkeypatch, half_llava):
