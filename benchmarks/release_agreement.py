@@ -1,10 +1,12 @@
 """How often our defaults keep other tokens than the authors' releases, at LLaVA-1.5 shapes.
 
-    .venv/bin/python benchmarks/release_agreement.py [--seeds 3] [--out docs/bench/release-agreement.json]
+    .venv/bin/python benchmarks/release_agreement.py [--seeds 3] [--kinds clustered,gaussian] [--out FILE.json]
 
 For each feature kind (``clustered``: tokens of a 24 x 24 grid drawn around the centre of
-their image region, fp16-rounded as a half-precision tower emits them; ``gaussian``:
-i.i.d. normal features), seed (``--seeds``, 2 images each) and budget (192, 128, 64, 32),
+their image region, fp16-rounded as a half-precision tower emits them; ``letterboxed``:
+the same with the top and bottom 3 rows one repeated token, as uniform padding of a 4:3
+image can give; ``gaussian``: i.i.d. normal features), seed (``--seeds``, 2 images each)
+and budget (192, 128, 64, 32),
 it builds one image's selection inputs at LLaVA-1.5 shapes (N = 576 tokens, C = 1024
 vision width, D = 4096 after a random two-layer GELU projector, 40 text tokens, a
 peaked CLS attention row) and compares the kept sets of each pair below: exact match
@@ -12,7 +14,7 @@ peaked CLS attention row) and compares the kept sets of each pair below: exact m
 sets. The releases are the restatements the parity tests check (tests/releases.py), and
 each ``release`` preset is compared with them too (it must be 100 %). Writes a Markdown
 table to stdout and, with ``--out``, the figures as JSON. Random tensors, no weights:
-about 10 minutes on 2 CPU cores.
+about 10 minutes per feature kind on 2 busy CPU cores.
 """
 
 from __future__ import annotations
@@ -49,10 +51,23 @@ def clustered_features(generator: torch.Generator) -> torch.Tensor:
     return features.half().float()
 
 
+def letterboxed_features(generator: torch.Generator) -> torch.Tensor:
+    """(N, C): clustered, with the top and bottom 3 rows (a 4:3 image padded to a square, as
+    LLaVA-1.5 pads) one repeated token: the extreme case of uniform padding, exact duplicates."""
+    features = clustered_features(generator)
+    padding = torch.zeros(GRID, GRID, dtype=torch.bool)
+    padding[:3], padding[-3:] = True, True
+    features[padding.flatten()] = features[0].clone()
+    return features
+
+
+FEATURE_KINDS = {"clustered": clustered_features, "letterboxed": letterboxed_features}
+
+
 def image_inputs(kind: str, generator: torch.Generator, projector: torch.nn.Module, dtype: torch.dtype):
     """One image's SelectionInputs at LLaVA-1.5 shapes, and its text (L, D) for the release."""
-    if kind == "clustered":
-        features = clustered_features(generator)
+    if kind in FEATURE_KINDS:
+        features = FEATURE_KINDS[kind](generator)
     else:
         features = torch.randn(NUM_TOKENS, VISION_WIDTH, generator=generator)
     # A CLS row peaked on a few tokens, post-softmax, as CLIP's layer -2 gives.
@@ -93,6 +108,9 @@ def agreement(kept: torch.Tensor, other: torch.Tensor) -> tuple[bool, float]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument(
+        "--kinds", default="clustered,gaussian", help="comma-separated: clustered, letterboxed, gaussian"
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     started = time.perf_counter()
@@ -116,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
         ("divprune:release vs release (fp16)", torch.float16, "divprune:release", "divprune"),
     ]
     results: dict[str, dict[str, dict[int, list]]] = {}
-    for kind in ("clustered", "gaussian"):
+    for kind in args.kinds.split(","):
         for seed in range(args.seeds):
             generator = torch.Generator().manual_seed(seed)
             torch.manual_seed(seed)

@@ -36,7 +36,8 @@ class VisPruner(TokenSelector):
     model's dtype, which preset ``vispruner:release`` reproduces exactly
     (tests/test_parity_adapters.py). How often the two differ: docs/methods.md.
 
-    Needs: the CLS attention row (mean over heads, feature layer).
+    Needs: the CLS attention row (mean over heads, feature layer), or with
+    ``saliency_kind="any"`` (preset ``vispruner:received``) any saliency.
     Cost per image: O(N log N) ranking, about (N - K) / removal_step rounds of O(R^2 C / 4)
     for the diversity step (memory O(R^2 / 4) per round).
     """
