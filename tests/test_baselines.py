@@ -16,6 +16,7 @@ from conftest import (
     random_pixels,
     tiny_llava_config,
 )
+from releases import released_divprune, released_visionzip
 from transformers import LlavaForConditionalGeneration, SiglipVisionConfig
 
 import flashvlm
@@ -42,6 +43,7 @@ def random_inputs(batch=2, tokens=64, seed=0) -> SelectionInputs:
         text_mask=torch.ones(batch, 5, dtype=torch.bool),
         keys=torch.randn(batch, tokens, 16, generator=generator),
         key_heads=4,
+        text_before_image=torch.tensor([True, True, False, False, False]).expand(batch, -1),
         grid_shape=(8, 8) if tokens == 64 else None,
     )
 
@@ -111,32 +113,50 @@ def test_pool_without_a_grid_says_so():
 # -- encoder-attention methods -------------------------------------------------------------
 
 
-def visionzip_reference(features, cls_attention, keys, heads, num_dominant, num_contextual):
-    """The released VisionZip steps for one image, without CLS, in the release's own order."""
-    dominant = cls_attention.topk(num_dominant).indices
-    remaining = torch.tensor([i for i in range(features.shape[0]) if i not in set(dominant.tolist())])
-    metric = F.normalize(keys.view(keys.shape[0], heads, -1).mean(1)[remaining], dim=-1)
-    step = max(1, len(remaining) // num_contextual)
-    target_places = list(range(0, len(remaining), step))[:num_contextual]
-    other_places = [p for p in range(len(remaining)) if p not in target_places]
-    nearest = (metric[other_places] @ metric[target_places].T).argmax(-1)
-    contextual = []
-    for target, place in enumerate(target_places):
-        members = [remaining[place]] + [remaining[other_places[i]] for i in (nearest == target).nonzero().flatten()]
-        contextual.append(features[torch.stack(members)].mean(0))
-    return torch.cat([dominant, remaining[target_places]]), torch.cat([features[dominant], torch.stack(contextual)])
-
-
 def test_visionzip_matches_the_released_steps():
     inputs = random_inputs()
     selection = get_method("visionzip")(inputs, 32)  # 27 dominant + 5 contextual
     for image in range(2):
-        indices, features = visionzip_reference(
-            inputs.features[image], inputs.saliency[image], inputs.keys[image], 4, 27, 5
+        metric = inputs.keys[image].view(64, 4, -1).mean(1)  # the release's "metric": keys, mean over heads
+        dominant, targets, tokens = released_visionzip(
+            inputs.features[image], inputs.saliency[image], metric, num_dominant=27, num_contextual=5
         )
+        indices = torch.cat([dominant, targets])
         order = indices.argsort()
         assert selection.indices[image].tolist() == indices[order].tolist()
-        torch.testing.assert_close(selection.features[image], features[order])
+        torch.testing.assert_close(selection.features[image], tokens[order])
+
+
+def test_visionzip_contextual_token_is_target_plus_mean_of_members():
+    # A contextual token is target + mean(members), as released, not the mean of all of them.
+    features = torch.arange(6.0).view(6, 1).expand(6, 2).contiguous()
+    keys = torch.tensor([[1.0, 0.0]] * 2 + [[0.0, 1.0]] * 4)
+    inputs = SelectionInputs(
+        features=features[None],
+        saliency=torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0, 1.0]]),  # token 5 dominant
+        saliency_kind="cls",
+        keys=keys[None],
+        key_heads=1,
+    )
+    selection = get_method("visionzip", contextual_ratio=2 / 3)(inputs, 3)  # 1 dominant + 2 contextual
+    # Remaining 0..4, step 2: targets 0 and 2; member 1 joins 0 (same key), members 3 and 4 join 2.
+    assert selection.indices[0].tolist() == [0, 2, 5]
+    assert selection.features[0, :, 0].tolist() == [0.0 + 1.0, 2.0 + 3.5, 5.0]
+
+
+@pytest.mark.parametrize("method", ["visionzip", "vispruner"])
+def test_received_variants_rank_by_any_saliency(method):
+    inputs = random_inputs()
+    inputs.saliency_kind = "received"
+    with pytest.raises(MethodUnavailableError, match="no CLS"):
+        get_method(method)(inputs, 20)
+    received = get_method(f"{method}:received")
+    assert "cls_attention" not in received.requires and "saliency" in received.requires
+    assert "cls_attention" in get_method(method).requires  # the class's own set is untouched
+    inputs.saliency_kind = "cls"
+    expected = get_method(method)(inputs, 20)
+    inputs.saliency_kind = "received"
+    assert torch.equal(received(inputs, 20).indices, expected.indices)
 
 
 def test_vispruner_is_flashvlm_without_text():
@@ -168,26 +188,24 @@ def test_cls_attention_methods_say_the_encoder_has_no_cls():
 # -- diversity methods ---------------------------------------------------------------------
 
 
-def divprune_reference(features, num_keep):
-    """The released DivPrune loop: full distance matrix, most isolated token first."""
-    unit = F.normalize(features, dim=-1)
-    distance = 1.0 - unit @ unit.T
-    chosen = []
-    for step in range(num_keep):
-        if step == 0:
-            scores = distance.topk(2, dim=0, largest=False).values[1]
-        else:
-            scores = distance[chosen].min(dim=0).values
-        chosen.append(int(scores.argmax()))
-    return sorted(chosen)
-
-
 def test_divprune_matches_the_released_loop():
     inputs = random_inputs()
     selection = get_method("divprune")(inputs, 20)
     for image in range(2):
-        assert selection.indices[image].tolist() == divprune_reference(inputs.projected[image], 20)
+        assert selection.indices[image].tolist() == released_divprune(inputs.projected[image], 20)
     assert get_method("divprune:linear")(inputs, 20).indices.shape == (2, 20)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_divprune_release_preset_keeps_the_release_tokens_in_the_model_dtype(dtype):
+    inputs = random_inputs(tokens=96, seed=3)
+    projected = inputs.projected.to(dtype)
+    inputs.projected = projected
+    selection = get_method("divprune:release")(inputs, 30)
+    for image in range(2):
+        assert selection.indices[image].tolist() == released_divprune(projected[image], 30)
+    with pytest.raises(FlashVLMError, match="start must be 'isolated'"):
+        get_method("divprune:release", start="farthest_from_mean")
 
 
 def test_dpp_greedy_map_adds_the_largest_log_det_gain_each_step():

@@ -2,7 +2,8 @@
 
 Each (family, method) pair either runs or cannot, decided by what the method ``requires``
 and what the family cannot serve (``TinyCase.lacks``: SigLIP and the Qwen ViT have no CLS
-attention row). A pair that runs: exactly K selectable tokens per budget unit reach the
+attention row, so ``visionzip`` and ``vispruner`` refuse them, while their ``:received``
+variants, ranked by attention received, run on them). A pair that runs: exactly K selectable tokens per budget unit reach the
 language model (LLaVA-NeXT/OneVision newline tokens travel outside the budget), generation
 works, a left-padded batch row keeps the same tokens and gives the same last-position
 logits as that prompt alone, and nothing is NaN. A pair that cannot run raises
@@ -24,6 +25,7 @@ from conftest_families import FAMILY_CASES
 
 import flashvlm
 from flashvlm.adapters import adapter_for
+from flashvlm.catalog import compared_methods
 from flashvlm.errors import MethodUnavailableError
 from flashvlm.selection import SelectionInputs, available_methods, get_method
 from flashvlm.selection.base import REQUIREMENTS
@@ -32,6 +34,8 @@ from flashvlm.selection.base import REQUIREMENTS
 CASES = [*TINY_CASES, *FAMILY_CASES]
 
 METHODS = available_methods()
+#: Every method and the CLS-free variants, as the docs' methods x families table lists them.
+MATRIX_METHODS = compared_methods()
 
 
 def missing_inputs(case, method: str) -> list[str]:
@@ -43,7 +47,7 @@ def pairs(runnable: bool) -> list:
     return [
         pytest.param(case, method, id=f"{case.name}-{method}")
         for case in CASES
-        for method in METHODS
+        for method in MATRIX_METHODS
         if bool(missing_inputs(case, method)) != runnable
     ]
 

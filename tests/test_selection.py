@@ -81,6 +81,7 @@ def test_degenerate_inputs_give_no_nan(preset):
         projected=torch.ones(2, 16, 4),
         text_embeds=torch.ones(2, 1, 4),  # a single text token
         text_mask=torch.tensor([[True], [False]]),  # and a row with no text at all
+        text_before_image=torch.tensor([[True], [True]]),
     )
     assert not torch.isnan(method.scores(constant)).any()
     for budget in (1, 2, 7, 15):

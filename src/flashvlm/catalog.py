@@ -8,6 +8,7 @@ each family ``lacks``. ``python -m flashvlm.catalog`` rewrites both sections;
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -44,11 +45,17 @@ def method_cell(method: str, adapter) -> str:
     return "yes (images, video)"
 
 
+def compared_methods() -> list[str]:
+    """Every registered method, plus the variants that let CLS-driven methods run on towers
+    without a CLS token (attention received stands in for the CLS row)."""
+    return [*available_methods(), "visionzip:received", "vispruner:received"]
+
+
 def methods_by_family_table() -> str:
     """Markdown: one row per group of methods with the same cells, one column per family."""
     header = "| method | " + " | ".join(adapter.support.name for adapter in ADAPTERS) + " |"
     rows: dict[tuple[str, ...], list[str]] = {}
-    for method in available_methods():
+    for method in compared_methods():
         rows.setdefault(tuple(method_cell(method, adapter) for adapter in ADAPTERS), []).append(method)
     lines = [header, "|---" * (len(ADAPTERS) + 1) + "|"]
     for cells, methods in rows.items():
@@ -60,11 +67,19 @@ def generated_sections() -> dict[tuple[str, str], str]:
     return {SUPPORTED_MODELS: supported_models_table(), METHODS_BY_FAMILY: methods_by_family_table()}
 
 
-def main(root: str = ".") -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m flashvlm.catalog",
+        description="Regenerate the README's supported-models table and docs/methods.md's methods x families table.",
+    )
+    parser.add_argument("root", nargs="?", default=".", help="the repository folder (default: .)")
+    root = Path(parser.parse_args(argv).root)
+    if not root.is_dir():
+        parser.error(f"root must be the repository folder; got {str(root)!r}, which is not a folder")
     for (path, section), body in generated_sections().items():
-        update_markdown_section(Path(root) / path, section, body)
+        update_markdown_section(root / path, section, body)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(*sys.argv[1:]))
+    sys.exit(main())

@@ -45,8 +45,9 @@ from .sequence import (
 from .taps import run_until_tap, tap_last_token_attention
 
 #: Which prompt tokens guide a text-guided method (its ``text_tokens``): the whole prompt
-#: but the visual placeholders (the release's default), or only the user's question.
-TEXT_TOKENS = ("prompt", "question")
+#: but the visual placeholders (the LLaVA release's default), only the user's question, or
+#: only the text before the first visual placeholder (the Qwen release).
+TEXT_TOKENS = ("prompt", "question", "before_image")
 
 #: How a video's budget is counted: the budget applies to each frame separately, or to the
 #: whole video with its frames selected jointly (a frame with more relevant tokens keeps more).
@@ -296,15 +297,17 @@ class ModelAdapter(ABC):
 
     def prompt_text(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, selector: TokenSelector, questions
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """Embeddings (B, L_text, D) and mask (B, L_text) of the text that guides ``selector``:
         every prompt token that is neither padding nor a visual placeholder, wherever the
-        images sit, or (``text_tokens="question"``) only the question's tokens; (None, None)
-        when the method needs no text."""
+        images sit, or (``text_tokens="question"``) only the question's tokens; and, packed
+        the same way, which of them precede the row's first visual placeholder (B, L_text),
+        for ``text_tokens="before_image"``. (None, None, None) when the method needs no text."""
         if "text" not in selector.requires:
-            return None, None
+            return None, None, None
         placeholder_ids = torch.tensor(list(self.token_ids.values()), device=input_ids.device)
-        is_text = attention_mask.bool() & ~torch.isin(input_ids, placeholder_ids)
+        is_placeholder = torch.isin(input_ids, placeholder_ids)
+        is_text = attention_mask.bool() & ~is_placeholder
         text_tokens = getattr(selector, "text_tokens", "prompt")
         check_choice("text_tokens", text_tokens, TEXT_TOKENS)
         if text_tokens == "question":
@@ -316,7 +319,12 @@ class ModelAdapter(ABC):
                 )
             rows = [questions] if isinstance(questions, str) else list(questions)
             is_text &= question_token_mask(self.tokenizer, input_ids, attention_mask, rows)
-        return text_embeddings(self.model.get_input_embeddings(), input_ids, is_text)
+        text_embeds, text_mask = text_embeddings(self.model.get_input_embeddings(), input_ids, is_text)
+        # Packing keeps each row's text in order, so the tokens before the first image are
+        # the first (is_text & before-image).sum() places of its packed row.
+        before_count = (is_text & (is_placeholder.cumsum(dim=1) == 0)).sum(dim=1)  # (B,)
+        text_before_image = torch.arange(text_mask.shape[1], device=input_ids.device)[None, :] < before_count[:, None]
+        return text_embeds, text_mask, text_before_image
 
     def _score_in_language_model(self, by_kind: dict[str, list[VisualItem]], model_kwargs: dict, layer: int) -> None:
         """Fill every item's ``lm_attention``: one pass over the unpruned prompt, every token
@@ -333,7 +341,7 @@ class ModelAdapter(ABC):
         """Run ``selector`` on every region, batching regions that share a token count, budget
         and raster (so grid-aware methods keep their grid); fills each unit's ``keep_indices``
         and each region's ``chosen`` positions and replacement ``merged`` features."""
-        text_embeds, text_mask = text
+        text_embeds, text_mask, text_before_image = text
         groups: dict[tuple[int, Budget, tuple[int, int] | None], list[tuple[VisualItem, TokenRegion]]] = {}
         for item in items:
             for unit in item.units:
@@ -363,6 +371,7 @@ class ModelAdapter(ABC):
             if text_embeds is not None:
                 rows = torch.tensor([item.batch_index for item, _ in members], device=text_embeds.device)
                 inputs.text_embeds, inputs.text_mask = text_embeds[rows], text_mask[rows]
+                inputs.text_before_image = text_before_image[rows]
             selection = selector(inputs, share)
             for row, (_, region) in enumerate(members):
                 region.chosen = selection.indices[row]

@@ -50,6 +50,10 @@ class SelectionInputs:
     projected: torch.Tensor | None = None  # (B, N, D) projector output
     text_embeds: torch.Tensor | None = None  # (B, L, D) LM input embeddings of the prompt
     text_mask: torch.Tensor | None = None  # (B, L) bool, True where text_embeds is real text
+    #: (B, L) bool, True where a real text token comes before the prompt's first visual
+    #: placeholder; None when the adapter does not say (only FlashVLM's
+    #: ``text_tokens="before_image"``, the Qwen release's text, needs it).
+    text_before_image: torch.Tensor | None = None
     keys: torch.Tensor | None = None  # (B, N, C_k) attention keys of the saliency layer
     key_heads: int | None = None  # heads the keys' C_k channels split into (C_k = heads * head_dim)
     grid_shape: tuple[int, int] | None = None  # (rows, cols) when the tokens form a raster grid
@@ -207,6 +211,18 @@ class TokenSelector:
                 1, order.unsqueeze(-1).expand(-1, -1, selection.features.shape[-1])
             )
         return selection
+
+
+def requirements_for(requires: frozenset[str], saliency_kind: str) -> frozenset[str]:
+    """A CLS-driven method's requirements for ``saliency_kind``: "cls" keeps ``cls_attention``;
+    "any" asks for ``saliency`` of any kind instead (attention received where there is no CLS).
+
+    Methods with a ``saliency_kind`` field assign the result to ``self.requires``: an instance
+    attribute that shadows the class's, so adapters gather what this configuration needs.
+    """
+    if saliency_kind == "cls":
+        return requires
+    return (requires - {"cls_attention"}) | {"saliency"}
 
 
 def check_range(name: str, value: object, low: float, high: float, low_open: bool = False) -> None:

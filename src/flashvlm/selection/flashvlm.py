@@ -1,8 +1,9 @@
 """FlashVLM: text-guided visual token selection (Cai, Zhang et al., 2025).
 
-Steps 1-7 of ../shared/METHOD.md. The defaults reproduce the authors' released LLaVA
-code; every constant is a named, validated field, and every place where the release
-differs from the paper, or where we deviate from the release, is a named option.
+Steps 1-7 of docs/method.md. The defaults follow the authors' released LLaVA code;
+every constant is a named, validated field, and every place where the release differs
+from the paper, or where we deviate from the release, is a named option (docs/method.md
+gives each difference and its measured size).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import ClassVar, Literal
 
 import torch
 
-from ..errors import FlashVLMError
+from ..errors import FlashVLMError, MethodUnavailableError
 from .base import Selection, SelectionInputs, TokenSelector, check_choice, check_integer, check_range, register
 from .ops import (
     DIVERSITY_RULES,
@@ -101,9 +102,19 @@ class FlashVLM(TokenSelector):
     presets: ClassVar[dict[str, dict]] = {
         "default": {},
         # Bit-for-bit the released LLaVA selection: the norm gate where the release
-        # computes it, steps 1-3 in the model's dtype up to the quantile, and torch's
-        # default (unstable) sort for ranking ties.
+        # computes it, steps 1-4 in the model's dtype as the release runs them, and
+        # torch's default (unstable) sort for ranking ties.
         "release": {"text_norm_gate": "after_normalization", "score_dtype": "model", "stable_ranking": False},
+        # Bit-for-bit the released Qwen2.5-VL selection: only the text before the first
+        # image, the norm gate on raw embedding lengths, diversity on the merger's outputs,
+        # the model's dtype and torch's default sort.
+        "release_qwen": {
+            "text_tokens": "before_image",
+            "text_norm_gate": "on",
+            "diversity_space": "projected",
+            "score_dtype": "model",
+            "stable_ranking": False,
+        },
         "text_only": {"text_weight": 1.0},
         "saliency_only": {"text_weight": 0.0},
         "no_diversity": {"important_ratio": 1.0},
@@ -155,17 +166,22 @@ class FlashVLM(TokenSelector):
     #: Text norm gate: "off" (default), "on" (scale by raw embedding length), or
     #: "after_normalization" (where the release computes it: numerically almost a no-op).
     text_norm_gate: Literal["off", "on", "after_normalization"] = "off"
-    #: Dtype of steps 1-3: "float32" (default; fp16 underflows in t**gamma) or "model" (release).
+    #: Dtype of steps 1-4 and of the diversity features: "float32" (default; in fp16,
+    #: t**gamma underflows to 0 for most tokens) or "model" (release: the model's dtype
+    #: up to the quantile, float32 after it).
     score_dtype: Literal["float32", "model"] = "float32"
     #: epsilon: floor before the logarithms of the fusion.
     eps: float = 1e-6
     #: Break exact ties in rankings by position (True, the same on every device), or as
     #: torch's default sort does on the current device (False, as the release does).
     stable_ranking: bool = True
-    #: Text that guides the selection: "prompt" (the whole prompt but the visual
-    #: placeholders, as released) or "question" (only the user's question; the adapter
-    #: finds its tokens, see ``flashvlm.prune(..., tokenizer=)``).
-    text_tokens: Literal["prompt", "question"] = "prompt"
+    #: Text that guides relevance: "prompt" (every prompt token but the visual
+    #: placeholders, as the LLaVA release), "question" (only the user's question; the
+    #: adapter finds its tokens, see ``flashvlm.prune(..., tokenizer=)``) or "before_image"
+    #: (only the tokens before the first visual placeholder, as the Qwen release; with the
+    #: usual image-first chat layout that is the system prompt, never the question; needs
+    #: ``SelectionInputs.text_before_image``, which the adapters fill).
+    text_tokens: Literal["prompt", "question", "before_image"] = "prompt"
 
     def __post_init__(self) -> None:
         check_range("text_weight", self.text_weight, 0.0, 1.0)
@@ -188,7 +204,7 @@ class FlashVLM(TokenSelector):
         check_choice("text_norm_gate", self.text_norm_gate, ("off", "on", "after_normalization"))
         check_choice("score_dtype", self.score_dtype, ("float32", "model"))
         check_choice("stable_ranking", self.stable_ranking, (True, False))
-        check_choice("text_tokens", self.text_tokens, ("prompt", "question"))
+        check_choice("text_tokens", self.text_tokens, ("prompt", "question", "before_image"))
 
     def scores(self, inputs: SelectionInputs) -> torch.Tensor:
         """Fused FlashVLM score of every token (steps 1-4), float32 (B, N) in [0, 1]."""
@@ -196,11 +212,14 @@ class FlashVLM(TokenSelector):
         if self.score_dtype == "float32":
             projected, text_embeds, saliency = projected.float(), text_embeds.float(), saliency.float()
         else:
-            text_embeds = text_embeds.to(projected.dtype)
+            # Adapters compute saliency in float32 from the layer's queries and keys; the
+            # release's attention map leaves the tower in the model's dtype, and its
+            # min-max and logarithm run there.
+            text_embeds, saliency = text_embeds.to(projected.dtype), saliency.to(projected.dtype)
         relevance = text_relevance(
             projected,
             text_embeds,
-            inputs.text_mask,
+            self.text_mask(inputs),
             self.aggregation,
             self.aggregation_temperature,
             self.text_norm_gate,
@@ -214,6 +233,18 @@ class FlashVLM(TokenSelector):
             self.sharpening,
         )
         return log_fusion(saliency, text_score, self.text_weight, self.eps).float()
+
+    def text_mask(self, inputs: SelectionInputs) -> torch.Tensor:
+        """(B, L) bool: the text tokens that guide relevance under ``text_tokens`` (for
+        "question", the adapter has already narrowed ``text_mask`` to the question)."""
+        if self.text_tokens != "before_image":
+            return inputs.text_mask
+        if inputs.text_before_image is None:
+            raise MethodUnavailableError(
+                "flashvlm with text_tokens='before_image' needs text_before_image (which prompt tokens "
+                "precede the first image), which this model's adapter does not provide"
+            )
+        return inputs.text_mask & inputs.text_before_image
 
     def select(self, inputs: SelectionInputs, num_keep: int) -> Selection:
         ranking = self.scores(inputs).argsort(dim=-1, descending=True, stable=self.stable_ranking)  # (B, N)

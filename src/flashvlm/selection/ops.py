@@ -1,7 +1,7 @@
 """Tensor building blocks shared by the selection methods (pure torch).
 
 Every function works on a batch: a leading ``B`` dimension of images that share a
-token count ``N``. Names follow ../shared/METHOD.md.
+token count ``N``. Names follow docs/method.md.
 """
 
 from __future__ import annotations

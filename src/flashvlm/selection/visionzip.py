@@ -7,12 +7,12 @@ Models", CVPR 2025; released code dvlab-research/VisionZip.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 
-from .base import Selection, SelectionInputs, TokenSelector, check_range, register
+from .base import Selection, SelectionInputs, TokenSelector, check_choice, check_range, register, requirements_for
 from .ops import gather_tokens, unit_rows
 
 
@@ -25,26 +25,38 @@ class VisionZip(TokenSelector):
     2. Contextual: the remaining tokens, in raster order, are split into ``K_ctx`` targets
        (every ``R // K_ctx``-th one, as released) and the rest; each of the rest joins the
        target whose key (mean over heads, the release's "metric") is most cosine-similar;
-       a contextual token is the mean of its target's and members' features.
+       a contextual token is its target's features plus the mean of its members' features,
+       as released (a target without members stays as it is).
     The release counts the CLS token among the dominant ones (54 + 10 = 64); the CLS token
     is not a LLaVA visual token here, so all K are patch tokens, and ``contextual_ratio``
     defaults to the release's 10/64 (10, 20, 30 contextual tokens at K = 64, 128, 192).
-    Merged tokens are placed at their target's position and the result is in raster order
-    (the release puts dominant tokens first, in attention order).
+    The release emits the dominant tokens in raster order, then the contextual tokens in
+    target order; here every token, merged ones at their target's position, is in raster
+    order (only the order in which the language model sees the contextual tokens differs).
 
-    Needs: the CLS attention row and the feature layer's keys.
+    ``saliency_kind="any"`` (preset ``visionzip:received``) ranks by whatever saliency the
+    adapter gives instead of the CLS row: attention received on towers without a CLS token
+    (SigLIP, the Qwen ViT, InternVL), so the method runs on every family.
+
+    Needs: the CLS attention row (or any saliency) and the feature layer's keys.
     Cost per image: O(N log N) ranking, O(R * K_ctx * d) assignment, O(N * C) merging;
     O(R * K_ctx) extra memory.
     """
 
     name: ClassVar[str] = "visionzip"
     requires: ClassVar[frozenset[str]] = frozenset({"cls_attention", "keys"})
+    presets: ClassVar[dict[str, dict]] = {"default": {}, "received": {"saliency_kind": "any"}}
 
     #: Share of the budget given to contextual (merged) tokens: round(K * ratio) of them.
     contextual_ratio: float = 10 / 64
+    #: Which saliency picks the dominant tokens: "cls" (the CLS attention row, as released)
+    #: or "any" (whatever the adapter gives: attention received without a CLS token).
+    saliency_kind: Literal["cls", "any"] = "cls"
 
     def __post_init__(self) -> None:
         check_range("contextual_ratio", self.contextual_ratio, 0.0, 1.0)
+        check_choice("saliency_kind", self.saliency_kind, ("cls", "any"))
+        self.requires = requirements_for(type(self).requires, self.saliency_kind)
 
     def select(self, inputs: SelectionInputs, num_keep: int) -> Selection:
         features = inputs.features  # (B, N, C)
@@ -72,10 +84,10 @@ class VisionZip(TokenSelector):
         heads = inputs.key_heads or 1
         metric = unit_rows(keys.view(batch, num_tokens, heads, -1).mean(dim=2))  # (B, N, d)
         similarity = gather_tokens(metric, members) @ gather_tokens(metric, targets).transpose(1, 2)  # (B, M, K_ctx)
-        assignment = F.one_hot(similarity.argmax(dim=-1), num_contextual).to(features.dtype)
-        sums = gather_tokens(features, targets) + assignment.transpose(1, 2) @ gather_tokens(features, members)
-        counts = 1 + assignment.sum(dim=1)  # (B, K_ctx)
-        contextual = sums / counts.unsqueeze(-1)  # (B, K_ctx, C)
+        assignment = F.one_hot(similarity.argmax(dim=-1), num_contextual).to(features.dtype)  # (B, M, K_ctx)
+        member_sums = assignment.transpose(1, 2) @ gather_tokens(features, members)  # (B, K_ctx, C)
+        counts = assignment.sum(dim=1).clamp(min=1)  # (B, K_ctx)
+        contextual = gather_tokens(features, targets) + member_sums / counts.unsqueeze(-1)  # (B, K_ctx, C)
 
         indices = torch.cat([dominant, targets], dim=1)  # (B, K)
         return Selection(indices, torch.cat([gather_tokens(features, dominant), contextual], dim=1))
