@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 from .base import SelectionInputs, TokenSelector, check_choice, register
-from .ops import max_cosine_to_set, max_min_diverse_subset, unit_rows
+from .diversity import max_min_diverse_subset
+from .ops import max_cosine_to_set, unit_rows
 
 
 @register

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from .base import SelectionInputs, TokenSelector, check_integer, check_range, register
-from .ops import important_and_diverse, unit_rows
+from .diversity import important_and_diverse
+from .ops import unit_rows
 
 
 @register
@@ -24,8 +25,8 @@ class VisPruner(TokenSelector):
     isolates what the text adds.
 
     Needs: the CLS attention row (mean over heads, feature layer).
-    Cost per image: O(N log N) ranking, about (N - K) / removal_step rounds of O(R^2 C / 4)
-    for the diversity step (memory O(R^2 / 4) per round).
+    Cost per image: O(N log N) ranking; the diversity step O(R^2 C) once for the
+    similarity matrix, then about (N - K) / removal_step rounds of O(R) (memory O(R^2)).
     """
 
     name: ClassVar[str] = "vispruner"
