@@ -20,6 +20,7 @@ from torch import nn
 from .adapters import PrunedInputs, adapter_for
 from .errors import FlashVLMError
 from .selection import Budget, TokenSelector, get_method, validate_budget
+from .timing import synchronize
 
 _ATTRIBUTE = "_flashvlm_pruner"
 
@@ -34,6 +35,7 @@ class Pruner:
         method: str | TokenSelector = "flashvlm",
         *,
         video_budget: str = "per_frame",
+        timed: bool = False,
         **params,
     ) -> None:
         self.model = model
@@ -42,7 +44,11 @@ class Pruner:
         self.selector = get_method(method, **params)
         #: The most recent pruning: kept indices per image, lengths before and after.
         self.last: PrunedInputs | None = None
-        #: Seconds the most recent vision encoding + selection took (device-synchronised).
+        #: Whether to time each pruning: two device synchronisations per call, so off by
+        #: default (the CLI, eval and bench turn it on).
+        self.timed = timed
+        #: Seconds the most recent vision encoding + selection took (device-synchronised);
+        #: None unless ``timed``.
         self.last_selection_seconds: float | None = None
         self._forward_parameters = list(inspect.signature(model.forward).parameters)
         self._hook = None
@@ -84,13 +90,14 @@ class Pruner:
     # -- the work --------------------------------------------------------------------------
     def prune_inputs(self, model_kwargs: dict[str, Any]) -> PrunedInputs:
         """Arguments for the model with only the kept visual tokens (no hooks involved)."""
-        device = next(self.model.parameters()).device
-        synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        synchronize()
-        start = time.perf_counter()
+        if self.timed:
+            device = next(self.model.parameters()).device
+            synchronize(device)
+            start = time.perf_counter()
         pruned = self.adapter.prune_inputs(model_kwargs, self.selector, self.budget)
-        synchronize()
-        self.last_selection_seconds = time.perf_counter() - start
+        if self.timed:
+            synchronize(device)
+            self.last_selection_seconds = time.perf_counter() - start
         self.last = pruned
         return pruned
 
@@ -132,15 +139,18 @@ def apply(
     method: str | TokenSelector = "flashvlm",
     *,
     video_budget: str = "per_frame",
+    timed: bool = False,
     **params,
 ) -> Pruner:
     """Attach a method to ``model`` until :func:`remove` is called. Returns the :class:`Pruner`.
 
     ``budget`` counts tokens per image; for videos, ``video_budget`` says whether it counts
     per frame (``"per_frame"``, the default) or per video, with the frames selected jointly
-    (``"per_video"``). ``params`` are the method's parameters.
+    (``"per_video"``). ``timed=True`` records ``pruner.last_selection_seconds`` (at the
+    cost of a device synchronisation before and after each pruning). ``params`` are the
+    method's parameters.
     """
-    return Pruner(model, budget, method, video_budget=video_budget, **params).attach()
+    return Pruner(model, budget, method, video_budget=video_budget, timed=timed, **params).attach()
 
 
 def remove(model: nn.Module) -> None:
@@ -157,10 +167,11 @@ def prune(
     method: str | TokenSelector = "flashvlm",
     *,
     video_budget: str = "per_frame",
+    timed: bool = False,
     **params,
 ):
     """``with flashvlm.prune(model, budget=64): model.generate(...)``; restored on exit (see :func:`apply`)."""
-    pruner = apply(model, budget, method, video_budget=video_budget, **params)
+    pruner = apply(model, budget, method, video_budget=video_budget, timed=timed, **params)
     try:
         yield pruner
     finally:

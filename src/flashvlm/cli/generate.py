@@ -37,7 +37,11 @@ def run(args: argparse.Namespace) -> int:
     prompt = chat_prompt(processor, args.prompt, len(images))
     inputs = processor(images=images, text=prompt, return_tensors="pt").to(model.device)
     adapter = adapter_for(model)
-    with prune(model, budget, args.method) as pruner, PrefillTimer(adapter.language_model) as timer, torch.no_grad():
+    with (
+        prune(model, budget, args.method, timed=True) as pruner,
+        PrefillTimer(adapter.language_model) as timer,
+        torch.no_grad(),
+    ):
         output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
     answer = processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
     print(f"answer: {answer}")

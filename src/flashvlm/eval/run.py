@@ -56,7 +56,7 @@ def evaluate(
     results: list[RowResult] = []
     batches = [examples[start : start + batch_size] for start in range(0, len(examples), batch_size)]
     try:
-        with prune(model, budget, method, **params) as pruner, torch.no_grad():
+        with prune(model, budget, method, timed=True, **params) as pruner, torch.no_grad():
             label = method if isinstance(method, str) else pruner.selector.name
             for batch in tqdm(batches, desc=f"{label} @ {budget}", unit="batch", disable=not progress, leave=False):
                 prompts = [
