@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..selection.diversity import DIRECT_ROUND_PLACES, MAX_MATRIX_CANDIDATES, removal_count
+from ..selection.diversity import DIRECT_ROUND_PLACES, removal_count, uses_similarity_matrix
 
 
 def _head_size(text_config) -> int:
@@ -151,15 +151,16 @@ def bipartite_diversity_flops(
     """(FLOPs of the cosine similarities, rounds) of the bipartite diversity step.
 
     Follows :func:`flashvlm.selection.diversity.bipartite_diverse_subset`'s schedule
-    exactly. On one similarity matrix (whole lists, up to ``MAX_MATRIX_CANDIDATES``) it
+    exactly. On one similarity matrix (whole lists, see ``uses_similarity_matrix``) it
     is R^2 C * 2 FLOPs once plus the short lists' rounds, multiplied as released: quadratic
     in N (the rounds' scans are O(R) each and not counted). Round by round (the release's
     way, or ``round_by_round``) it is about (R - K) / removal_step rounds of R^2 C / 2
     FLOPs: cubic in N.
     """
-    on_matrix = not round_by_round and block_size is None and num_candidates <= MAX_MATRIX_CANDIDATES
+    on_matrix = num_candidates > num_keep > 0 and not round_by_round
+    on_matrix = on_matrix and uses_similarity_matrix(num_candidates, block_size)
     remaining, rounds = num_candidates, 0
-    flops = 2.0 * num_candidates * num_candidates * width if on_matrix and num_candidates > num_keep > 0 else 0.0
+    flops = 2.0 * num_candidates * num_candidates * width if on_matrix else 0.0
     while remaining > num_keep and num_keep > 0:
         drop = removal_count(remaining, num_keep, removal_step, removal_fraction)
         size_a, size_b = (remaining + 1) // 2, remaining // 2

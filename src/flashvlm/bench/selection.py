@@ -29,10 +29,10 @@ from ..errors import FlashVLMError, MethodUnavailableError, UnsupportedModelErro
 from ..saliency import query_row_attention
 from ..selection import SelectionInputs, TokenSelector, get_method
 from ..selection.diversity import (
+    MAX_MATRIX_CANDIDATES,
     coverage_radius,
     jaccard_agreement,
     round_by_round_bipartite,
-    uses_similarity_matrix,
 )
 from ..selection.ops import unit_rows
 from ..timing import synchronize
@@ -54,10 +54,10 @@ PREDICTION_LIMIT = 10
 
 
 def _reference_is_cheap(num_tokens: int, num_keep: int) -> bool:
-    """Whether :data:`REFERENCE_METHOD` runs its bipartite step on one similarity matrix at this N."""
+    """Whether :data:`REFERENCE_METHOD` avoids re-multiplying a long list every round at this N."""
     reference = get_method(REFERENCE_METHOD)
-    num_important = math.floor(reference.important_ratio * num_keep)
-    return uses_similarity_matrix(num_tokens - num_important, reference.diversity_block)
+    num_candidates = num_tokens - math.floor(reference.important_ratio * num_keep)
+    return reference.diversity_block is not None or num_candidates <= MAX_MATRIX_CANDIDATES
 
 
 def bench_method(name: str) -> tuple[TokenSelector, bool]:

@@ -63,8 +63,10 @@ def removal_count(remaining: int, num_keep: int, removal_step: int, removal_frac
 
 
 def uses_similarity_matrix(num_candidates: int, block_size: int | None) -> bool:
-    """Whether :func:`bipartite_diverse_subset` runs on one similarity matrix for these settings."""
-    return block_size is None and num_candidates <= MAX_MATRIX_CANDIDATES and not _ROUND_BY_ROUND.get()
+    """Whether :func:`bipartite_diverse_subset` runs on one similarity matrix for these settings
+    (lists short enough to be multiplied as released in every round do not need one)."""
+    fits = DIRECT_ROUND_PLACES < num_candidates <= MAX_MATRIX_CANDIDATES
+    return block_size is None and fits and not _ROUND_BY_ROUND.get()
 
 
 def bipartite_diverse_subset(
@@ -109,7 +111,7 @@ def bipartite_diverse_subset(
     """
     if num_keep <= 0:
         return candidates[:, :0]
-    if uses_similarity_matrix(candidates.shape[1], block_size):
+    if candidates.shape[1] > num_keep and uses_similarity_matrix(candidates.shape[1], block_size):
         return _bipartite_on_similarity_matrix(
             unit_features, candidates, num_keep, removal_step, stable, removal_fraction
         )
