@@ -149,31 +149,35 @@ def _bipartite_on_similarity_matrix(
     tokens = gather_tokens(unit_features, candidates)  # (B, R, C)
     similarity = tokens @ tokens.transpose(-1, -2)  # (B, R, R)
     listed = min(NEIGHBOURS_LISTED, num_candidates)
+    # Places are flattened over the batch (image b's place p is b * R + p), so that every
+    # lookup of a round is one indexing of a flat tensor.
+    offsets = torch.arange(batch, device=device)[:, None] * num_candidates  # (B, 1)
     neighbours = similarity.topk(listed, dim=-1).indices  # (B, R, T) places, most similar first
-    images = torch.arange(batch, device=device)[:, None]  # (B, 1)
-    order = torch.arange(num_candidates, device=device).expand(batch, -1)  # (B, M) places into candidates
+    neighbours = (neighbours + offsets[..., None]).view(batch * num_candidates, listed)  # (B R, T)
+    similarity_rows = similarity.view(batch * num_candidates, num_candidates)  # (B R, R)
+    order = torch.arange(num_candidates, device=device) + offsets  # (B, M) flat places, in list order
     while True:
         remaining = order.shape[1]
         num_drop = removal_count(remaining, num_keep, removal_step, removal_fraction)
         if num_drop <= 0:
-            return candidates.gather(1, order)
+            return candidates.reshape(-1)[order]
         queries, partners = order[:, ::2], order[:, 1::2]  # (B, ceil(M/2)), (B, floor(M/2))
         if remaining <= DIRECT_ROUND_PLACES:
-            listed_tokens = gather_tokens(tokens, order)  # (B, M, C)
+            listed_tokens = tokens.view(batch * num_candidates, -1)[order]  # (B, M, C)
             redundancy = max_cosine_to_set(listed_tokens[:, ::2], listed_tokens[:, 1::2])
         else:
-            in_partners = torch.zeros(batch, num_candidates, dtype=torch.bool, device=device)
-            in_partners.scatter_(1, partners, True)
-            nearest = neighbours[images, queries]  # (B, A, T)
-            is_partner = in_partners.gather(1, nearest.flatten(1)).view_as(nearest)
+            in_partners = torch.zeros(batch * num_candidates, dtype=torch.bool, device=device)
+            in_partners[partners] = True
+            nearest = neighbours[queries]  # (B, A, T)
+            is_partner = in_partners[nearest]  # (B, A, T)
             first = is_partner.to(torch.uint8).argmax(dim=-1, keepdim=True)  # (B, A, 1): first listed partner
-            closest = nearest.gather(2, first).squeeze(-1)  # (B, A)
-            redundancy = similarity[images, queries, closest]  # (B, A)
+            closest = nearest.gather(2, first).squeeze(-1) - offsets  # (B, A) places
+            redundancy = similarity_rows.view(-1)[queries * num_candidates + closest]  # (B, A)
             unlisted = (~is_partner.gather(2, first).squeeze(-1)).nonzero()  # (E, 2): (image, place in A)
             if unlisted.numel():
                 image, place = unlisted.unbind(1)
-                rows = similarity[image, queries[image, place]]  # (E, R)
-                redundancy[image, place] = rows.gather(1, partners[image]).amax(dim=-1)
+                rows = similarity_rows[queries[image, place]]  # (E, R)
+                redundancy[image, place] = rows.gather(1, partners[image] - offsets[image]).amax(dim=-1)
         kept_places = redundancy.argsort(dim=-1, descending=True, stable=stable)[:, num_drop:]
         order = torch.cat([queries.gather(1, kept_places), partners], dim=1)
 
