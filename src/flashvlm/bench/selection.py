@@ -45,10 +45,8 @@ from .prefill import vision_module
 DEFAULT_TOKEN_COUNTS = (576, 2_880, 10_000, 50_000)
 #: Suffix of a method name: the same method, its bipartite step computed round by round.
 ROUND_BY_ROUND_SUFFIX = "@rounds"
-#: The kept set every method's is compared with (Jaccard).
+#: The method whose kept set every method's is compared with (Jaccard).
 REFERENCE_METHOD = "flashvlm:release"
-
-
 #: A call predicted to take this many times ``max_seconds`` is not made (extrapolated instead).
 PREDICTION_LIMIT = 10
 
