@@ -66,7 +66,9 @@ demo: setup
 # that fit a CPU in a few minutes; `performance-gpu` the real 7B shapes in bf16 (one GPU).
 BENCH := $(VENV)/bin/flashvlm
 performance: setup
-	$(BENCH) bench-selection --model llava-1.5-7b --max-seconds 15 --repeats 5 --scale vision_layers=6 width=0.5 --threads 2 \
+	$(BENCH) bench-selection --model llava-1.5-7b --max-seconds 15 --repeats 3 --scale vision_layers=6 width=0.5 --threads 1 \
+		--methods flashvlm flashvlm@rounds flashvlm:release flashvlm:release@rounds flashvlm:fast_diversity \
+		flashvlm:max_min_diversity flashvlm:kmeans_diversity vispruner divprune \
 		--json docs/bench/selection-cpu.json --markdown docs/performance.md
 	$(BENCH) bench --model llava-1.5-7b --scale lm_layers=1 vision_layers=2 --methods flashvlm flashvlm:fast_diversity \
 		--budgets 64 --repeats 3 --new-tokens 4 --threads 2 --json docs/bench/prefill-cpu-full-width.json --markdown docs/performance.md

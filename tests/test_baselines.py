@@ -24,7 +24,8 @@ from flashvlm.adapters import adapter_for
 from flashvlm.errors import FlashVLMError, MethodUnavailableError
 from flashvlm.selection import FlashVLM, SelectionInputs, get_method
 from flashvlm.selection.baselines import cell_centres, pooled_grid
-from flashvlm.selection.ops import dpp_greedy_map, kmeans_diverse_subset
+from flashvlm.selection.diversity import kmeans_diverse_subset
+from flashvlm.selection.ops import dpp_greedy_map
 
 
 def assert_k_unique(indices: torch.Tensor, batch: int, num_keep: int) -> None:

@@ -9,7 +9,9 @@ import pytest
 import torch
 from conftest import build_tiny_llava, llava_batch, tiny_llava_config
 
-from flashvlm.bench.flops import decoder_prefill_flops, kv_cache_bytes, prefill_flops
+import flashvlm.patch
+from flashvlm import prune
+from flashvlm.bench.flops import bipartite_diversity_flops, decoder_prefill_flops, kv_cache_bytes, prefill_flops
 from flashvlm.bench.memory import peak_memory_bytes
 from flashvlm.bench.models import (
     SHIPPED_CONFIGS,
@@ -23,6 +25,7 @@ from flashvlm.bench.report import update_markdown_section
 from flashvlm.bench.selection import fit_exponent
 from flashvlm.cli import main
 from flashvlm.errors import FlashVLMError
+from flashvlm.timing import stamped_calls
 
 #: Parameters of the real checkpoints, in billions (their model cards round them so).
 REAL_PARAMETERS = {
@@ -138,6 +141,38 @@ def test_peak_memory_counts_live_tensors_on_cpu():
     assert peak_memory_bytes(work, torch.device("cpu")) == pytest.approx(8_000_000, rel=0.01)
 
 
+def test_pruning_synchronises_the_device_only_when_timed(tiny_llava, monkeypatch):
+    calls = []
+    monkeypatch.setattr(flashvlm.patch, "synchronize", calls.append)
+    batch = llava_batch(tiny_llava)
+    with prune(tiny_llava, budget=8) as pruner, torch.no_grad():
+        tiny_llava(**batch)
+    assert calls == [] and pruner.last_selection_seconds is None and pruner.last is not None
+    with prune(tiny_llava, budget=8, timed=True) as pruner, torch.no_grad():
+        tiny_llava(**batch)
+    assert len(calls) == 2 and pruner.last_selection_seconds > 0
+
+
+def test_stamped_calls_time_one_instance_and_leave_it_as_it_was():
+    class Counter:
+        def count(self, value):
+            return value + 1
+
+    counter, other = Counter(), Counter()
+    with stamped_calls(counter, "count", "cpu") as stamps:
+        assert counter.count(1) == 2 and other.count(1) == 2
+    assert stamps.started_at <= stamps.ended_at
+    assert "count" not in vars(counter)
+
+
+def test_diversity_flops_are_quadratic_on_the_matrix_and_cubic_round_by_round():
+    matrix = [bipartite_diversity_flops(n - n // 18, n // 18, 1024)[0] for n in (2_880, 5_760)]
+    rounds = [bipartite_diversity_flops(n - n // 18, n // 18, 1024, round_by_round=True)[0] for n in (2_880, 5_760)]
+    assert math.log2(matrix[1] / matrix[0]) == pytest.approx(2.0, abs=0.05)
+    assert math.log2(rounds[1] / rounds[0]) == pytest.approx(3.0, abs=0.1)
+    assert rounds[0] > 10 * matrix[0]
+
+
 def test_fit_exponent_recovers_a_power_law():
     counts = [576, 2880, 10_000, 50_000]
     assert fit_exponent(counts, [3e-9 * n**1.5 for n in counts]) == pytest.approx(1.5)
@@ -213,6 +248,7 @@ def test_bench_selection_runs_and_fits_growth(tiny_config_file, tmp_path):
             "--methods",
             "flashvlm",
             "flashvlm:fast_diversity",
+            "flashvlm:release@rounds",
             "--tokens",
             "64",
             "144",
@@ -228,9 +264,18 @@ def test_bench_selection_runs_and_fits_growth(tiny_config_file, tmp_path):
     )
     assert code == 0
     report = json.loads(out.read_text())
-    assert len(report["rows"]) == 4
+    assert len(report["rows"]) == 6
     assert all(row["peak_memory_bytes"] > 0 and row["kept"] == row["tokens"] // 9 for row in report["rows"])
-    assert {fit["method"] for fit in report["fits"]} == {"flashvlm", "flashvlm:fast_diversity"}
+    assert {fit["method"] for fit in report["fits"]} == {
+        "flashvlm",
+        "flashvlm:fast_diversity",
+        "flashvlm:release@rounds",
+    }
+    assert all(0 <= row["coverage_radius"] <= 2 and 0 <= row["jaccard_vs_release"] <= 1 for row in report["rows"])
+    for row in report["rows"]:
+        exact = row["method"] == "flashvlm:release@rounds"
+        assert row["identical_to_matrix_path"] is (True if exact else None)
+        assert row["jaccard_vs_release"] == 1.0 or not exact
     tower = report["tower"]
     assert set(tower["variants"]) == {
         "sdpa_to_feature_layer",

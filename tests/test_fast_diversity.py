@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from flashvlm import FlashVLM, get_method
 from flashvlm.errors import FlashVLMError
-from flashvlm.selection.ops import bipartite_diverse_subset, blockwise_max_cosine
+from flashvlm.selection.diversity import bipartite_diverse_subset, blockwise_max_cosine
 
 
 def unit_features(batch: int, tokens: int, width: int = 16, seed: int = 0) -> torch.Tensor:

@@ -137,7 +137,9 @@ def test_the_flashvlm_question_preset_runs_and_says_what_it_needs():
     assert torch.isfinite(logits).all() and pruner.last.images[0].num_kept == 6
     with flashvlm.prune(model, 6, "flashvlm:question"), pytest.raises(FlashVLMError, match="needs the question text"):
         model(**inputs, question=question)
-    with pytest.raises(FlashVLMError, match="text_tokens must be one of 'prompt', 'question', 'before_image'; got 'user'"):
+    with pytest.raises(
+        FlashVLMError, match="text_tokens must be one of 'prompt', 'question', 'before_image'; got 'user'"
+    ):
         get_method("flashvlm", text_tokens="user")
 
 

@@ -24,6 +24,7 @@ from torch import nn
 from .adapters import PrunedInputs, adapter_for
 from .errors import FlashVLMError
 from .selection import Budget, TokenSelector, get_method, validate_budget
+from .timing import synchronize
 
 _ATTRIBUTE = "_flashvlm_pruner"
 #: The forward/generate argument that carries the user's question (see ``text_tokens``).
@@ -58,6 +59,7 @@ class Pruner:
         *,
         video_budget: str = "per_frame",
         tokenizer=None,
+        timed: bool = False,
         **params,
     ) -> None:
         model = unwrap_compiled(model)
@@ -68,7 +70,11 @@ class Pruner:
         #: The most recent call's pruning: kept indices per image, lengths before and after;
         #: None before any call and after a call without visual input.
         self.last: PrunedInputs | None = None
-        #: Seconds the most recent vision encoding + selection took (device-synchronised).
+        #: Whether to time each pruning: two device synchronisations per call, so off by
+        #: default (the CLI, eval and bench turn it on).
+        self.timed = timed
+        #: Seconds the most recent vision encoding + selection took (device-synchronised);
+        #: None unless ``timed``.
         self.last_selection_seconds: float | None = None
         self._forward_parameters = list(inspect.signature(model.forward).parameters)
         self._hook = None
@@ -118,13 +124,14 @@ class Pruner:
         """
         model_kwargs = dict(model_kwargs)
         questions = model_kwargs.pop(QUESTION_ARGUMENT, None)
-        device = next(self.model.parameters()).device
-        synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        synchronize()
-        start = time.perf_counter()
+        if self.timed:
+            device = next(self.model.parameters()).device
+            synchronize(device)
+            start = time.perf_counter()
         pruned = self.adapter.prune_inputs(model_kwargs, self.selector, self.budget, questions)
-        synchronize()
-        self.last_selection_seconds = time.perf_counter() - start
+        if self.timed:
+            synchronize(device)
+            self.last_selection_seconds = time.perf_counter() - start
         self.last = pruned
         return pruned
 
@@ -194,6 +201,7 @@ def apply(
     *,
     video_budget: str = "per_frame",
     tokenizer=None,
+    timed: bool = False,
     **params,
 ) -> Pruner:
     """Attach a method to ``model`` until :func:`remove` is called. Returns the :class:`Pruner`.
@@ -202,9 +210,11 @@ def apply(
     per frame (``"per_frame"``, the default) or per video, with the frames selected jointly
     (``"per_video"``). ``tokenizer`` (the model's tokenizer or processor) lets a method with
     ``text_tokens="question"`` (e.g. ``"flashvlm:question"``) find the ``question=`` passed to
-    ``generate``/``forward`` in the prompt. ``params`` are the method's parameters.
+    ``generate``/``forward`` in the prompt. ``timed=True`` records
+    ``pruner.last_selection_seconds`` (at the cost of a device synchronisation before and
+    after each pruning). ``params`` are the method's parameters.
     """
-    return Pruner(model, budget, method, video_budget=video_budget, tokenizer=tokenizer, **params).attach()
+    return Pruner(model, budget, method, video_budget=video_budget, tokenizer=tokenizer, timed=timed, **params).attach()
 
 
 #: Names a KV cache is passed under: transformers 5 renamed ``past_key_values`` to ``cache``.
@@ -235,10 +245,11 @@ def prune(
     *,
     video_budget: str = "per_frame",
     tokenizer=None,
+    timed: bool = False,
     **params,
 ):
     """``with flashvlm.prune(model, budget=64): model.generate(...)``; restored on exit (see :func:`apply`)."""
-    pruner = apply(model, budget, method, video_budget=video_budget, tokenizer=tokenizer, **params)
+    pruner = apply(model, budget, method, video_budget=video_budget, tokenizer=tokenizer, timed=timed, **params)
     try:
         yield pruner
     finally:

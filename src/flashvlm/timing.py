@@ -1,11 +1,54 @@
-"""Wall-clock timing of the language model's prefill, device-synchronised."""
+"""Wall-clock timing, device-synchronised: the one sync helper, and the prefill timer."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait until ``device`` has finished its queued work (CUDA; elsewhere work is already
+    done when a call returns), so that a clock read next counts that work."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class CallStamps:
+    """``time.perf_counter()`` readings around the latest call (None before any)."""
+
+    started_at: float | None = None
+    ended_at: float | None = None
+
+
+@contextmanager
+def stamped_calls(owner: object, method_name: str, device: torch.device | str) -> Iterator[CallStamps]:
+    """Within the block, each call of ``owner.<method_name>`` is device-synchronised and
+    stamped on entry and exit. The stamping method is set on this instance only and
+    removed on exit, so everyone holding ``owner`` keeps the same object, untouched after.
+    """
+    stamps = CallStamps()
+    original = getattr(owner, method_name)
+
+    def stamped(*args, **kwargs):
+        synchronize(device)
+        stamps.started_at = time.perf_counter()
+        result = original(*args, **kwargs)
+        synchronize(device)
+        stamps.ended_at = time.perf_counter()
+        return result
+
+    setattr(owner, method_name, stamped)
+    try:
+        yield stamps
+    finally:
+        delattr(owner, method_name)
 
 
 class PrefillTimer:
@@ -26,9 +69,7 @@ class PrefillTimer:
         self._handles = []
 
     def _sync(self) -> None:
-        device = next(self.language_model.parameters()).device
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(next(self.language_model.parameters()).device)
 
     def _before(self, _module, args, kwargs):
         if self.prefill_seconds is None:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..selection.diversity import DIRECT_ROUND_PLACES, removal_count, uses_similarity_matrix
+
 
 def _head_size(text_config) -> int:
     return getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
@@ -191,32 +193,35 @@ def bipartite_diversity_flops(
     removal_step: int = 8,
     removal_fraction: float | None = None,
     block_size: int | None = None,
+    round_by_round: bool = False,
 ) -> tuple[float, int]:
-    """(FLOPs of the A x B similarities, rounds) of the bipartite diversity step.
+    """(FLOPs of the cosine similarities, rounds) of the bipartite diversity step.
 
-    Follows :func:`flashvlm.selection.ops.bipartite_diverse_subset`'s schedule exactly:
-    released (``removal_fraction=None``, ``block_size=None``) it is about
-    (R - K) / removal_step rounds of R^2 C / 2 FLOPs, i.e. cubic in N.
+    Follows :func:`flashvlm.selection.diversity.bipartite_diverse_subset`'s schedule
+    exactly. On one similarity matrix (whole lists, see ``uses_similarity_matrix``) it
+    is R^2 C * 2 FLOPs once plus the short lists' rounds, multiplied as released: quadratic
+    in N (the rounds' scans are O(R) each and not counted). Round by round (the release's
+    way, or ``round_by_round``) it is about (R - K) / removal_step rounds of R^2 C / 2
+    FLOPs: cubic in N.
     """
-    import math
-
-    remaining, flops, rounds = num_candidates, 0.0, 0
+    on_matrix = num_candidates > num_keep > 0 and not round_by_round
+    on_matrix = on_matrix and uses_similarity_matrix(num_candidates, block_size)
+    remaining, rounds = num_candidates, 0
+    flops = 2.0 * num_candidates * num_candidates * width if on_matrix else 0.0
     while remaining > num_keep and num_keep > 0:
-        surplus = remaining - num_keep
-        drop = (
-            min(removal_step, surplus)
-            if removal_fraction is None
-            else min(math.ceil(removal_fraction * surplus), surplus)
-        )
+        drop = removal_count(remaining, num_keep, removal_step, removal_fraction)
         size_a, size_b = (remaining + 1) // 2, remaining // 2
-        partners = size_b if block_size is None or remaining <= block_size else block_size // 2
-        flops += 2.0 * size_a * partners * width
+        if not on_matrix or remaining <= DIRECT_ROUND_PLACES:
+            partners = size_b if block_size is None or remaining <= block_size else block_size // 2
+            flops += 2.0 * size_a * partners * width
         remaining -= min(drop, size_a)
         rounds += 1
     return flops, rounds
 
 
-def flashvlm_diversity_flops(selector, num_tokens: int, num_keep: int, width: int) -> tuple[float, int] | None:
+def flashvlm_diversity_flops(
+    selector, num_tokens: int, num_keep: int, width: int, round_by_round: bool = False
+) -> tuple[float, int] | None:
     """The diversity step's (FLOPs, rounds) for a FlashVLM-like selector, or None for other methods."""
     if getattr(selector, "diversity", None) != "bipartite":
         return None
@@ -228,4 +233,5 @@ def flashvlm_diversity_flops(selector, num_tokens: int, num_keep: int, width: in
         selector.removal_step,
         selector.removal_fraction,
         selector.diversity_block,
+        round_by_round,
     )

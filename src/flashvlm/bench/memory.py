@@ -14,6 +14,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from ..timing import synchronize
+
 
 class _LiveStorageTracker(TorchDispatchMode):
     """Sums the bytes of storages created by operations while they are alive."""
@@ -58,11 +60,11 @@ def peak_memory_bytes(work: Callable[[], object], device: torch.device) -> int:
     while it lives).
     """
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
         result = work()
-        torch.cuda.synchronize(device)
+        synchronize(device)
         peak = torch.cuda.max_memory_allocated(device) - before
         del result
         return peak

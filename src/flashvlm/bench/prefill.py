@@ -4,7 +4,7 @@ A run's timeline (``time.perf_counter``, device-synchronised at every mark):
 
     generate called
       vision tower starts              (forward pre-hook on the tower)
-      selection starts / ends          (the method's call, pruned runs only)
+      selection starts / ends          (the method's select, pruned runs only)
       language model prefill starts / ends   (PrefillTimer)
       first new token out              (streamer; generate moves it to the CPU)
       last new token out
@@ -23,6 +23,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import torch
@@ -32,16 +33,10 @@ from ..adapters import adapter_for, supported_architectures
 from ..errors import FlashVLMError, MethodUnavailableError, UnsupportedModelError
 from ..patch import apply
 from ..selection import Budget, get_method
-from ..timing import PrefillTimer
+from ..timing import PrefillTimer, stamped_calls, synchronize
 from .flops import kv_cache_bytes, prefill_flops
 from .memory import peak_memory_bytes
 from .models import SyntheticInputs
-
-
-def synchronizer(device: torch.device) -> Callable[[], None]:
-    if device.type == "cuda":
-        return lambda: torch.cuda.synchronize(device)
-    return lambda: None
 
 
 def vision_module(model: torch.nn.Module) -> torch.nn.Module:
@@ -75,28 +70,6 @@ class _TokenClock(BaseStreamer):
         pass
 
 
-class _TimedSelector:
-    """Wraps a method to stamp the start and end of its call; adapters see the same method."""
-
-    def __init__(self, selector, synchronize: Callable[[], None]) -> None:
-        self.selector = selector
-        self.synchronize = synchronize
-        self.started_at: float | None = None
-        self.ended_at: float | None = None
-
-    def __getattr__(self, name: str):
-        # Everything adapters read of a method (requires, name, lm_attention_layer, ...).
-        return getattr(self.selector, name)
-
-    def __call__(self, inputs, budget):
-        self.synchronize()
-        self.started_at = time.perf_counter()
-        result = self.selector(inputs, budget)
-        self.synchronize()
-        self.ended_at = time.perf_counter()
-        return result
-
-
 @dataclass
 class RunTimes:
     """One run's stage times in milliseconds (None where a stage did not happen)."""
@@ -113,26 +86,27 @@ class RunTimes:
 
 
 def _generate_once(model, inputs: SyntheticInputs, new_tokens: int, pruner, device) -> RunTimes:
-    synchronize = synchronizer(device)
     tower = vision_module(model)
     stamps: dict[str, float] = {}
 
     def tower_started(*_):
         if "vision_start" not in stamps:
-            synchronize()
+            synchronize(device)
             stamps["vision_start"] = time.perf_counter()
 
     handles = [tower.register_forward_pre_hook(tower_started)] if tower is not None else []
-    timed_selector = None
-    if pruner is not None:
-        timed_selector = _TimedSelector(pruner.selector, synchronize)
-        pruner.selector = timed_selector
     clock = _TokenClock()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    selection = None
     try:
-        with PrefillTimer(language_model_of(model)) as timer, torch.no_grad():
-            synchronize()
+        with ExitStack() as scope:
+            if pruner is not None:
+                # The method's own work: its ``select``, stamped on this instance for the run.
+                selection = scope.enter_context(stamped_calls(pruner.selector, "select", device))
+            timer = scope.enter_context(PrefillTimer(language_model_of(model)))
+            scope.enter_context(torch.no_grad())
+            synchronize(device)
             called_at = time.perf_counter()
             model.generate(
                 **inputs.model_kwargs,
@@ -144,15 +118,10 @@ def _generate_once(model, inputs: SyntheticInputs, new_tokens: int, pruner, devi
     finally:
         for handle in handles:
             handle.remove()
-        if timed_selector is not None:
-            pruner.selector = timed_selector.selector
     vision_start = stamps.get("vision_start")
-    if timed_selector is not None and timed_selector.started_at is not None:
-        vision_end, selection_ms = (
-            timed_selector.started_at,
-            1000 * (timed_selector.ended_at - timed_selector.started_at),
-        )
-        handoff_ms = 1000 * (timer.prefill_started_at - timed_selector.ended_at)
+    if selection is not None and selection.started_at is not None:
+        vision_end, selection_ms = selection.started_at, 1000 * (selection.ended_at - selection.started_at)
+        handoff_ms = 1000 * (timer.prefill_started_at - selection.ended_at)
     else:
         vision_end, selection_ms, handoff_ms = timer.prefill_started_at, None, None
     decode = None

@@ -136,6 +136,9 @@ SELECTION_HEADERS = [
     "diversity GFLOPs",
     "LM prefill of kept (est.) ms",
     "selection / LM prefill",
+    "coverage radius",
+    "Jaccard vs release",
+    "@rounds = matrix",
 ]
 
 
@@ -154,6 +157,9 @@ def selection_table(report: dict, markdown: bool = False) -> str:
                 _format(row.get("diversity_gflops"), 2),
                 _format(row["lm_prefill_of_kept_estimate_ms"]),
                 _percent(row["selection_share_of_lm_prefill"]),
+                _format(row.get("coverage_radius"), 3),
+                _format(row.get("jaccard_vs_release"), 3),
+                {None: "–", True: "yes", False: "NO"}[row.get("identical_to_matrix_path")],
             ]
         )
     table = render_table(SELECTION_HEADERS, rows, markdown)

@@ -3,7 +3,13 @@ with our saliency extraction against the same tower returning full attention map
 
 Selection inputs are synthetic (random features, saliency, projected tokens and text
 embeddings of the model's real widths): a method's cost depends on the shapes, not
-on the values.
+on the values. The features are drawn around N / 32 random centres, so that what a
+method keeps can be judged: its coverage radius (largest cosine distance from any token
+to the nearest kept one) and its Jaccard agreement with ``flashvlm:release``.
+
+A method name ending in ``@rounds`` runs the method with the bipartite diversity step
+computed round by round, as the release does and as flashvlm did before its similarity
+matrix: the side-by-side reference for that speed-up (the kept tokens must not change).
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from functools import partial
 
 import torch
@@ -20,14 +27,41 @@ import torch
 from ..adapters import adapter_for
 from ..errors import FlashVLMError, MethodUnavailableError, UnsupportedModelError
 from ..saliency import query_row_attention
-from ..selection import SelectionInputs, get_method
+from ..selection import SelectionInputs, TokenSelector, get_method
+from ..selection.diversity import (
+    MAX_MATRIX_CANDIDATES,
+    coverage_radius,
+    jaccard_agreement,
+    round_by_round_bipartite,
+)
+from ..selection.ops import unit_rows
+from ..timing import synchronize
 from .flops import decoder_prefill_flops, flashvlm_diversity_flops
 from .memory import peak_memory_bytes
 from .models import build_model, scale_config
-from .prefill import synchronizer, vision_module
+from .prefill import vision_module
 
 #: The token counts of the issue: LLaVA-1.5, LLaVA-NeXT AnyRes, a few images, a long video.
 DEFAULT_TOKEN_COUNTS = (576, 2_880, 10_000, 50_000)
+#: Suffix of a method name: the same method, its bipartite step computed round by round.
+ROUND_BY_ROUND_SUFFIX = "@rounds"
+#: The method whose kept set every method's is compared with (Jaccard).
+REFERENCE_METHOD = "flashvlm:release"
+#: A call predicted to take this many times ``max_seconds`` is not made (extrapolated instead).
+PREDICTION_LIMIT = 10
+
+
+def _reference_is_cheap(num_tokens: int, num_keep: int) -> bool:
+    """Whether :data:`REFERENCE_METHOD` avoids re-multiplying a long list every round at this N."""
+    reference = get_method(REFERENCE_METHOD)
+    num_candidates = num_tokens - math.floor(reference.important_ratio * num_keep)
+    return reference.diversity_block is not None or num_candidates <= MAX_MATRIX_CANDIDATES
+
+
+def bench_method(name: str) -> tuple[TokenSelector, bool]:
+    """The selector for ``NAME[:PRESET][@rounds]`` and whether its bipartite step runs round by round."""
+    round_by_round = name.endswith(ROUND_BY_ROUND_SUFFIX)
+    return get_method(name.removesuffix(ROUND_BY_ROUND_SUFFIX)), round_by_round
 
 
 def selection_inputs(
@@ -46,8 +80,10 @@ def selection_inputs(
         return torch.randn(*shape, generator=generator).to(device=device, dtype=dtype)
 
     side = math.isqrt(num_tokens)
+    centres = random(1, max(1, num_tokens // 32), vision_width)  # (1, N / 32, C)
+    membership = torch.randint(0, centres.shape[1], (num_tokens,), generator=generator).to(device)
     return SelectionInputs(
-        features=random(1, num_tokens, vision_width),  # (1, N, C)
+        features=centres[:, membership] + 0.5 * random(1, num_tokens, vision_width),  # (1, N, C)
         saliency=torch.softmax(random(1, num_tokens).float() * 2, dim=-1),  # (1, N)
         saliency_kind="cls",
         projected=random(1, num_tokens, lm_width),  # (1, N, D)
@@ -59,15 +95,14 @@ def selection_inputs(
 
 
 def median_seconds(work: Callable[[], object], repeats: int, warmup: int, device: torch.device) -> float:
-    synchronize = synchronizer(device)
     for _ in range(warmup):
         work()
     times = []
     for _ in range(repeats):
-        synchronize()
+        synchronize(device)
         start = time.perf_counter()
         work()
-        synchronize()
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -105,26 +140,42 @@ def selection_scaling(
     measure_memory: bool,
     progress: Callable[[str], None] = lambda message: None,
 ) -> tuple[list[dict], list[dict], list[str]]:
-    """Time (and peak memory of) every method at every N with K = N // 9.
+    """Time (and peak memory of) every method at every N with K = N // 9, and measure what
+    it keeps: coverage radius, Jaccard agreement with ``flashvlm:release``, and for an
+    ``@rounds`` method whether it keeps exactly what the method without the suffix keeps.
 
     A method whose one call at some N takes longer than ``max_seconds`` is timed once
-    there and not run at larger N; those rows are extrapolated and marked so: in
-    proportion to the diversity step's analytic FLOPs for FlashVLM's bipartite step
-    (which dominates there), else from the fitted power law.
+    there and not run at larger N, nor where a call is predicted to take more than
+    :data:`PREDICTION_LIMIT` x ``max_seconds``; those rows are extrapolated and marked
+    so: in proportion to the diversity step's analytic FLOPs for FlashVLM's bipartite
+    step (which dominates there), else from the fitted power law. Jaccard agreement is
+    left out where the reference itself would run round by round (very long lists).
     Returns (rows, per-method fits, skip messages).
     """
     lm_width = text_config.hidden_size
     rate = gemm_flops_per_second(lm_width, text_config.intermediate_size, 1024, device, dtype)
     rows, fits, skipped = [], [], []
+    kept_sets: dict[tuple[str, int], torch.Tensor] = {}
+
+    def kept_by(name: str, inputs: SelectionInputs, num_keep: int) -> torch.Tensor:
+        """The kept indices of ``name`` at this N, computed once per (method, N)."""
+        key = (name, inputs.num_tokens)
+        if key not in kept_sets:
+            selector, round_by_round = bench_method(name)
+            with round_by_round_bipartite() if round_by_round else nullcontext():
+                kept_sets[key] = selector(inputs, num_keep).indices
+        return kept_sets[key]
+
     for method_name in methods:
-        selector = get_method(method_name)
+        selector, round_by_round = bench_method(method_name)
+        mode = round_by_round_bipartite if round_by_round else nullcontext
         measured_n, measured_s = [], []
         stop_reason = None
         last_measured_row: dict = {}
         for num_tokens in token_counts:
             num_keep = max(1, num_tokens // 9)
             lm_ms = 1000 * decoder_prefill_flops(text_config, text_tokens + num_keep) / rate
-            diversity = flashvlm_diversity_flops(selector, num_tokens, num_keep, vision_width)
+            diversity = flashvlm_diversity_flops(selector, num_tokens, num_keep, vision_width, round_by_round)
             row = {
                 "method": method_name,
                 "tokens": num_tokens,
@@ -132,15 +183,24 @@ def selection_scaling(
                 "lm_prefill_of_kept_estimate_ms": lm_ms,
                 "diversity_gflops": diversity[0] / 1e9 if diversity else None,
                 "diversity_rounds": diversity[1] if diversity else None,
+                "coverage_radius": None,
+                "jaccard_vs_release": None,
+                "identical_to_matrix_path": None,
             }
-            if stop_reason is not None:
+            if measured_n:
                 last = last_measured_row
                 if diversity and last.get("diversity_gflops"):
-                    seconds = measured_s[-1] * row["diversity_gflops"] / last["diversity_gflops"]
+                    predicted = measured_s[-1] * row["diversity_gflops"] / last["diversity_gflops"]
                 else:
-                    seconds = measured_s[-1] * (num_tokens / measured_n[-1]) ** (
+                    predicted = measured_s[-1] * (num_tokens / measured_n[-1]) ** (
                         fit_exponent(measured_n, measured_s) or 2.0
                     )
+                if stop_reason is None and predicted > PREDICTION_LIMIT * max_seconds:
+                    stop_reason = (
+                        f"not run: predicted {predicted:.0f} s > {PREDICTION_LIMIT} x --max-seconds; extrapolated"
+                    )
+            if stop_reason is not None:
+                seconds = predicted
                 rows.append(
                     {
                         **row,
@@ -154,21 +214,33 @@ def selection_scaling(
             progress(f"{method_name} N={num_tokens}")
             inputs = selection_inputs(num_tokens, vision_width, lm_width, text_tokens, device, dtype)
             try:
-                start = time.perf_counter()
-                selector(inputs, num_keep)
-                first_call = time.perf_counter() - start
+                with mode():
+                    start = time.perf_counter()
+                    keep = selector(inputs, num_keep).indices  # (1, K)
+                    first_call = time.perf_counter() - start
             except MethodUnavailableError as error:
                 skipped.append(f"{method_name}: {error}")
                 break
-            if first_call > max_seconds:
-                seconds, note = first_call, f"one call took {first_call:.1f} s > --max-seconds {max_seconds:g}"
-                stop_reason = f"not run: N={num_tokens} already took {first_call:.1f} s; extrapolated"
-            else:
-                seconds = median_seconds(partial(selector, inputs, num_keep), repeats, max(0, warmup - 1), device)
-                note = None
-            memory = None
-            if measure_memory and stop_reason is None:
-                memory = peak_memory_bytes(partial(selector, inputs, num_keep), device)
+            kept_sets.setdefault((method_name, num_tokens), keep)
+            unit_features = unit_rows(inputs.features.float())  # (1, N, C)
+            row["coverage_radius"] = coverage_radius(unit_features, keep).item()
+            if _reference_is_cheap(num_tokens, num_keep):
+                reference = kept_by(REFERENCE_METHOD, inputs, num_keep)
+                row["jaccard_vs_release"] = jaccard_agreement(keep, reference, num_tokens).item()
+            if round_by_round:
+                matrix_path = kept_by(method_name.removesuffix(ROUND_BY_ROUND_SUFFIX), inputs, num_keep)
+                row["identical_to_matrix_path"] = torch.equal(keep, matrix_path)
+            with mode():
+                if first_call > max_seconds:
+                    seconds, note = first_call, f"one call took {first_call:.1f} s > --max-seconds {max_seconds:g}"
+                    stop_reason = f"not run: N={num_tokens} already took {first_call:.1f} s; extrapolated"
+                else:
+                    work = partial(selector, inputs, num_keep)
+                    seconds = median_seconds(work, repeats, max(0, warmup - 1), device)
+                    note = None
+                memory = None
+                if measure_memory and stop_reason is None:
+                    memory = peak_memory_bytes(partial(selector, inputs, num_keep), device)
             measured_n.append(num_tokens)
             measured_s.append(seconds)
             last_measured_row = {

@@ -16,19 +16,21 @@ from ..bench.report import (
     update_markdown_section,
     write_json,
 )
-from ..bench.selection import DEFAULT_TOKEN_COUNTS, selection_scaling, tower_saliency_overhead
+from ..bench.selection import DEFAULT_TOKEN_COUNTS, bench_method, selection_scaling, tower_saliency_overhead
 from ..errors import FlashVLMError, UnsupportedModelError
 from ..loading import resolve_device, resolve_dtype
-from ..selection import available_methods, get_method
+from ..selection import available_methods
 from .bench import add_common_bench_arguments, apply_common_settings
 from .common import check_count
 
 
 def default_methods() -> list[str]:
-    """Every registered method, and FlashVLM's near-N-log-N diversity preset next to its default."""
+    """Every registered method; next to FlashVLM's default its release preset, its
+    near-N-log-N diversity preset, and both exact ones timed round by round (``@rounds``)."""
     methods = available_methods()
     if "flashvlm" in methods:
-        methods.insert(methods.index("flashvlm") + 1, "flashvlm:fast_diversity")
+        extra = ["flashvlm@rounds", "flashvlm:release", "flashvlm:release@rounds", "flashvlm:fast_diversity"]
+        methods[methods.index("flashvlm") + 1 : methods.index("flashvlm") + 1] = extra
     return methods
 
 
@@ -49,7 +51,8 @@ def add_parser(subparsers) -> None:
         "--methods",
         nargs="+",
         default=None,
-        help="methods (NAME or NAME:PRESET); default: all, plus flashvlm:fast_diversity",
+        help="methods (NAME or NAME:PRESET; a trailing @rounds runs the bipartite step round by round, as "
+        "released); default: all, plus flashvlm's release, fast_diversity and @rounds variants",
     )
     parser.add_argument(
         "--tokens",
@@ -75,7 +78,7 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     methods = args.methods or default_methods()
     for method in methods:
-        get_method(method)
+        bench_method(method)
     for count in args.tokens:
         check_count("--tokens", count, 9)
     apply_common_settings(args)

@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
 
     _answer(model, processor, inputs, 1)  # warm-up: first calls pay one-off costs, not prefill
     full_answer, full = _answer(model, processor, inputs, args.max_new_tokens)
-    with prune(model, budget, args.method) as pruner:
+    with prune(model, budget, args.method, timed=True) as pruner:
         _answer(model, processor, inputs, 1)
         pruned_answer, pruned = _answer(model, processor, inputs, args.max_new_tokens)
     selection = pruner.last.images[0]

@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     prompt = chat_prompt(processor, args.prompt, len(images))
     inputs = processor(images=images, text=prompt, return_tensors="pt").to(model.device)
     adapter = adapter_for(model)
-    pruning = prune(model, budget, args.method, tokenizer=processor)
+    pruning = prune(model, budget, args.method, tokenizer=processor, timed=True)
     with pruning as pruner, PrefillTimer(adapter.language_model) as timer, torch.no_grad():
         # The question lets a method with text_tokens="question" (flashvlm:question) find the user's words.
         output = model.generate(**inputs, question=args.prompt, max_new_tokens=args.max_new_tokens, do_sample=False)

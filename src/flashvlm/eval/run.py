@@ -62,7 +62,7 @@ def evaluate(
     batches = [examples[start : start + batch_size] for start in range(0, len(examples), batch_size)]
     try:
         # The tokenizer and each row's question let a method with text_tokens="question" find the user's words.
-        with prune(model, budget, method, tokenizer=processor, **params) as pruner, torch.no_grad():
+        with prune(model, budget, method, tokenizer=processor, timed=True, **params) as pruner, torch.no_grad():
             if label is None:
                 name = pruner.selector.name
                 label = (

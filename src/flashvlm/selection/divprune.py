@@ -13,7 +13,8 @@ import torch
 
 from ..errors import FlashVLMError
 from .base import SelectionInputs, TokenSelector, check_choice, register
-from .ops import max_cosine_to_set, max_min_diverse_subset, unit_rows
+from .diversity import max_min_diverse_subset
+from .ops import max_cosine_to_set, unit_rows
 
 
 @register

@@ -16,15 +16,8 @@ import torch
 
 from ..errors import FlashVLMError, MethodUnavailableError
 from .base import Selection, SelectionInputs, TokenSelector, check_choice, check_integer, check_range, register
-from .ops import (
-    DIVERSITY_RULES,
-    important_and_diverse,
-    masked_max_pool,
-    masked_mean_pool,
-    masked_softmax_pool,
-    minmax,
-    unit_rows,
-)
+from .diversity import DIVERSITY_RULES, important_and_diverse
+from .ops import masked_max_pool, masked_mean_pool, masked_softmax_pool, minmax, unit_rows
 
 
 def text_relevance(
@@ -91,8 +84,9 @@ class FlashVLM(TokenSelector):
     Multimodal Models", arXiv 2512.20561 (2025); released code CaiKaitong/FlashVLM.
     Needs: saliency, the prompt's text embeddings and the projected tokens.
     Cost per image: O(N*L*D) for relevance, O(N log N) for the ranking, and the
-    bipartite diversity step about (N-K)/removal_step rounds of O(R^2 C / 4) as
-    released (cubic in N). ``removal_fraction`` and ``diversity_block`` (preset
+    bipartite diversity step O(R^2 C) for the candidates' similarity matrix once, then
+    about (N-K)/removal_step rounds of O(R) scans (quadratic in N, O(R^2) memory; the
+    released rule, same kept tokens). ``removal_fraction`` and ``diversity_block`` (preset
     ``fast_diversity``) bring the diversity step to O(log N) rounds of O(R * block * C):
     near N log N with O(N * block) memory, for long videos (N in the tens of thousands).
     """

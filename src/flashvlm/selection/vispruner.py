@@ -18,7 +18,8 @@ from .base import (
     register,
     requirements_for,
 )
-from .ops import important_and_diverse, unit_rows
+from .diversity import important_and_diverse
+from .ops import unit_rows
 
 
 @register
@@ -38,8 +39,8 @@ class VisPruner(TokenSelector):
 
     Needs: the CLS attention row (mean over heads, feature layer), or with
     ``saliency_kind="any"`` (preset ``vispruner:received``) any saliency.
-    Cost per image: O(N log N) ranking, about (N - K) / removal_step rounds of O(R^2 C / 4)
-    for the diversity step (memory O(R^2 / 4) per round).
+    Cost per image: O(N log N) ranking; the diversity step O(R^2 C) once for the
+    similarity matrix, then about (N - K) / removal_step rounds of O(R) (memory O(R^2)).
     """
 
     name: ClassVar[str] = "vispruner"
