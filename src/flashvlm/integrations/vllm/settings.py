@@ -46,13 +46,12 @@ def parse_settings(value: object) -> PruningSettings:
     """
     if not isinstance(value, Mapping):
         raise FlashVLMError(
-            f'hf_overrides["{CONFIG_KEY}"] must be a mapping like {{"method": "flashvlm", "budget": 64}}; got {value!r}'
+            f'the settings must be a mapping like {{"method": "flashvlm", "budget": 64}}; got {value!r}'
         )
     params = dict(value)
     if "budget" not in params:
         raise FlashVLMError(
-            f'hf_overrides["{CONFIG_KEY}"] needs a "budget": visual tokens per image (an integer >= 1) '
-            "or a ratio of them in (0, 1]"
+            'the settings need a "budget": visual tokens per image (an integer >= 1) or a ratio of them in (0, 1]'
         )
     budget = validate_budget(params.pop("budget"))
     method = params.pop("method", "flashvlm")
@@ -68,6 +67,16 @@ def parse_settings(value: object) -> PruningSettings:
 
 
 def settings_of(hf_config: object) -> PruningSettings | None:
-    """The model's settings, or None when the switch is absent (then the model is stock vLLM)."""
+    """The model's settings, or None when the switch is absent (then the model is stock vLLM).
+
+    Bad settings raise :class:`FlashVLMError` naming the override, so that a server stops at
+    start-up (vLLM builds the multimodal processor's dummy inputs before it serves) with the
+    reason as its last line.
+    """
     value = getattr(hf_config, CONFIG_KEY, None)
-    return None if value is None else parse_settings(value)
+    if value is None:
+        return None
+    try:
+        return parse_settings(value)
+    except FlashVLMError as error:
+        raise type(error)(f'hf_overrides["{CONFIG_KEY}"]: {error}') from None
