@@ -1,9 +1,9 @@
 """The shipped demo model as a folder vLLM loads: ``python -m flashvlm.integrations.vllm.demo DIR``.
 
-The demo checkpoint names its CLIP tower's weights ``vision_tower.embeddings.*`` (the
-transformers 5 layout); vLLM's LLaVA expects ``vision_tower.vision_model.*``, as the
+transformers 5 saves a LLaVA's CLIP tower weights as ``vision_tower.embeddings.*`` (so does
+the demo checkpoint); vLLM 0.32's LLaVA expects ``vision_tower.vision_model.*``, as the
 llava-hf checkpoints have them. The copy renames those weights and links every other file,
-so stock vLLM and the plug-in load the same folder and the shipped one stays as it is.
+so stock vLLM and the plug-in load the same folder and the original stays as it is.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ _TOWER_MODEL = "vision_tower.vision_model."
 
 
 def vllm_weight_name(name: str) -> str:
-    """The name vLLM's LLaVA loader expects for one demo-checkpoint weight."""
+    """The name vLLM's LLaVA loader expects for one weight of a transformers-saved checkpoint."""
     if name.startswith(_TOWER) and not name.startswith(_TOWER_MODEL):
         return _TOWER_MODEL + name[len(_TOWER) :]
     return name
@@ -28,9 +28,14 @@ def vllm_weight_name(name: str) -> str:
 
 def export_demo_model(destination: str | Path) -> Path:
     """Write the vLLM-loadable demo folder to ``destination`` (created; reused if complete)."""
+    return export_for_vllm(MODEL_DIR, destination)
+
+
+def export_for_vllm(source_folder: str | Path, destination: str | Path) -> Path:
+    """A vLLM-loadable copy of a transformers-saved LLaVA folder (weights renamed, the rest linked)."""
     destination = Path(destination)
     destination.mkdir(parents=True, exist_ok=True)
-    for source in sorted(MODEL_DIR.iterdir()):
+    for source in sorted(Path(source_folder).iterdir()):
         target = destination / source.name
         if target.exists():
             continue
