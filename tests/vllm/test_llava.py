@@ -20,6 +20,9 @@ from flashvlm.loading import chat_prompt
 
 MAX_TOKENS = 6
 BUDGETS = (256, 64, 28)  # 256: every token of the demo's 16 x 16 grid
+#: The other methods the vLLM path serves (each needs some of saliency, CLS row, keys,
+#: text, projected tokens, grid), run once each on the first example.
+OTHER_METHODS = ("flashvlm:release", "visionzip", "vispruner", "divprune", "cdpruner", "pool", "random")
 EOS_ID = 2
 
 
@@ -38,7 +41,7 @@ def requests_for(processor, rows):
     return [{"prompt": chat_prompt(processor, row["question"]), "images": [row["image"]]} for row in rows]
 
 
-def hf_reference(hf_model, request: dict, budget: int | None) -> dict:
+def hf_reference(hf_model, request: dict, budget: int | None, method: str = "flashvlm") -> dict:
     """Greedy tokens (EOS dropped) and kept indices of transformers + flashvlm for one request."""
     from PIL import Image
 
@@ -50,7 +53,7 @@ def hf_reference(hf_model, request: dict, budget: int | None) -> dict:
         if budget is None:
             generated, kept = model.generate(**inputs, **settings), None
         else:
-            with flashvlm.prune(model, budget=budget) as pruner:
+            with flashvlm.prune(model, budget=budget, method=method) as pruner:
                 generated = model.generate(**inputs, **settings)
             kept = pruner.last.images[0].keep_indices.tolist()
     return {"output_ids": without_eos(generated[0, inputs["input_ids"].shape[1] :].tolist()), "kept": kept}
@@ -84,6 +87,9 @@ def runs(hf_model, demo_vllm_folder, tmp_path_factory):
     # The batch gets an engine of its own: with the one-by-one results in its encoder cache,
     # vLLM would rightly serve them from there instead of selecting again.
     engines.append({"name": "batch", "hf_overrides": {"flashvlm": {"budget": BUDGETS[-1]}}, "calls": [mixed]})
+    for method in OTHER_METHODS:
+        overrides = {"flashvlm": {"method": method, "budget": BUDGETS[-1]}}
+        engines.append({"name": method, "hf_overrides": overrides, "calls": one_by_one[:1]})
     plugin = run_job({**job, "engines": engines}, workdir / "plugin")
     return {"stock": stock["stock"], **plugin, "requests": one_by_one, "two": two_questions, "mixed": mixed}
 
@@ -143,3 +149,12 @@ def test_a_mixed_batch_equals_the_requests_one_by_one(runs, hf_model):
     reference = hf_reference(hf_model, runs["mixed"][-1], BUDGETS[-1])
     assert got[-1]["output_ids"] == reference["output_ids"]
     assert reference["kept"] in [record[2] for record in batch["kept"]]
+
+
+@pytest.mark.parametrize("method", OTHER_METHODS)
+def test_every_servable_method_keeps_what_it_keeps_in_transformers(runs, hf_model, method):
+    (call,) = runs[method]
+    reference = hf_reference(hf_model, runs["requests"][0][0], BUDGETS[-1], method)
+    (kept,) = call["kept"]
+    assert kept[2] == reference["kept"]
+    assert only_output(call)["output_ids"] == reference["output_ids"]

@@ -153,7 +153,7 @@ def write_section(args, table: str) -> None:
     from ...bench.report import update_markdown_section
 
     command = " ".join(["python -m flashvlm.integrations.vllm.bench", *map(shlex.quote, sys.argv[1:])])
-    shape = f"{args.model} ({' '.join(args.scale)})" if args.scale else args.model
+    shape = f"{args.model} (SCALED: {' '.join(args.scale)})" if args.scale else args.model
     body = (
         f"## vLLM plug-in: {shape}\n\n```bash\n{command}\n```\n\n"
         f"vLLM {_vllm_version()}, {args.dtype}, {os.cpu_count()} CPUs ({platform.machine()}); R requests sent at "
