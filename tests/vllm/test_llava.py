@@ -46,8 +46,8 @@ def hf_reference(hf_model, request: dict, budget: int | None, method: str = "fla
     from PIL import Image
 
     model, processor = hf_model
-    image = Image.open(request["images"][0]).convert("RGB")
-    inputs = processor(images=image, text=request["prompt"], return_tensors="pt")
+    images = [Image.open(path).convert("RGB") for path in request["images"]]
+    inputs = processor(images=images, text=request["prompt"], return_tensors="pt")
     settings = {"do_sample": False, "max_new_tokens": MAX_TOKENS}
     with torch.no_grad():
         if budget is None:
@@ -55,7 +55,7 @@ def hf_reference(hf_model, request: dict, budget: int | None, method: str = "fla
         else:
             with flashvlm.prune(model, budget=budget, method=method) as pruner:
                 generated = model.generate(**inputs, **settings)
-            kept = pruner.last.images[0].keep_indices.tolist()
+            kept = [image.keep_indices.tolist() for image in pruner.last.images]
     return {"output_ids": without_eos(generated[0, inputs["input_ids"].shape[1] :].tolist()), "kept": kept}
 
 
@@ -87,11 +87,31 @@ def runs(hf_model, demo_vllm_folder, tmp_path_factory):
     # The batch gets an engine of its own: with the one-by-one results in its encoder cache,
     # vLLM would rightly serve them from there instead of selecting again.
     engines.append({"name": "batch", "hf_overrides": {"flashvlm": {"budget": BUDGETS[-1]}}, "calls": [mixed]})
+    two_images = {
+        "prompt": chat_prompt(processor, rows[2]["question"], num_images=2),
+        "images": [rows[0]["image"], rows[2]["image"]],
+    }
+    overrides = {"flashvlm": {"budget": BUDGETS[-1]}}
+    engines.append(
+        {
+            "name": "two images",
+            "hf_overrides": overrides,
+            "engine_args": {"limit_mm_per_prompt": {"image": 2}},
+            "calls": [[two_images]],
+        }
+    )
     for method in OTHER_METHODS:
         overrides = {"flashvlm": {"method": method, "budget": BUDGETS[-1]}}
         engines.append({"name": method, "hf_overrides": overrides, "calls": one_by_one[:1]})
     plugin = run_job({**job, "engines": engines}, workdir / "plugin")
-    return {"stock": stock["stock"], **plugin, "requests": one_by_one, "two": two_questions, "mixed": mixed}
+    return {
+        "stock": stock["stock"],
+        **plugin,
+        "requests": one_by_one,
+        "two": two_questions,
+        "mixed": mixed,
+        "two_images": two_images,
+    }
 
 
 def only_output(call: dict) -> dict:
@@ -116,7 +136,7 @@ def test_greedy_tokens_and_kept_indices_equal_transformers(runs, hf_model, budge
         reference = hf_reference(hf_model, request, budget)
         result = only_output(call)
         (kept,) = call["kept"]
-        assert kept[2] == reference["kept"]
+        assert [kept[2]] == reference["kept"]
         assert result["output_ids"] == reference["output_ids"]
         # The prompt holds K placeholders instead of N: text + K tokens.
         assert result["prompt_length"] == unpruned["prompt_length"] - 256 + min(budget, 256)
@@ -130,7 +150,7 @@ def test_two_questions_about_one_image_get_two_selections(runs, hf_model):
     assert kept[0][0] != kept[1][0]  # guided by different text
     for request, call, selection in zip(runs["two"], calls, kept):
         reference = hf_reference(hf_model, request, BUDGETS[-1])
-        assert selection[2] == reference["kept"]
+        assert [selection[2]] == reference["kept"]
         assert only_output(call)["output_ids"] == reference["output_ids"]
 
 
@@ -148,7 +168,7 @@ def test_a_mixed_batch_equals_the_requests_one_by_one(runs, hf_model):
     # The fourth request: the second image asked the first question, as transformers answers it.
     reference = hf_reference(hf_model, runs["mixed"][-1], BUDGETS[-1])
     assert got[-1]["output_ids"] == reference["output_ids"]
-    assert reference["kept"] in [record[2] for record in batch["kept"]]
+    assert reference["kept"][0] in [record[2] for record in batch["kept"]]
 
 
 @pytest.mark.parametrize("method", OTHER_METHODS)
@@ -156,5 +176,13 @@ def test_every_servable_method_keeps_what_it_keeps_in_transformers(runs, hf_mode
     (call,) = runs[method]
     reference = hf_reference(hf_model, runs["requests"][0][0], BUDGETS[-1], method)
     (kept,) = call["kept"]
-    assert kept[2] == reference["kept"]
+    assert [kept[2]] == reference["kept"]
     assert only_output(call)["output_ids"] == reference["output_ids"]
+
+
+def test_two_images_in_one_prompt_each_get_the_budget(runs, hf_model):
+    (call,) = runs["two images"]
+    reference = hf_reference(hf_model, runs["two_images"], BUDGETS[-1])
+    assert [record[2] for record in call["kept"]] == reference["kept"]
+    assert only_output(call)["output_ids"] == reference["output_ids"]
+    assert only_output(call)["prompt_length"] == len(call["kept"][0][0]) + 2 * BUDGETS[-1]
