@@ -113,13 +113,11 @@ class PrunedModelMixin:
 
     def embed_text_ids(self, text_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Input embeddings (1, L, D) of one image's prompt text and its mask (1, L)."""
-        text_ids = text_ids.to(self.device_for_text(), torch.long)
-        embeds = self.get_language_model().embed_input_ids(text_ids)  # (L, D)
+        language_model = self.get_language_model()
+        text_ids = text_ids.to(next(language_model.parameters()).device, torch.long)
+        embeds = language_model.embed_input_ids(text_ids)  # (L, D)
         mask = torch.ones(1, text_ids.numel(), dtype=torch.bool, device=embeds.device)
         return embeds.unsqueeze(0), mask
-
-    def device_for_text(self) -> torch.device:
-        return next(self.get_language_model().parameters()).device
 
     def select_image(self, inputs: SelectionInputs, text_ids: torch.Tensor | None) -> Selection:
         """Run the method on one image (B = 1) and record what it kept."""
