@@ -30,7 +30,7 @@ def first_example() -> dict:
 
 def offline_answer(example: dict) -> tuple[str, int]:
     """The answer and prompt length the offline path gives (it equals transformers + flashvlm:
-    test_llava checks that), computed here with transformers + flashvlm.
+    test_vllm_llava checks that), computed here with transformers + flashvlm.
 
     vLLM's chat path tokenizes the rendered chat template without adding special tokens,
     and the demo's template writes no BOS, so neither does the reference.
