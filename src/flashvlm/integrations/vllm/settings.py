@@ -1,0 +1,82 @@
+"""The user's switch: ``hf_overrides={"flashvlm": {"method": ..., "budget": ..., **params}}``.
+
+vLLM copies ``hf_overrides`` onto the model's Hugging Face config, so the settings travel
+to every process (front end, engine core, workers) with the config itself. Nothing here
+imports vLLM.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from ...errors import FlashVLMError, MethodUnavailableError
+from ...selection import Budget, TokenSelector, get_method, resolve_budget, validate_budget
+from ...selection.base import _REQUIREMENT_WORDS
+
+#: The key of ``hf_overrides`` (and so the attribute of the Hugging Face config) holding the settings.
+CONFIG_KEY = "flashvlm"
+
+#: What the vLLM path hands a method. ``lm_attention`` is missing: it needs a partial
+#: language-model pass over the unpruned sequence, which vLLM's fixed placeholder
+#: count (decided before the encoder runs) leaves no room for.
+SERVED_REQUIREMENTS = frozenset({"saliency", "cls_attention", "text", "projected", "keys", "grid"})
+
+
+@dataclass(frozen=True)
+class PruningSettings:
+    """One model's pruning: a method instance and the per-image budget."""
+
+    selector: TokenSelector
+    budget: Budget
+
+    def num_kept(self, num_tokens: int) -> int:
+        """Placeholders an image of ``num_tokens`` visual tokens gets in the prompt."""
+        if self.selector.keeps_all:
+            return num_tokens
+        return resolve_budget(self.budget, num_tokens)
+
+
+def parse_settings(value: object) -> PruningSettings:
+    """Settings from the ``flashvlm`` entry of ``hf_overrides``; :class:`FlashVLMError` on bad input.
+
+    ``value`` is ``{"budget": 64}`` plus optionally ``"method"`` (a registered name, with a
+    preset as ``"flashvlm:release"``; default ``"flashvlm"``) and that method's parameters.
+    A method that needs an input this path cannot serve is refused here, at start-up.
+    """
+    if not isinstance(value, Mapping):
+        raise FlashVLMError(
+            f'the settings must be a mapping like {{"method": "flashvlm", "budget": 64}}; got {value!r}'
+        )
+    params = dict(value)
+    if "budget" not in params:
+        raise FlashVLMError(
+            'the settings need a "budget": visual tokens per image (an integer >= 1) or a ratio of them in (0, 1]'
+        )
+    budget = validate_budget(params.pop("budget"))
+    method = params.pop("method", "flashvlm")
+    selector = get_method(method, **params)
+    unserved = sorted(selector.requires - SERVED_REQUIREMENTS)
+    if unserved:
+        needs = "; ".join(f"{need} ({_REQUIREMENT_WORDS[need]})" for need in unserved)
+        raise MethodUnavailableError(
+            f"method {method!r} needs {needs}, which the vLLM plug-in does not provide; "
+            f"methods it serves need only {', '.join(sorted(SERVED_REQUIREMENTS))}"
+        )
+    return PruningSettings(selector, budget)
+
+
+def settings_of(hf_config: object) -> PruningSettings | None:
+    """The model's settings, or None when the switch is absent (then the model is stock vLLM).
+
+    Bad settings raise :class:`FlashVLMError` naming the override, so that a server stops at
+    start-up (vLLM builds the multimodal processor's dummy inputs before it serves) with the
+    reason as its last line.
+    """
+    value = getattr(hf_config, CONFIG_KEY, None)
+    if value is None:
+        return None
+    try:
+        return parse_settings(value)
+    except FlashVLMError as error:
+        raise type(error)(f'hf_overrides["{CONFIG_KEY}"]: {error}') from None

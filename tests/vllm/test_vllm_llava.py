@@ -1,0 +1,188 @@
+"""The plug-in on the shipped demo model (LLaVA-1.5) against Hugging Face + flashvlm.
+
+One job builds every engine once: stock vLLM (plug-ins disabled) in one process, and in
+another the plug-in switched off, at full budget and at two budgets. The tests then compare
+greedy tokens and kept indices with ``flashvlm.prune`` on the transformers model.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+from vllm_harness import run_job
+
+import flashvlm
+from flashvlm.demo import EXAMPLES_DIR, MODEL_DIR
+from flashvlm.loading import chat_prompt
+
+MAX_TOKENS = 6
+BUDGETS = (256, 64, 28)  # 256: every token of the demo's 16 x 16 grid
+#: The other methods the vLLM path serves (each needs some of saliency, CLS row, keys,
+#: text, projected tokens, grid), run once each on the first example.
+OTHER_METHODS = ("flashvlm:release", "visionzip", "vispruner", "divprune", "cdpruner", "pool", "random")
+EOS_ID = 2
+
+
+def examples() -> list[dict]:
+    rows = json.loads((EXAMPLES_DIR / "examples.json").read_text())
+    return [{"image": str(EXAMPLES_DIR / row["image"]), "question": row["question"]} for row in rows]
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    model = LlavaForConditionalGeneration.from_pretrained(MODEL_DIR).eval()
+    return model, AutoProcessor.from_pretrained(MODEL_DIR)
+
+
+def requests_for(processor, rows):
+    return [{"prompt": chat_prompt(processor, row["question"]), "images": [row["image"]]} for row in rows]
+
+
+def hf_reference(hf_model, request: dict, budget: int | None, method: str = "flashvlm") -> dict:
+    """Greedy tokens (EOS dropped) and kept indices of transformers + flashvlm for one request."""
+    from PIL import Image
+
+    model, processor = hf_model
+    images = [Image.open(path).convert("RGB") for path in request["images"]]
+    inputs = processor(images=images, text=request["prompt"], return_tensors="pt")
+    settings = {"do_sample": False, "max_new_tokens": MAX_TOKENS}
+    with torch.no_grad():
+        if budget is None:
+            generated, kept = model.generate(**inputs, **settings), None
+        else:
+            with flashvlm.prune(model, budget=budget, method=method) as pruner:
+                generated = model.generate(**inputs, **settings)
+            kept = [image.keep_indices.tolist() for image in pruner.last.images]
+    return {"output_ids": without_eos(generated[0, inputs["input_ids"].shape[1] :].tolist()), "kept": kept}
+
+
+def without_eos(ids: list[int]) -> list[int]:
+    return ids[: ids.index(EOS_ID)] if EOS_ID in ids else ids
+
+
+@pytest.fixture(scope="module")
+def runs(hf_model, demo_vllm_folder, tmp_path_factory):
+    _, processor = hf_model
+    rows = examples()
+    one_by_one = [[request] for request in requests_for(processor, rows)]
+    image = rows[0]["image"]
+    two_questions = requests_for(
+        processor, [{"image": image, "question": q} for q in ("is there a red circle ?", "how many shapes are there ?")]
+    )
+    # Different images, one of them twice with another question, in one batch.
+    mixed = requests_for(processor, [*rows, {"image": rows[1]["image"], "question": rows[0]["question"]}])
+    workdir = tmp_path_factory.mktemp("vllm-llava")
+    job = {"model": str(demo_vllm_folder), "max_tokens": MAX_TOKENS}
+    stock = run_job({**job, "engines": [{"name": "stock", "calls": one_by_one}]}, workdir / "stock", plugins=False)
+    engines = [{"name": "off", "calls": one_by_one}]
+    for budget in BUDGETS:
+        calls = one_by_one
+        if budget == BUDGETS[-1]:
+            # The two questions come one after another, so the second meets the caches the first filled.
+            calls = [*one_by_one, *[[request] for request in two_questions]]
+        engines.append({"name": f"b{budget}", "hf_overrides": {"flashvlm": {"budget": budget}}, "calls": calls})
+    # The batch gets an engine of its own: with the one-by-one results in its encoder cache,
+    # vLLM would rightly serve them from there instead of selecting again.
+    engines.append({"name": "batch", "hf_overrides": {"flashvlm": {"budget": BUDGETS[-1]}}, "calls": [mixed]})
+    two_images = {
+        "prompt": chat_prompt(processor, rows[2]["question"], num_images=2),
+        "images": [rows[0]["image"], rows[2]["image"]],
+    }
+    overrides = {"flashvlm": {"budget": BUDGETS[-1]}}
+    engines.append(
+        {
+            "name": "two images",
+            "hf_overrides": overrides,
+            "engine_args": {"limit_mm_per_prompt": {"image": 2}},
+            "calls": [[two_images]],
+        }
+    )
+    for method in OTHER_METHODS:
+        overrides = {"flashvlm": {"method": method, "budget": BUDGETS[-1]}}
+        engines.append({"name": method, "hf_overrides": overrides, "calls": one_by_one[:1]})
+    plugin = run_job({**job, "engines": engines}, workdir / "plugin")
+    return {
+        "stock": stock["stock"],
+        **plugin,
+        "requests": one_by_one,
+        "two": two_questions,
+        "mixed": mixed,
+        "two_images": two_images,
+    }
+
+
+def only_output(call: dict) -> dict:
+    (output,) = call["outputs"]
+    return {"output_ids": without_eos(output["output_ids"]), "prompt_length": len(output["prompt_ids"])}
+
+
+def test_plugin_off_is_stock_vllm_and_equals_transformers(runs, hf_model):
+    stock = [only_output(call) for call in runs["stock"]]
+    off = [only_output(call) for call in runs["off"]]
+    assert off == stock
+    assert all(call["kept"] == [] for call in runs["off"])
+    for (request,), result in zip(runs["requests"], stock):
+        assert result["output_ids"] == hf_reference(hf_model, request, None)["output_ids"]
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_greedy_tokens_and_kept_indices_equal_transformers(runs, hf_model, budget):
+    calls = runs[f"b{budget}"][: len(runs["requests"])]
+    stock = [only_output(call) for call in runs["stock"]]
+    for (request,), call, unpruned in zip(runs["requests"], calls, stock):
+        reference = hf_reference(hf_model, request, budget)
+        result = only_output(call)
+        (kept,) = call["kept"]
+        assert [kept[2]] == reference["kept"]
+        assert result["output_ids"] == reference["output_ids"]
+        # The prompt holds K placeholders instead of N: text + K tokens.
+        assert result["prompt_length"] == unpruned["prompt_length"] - 256 + min(budget, 256)
+        if budget == 256:
+            assert result["output_ids"] == unpruned["output_ids"]
+
+
+def test_two_questions_about_one_image_get_two_selections(runs, hf_model):
+    calls = runs[f"b{BUDGETS[-1]}"][-2:]
+    kept = [call["kept"][0] for call in calls]
+    assert kept[0][0] != kept[1][0]  # guided by different text
+    for request, call, selection in zip(runs["two"], calls, kept):
+        reference = hf_reference(hf_model, request, BUDGETS[-1])
+        assert [selection[2]] == reference["kept"]
+        assert only_output(call)["output_ids"] == reference["output_ids"]
+
+
+def test_a_mixed_batch_equals_the_requests_one_by_one(runs, hf_model):
+    (batch,) = runs["batch"]
+    singles = runs[f"b{BUDGETS[-1]}"][: len(runs["requests"])]
+    expected = [only_output(call) for call in singles]
+    got = [
+        {"output_ids": without_eos(o["output_ids"]), "prompt_length": len(o["prompt_ids"])} for o in batch["outputs"]
+    ]
+    assert got[: len(expected)] == expected
+    singles_kept = [json.dumps(call["kept"][0]) for call in singles]
+    assert len(batch["kept"]) == len(runs["mixed"])
+    assert set(singles_kept) <= set(map(json.dumps, batch["kept"]))
+    # The fourth request: the second image asked the first question, as transformers answers it.
+    reference = hf_reference(hf_model, runs["mixed"][-1], BUDGETS[-1])
+    assert got[-1]["output_ids"] == reference["output_ids"]
+    assert reference["kept"][0] in [record[2] for record in batch["kept"]]
+
+
+@pytest.mark.parametrize("method", OTHER_METHODS)
+def test_every_servable_method_keeps_what_it_keeps_in_transformers(runs, hf_model, method):
+    (call,) = runs[method]
+    reference = hf_reference(hf_model, runs["requests"][0][0], BUDGETS[-1], method)
+    (kept,) = call["kept"]
+    assert [kept[2]] == reference["kept"]
+    assert only_output(call)["output_ids"] == reference["output_ids"]
+
+
+def test_two_images_in_one_prompt_each_get_the_budget(runs, hf_model):
+    (call,) = runs["two images"]
+    reference = hf_reference(hf_model, runs["two_images"], BUDGETS[-1])
+    assert [record[2] for record in call["kept"]] == reference["kept"]
+    assert only_output(call)["output_ids"] == reference["output_ids"]
+    assert only_output(call)["prompt_length"] == len(call["kept"][0][0]) + 2 * BUDGETS[-1]

@@ -1,0 +1,51 @@
+"""The switch's settings (no engine needed): methods, presets and parameters as in the Python API."""
+
+from __future__ import annotations
+
+import pytest
+
+from flashvlm import FlashVLM
+from flashvlm.errors import BudgetError, FlashVLMError, MethodUnavailableError
+from flashvlm.integrations.vllm.settings import parse_settings, settings_of
+
+
+def test_method_defaults_to_flashvlm_and_takes_presets_and_parameters():
+    assert parse_settings({"budget": 64}).selector == FlashVLM()
+    assert parse_settings({"method": "flashvlm:release", "budget": 64}).selector == FlashVLM.preset("release")
+    assert parse_settings({"method": "flashvlm", "budget": 0.25, "text_weight": 0.3}).selector.text_weight == 0.3
+
+
+@pytest.mark.parametrize(
+    "budget, num_tokens, expected", [(64, 256, 64), (300, 256, 256), (0.11, 256, 28), (1.0, 256, 256)]
+)
+def test_the_placeholder_count_is_the_resolved_budget(budget, num_tokens, expected):
+    assert parse_settings({"budget": budget}).num_kept(num_tokens) == expected
+
+
+def test_the_unpruned_method_keeps_every_placeholder():
+    assert parse_settings({"method": "none", "budget": 8}).num_kept(256) == 256
+
+
+@pytest.mark.parametrize(
+    "settings, error, words",
+    [
+        ({"budget": 0}, BudgetError, "budget must be >= 1"),
+        ({"method": "flashvlm"}, FlashVLMError, 'need a "budget"'),
+        ({"method": "nosuch", "budget": 8}, FlashVLMError, "unknown method 'nosuch'"),
+        ({"budget": 8, "nosuch": 1}, FlashVLMError, "has no parameter(s) ['nosuch']"),
+        ({"method": "fastv", "budget": 8}, MethodUnavailableError, "needs lm_attention"),
+        (64, FlashVLMError, "must be a mapping"),
+    ],
+)
+def test_bad_settings_name_the_override_and_the_bad_value(settings, error, words):
+    class Config:
+        flashvlm = settings
+
+    with pytest.raises(error) as raised:
+        settings_of(Config())
+    message = str(raised.value)
+    assert message.startswith('hf_overrides["flashvlm"]: ') and words in message
+
+
+def test_no_key_means_stock_vllm():
+    assert settings_of(object()) is None

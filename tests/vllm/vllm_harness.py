@@ -1,0 +1,118 @@
+"""Drive vLLM from the tests: each run of engines is a subprocess (``vllm_job.py``), because
+vLLM starts processes of its own and keeps global state per process (plug-ins load once).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+JOB_SCRIPT = Path(__file__).with_name("vllm_job.py")
+#: Generous: one job imports vLLM (~15-30 s on two shared cores) and builds a few engines.
+JOB_TIMEOUT_SECONDS = 900
+
+
+def vllm_environment(cache_root: Path, plugins: bool = True) -> dict[str, str]:
+    """Settings that let vLLM run small models on a shared CPU, offline."""
+    env = dict(os.environ)
+    env.update(
+        VLLM_CPU_KVCACHE_SPACE="1",
+        HF_HUB_OFFLINE="1",
+        VLLM_CACHE_ROOT=str(cache_root),
+        OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"),
+        TOKENIZERS_PARALLELISM="false",
+    )
+    if not plugins:
+        env["VLLM_PLUGINS"] = ""  # an allow-list naming no plug-in: stock vLLM
+    return env
+
+
+def run_job(job: dict, workdir: Path, plugins: bool = True, in_process: bool = True) -> dict:
+    """Run ``vllm_job.py`` on ``job`` and return its results (see that script)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    job_file, result_file = workdir / "job.json", workdir / "result.json"
+    job_file.write_text(json.dumps(job))
+    env = vllm_environment(workdir / "cache", plugins)
+    if in_process:
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    completed = subprocess.run(
+        [sys.executable, str(JOB_SCRIPT), str(job_file), str(result_file)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=JOB_TIMEOUT_SECONDS,
+    )
+    if completed.returncode != 0:
+        raise AssertionError(f"vllm_job.py failed ({completed.returncode}):\n{completed.stderr[-6000:]}")
+    return json.loads(result_file.read_text())
+
+
+#: The OpenAI-compatible server. (vllm-cpu's ``vllm`` command looks up the version of a
+#: distribution named "vllm", which vllm-cpu is not, so the module is started directly.)
+SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_server(model: Path, hf_overrides: dict | None, workdir: Path):
+    """``vllm serve``-equivalent on loopback; returns (process, base URL, log path)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    command = [sys.executable, "-m", SERVER_MODULE, "--model", str(model), "--host", "127.0.0.1", "--port", str(port)]
+    command += ["--dtype", "float32", "--max-model-len", "512", "--enforce-eager", "--max-num-seqs", "4"]
+    if hf_overrides is not None:
+        command += ["--hf-overrides", json.dumps(hf_overrides)]
+    log_path = workdir / "server.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            command, env=vllm_environment(workdir / "cache"), stdout=log, stderr=subprocess.STDOUT
+        )
+    return process, f"http://127.0.0.1:{port}", log_path
+
+
+def wait_until_ready(process, base_url: str, timeout: float) -> bool:
+    """Poll ``/health`` until it answers 200 (True) or the server exits or time runs out (False)."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            with urllib.request.urlopen(f"{base_url}/health", timeout=5) as response:
+                if response.status == 200:
+                    return True
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(2)
+    return False
+
+
+def stop(process, timeout: float = 30) -> None:
+    """End a server this test started (its engine process exits with it)."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout)
+
+
+def post_json(url: str, payload: dict, timeout: float = 300) -> dict:
+    import urllib.request
+
+    request = urllib.request.Request(
+        url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())
