@@ -6,8 +6,10 @@ matrix runs over all of them.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -670,3 +672,31 @@ def kept_per_row(records, batch_size: int) -> torch.Tensor:
     for record in records:
         kept[record.batch_index] += record.num_kept
     return kept
+
+
+# -- the vLLM plug-in's tests (tests/vllm/) ----------------------------------------------------
+# They run in the vLLM environment (`make vllm-test`) and are skipped wherever vLLM is not
+# installed (the main environment, `make test`). Their hook and fixture live here rather than
+# in a tests/vllm/conftest.py: a second module named `conftest` would replace this one in
+# sys.modules, and every `from conftest import ...` made after it would find the wrong file.
+# tests/vllm has no __init__.py on purpose (a package named vllm would shadow vLLM), so it is
+# itself a namespace package named vllm, with no origin, when vLLM is absent.
+VLLM_TESTS = Path(__file__).parent / "vllm"
+_VLLM_SPEC = importlib.util.find_spec("vllm")
+VLLM_INSTALLED = _VLLM_SPEC is not None and _VLLM_SPEC.origin is not None
+
+
+def pytest_collection_modifyitems(config, items):
+    if VLLM_INSTALLED:
+        return
+    skip = pytest.mark.skip(reason="vLLM is not installed here: make vllm-test runs these in .venv-vllm")
+    for item in items:
+        if VLLM_TESTS in Path(item.fspath).parents:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def demo_vllm_folder(tmp_path_factory) -> Path:
+    from flashvlm.integrations.vllm.demo import export_demo_model
+
+    return export_demo_model(tmp_path_factory.mktemp("demo-vllm") / "model")

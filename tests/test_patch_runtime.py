@@ -79,7 +79,7 @@ def test_continuing_from_an_unpruned_cache_gives_the_unpruned_tokens(model):
 
 def test_last_describes_no_image_after_a_text_only_call(model):
     inputs = llava_batch(model, batch_size=2, seed=8)
-    with flashvlm.prune(model, budget=4) as pruner, torch.no_grad():
+    with flashvlm.prune(model, budget=4, timed=True) as pruner, torch.no_grad():
         model.generate(**inputs, max_new_tokens=2, do_sample=False)
         assert pruner.last is not None and pruner.last_selection_seconds is not None
         model.generate(**text_only(inputs), max_new_tokens=2, do_sample=False)

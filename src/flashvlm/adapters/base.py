@@ -212,6 +212,24 @@ class ModelAdapter(ABC):
         """Whether these forward/generate arguments carry visual tokens to prune."""
         return any(model_kwargs.get(name) is not None for name in self.pixel_arguments)
 
+    def video_units(
+        self,
+        num_frames: int,
+        per_frame: int,
+        frame_grid: tuple[int, int] | None,
+        device: torch.device,
+        video_grid: tuple[int, int] | None = None,
+    ) -> list[ImageSelection]:
+        """Budget units of one video of ``num_frames`` frames of ``per_frame`` tokens: one unit
+        per frame laid out as ``frame_grid`` (``video_budget="per_frame"``), or one for the
+        whole video (laid out as ``video_grid``, if it has a 2-D layout)."""
+        positions = torch.arange(num_frames * per_frame, device=device)  # (T * per_frame,)
+        if self.video_budget == "per_frame":
+            return [
+                ImageSelection.of("frame", [TokenRegion(frame, frame_grid)]) for frame in positions.split(per_frame)
+            ]
+        return [ImageSelection.of("video", [TokenRegion(positions, video_grid)])]
+
     # -- the hooks a family overrides ---------------------------------------------------------
     @abstractmethod
     def visual_items(self, model_kwargs: dict[str, Any], needs: frozenset[str]) -> list[VisualItem]:

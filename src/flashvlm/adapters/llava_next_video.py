@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .base import FamilySupport, ImageSelection, TokenRegion, VisualItem
+from .base import FamilySupport, VisualItem
 from .llava import LlavaAdapter, square_grid
 from .llava_next import LlavaNextAdapter
 
@@ -59,17 +59,11 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
             stack.tokens = self.project(stack.features)  # (V*F, m, D)
         per_frame = stack.features.shape[1]
         grid = square_grid(per_frame)
-        positions = torch.arange(num_frames * per_frame, device=stack.features.device)
         items = []
         for video in range(num_videos):
             frames = slice(video * num_frames, (video + 1) * num_frames)
             item = stack.map(lambda tensor, frames=frames: tensor[frames].flatten(0, 1))
             item.kind = "video"
-            if self.video_budget == "per_frame":
-                item.units = [
-                    ImageSelection.of("frame", [TokenRegion(frame, grid)]) for frame in positions.split(per_frame)
-                ]
-            else:
-                item.units = [ImageSelection.of("video", [TokenRegion(positions)])]
+            item.units = self.video_units(num_frames, per_frame, grid, stack.features.device)
             items.append(item)
         return items

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ..errors import FlashVLMError
-from .base import FamilySupport, ImageSelection, TokenRegion, VisualItem
+from .base import FamilySupport, VisualItem
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter, side_channels, split_side_channels
 
@@ -81,13 +81,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             item = split_side_channels(torch.cat([video_side, marker]), stack, "video", video_tokens)
             # One "row" (every frame token) ends with the video's newline.
             item.row_of = torch.zeros_like(item.is_newline, dtype=torch.long)
-            positions = torch.arange(num_frames * per_frame, device=tokens.device)
-            if self.video_budget == "per_frame":
-                item.units = [
-                    ImageSelection.of("frame", [TokenRegion(frame, grid)]) for frame in positions.split(per_frame)
-                ]
-            else:
-                item.units = [ImageSelection.of("video", [TokenRegion(positions)])]
+            item.units = self.video_units(num_frames, per_frame, grid, tokens.device)
             items.append(item)
         return items
 

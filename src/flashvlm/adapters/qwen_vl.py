@@ -151,11 +151,10 @@ class QwenVLAdapter(ModelAdapter):
             start = 0
             for t, h, w in grids:
                 item = stack.map(lambda tensor, span=slice(start, start + t * h * w): tensor[span])
-                positions = torch.arange(t * h * w, device=item.features.device)
-                if kind == "video" and self.video_budget == "per_frame":
-                    frames = positions.split(h * w)
-                    item.units = [ImageSelection.of("frame", [TokenRegion(frame, (h, w))]) for frame in frames]
+                if kind == "video":
+                    item.units = self.video_units(t, h * w, (h, w), item.features.device, (h, w) if t == 1 else None)
                 else:
+                    positions = torch.arange(t * h * w, device=item.features.device)
                     item.units = [ImageSelection.of(kind, [TokenRegion(positions, (h, w) if t == 1 else None)])]
                 items.append(item)
                 start += t * h * w
