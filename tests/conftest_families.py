@@ -20,6 +20,7 @@ from conftest import (
     IMAGE_TOKEN_ID,
     PAD_TOKEN_ID,
     PATCH_SIZE,
+    TINY_CASES,
     VIDEO_TOKEN_ID,
     TinyCase,
     anyres_batch,
@@ -305,3 +306,7 @@ FAMILY_CASES = [
     # AnyRes images as LLaVA-NeXT, and a video per row: 6 x 6 pooled 2 x 2 -> 9 tokens per frame.
     TinyCase("llava_next_video", build_tiny_llava_next_video, llava_next_video_batch, 9, anyres_row, video=True),
 ]
+
+#: Every tiny family: those of conftest.py, then these. The contract tests, the method x
+#: family matrix and the catalog check run over all of them.
+EVERY_CASE = [*TINY_CASES, *FAMILY_CASES]

@@ -21,6 +21,7 @@ from conftest import (
     tiny_model,
     visual_placeholders,
 )
+from conftest_families import EVERY_CASE
 
 import flashvlm
 from flashvlm import FlashVLMError, MethodUnavailableError, TokenSelector
@@ -36,7 +37,7 @@ def is_anyres(case) -> bool:
     return case.name.startswith(("llava_next", "llava_onevision"))
 
 
-@pytest.mark.parametrize("case", TINY_CASES, ids=lambda case: case.name)
+@pytest.mark.parametrize("case", EVERY_CASE, ids=lambda case: case.name)
 def test_full_budget_gives_the_unpatched_logits(case):
     model = tiny_model(case)
     inputs = case.make_inputs(model, 3, 0)
@@ -74,7 +75,7 @@ def test_budget_k_sends_exactly_k_tokens_per_unit(case):
             assert not bool((is_newline[1:] & is_newline[:-1]).any()), "a newline follows an emptied row"
 
 
-@pytest.mark.parametrize("case", TINY_CASES, ids=lambda case: case.name)
+@pytest.mark.parametrize("case", EVERY_CASE, ids=lambda case: case.name)
 def test_padded_batch_generates_like_single_rows(case):
     model = tiny_model(case)
     inputs = case.make_inputs(model, 3, 1)

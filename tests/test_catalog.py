@@ -6,16 +6,15 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import TINY_CASES, tiny_model
-from conftest_families import FAMILY_CASES
+from conftest import tiny_model
+from conftest_families import EVERY_CASE
 
 from flashvlm import adapter_for, supported_architectures
 from flashvlm.adapters import ADAPTERS
 from flashvlm.catalog import generated_sections
 
 ROOT = Path(__file__).resolve().parent.parent
-#: Every family's tiny models (InternVL, SmolVLM/Idefics3 and LLaVA-NeXT-Video are in conftest_families.py).
-CASES = [*TINY_CASES, *FAMILY_CASES]
+CASES = EVERY_CASE
 
 
 @pytest.mark.parametrize(("place", "body"), generated_sections().items(), ids=lambda value: str(value)[:40])

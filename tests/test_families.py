@@ -34,39 +34,6 @@ PARAMS = pytest.mark.parametrize("case", FAMILY_CASES, ids=lambda case: case.nam
 
 
 @PARAMS
-def test_full_budget_gives_the_unpatched_logits(case):
-    model = tiny_model(case)
-    inputs = case.make_inputs(model, 3, 0)
-    with torch.no_grad():
-        expected = model(**inputs).logits
-        with flashvlm.prune(model, budget=10_000) as pruner:
-            actual = model(**inputs).logits
-    assert min(record.num_tokens for record in pruner.last.images) == case.tokens_per_image
-    assert all(record.num_kept == record.num_tokens for record in pruner.last.images)
-    real = inputs["attention_mask"].bool()
-    assert actual.shape == expected.shape
-    torch.testing.assert_close(actual[real], expected[real], atol=1e-5, rtol=0)
-
-
-@PARAMS
-def test_padded_batch_generates_like_single_rows(case):
-    model = tiny_model(case)
-    inputs = case.make_inputs(model, 3, 1)
-    settings = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
-    with flashvlm.prune(model, budget=case.tokens_per_image // 2) as pruner:
-        batched = model.generate(**inputs, **settings)
-        batch_records = pruner.last.images
-        for row in range(3):
-            single = case.select_row(inputs, row)
-            alone = model.generate(**single, **settings)
-            width = single["input_ids"].shape[1]
-            assert torch.equal(alone[0, width:], batched[row, inputs["input_ids"].shape[1] :]), f"row {row}"
-            mine = [record.keep_indices for record in batch_records if record.batch_index == row]
-            assert all(torch.equal(a, b.keep_indices) for a, b in zip(mine, pruner.last.images, strict=True))
-    assert torch.equal(batched[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])
-
-
-@PARAMS
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_half_precision_never_gives_nan(case, dtype):
     model = copy.deepcopy(tiny_model(case)).to(dtype)

@@ -15,13 +15,12 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import (
-    TINY_CASES,
     kept_per_row,
     placeholder_counts,
     selectable_tokens_sent,
     tiny_model,
 )
-from conftest_families import FAMILY_CASES
+from conftest_families import EVERY_CASE
 
 import flashvlm
 from flashvlm.adapters import adapter_for
@@ -30,8 +29,7 @@ from flashvlm.errors import MethodUnavailableError
 from flashvlm.selection import SelectionInputs, available_methods, get_method
 from flashvlm.selection.base import REQUIREMENTS
 
-#: The families of conftest.py, then InternVL, SmolVLM/Idefics3 and LLaVA-NeXT-Video (conftest_families.py).
-CASES = [*TINY_CASES, *FAMILY_CASES]
+CASES = EVERY_CASE
 
 METHODS = available_methods()
 #: Every method and the CLS-free variants, as the docs' methods x families table lists them.

@@ -319,8 +319,9 @@ class ModelAdapter(ABC):
         """Embeddings (B, L_text, D) and mask (B, L_text) of the text that guides ``selector``:
         every prompt token that is neither padding nor a visual placeholder, wherever the
         images sit, or (``text_tokens="question"``) only the question's tokens; and, packed
-        the same way, which of them precede the row's first visual placeholder (B, L_text),
-        for ``text_tokens="before_image"``. (None, None, None) when the method needs no text."""
+        the same way, which of them precede the row's first visual placeholder (B, L_text;
+        only for ``text_tokens="before_image"``, else None). (None, None, None) when the
+        method needs no text."""
         if "text" not in selector.requires:
             return None, None, None
         placeholder_ids = torch.tensor(list(self.token_ids.values()), device=input_ids.device)
@@ -338,6 +339,8 @@ class ModelAdapter(ABC):
             rows = [questions] if isinstance(questions, str) else list(questions)
             is_text &= question_token_mask(self.tokenizer, input_ids, attention_mask, rows)
         text_embeds, text_mask = text_embeddings(self.model.get_input_embeddings(), input_ids, is_text)
+        if text_tokens != "before_image":
+            return text_embeds, text_mask, None
         # Packing keeps each row's text in order, so the tokens before the first image are
         # the first (is_text & before-image).sum() places of its packed row.
         before_count = (is_text & (is_placeholder.cumsum(dim=1) == 0)).sum(dim=1)  # (B,)
@@ -389,7 +392,8 @@ class ModelAdapter(ABC):
             if text_embeds is not None:
                 rows = torch.tensor([item.batch_index for item, _ in members], device=text_embeds.device)
                 inputs.text_embeds, inputs.text_mask = text_embeds[rows], text_mask[rows]
-                inputs.text_before_image = text_before_image[rows]
+                if text_before_image is not None:
+                    inputs.text_before_image = text_before_image[rows]
             selection = selector(inputs, share)
             for row, (_, region) in enumerate(members):
                 region.chosen = selection.indices[row]
