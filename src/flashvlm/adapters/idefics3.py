@@ -33,7 +33,8 @@ import torch
 from ..errors import FlashVLMError
 from ..saliency import received_attention
 from .base import FamilySupport, ModelAdapter, VisualItem
-from .internvl import image_of_views, placeholder_runs, refuse_per_video
+from .internvl import image_of_views, refuse_per_video
+from .sequence import placeholder_runs
 from .taps import tap_vision_layer
 
 

@@ -34,6 +34,7 @@ from ..errors import FlashVLMError, UnsupportedModelError
 from ..saliency import query_row_attention
 from .base import FamilySupport, ImageSelection, ModelAdapter, TokenRegion, VisualItem
 from .llava import square_grid
+from .sequence import placeholder_runs
 from .taps import resolve_hidden_state_layer, run_until_tap, tap_vision_layer
 
 
@@ -162,13 +163,3 @@ def refuse_per_video(model, video_budget: str) -> None:
             f"video_budget='per_video' is not available for {type(model).__name__}: its processor sends video "
             "frames as separate images, so each frame gets the budget (use video_budget='per_frame')"
         )
-
-
-def placeholder_runs(input_ids: torch.Tensor, token_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The unbroken runs of ``token_id`` in (B, L) ids, row by row, left to right: the row,
-    first position and length of each, (R,) long tensors."""
-    is_token = torch.nn.functional.pad((input_ids == token_id).int(), (1, 1))  # (B, L + 2)
-    change = is_token[:, 1:] - is_token[:, :-1]  # +1 where a run starts, -1 just after it ends
-    rows, starts = (change == 1).nonzero(as_tuple=True)
-    ends = (change == -1).nonzero()[:, 1]
-    return rows, starts, ends - starts
