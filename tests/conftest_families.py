@@ -386,18 +386,16 @@ def tiny_qwen3_vl_processor():
     )
 
 
-#: Split images: their tiles are selected jointly, in no known raster (the tile layout is
-#: not in the model's inputs), so grid-based methods cannot serve them.
-NO_GRID = frozenset({"grid"})
 #: SigLIP has no CLS token (InternViT and CLIP have one).
 NO_CLS = frozenset({"cls_attention"})
 
 FAMILY_CASES = [
-    # Smallest unit: a one-tile image, 4 x 4 tokens after the pixel shuffle.
-    TinyCase("internvl", build_tiny_internvl, internvl_batch, TOKENS_PER_TILE, internvl_row, lacks=NO_GRID),
+    # Smallest unit: a one-tile image, 4 x 4 tokens after the pixel shuffle; each tile of a
+    # split image is such a raster for grid-based methods.
+    TinyCase("internvl", build_tiny_internvl, internvl_batch, TOKENS_PER_TILE, internvl_row),
     # Smallest unit: an unsplit image, 16 tokens; split images share one budget over all views.
-    TinyCase("idefics3", build_tiny_idefics3, idefics3_batch, TOKENS_PER_TILE, idefics3_row, lacks=NO_CLS | NO_GRID),
-    TinyCase("smolvlm", build_tiny_smolvlm, idefics3_batch, TOKENS_PER_TILE, idefics3_row, lacks=NO_CLS | NO_GRID),
+    TinyCase("idefics3", build_tiny_idefics3, idefics3_batch, TOKENS_PER_TILE, idefics3_row, lacks=NO_CLS),
+    TinyCase("smolvlm", build_tiny_smolvlm, idefics3_batch, TOKENS_PER_TILE, idefics3_row, lacks=NO_CLS),
     # AnyRes images as LLaVA-NeXT, and a video per row: 6 x 6 pooled 2 x 2 -> 9 tokens per frame.
     TinyCase("llava_next_video", build_tiny_llava_next_video, llava_next_video_batch, 9, anyres_row, video=True),
 ]

@@ -73,8 +73,10 @@ def test_a_family_folder_loads_its_real_processor_and_prunes(name, family_folder
             assert model.generate(**inputs, **settings).shape == expected.shape
         with flashvlm.prune(model, 8, "flashvlm:question", tokenizer=processor) as asked:
             model.generate(**inputs, question=[QUESTION], **settings)
-    assert [(record.num_tokens, record.num_kept) for record in pruner.last.images] == [(num_tokens, 8)]
-    assert [record.num_kept for record in asked.last.images] == [8]
+        with flashvlm.prune(model, 8, "pool") as pooled:  # tiled images: each tile its own raster
+            model.generate(**inputs, **settings)
+    for run in (pruner, asked, pooled):
+        assert [(record.num_tokens, record.num_kept) for record in run.last.images] == [(num_tokens, 8)]
 
 
 @pytest.mark.parametrize("name", ["internvl", "smolvlm", "qwen3_vl"])  # Idefics3's processor takes no videos
@@ -99,6 +101,32 @@ def test_a_smolvlm_folder_without_num2words_names_what_to_install(family_folder,
     assert str(caught.value) == (
         f'the processor of {folder} (SmolVLMProcessor) needs the num2words package: pip install "flashvlm[smolvlm]"'
     )
+
+
+@pytest.mark.parametrize("name", ["internvl", "smolvlm"])
+def test_pool_averages_each_tile_of_a_multi_tile_image_on_its_own_raster(name):
+    case = CASES[name]
+    model = tiny_model(case)
+    inputs = case.make_inputs(model, 1, 0)  # one image: two tiles and the global view, 16 tokens each
+    with flashvlm.prune(model, budget=12, method="pool") as pruner, torch.no_grad():
+        pruned = pruner.prune_inputs(dict(inputs))
+        logits = model(**inputs).logits
+        (item,) = flashvlm.adapter_for(model).visual_items(dict(inputs), frozenset({"grid"}))
+    (record,) = pruned.images
+    assert (record.num_tokens, record.num_kept) == (48, 12) and torch.isfinite(logits).all()
+    assert [(region.positions.numel(), region.grid_shape, region.budget) for region in record.regions] == [
+        (16, (4, 4), 4)
+    ] * 3
+    # Each view's 4 x 4 raster is pooled to 2 x 2 cells, each sent as one token at its centre.
+    views = item.features.view(3, 4, 4, -1).permute(0, 3, 1, 2)  # (V, C, 4, 4)
+    cells = torch.nn.functional.adaptive_avg_pool2d(views, (2, 2)).flatten(2).transpose(1, 2)  # (V, 4, C)
+    with torch.no_grad():
+        expected = flashvlm.adapter_for(model).project(cells.flatten(0, 1))  # (12, D)
+    sent = pruned.model_kwargs["mm_encoder_outputs"]["image"].pooler_output
+    sent = torch.cat(list(sent)) if isinstance(sent, (list, tuple)) else sent.flatten(0, -2)
+    torch.testing.assert_close(sent, expected, atol=1e-5, rtol=0)
+    centres = torch.tensor([0, 2, 8, 10])  # each 2 x 2 cell's centre token (rounded down) in its view's raster
+    assert record.keep_indices.tolist() == torch.cat([centres + 16 * view for view in range(3)]).tolist()
 
 
 def test_the_pad_id_comes_from_the_language_models_config_first():
