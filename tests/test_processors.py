@@ -10,10 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from conftest import tiny_model
+from conftest import IMAGE_TOKEN_ID, VISION_END_ID, VISION_START_ID, tiny_model
 from conftest_families import (
     EVERY_CASE,
+    INTERNVL_END_ID,
+    INTERNVL_START_ID,
     build_tiny_idefics3,
+    idefics3_image_prompt,
     tiny_idefics3_processor,
     tiny_internvl_processor,
     tiny_qwen3_vl_processor,
@@ -27,12 +30,20 @@ from flashvlm.adapters.sequence import pad_token_id
 from flashvlm.loading import chat_prompt, load_model
 
 CASES = {case.name: case for case in EVERY_CASE}
-#: family -> (its real processor built locally, the processor class, its tokens for one wide image).
+#: family -> (its real processor built locally, the processor class, the prompt tokens it writes
+#: for one 40 x 70 px image: the layout the hand-built batches of conftest_families use).
 REAL_PROCESSORS = {
-    "internvl": (tiny_internvl_processor, "InternVLProcessor", 48),  # 2 tiles + the thumbnail, 16 each
-    "idefics3": (tiny_idefics3_processor, "Idefics3Processor", 80),  # 2 x 2 sub-images + the global view
-    "smolvlm": (tiny_smolvlm_processor, "SmolVLMProcessor", 80),
-    "qwen3_vl": (tiny_qwen3_vl_processor, "Qwen3VLProcessor", 60),  # resized to 24 x 40 px: 12 x 20 patches
+    # 2 tiles + the thumbnail, 16 tokens each, between <img> and </img>.
+    "internvl": (
+        tiny_internvl_processor,
+        "InternVLProcessor",
+        [INTERNVL_START_ID, *[IMAGE_TOKEN_ID] * 48, INTERNVL_END_ID],
+    ),
+    # A 2 x 2 split with its row/column markers, then the global view.
+    "idefics3": (tiny_idefics3_processor, "Idefics3Processor", idefics3_image_prompt(2, 2)),
+    "smolvlm": (tiny_smolvlm_processor, "SmolVLMProcessor", idefics3_image_prompt(2, 2)),
+    # Resized to 24 x 40 px: 12 x 20 patches merged 2 x 2.
+    "qwen3_vl": (tiny_qwen3_vl_processor, "Qwen3VLProcessor", [VISION_START_ID, *[IMAGE_TOKEN_ID] * 60, VISION_END_ID]),
 }
 QUESTION = "what is the color of the circle ?"
 
@@ -60,10 +71,14 @@ def family_folder(tmp_path_factory):
 
 @pytest.mark.parametrize("name", sorted(REAL_PROCESSORS))
 def test_a_family_folder_loads_its_real_processor_and_prunes(name, family_folder, wide_image):
-    _, class_name, num_tokens = REAL_PROCESSORS[name]
+    _, class_name, image_layout = REAL_PROCESSORS[name]
     model, processor = load_model(family_folder(name), device="cpu")
     assert isinstance(processor, getattr(transformers, class_name)) and type(processor).__name__ == class_name
     inputs = processor(images=[wide_image], text=[chat_prompt(processor, QUESTION)], return_tensors="pt")
+    ids = inputs["input_ids"][0].tolist()
+    num_tokens = image_layout.count(IMAGE_TOKEN_ID)
+    assert any(ids[start : start + len(image_layout)] == image_layout for start in range(len(ids)))
+    assert ids.count(IMAGE_TOKEN_ID) == num_tokens  # the layout is the prompt's only image
     settings = dict(max_new_tokens=3, do_sample=False)
     with torch.no_grad():
         expected = model.generate(**inputs, **settings)
