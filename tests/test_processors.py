@@ -70,15 +70,20 @@ def family_folder(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", sorted(REAL_PROCESSORS))
-def test_a_family_folder_loads_its_real_processor_and_prunes(name, family_folder, wide_image):
+def test_a_family_folder_loads_its_real_processor_and_prunes_a_padded_batch(name, family_folder, wide_image):
     _, class_name, image_layout = REAL_PROCESSORS[name]
     model, processor = load_model(family_folder(name), device="cpu")
     assert isinstance(processor, getattr(transformers, class_name)) and type(processor).__name__ == class_name
-    inputs = processor(images=[wide_image], text=[chat_prompt(processor, QUESTION)], return_tensors="pt")
+    # Two rows of different lengths: the wide image, then a small square one with a longer question.
+    questions = [QUESTION, "how many red circle , green circle , blue circle ?"]
+    images = [[wide_image], [Image.new("RGB", (24, 24), "red")]]
+    text = [chat_prompt(processor, question) for question in questions]
+    inputs = processor(images=images, text=text, padding=True, return_tensors="pt")
     ids = inputs["input_ids"][0].tolist()
-    num_tokens = image_layout.count(IMAGE_TOKEN_ID)
     assert any(ids[start : start + len(image_layout)] == image_layout for start in range(len(ids)))
-    assert ids.count(IMAGE_TOKEN_ID) == num_tokens  # the layout is the prompt's only image
+    assert ids.count(IMAGE_TOKEN_ID) == image_layout.count(IMAGE_TOKEN_ID)  # the layout is row 0's only image
+    tokens_per_row = (inputs["input_ids"] == IMAGE_TOKEN_ID).sum(dim=1).tolist()
+    assert inputs["attention_mask"].min() == 0  # the rows are padded
     settings = dict(max_new_tokens=3, do_sample=False)
     with torch.no_grad():
         expected = model.generate(**inputs, **settings)
@@ -87,11 +92,11 @@ def test_a_family_folder_loads_its_real_processor_and_prunes(name, family_folder
         with flashvlm.prune(model, budget=8) as pruner:
             assert model.generate(**inputs, **settings).shape == expected.shape
         with flashvlm.prune(model, 8, "flashvlm:question", tokenizer=processor) as asked:
-            model.generate(**inputs, question=[QUESTION], **settings)
+            model.generate(**inputs, question=questions, **settings)
         with flashvlm.prune(model, 8, "pool") as pooled:  # tiled images: each tile its own raster
             model.generate(**inputs, **settings)
     for run in (pruner, asked, pooled):
-        assert [(record.num_tokens, record.num_kept) for record in run.last.images] == [(num_tokens, 8)]
+        assert [(record.num_tokens, record.num_kept) for record in run.last.images] == [(n, 8) for n in tokens_per_row]
 
 
 @pytest.mark.parametrize("name", ["internvl", "smolvlm", "qwen3_vl"])  # Idefics3's processor takes no videos
