@@ -7,6 +7,8 @@ built locally) and loaded back through ``flashvlm.loading.load_model``, as a use
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import transformers
@@ -54,16 +56,29 @@ def wide_image():
     return Image.fromarray(torch.randint(0, 256, (40, 70, 3), generator=generator, dtype=torch.uint8).numpy())
 
 
+#: The video processor a folder saved with torchvision names, per family that has one.
+VIDEO_PROCESSOR_TYPES = {
+    "internvl": "InternVLVideoProcessor",
+    "smolvlm": "SmolVLMVideoProcessor",
+    "qwen3_vl": "Qwen3VLVideoProcessor",
+}
+
+
 @pytest.fixture(scope="module")
 def family_folder(tmp_path_factory):
-    """family -> a folder holding its tiny model and its real processor, saved on first use."""
+    """family -> a folder holding its tiny model and its real processor, saved on first use as
+    ``save_pretrained`` with torchvision would save it: naming a video processor too."""
     folders = {}
 
     def folder_of(name: str):
         if name not in folders:
-            folders[name] = tmp_path_factory.mktemp(f"real-{name}")
-            tiny_model(CASES[name]).save_pretrained(folders[name])
-            REAL_PROCESSORS[name][0]().save_pretrained(folders[name])
+            folder = folders[name] = tmp_path_factory.mktemp(f"real-{name}")
+            tiny_model(CASES[name]).save_pretrained(folder)
+            REAL_PROCESSORS[name][0]().save_pretrained(folder)
+            if name in VIDEO_PROCESSOR_TYPES:
+                config = json.loads((folder / "processor_config.json").read_text())
+                config["video_processor"] = {"video_processor_type": VIDEO_PROCESSOR_TYPES[name]}
+                (folder / "processor_config.json").write_text(json.dumps(config))
         return folders[name]
 
     return folder_of
@@ -99,8 +114,12 @@ def test_a_family_folder_loads_its_real_processor_and_prunes_a_padded_batch(name
         assert [(record.num_tokens, record.num_kept) for record in run.last.images] == [(n, 8) for n in tokens_per_row]
 
 
-@pytest.mark.parametrize("name", ["internvl", "smolvlm", "qwen3_vl"])  # Idefics3's processor takes no videos
+@pytest.mark.parametrize("name", sorted(VIDEO_PROCESSOR_TYPES))  # Idefics3's processor takes no videos
 def test_a_family_folder_refuses_videos_in_one_line(name, family_folder):
+    from transformers import AutoProcessor
+
+    with pytest.raises(ImportError, match="Torchvision"):  # what a plain from_pretrained meets here
+        AutoProcessor.from_pretrained(family_folder(name))
     _, processor = load_model(family_folder(name), device="cpu")
     frames = [Image.new("RGB", (32, 32), "red")] * 2
     with pytest.raises(FlashVLMError, match="loaded without its video processor because torchvision") as caught:
