@@ -15,10 +15,9 @@ goes through the SigLIP tower; the connector pixel-shuffles it (scale 2-4) and p
   ``round(K * N_tiles / N)`` tokens among all its tiles, chosen jointly (their layout is
   not in the model's inputs), and the global view keeps the rest; a method that needs the
   token grid (pool) gets each tile as its own square raster with its share, as for
-  InternVL. The marker tokens are
-  text: they are always kept, outside the budget. Which sub-images form one image is read
-  from the prompt: an image ends with the run after ``<global-img>``, the marker before
-  the last run of every row.
+  InternVL. The marker tokens are text: they are always kept, outside the budget. Which
+  sub-images form one image is read from the prompt: an image ends with the run after
+  ``<global-img>``, the marker before the last run of every row.
 - **Video** (SmolVLM2): the processor sends each frame as an unsplit image, so each frame
   gets the budget; ``video_budget="per_video"`` is refused (frames are not told apart
   from images in the model's inputs).
