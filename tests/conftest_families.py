@@ -1,11 +1,12 @@
 """Tiny InternVL, SmolVLM/Idefics3 and LLaVA-NeXT-Video models built from configs (no download),
-inputs laid out as their processors lay them out, and processors built locally.
+inputs laid out as their processors lay them out, and the real processors of these families
+and Qwen3-VL, built locally.
 
 Imported by the tests of these families (``tests/conftest.py`` holds the older families).
-Inputs are laid out by hand as the processors write them: Idefics3Processor is built here
-and checked to write the same layout; InternVLProcessor and SmolVLMProcessor cannot be
-built in this environment (their video processors need torchvision; SmolVLM's also
-num2words), so InternVL's tiling is checked against its image processor alone.
+Inputs are laid out by hand as the processors write them; the real InternVLProcessor,
+Idefics3Processor, SmolVLMProcessor and Qwen3VLProcessor are built here (without
+torchvision, minus their video processors, as flashvlm loads them) over word-level
+tokenizers and PIL image processors, and checked to write the same layouts.
 Every builder returns a random fp32 model in eval mode; every batch builder returns
 left-padded ``forward``/``generate`` keyword arguments, several rows with different
 prompts and visual layouts.
@@ -20,8 +21,12 @@ from conftest import (
     IMAGE_TOKEN_ID,
     PAD_TOKEN_ID,
     PATCH_SIZE,
+    QWEN_PATCH,
     TINY_CASES,
     VIDEO_TOKEN_ID,
+    VISION_END_ID,
+    VISION_START_ID,
+    VOCAB_SIZE,
     TinyCase,
     anyres_batch,
     anyres_row,
@@ -218,7 +223,7 @@ def llava_next_video_batch(model, batch_size: int = 2, seed: int = 0) -> dict:
     return anyres_batch(model, batch_size, seed, video=True)
 
 
-# -- processors built locally: a word-level tokenizer over the families' vocabulary -----------------
+# -- the families' real processors, over tokenizers and image processors built locally -------------
 #: Structural tokens of the new families, at their fixed ids (matched before word splitting).
 FAMILY_SPECIAL_TOKENS = {
     "<video>": VIDEO_TOKEN_ID,
@@ -235,26 +240,26 @@ FAMILY_SPECIAL_TOKENS = {
 }
 
 
-def family_tokenizer(**named_tokens: str):
-    """A fast word-level tokenizer: ids 0-3 are pad, <s>, </s>, <unk>; words up to 125; the
-    structural tokens above. ``named_tokens`` become attributes (``image_token="<image>"``)."""
+def family_tokenizer(
+    special_tokens: dict[str, int] = FAMILY_SPECIAL_TOKENS, vocab_size: int = FAMILY_VOCAB_SIZE, **named_tokens: str
+):
+    """A fast word-level tokenizer: ids 0-3 are pad, <s>, </s>, <unk>; words on the free ids
+    below 126; ``special_tokens`` at their ids. ``named_tokens`` become attributes
+    (``image_token="<image>"``)."""
     from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     words = "user assistant what is the color of shape a an red green blue circle yes no how many".split()
     words += list(":?.,!")
-    vocab = {"<pad>": PAD_TOKEN_ID, "<s>": 1, "</s>": 2, "<unk>": 3}
-    for word in words + [f"w{i}" for i in range(VIDEO_TOKEN_ID)]:
-        if len(vocab) < VIDEO_TOKEN_ID:
-            vocab.setdefault(word, len(vocab))
-    for token, token_id in FAMILY_SPECIAL_TOKENS.items():
-        vocab.setdefault(token, token_id)
-    for filler in range(FAMILY_VOCAB_SIZE):
-        if filler not in vocab.values():
-            vocab[f"<unused{filler}>"] = filler
+    vocab = {"<pad>": PAD_TOKEN_ID, "<s>": 1, "</s>": 2, "<unk>": 3, **special_tokens}
+    free_ids = [token_id for token_id in range(4, VIDEO_TOKEN_ID) if token_id not in vocab.values()]
+    for word, token_id in zip(words + [f"w{i}" for i in range(VIDEO_TOKEN_ID)], free_ids):
+        vocab[word] = token_id
+    for filler in sorted(set(range(vocab_size)) - set(vocab.values())):
+        vocab[f"<unused{filler}>"] = filler
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
-    core.add_special_tokens([AddedToken(token, normalized=False, special=True) for token in FAMILY_SPECIAL_TOKENS])
+    core.add_special_tokens([AddedToken(token, normalized=False, special=True) for token in special_tokens])
     core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(
         tokenizer_object=core,
@@ -267,6 +272,14 @@ def family_tokenizer(**named_tokens: str):
     )
 
 
+def image_processor_class(processor_class: type) -> type:
+    """The real processor class as flashvlm loads it here: without torchvision, minus its video
+    processor (flashvlm._torchvision_compat), which only refuses videos."""
+    from flashvlm._torchvision_compat import needs_torchvision, without_video_processor
+
+    return without_video_processor(processor_class) if needs_torchvision(processor_class) else processor_class
+
+
 IDEFICS3_CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] | capitalize }}:"
     "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>"
@@ -275,34 +288,114 @@ IDEFICS3_CHAT_TEMPLATE = (
 )
 
 
-def tiny_idefics3_processor():
-    """Idefics3Processor: images split into 32 px sub-images (at most 2 x 2) plus the global view."""
-    from transformers import Idefics3ImageProcessorPil, Idefics3Processor
+def tiny_idefics3_processor(model_type: str = "idefics3"):
+    """Idefics3Processor (or SmolVLMProcessor): images split into 32 px sub-images (at most
+    2 x 2) plus the global view."""
+    from transformers import Idefics3ImageProcessorPil, Idefics3Processor, SmolVLMImageProcessorPil, SmolVLMProcessor
 
-    tokenizer = family_tokenizer(image_token="<image>", fake_image_token="<fake_token_around_image>")
-    image_processor = Idefics3ImageProcessorPil(
+    image_processor_type, processor_class = {
+        "idefics3": (Idefics3ImageProcessorPil, Idefics3Processor),
+        "smolvlm": (SmolVLMImageProcessorPil, SmolVLMProcessor),
+    }[model_type]
+    tokenizer = family_tokenizer(
+        image_token="<image>",
+        fake_image_token="<fake_token_around_image>",
+        global_image_token="<global-img>",
+        end_of_utterance_token="<end_of_utterance>",
+    )
+    image_processor = image_processor_type(
         size={"longest_edge": 2 * TILE_SIZE}, max_image_size={"longest_edge": TILE_SIZE}
     )
-    return Idefics3Processor(
+    # SmolVLMProcessor requires a video processor argument: None, as flashvlm loads it without one.
+    video = {"video_processor": None} if model_type == "smolvlm" else {}
+    return image_processor_class(processor_class)(
         image_processor=image_processor,
         tokenizer=tokenizer,
+        **video,
         image_seq_len=TOKENS_PER_TILE,
         chat_template=IDEFICS3_CHAT_TEMPLATE,
     )
 
 
-#: Split images: their tiles are selected jointly, in no known raster (the tile layout is
-#: not in the model's inputs), so grid-based methods cannot serve them.
-NO_GRID = frozenset({"grid"})
+def tiny_smolvlm_processor():
+    return tiny_idefics3_processor("smolvlm")
+
+
+#: InternVL3's and Qwen3-VL's chat format (ChatML), each with its own image placeholder.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}{{ image_placeholder }}"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_internvl_processor():
+    """InternVLProcessor: 32 px tiles, up to 4 of them plus the thumbnail for a large image."""
+    from transformers import GotOcr2ImageProcessorPil, InternVLProcessor
+
+    tokenizer = family_tokenizer(
+        start_image_token="<img>", end_image_token="</img>", context_image_token="<image>", video_token="<video>"
+    )
+    image_processor = GotOcr2ImageProcessorPil(
+        size={"height": TILE_SIZE, "width": TILE_SIZE}, crop_to_patches=True, max_patches=4
+    )
+    return image_processor_class(InternVLProcessor)(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        image_seq_length=TOKENS_PER_TILE,
+        chat_template=CHATML_TEMPLATE.replace("{{ image_placeholder }}", "<image>\n"),
+    )
+
+
+#: Qwen3-VL's vocabulary is the shared one (128 ids): its chat tokens sit below the
+#: vision start/end tokens, where the tiny Qwen models have them.
+QWEN3_SPECIAL_TOKENS = {
+    "<video>": VIDEO_TOKEN_ID,
+    "<image>": IMAGE_TOKEN_ID,
+    "<|vision_start|>": VISION_START_ID,
+    "<|vision_end|>": VISION_END_ID,
+    "\n": 119,
+    "<|im_start|>": 120,
+    "<|im_end|>": 121,
+}
+
+
+def tiny_qwen3_vl_processor():
+    """Qwen3VLProcessor: 2 px patches merged 2 x 2, images resized to between 16 x 16 and 32 x 32 pixels."""
+    from transformers import Qwen2VLImageProcessorPil, Qwen3VLProcessor
+
+    tokenizer = family_tokenizer(
+        QWEN3_SPECIAL_TOKENS,
+        VOCAB_SIZE,
+        image_token="<image>",
+        video_token="<video>",
+        vision_start_token="<|vision_start|>",
+        vision_end_token="<|vision_end|>",
+    )
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=QWEN_PATCH,
+        merge_size=2,
+        temporal_patch_size=2,
+        size={"shortest_edge": 16 * 16, "longest_edge": 32 * 32},
+    )
+    return image_processor_class(Qwen3VLProcessor)(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        chat_template=CHATML_TEMPLATE.replace("{{ image_placeholder }}", "<|vision_start|><image><|vision_end|>"),
+    )
+
+
 #: SigLIP has no CLS token (InternViT and CLIP have one).
 NO_CLS = frozenset({"cls_attention"})
 
 FAMILY_CASES = [
-    # Smallest unit: a one-tile image, 4 x 4 tokens after the pixel shuffle.
-    TinyCase("internvl", build_tiny_internvl, internvl_batch, TOKENS_PER_TILE, internvl_row, lacks=NO_GRID),
+    # Smallest unit: a one-tile image, 4 x 4 tokens after the pixel shuffle; each tile of a
+    # split image is such a raster for grid-based methods.
+    TinyCase("internvl", build_tiny_internvl, internvl_batch, TOKENS_PER_TILE, internvl_row),
     # Smallest unit: an unsplit image, 16 tokens; split images share one budget over all views.
-    TinyCase("idefics3", build_tiny_idefics3, idefics3_batch, TOKENS_PER_TILE, idefics3_row, lacks=NO_CLS | NO_GRID),
-    TinyCase("smolvlm", build_tiny_smolvlm, idefics3_batch, TOKENS_PER_TILE, idefics3_row, lacks=NO_CLS | NO_GRID),
+    TinyCase("idefics3", build_tiny_idefics3, idefics3_batch, TOKENS_PER_TILE, idefics3_row, lacks=NO_CLS),
+    TinyCase("smolvlm", build_tiny_smolvlm, idefics3_batch, TOKENS_PER_TILE, idefics3_row, lacks=NO_CLS),
     # AnyRes images as LLaVA-NeXT, and a video per row: 6 x 6 pooled 2 x 2 -> 9 tokens per frame.
     TinyCase("llava_next_video", build_tiny_llava_next_video, llava_next_video_batch, 9, anyres_row, video=True),
 ]

@@ -20,7 +20,6 @@ from conftest_families import (
     TOKENS_PER_TILE,
     build_tiny_idefics3,
     build_tiny_internvl,
-    idefics3_image_prompt,
     internvl_batch,
     tiny_idefics3_processor,
 )
@@ -159,27 +158,6 @@ def wide_image_file(tmp_path_factory):
     generator = torch.Generator().manual_seed(0)
     Image.fromarray(torch.randint(0, 256, (40, 70, 3), generator=generator, dtype=torch.uint8).numpy()).save(path)
     return path
-
-
-def test_idefics3_processor_folder_prunes_through_from_pretrained(idefics3_folder, wide_image_file):
-    from PIL import Image
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(idefics3_folder)
-    model = AutoModelForImageTextToText.from_pretrained(idefics3_folder).eval()
-    content = [{"type": "image"}, {"type": "text", "text": "what is the color of the circle ?"}]
-    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-    inputs = processor(images=[Image.open(wide_image_file)], text=[text], return_tensors="pt")
-    # 40 x 70 px -> a 2 x 2 split: the processor writes exactly the layout the tests build.
-    assert inputs["input_ids"][0, 3:-12].tolist() == idefics3_image_prompt(2, 2)
-    settings = dict(max_new_tokens=3, do_sample=False)
-    with torch.no_grad():
-        expected = model.generate(**inputs, **settings)
-        with flashvlm.prune(model, budget=10_000):
-            assert torch.equal(model.generate(**inputs, **settings), expected)
-        with flashvlm.prune(model, budget=8) as pruner:
-            assert model.generate(**inputs, **settings).shape == expected.shape
-    assert [(record.num_tokens, record.num_kept) for record in pruner.last.images] == [(80, 8)]
 
 
 def test_idefics3_folder_through_the_command_line(idefics3_folder, wide_image_file, capsys):

@@ -21,8 +21,8 @@ LOCKS = ROOT / "locks"
 
 #: Which lock holds which part of pyproject.toml: "" is the core dependencies, others are extras.
 LOCKED_PARTS = {
-    "base.txt": ("", "test", "demo"),
-    "eval.txt": ("", "test", "demo", "eval"),
+    "base.txt": ("", "test", "demo", "smolvlm"),
+    "eval.txt": ("", "test", "demo", "smolvlm", "eval"),
     "vllm.txt": ("", "test", "vllm"),
 }
 #: Locks of the main .venv (CPU torch, never torchvision); vllm.txt is its own environment.

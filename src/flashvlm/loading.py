@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
@@ -194,16 +195,28 @@ def model_architecture(config, name_or_path: str) -> str:
     return matches[0]
 
 
+#: Packages a processor class needs beyond flashvlm's core dependencies, and the extra that brings them.
+PROCESSOR_EXTRAS = {"SmolVLMProcessor": ("num2words", "smolvlm")}
+
+
 def load_processor(name_or_path: str, config):
     """The model's processor. Without torchvision, a processor that holds a video processor
-    (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision) is loaded without it: images work, videos are
-    refused with a message (see :mod:`flashvlm._torchvision_compat`)."""
+    (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision, InternVL, SmolVLM) is loaded without
+    it: images work, videos are refused with a message (see :mod:`flashvlm._torchvision_compat`).
+    A processor whose package is missing (SmolVLM's num2words) is refused in one line that
+    says what to install."""
     from transformers import AutoProcessor
     from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
 
     from ._torchvision_compat import needs_torchvision, without_video_processor
 
     processor_class = PROCESSOR_MAPPING.get(type(config), None)
+    package, extra = PROCESSOR_EXTRAS.get(getattr(processor_class, "__name__", None), (None, None))
+    if package is not None and find_spec(package) is None:
+        raise FlashVLMError(
+            f"the processor of {name_or_path} ({processor_class.__name__}) needs the {package} package: "
+            f'pip install "flashvlm[{extra}]"'
+        )
     if processor_class is not None and needs_torchvision(processor_class):
         loader = without_video_processor(processor_class)
     else:

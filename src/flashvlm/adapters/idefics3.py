@@ -13,10 +13,11 @@ goes through the SigLIP tower; the connector pixel-shuffles it (scale 2-4) and p
   compares are the shuffled features the projector consumes.
 - **Budget.** Per image, across its sub-images: a split image keeps
   ``round(K * N_tiles / N)`` tokens among all its tiles, chosen jointly (their layout is
-  not in the model's inputs), and the global view keeps the rest. The marker tokens are
-  text: they are always kept, outside the budget. Which sub-images form one image is read
-  from the prompt: an image ends with the run after ``<global-img>``, the marker before
-  the last run of every row.
+  not in the model's inputs), and the global view keeps the rest; a method that needs the
+  token grid (pool) gets each tile as its own square raster with its share, as for
+  InternVL. The marker tokens are text: they are always kept, outside the budget. Which
+  sub-images form one image is read from the prompt: an image ends with the run after
+  ``<global-img>``, the marker before the last run of every row.
 - **Video** (SmolVLM2): the processor sends each frame as an unsplit image, so each frame
   gets the budget; ``video_budget="per_video"`` is refused (frames are not told apart
   from images in the model's inputs).
@@ -33,7 +34,8 @@ import torch
 from ..errors import FlashVLMError
 from ..saliency import received_attention
 from .base import FamilySupport, ModelAdapter, VisualItem
-from .internvl import image_of_views, placeholder_runs, refuse_per_video
+from .internvl import image_of_views, refuse_per_video
+from .sequence import placeholder_runs
 from .taps import tap_vision_layer
 
 
@@ -43,10 +45,11 @@ class Idefics3Adapter(ModelAdapter):
         "Idefics3 / SmolVLM",
         saliency="attention received in the last SigLIP layer (padding patches excluded), averaged over each "
         "pixel-shuffle group",
-        budget_unit="whole image across its sub-images, as InternVL (tiles jointly, then the global view); "
-        "row/column marker tokens kept outside the budget; video frames arrive as images, so per frame",
+        budget_unit="whole image across its sub-images, as InternVL (tiles jointly, then the global view; each "
+        "tile its own raster for pool); row/column marker tokens kept outside the budget; video frames arrive as "
+        "images, so per frame",
         positions="contiguous",
-        lacks=frozenset({"cls_attention", "grid"}),
+        lacks=frozenset({"cls_attention"}),
     )
     vision_only_kwargs = ("pixel_values", "pixel_attention_mask")
     saliency_kind = "received"
@@ -115,7 +118,7 @@ class Idefics3Adapter(ModelAdapter):
         ends_image = global_view_runs(input_ids, self.token_ids["image"])
         items, first = [], 0
         for last in [place for place, is_global in enumerate(ends_image) if is_global]:
-            items.append(image_of_views(stack, first, last + 1 - first))
+            items.append(image_of_views(stack, first, last + 1 - first, tile_grids="grid" in needs))
             first = last + 1
         return items
 

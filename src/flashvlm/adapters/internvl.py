@@ -14,8 +14,10 @@ of an image are counted from its run of context tokens.
   consumes.
 - **Budget.** Per image, across its tiles: an image of several tiles keeps
   ``round(K * N_tiles / N)`` tokens among all its tiles, chosen jointly (the tiles' layout
-  is not in the model's inputs, so they form no known grid), and the thumbnail, the global
-  view, keeps the rest. A one-tile image is one 16 x 16 raster.
+  is not in the model's inputs, so together they form no known grid), and the thumbnail,
+  the global view, keeps the rest. A method that needs the token grid (pool) gets each
+  tile as its own 16 x 16 raster instead, keeping ``round(K * N_tile / N)`` of it (the
+  thumbnail the rest). A one-tile image is one 16 x 16 raster.
 - **Video.** The processor sends each frame as a one-tile image (``Frame1: <img>...``), so
   each frame gets the budget; ``video_budget="per_video"`` is refused (frames are not told
   apart from images in the model's inputs).
@@ -34,6 +36,7 @@ from ..errors import FlashVLMError, UnsupportedModelError
 from ..saliency import query_row_attention
 from .base import FamilySupport, ImageSelection, ModelAdapter, TokenRegion, VisualItem
 from .llava import square_grid
+from .sequence import placeholder_runs
 from .taps import resolve_hidden_state_layer, run_until_tap, tap_vision_layer
 
 
@@ -42,11 +45,10 @@ class InternVLAdapter(ModelAdapter):
     support = FamilySupport(
         "InternVL3/3.5, HF-native",
         saliency="CLS attention row of the feature layer, averaged over each 2×2 pixel-shuffle group",
-        budget_unit="whole image across its tiles: the tiles keep round(K·N_tiles/N) jointly (in no known grid: "
-        "their layout is not in the inputs), the thumbnail the rest; video frames arrive as one-tile images, so "
-        "per frame",
+        budget_unit="whole image across its tiles: the tiles keep round(K·N_tiles/N) jointly (their layout is not "
+        "in the inputs), the thumbnail the rest; for a method that needs the grid (pool), each tile is its own "
+        "square raster keeping round(K·N_tile/N); video frames arrive as one-tile images, so per frame",
         positions="contiguous",
-        lacks=frozenset({"grid"}),
     )
     vision_only_kwargs = ("pixel_values", "image_sizes", "vision_feature_layer", "vision_feature_select_strategy")
     saliency_kind = "cls"
@@ -130,7 +132,7 @@ class InternVLAdapter(ModelAdapter):
             )
         items, first = [], 0
         for tiles in tiles_per_image:
-            items.append(image_of_views(stack, first, tiles))
+            items.append(image_of_views(stack, first, tiles, tile_grids="grid" in needs))
             first += tiles
         return items
 
@@ -139,16 +141,20 @@ class InternVLAdapter(ModelAdapter):
         return BaseModelOutputWithPooling(pooler_output=torch.cat([item.sent for item in items])[None])
 
 
-def image_of_views(stack: VisualItem, first: int, num_views: int) -> VisualItem:
+def image_of_views(stack: VisualItem, first: int, num_views: int, tile_grids: bool = False) -> VisualItem:
     """One image from ``num_views`` consecutive views of a (V, m, ...) stack, sharing one budget:
-    a single view is one raster; several are the tiles, selected jointly (their layout is not
-    in the model's inputs), then the global view, which the processors put last."""
+    a single view is one raster; several are the tiles, then the global view, which the
+    processors put last. The tiles are selected jointly (their layout is not in the model's
+    inputs, so together they form no known raster), or, with ``tile_grids`` (for a method
+    that needs the grid), each tile is its own square raster with its share of the budget."""
     item = stack.map(lambda tensor: tensor[first : first + num_views].flatten(0, 1))
     per_view = stack.features.shape[1]
     grid = square_grid(per_view)
     positions = torch.arange(num_views * per_view, device=stack.features.device)
     if num_views == 1:
         regions = [TokenRegion(positions, grid)]
+    elif tile_grids:
+        regions = [TokenRegion(view, grid) for view in positions.split(per_view)]
     else:
         regions = [TokenRegion(positions[:-per_view]), TokenRegion(positions[-per_view:], grid)]
     item.units = [ImageSelection.of("image", regions)]
@@ -162,13 +168,3 @@ def refuse_per_video(model, video_budget: str) -> None:
             f"video_budget='per_video' is not available for {type(model).__name__}: its processor sends video "
             "frames as separate images, so each frame gets the budget (use video_budget='per_frame')"
         )
-
-
-def placeholder_runs(input_ids: torch.Tensor, token_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The unbroken runs of ``token_id`` in (B, L) ids, row by row, left to right: the row,
-    first position and length of each, (R,) long tensors."""
-    is_token = torch.nn.functional.pad((input_ids == token_id).int(), (1, 1))  # (B, L + 2)
-    change = is_token[:, 1:] - is_token[:, :-1]  # +1 where a run starts, -1 just after it ends
-    rows, starts = (change == 1).nonzero(as_tuple=True)
-    ends = (change == -1).nonzero()[:, 1]
-    return rows, starts, ends - starts

@@ -89,9 +89,24 @@ def placeholder_rows(input_ids: torch.Tensor, token_id: int, lengths: list[int],
     return rows.cpu()[starts].tolist() if lengths else []
 
 
+def placeholder_runs(input_ids: torch.Tensor, token_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The unbroken runs of ``token_id`` in (B, L) ids, row by row, left to right: the row,
+    first position and length of each, (R,) long tensors."""
+    is_token = torch.nn.functional.pad((input_ids == token_id).int(), (1, 1))  # (B, L + 2)
+    change = is_token[:, 1:] - is_token[:, :-1]  # +1 where a run starts, -1 just after it ends
+    rows, starts = (change == 1).nonzero(as_tuple=True)
+    ends = (change == -1).nonzero()[:, 1]
+    return rows, starts, ends - starts
+
+
 def pad_token_id(model: nn.Module) -> int:
-    """The id new padding gets when pruned rows are re-padded."""
-    for config in (model.config, getattr(model.config, "text_config", None), getattr(model, "generation_config", None)):
+    """The id new padding gets when pruned rows are re-padded.
+
+    The language model's own config is read first: Idefics3/SmolVLM keep the pad id there,
+    and their top-level ``pad_token_id`` is a deprecated placeholder (128002) that warns.
+    """
+    configs = (getattr(model.config, "text_config", None), model.config, getattr(model, "generation_config", None))
+    for config in configs:
         pad = getattr(config, "pad_token_id", None) if config is not None else None
         if isinstance(pad, int):
             return pad
