@@ -36,6 +36,10 @@ REAL_PARAMETERS = {
     "qwen3-vl-8b": 8.77,
     "gemma-3-4b": 4.30,
     "gemma-3-12b": 12.19,
+    "internvl3-8b": 7.94,
+    "internvl3.5-8b": 8.53,
+    "smolvlm2-2.2b": 2.25,
+    "llava-next-video-7b": 7.06,
 }
 
 PREFILL_FIELDS = {
