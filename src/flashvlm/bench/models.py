@@ -262,6 +262,8 @@ class Family:
     shrink_vision_layers: Callable = field(default=None)
     shrink_vision_width: Callable = field(default=None)
     link_widths: Callable = field(default=lambda config: None)
+    #: Whether ``bench-selection``'s tower comparison serves it (it drives LLaVA-1.5's CLIP encoding).
+    compares_tower: bool = False
 
 
 # -- LLaVA-1.5 and LLaVA-NeXT (CLIP tower, MLP projector) ---------------------------------
@@ -515,6 +517,7 @@ FAMILIES: dict[str, Family] = {
         flops.llava_vision_flops,
         shrink_vision_layers=_clip_shrink_layers,
         shrink_vision_width=_clip_shrink_width,
+        compares_tower=True,
     ),
     "llava_next": Family(
         "llava_next",
