@@ -440,8 +440,8 @@ IDEFICS3_SPLIT = 4
 
 def idefics3_image_block(config, split: int, per_sub_image: int) -> list[int]:
     """One split image as Idefics3Processor / SmolVLMProcessor write it: per sub-image
-    ``<fake_token_around_image><row_i_col_j>`` and its tokens, a newline after each row, then
-    ``\n<fake_token_around_image><global-img>``, the global view's tokens, ``<fake_token_around_image>``.
+    ``<fake_token_around_image><row_i_col_j>`` and its tokens, a newline after each row, then a
+    newline, ``<fake_token_around_image><global-img>``, the global view's tokens, ``<fake_token_around_image>``.
     The config does not hold the markers' ids: ``<fake_token_around_image>`` is the id below the
     image token (as in SmolVLM2's tokenizer), the others the ids below it."""
     image = [config.image_token_id] * per_sub_image
@@ -462,7 +462,6 @@ def idefics3_inputs(config, batch: int, text_tokens: int, seed: int = 0) -> Synt
     generator = torch.Generator().manual_seed(seed)
     per_sub_image = flops.idefics3_tokens_per_sub_image(config)
     block = idefics3_image_block(config, IDEFICS3_SPLIT, per_sub_image)
-    markers = [token for token in block if token != config.image_token_id]
     vocab = config.text_config.vocab_size
     input_ids = _prompt_rows(generator, batch, text_tokens - 1, vocab, set(block), block, (1,))
     sub_images = IDEFICS3_SPLIT**2 + 1
@@ -475,7 +474,8 @@ def idefics3_inputs(config, batch: int, text_tokens: int, seed: int = 0) -> Synt
     )
     layout = f"one image split {IDEFICS3_SPLIT} x {IDEFICS3_SPLIT} into {size} px sub-images + global view"
     visual = sub_images * per_sub_image
-    return SyntheticInputs(kwargs, visual, text_tokens + len(markers), batch, config.image_token_id, layout)
+    markers = len(block) - visual
+    return SyntheticInputs(kwargs, visual, text_tokens + markers, batch, config.image_token_id, layout)
 
 
 # -- LLaVA-NeXT-Video (CLIP on every frame, 2 x 2 pooling, MLP projector) --------------------------
