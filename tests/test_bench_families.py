@@ -13,6 +13,7 @@ from flashvlm.bench.models import (
     SHIPPED_CONFIGS,
     VIDEO_FRAMES,
     build_model,
+    family_of,
     load_config,
     scale_config,
     synthetic_inputs,
@@ -36,6 +37,13 @@ def test_synthetic_inputs_hold_one_image_per_row_and_flops_shrink_with_the_budge
     full = prefill_flops(config, 40, inputs.visual_tokens_per_image, inputs.visual_tokens_per_image, 2)
     pruned = prefill_flops(config, 40, inputs.visual_tokens_per_image, 64, 2)
     assert full.vision > 0 and pruned.language_model < full.language_model
+
+
+def test_records_give_the_width_of_the_features_a_method_compares():
+    # The pixel shuffle puts 2 x 2 (InternVL) or 3 x 3 (SmolVLM2) patch features side by side.
+    widths = {name: family_of(load_config(name)).feature_width(load_config(name)) for name in SHIPPED_CONFIGS}
+    assert widths["internvl3-8b"] == 4 * 1024 and widths["smolvlm2-2.2b"] == 9 * 1152
+    assert widths["llava-1.5-7b"] == widths["llava-next-video-7b"] == 1024
 
 
 @pytest.mark.parametrize("name", ["qwen3-vl-8b", "gemma-3-4b"])

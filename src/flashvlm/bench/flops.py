@@ -69,6 +69,16 @@ def internvl_tokens_per_tile(config) -> int:
     return round(patch_grid_side(config.vision_config) * config.downsample_ratio) ** 2
 
 
+def internvl_feature_width(config) -> int:
+    """Width of InternVL's pixel-shuffled features: each group's patch features side by side."""
+    return config.vision_config.hidden_size * round(1 / config.downsample_ratio) ** 2
+
+
+def idefics3_feature_width(config) -> int:
+    """Width of Idefics3/SmolVLM's pixel-shuffled features: each group's patch features side by side."""
+    return config.vision_config.hidden_size * config.scale_factor**2
+
+
 def idefics3_tokens_per_sub_image(config) -> int:
     """Language-model tokens of one Idefics3/SmolVLM sub-image: its patch raster after the pixel shuffle."""
     return (patch_grid_side(config.vision_config) // config.scale_factor) ** 2
@@ -195,11 +205,9 @@ def gemma3_vision_flops(config, visual_tokens: int, pruned: bool, projected: int
 def internvl_vision_flops(config, visual_tokens: int, pruned: bool, projected: int, batch: int):
     """(vision, projector) of InternVL: InternViT (CLS included) on every tile of the image,
     the MLP projector (LayerNorm, vision x 4 -> LM hidden -> LM hidden) on the pixel-shuffled rows."""
-    vision_config = config.vision_config
     tiles = visual_tokens // internvl_tokens_per_tile(config)
-    vision = batch * clip_tower_flops(vision_config, tiles, _vision_layers_run(config, pruned))
-    shuffled = vision_config.hidden_size * round(1 / config.downsample_ratio) ** 2
-    hidden = config.text_config.hidden_size
+    vision = batch * clip_tower_flops(config.vision_config, tiles, _vision_layers_run(config, pruned))
+    shuffled, hidden = internvl_feature_width(config), config.text_config.hidden_size
     return vision, float(batch * 2 * projected * (shuffled * hidden + hidden * hidden))
 
 
@@ -207,11 +215,9 @@ def idefics3_vision_flops(config, visual_tokens: int, pruned: bool, projected: i
     """(vision, projector) of Idefics3/SmolVLM: SigLIP on every sub-image, the connector's one
     linear map on the pixel-shuffled rows. The model's image path projects every row before
     any selection, so the projector counts all ``visual_tokens`` whatever ``projected`` says."""
-    vision_config = config.vision_config
     views = visual_tokens // idefics3_tokens_per_sub_image(config)
-    shuffled = vision_config.hidden_size * config.scale_factor**2
-    projector = 2 * visual_tokens * shuffled * config.text_config.hidden_size
-    return batch * siglip_tower_flops(vision_config, views), float(batch * projector)
+    projector = 2 * visual_tokens * idefics3_feature_width(config) * config.text_config.hidden_size
+    return batch * siglip_tower_flops(config.vision_config, views), float(batch * projector)
 
 
 def llava_next_video_vision_flops(config, visual_tokens: int, pruned: bool, projected: int, batch: int):

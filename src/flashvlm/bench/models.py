@@ -264,6 +264,8 @@ class Family:
     link_widths: Callable = field(default=lambda config: None)
     #: Whether ``bench-selection``'s tower comparison serves it (it drives LLaVA-1.5's CLIP encoding).
     compares_tower: bool = False
+    #: (config) -> width of the vision features a method compares (what the projector consumes).
+    feature_width: Callable = field(default=lambda config: config.vision_config.hidden_size)
 
 
 # -- LLaVA-1.5 and LLaVA-NeXT (CLIP tower, MLP projector) ---------------------------------
@@ -507,6 +509,7 @@ def _idefics3_family(model_type: str) -> Family:
         flops.idefics3_vision_flops,
         shrink_vision_layers=_clip_shrink_layers,
         shrink_vision_width=_clip_shrink_width,
+        feature_width=flops.idefics3_feature_width,
     )
 
 
@@ -557,6 +560,7 @@ FAMILIES: dict[str, Family] = {
         flops.internvl_vision_flops,
         shrink_vision_layers=_clip_shrink_layers,
         shrink_vision_width=_clip_shrink_width,
+        feature_width=flops.internvl_feature_width,
     ),
     "idefics3": _idefics3_family("idefics3"),
     "smolvlm": _idefics3_family("smolvlm"),
