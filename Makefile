@@ -75,11 +75,19 @@ performance: setup
 		--budgets 64 --repeats 3 --new-tokens 4 --threads 2 --json docs/bench/prefill-cpu-full-width.json --markdown docs/performance.md
 	$(BENCH) bench --model llava-1.5-7b --scale cpu --budgets 64 128 192 --repeats 3 --new-tokens 8 --threads 2 \
 		--json docs/bench/prefill-cpu-scaled.json --markdown docs/performance.md
+	for model in internvl3-8b internvl3.5-8b smolvlm2-2.2b; do \
+		$(BENCH) bench --model $$model --scale cpu --methods flashvlm --budgets 64 128 192 --repeats 3 --warmup 1 \
+			--new-tokens 8 --threads 1 --json docs/bench/prefill-cpu-$$model-scaled.json --markdown docs/performance.md || exit 1; \
+	done
+	# A video's budget counts per frame (144 tokens at 336 px): 16 / 32 / 64 of them.
+	$(BENCH) bench --model llava-next-video-7b --scale cpu --methods flashvlm --budgets 16 32 64 --repeats 3 --warmup 1 \
+		--new-tokens 8 --threads 1 --json docs/bench/prefill-cpu-llava-next-video-7b-scaled.json --markdown docs/performance.md
 
 performance-gpu: setup
 	$(BENCH) bench-selection --model llava-1.5-7b --device cuda --dtype bfloat16 --repeats 20 --warmup 3 --max-seconds 60 \
 		--json docs/bench/selection-gpu.json --markdown docs/performance.md
-	for model in llava-1.5-7b llava-1.5-13b llava-next-7b qwen2.5-vl-7b; do \
+	for model in llava-1.5-7b llava-1.5-13b llava-next-7b qwen2.5-vl-7b internvl3-8b internvl3.5-8b smolvlm2-2.2b \
+		llava-next-video-7b; do \
 		$(BENCH) bench --model $$model --device cuda --dtype bfloat16 --budgets 64 128 192 --repeats 10 --warmup 3 \
 			--new-tokens 32 --json docs/bench/prefill-gpu-$$model.json --markdown docs/performance.md || exit 1; \
 	done

@@ -22,9 +22,9 @@ from flashvlm.bench.models import (
     scale_config,
 )
 from flashvlm.bench.report import update_markdown_section
-from flashvlm.bench.selection import fit_exponent
+from flashvlm.bench.selection import fit_exponent, tower_saliency_overhead
 from flashvlm.cli import main
-from flashvlm.errors import FlashVLMError
+from flashvlm.errors import FlashVLMError, UnsupportedModelError
 from flashvlm.timing import stamped_calls
 
 #: Parameters of the real checkpoints, in billions (their model cards round them so).
@@ -36,6 +36,10 @@ REAL_PARAMETERS = {
     "qwen3-vl-8b": 8.77,
     "gemma-3-4b": 4.30,
     "gemma-3-12b": 12.19,
+    "internvl3-8b": 7.94,
+    "internvl3.5-8b": 8.53,
+    "smolvlm2-2.2b": 2.25,
+    "llava-next-video-7b": 7.06,
 }
 
 PREFILL_FIELDS = {
@@ -288,6 +292,12 @@ def test_bench_selection_runs_and_fits_growth(tiny_config_file, tmp_path):
         tower["variants"]["eager_attention_maps"]["peak_memory_bytes"]
         > tower["variants"]["sdpa_with_saliency"]["peak_memory_bytes"]
     )
+
+
+def test_tower_comparison_is_refused_for_families_whose_record_does_not_offer_it():
+    settings = dict(batch=1, device=torch.device("cpu"), dtype=torch.float32, repeats=1, warmup=0)
+    with pytest.raises(UnsupportedModelError, match="InternVLForConditionalGeneration"):
+        tower_saliency_overhead(load_config("internvl3-8b"), {}, measure_memory=False, **settings)
 
 
 def test_bench_prunes_qwen_with_every_method(tmp_path):

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 import flashvlm
 from flashvlm.bench.flops import prefill_flops
-from flashvlm.bench.models import SHIPPED_CONFIGS, build_model, load_config, scale_config, synthetic_inputs
+from flashvlm.bench.models import (
+    SHIPPED_CONFIGS,
+    VIDEO_FRAMES,
+    build_model,
+    family_of,
+    load_config,
+    scale_config,
+    synthetic_inputs,
+)
 from flashvlm.bench.prefill import language_model_of, vision_module
+from flashvlm.cli import main
 
 #: The smallest shape a family still runs at: one layer each side, 1/16 of every width.
 SMALLEST = {"lm_layers": 1, "vision_layers": 1, "width": 0.0625}
@@ -18,12 +29,21 @@ SMALLEST = {"lm_layers": 1, "vision_layers": 1, "width": 0.0625}
 def test_synthetic_inputs_hold_one_image_per_row_and_flops_shrink_with_the_budget(name):
     config = load_config(name)
     inputs = synthetic_inputs(config, batch=2, text_tokens=40, seed=0)
-    placeholders = (inputs.model_kwargs["input_ids"] == config.image_token_id).sum(dim=1)
+    placeholders = (inputs.model_kwargs["input_ids"] == inputs.placeholder_token_id).sum(dim=1)
     assert placeholders.tolist() == [inputs.visual_tokens_per_image] * 2
-    assert inputs.model_kwargs["input_ids"].shape[1] == 40 + inputs.visual_tokens_per_image
+    # Structural tokens count as text (SmolVLM's 40 row/column markers come on top of the 40 asked for).
+    assert inputs.text_tokens >= 40
+    assert inputs.model_kwargs["input_ids"].shape[1] == inputs.text_tokens + inputs.visual_tokens_per_image
     full = prefill_flops(config, 40, inputs.visual_tokens_per_image, inputs.visual_tokens_per_image, 2)
     pruned = prefill_flops(config, 40, inputs.visual_tokens_per_image, 64, 2)
     assert full.vision > 0 and pruned.language_model < full.language_model
+
+
+def test_records_give_the_width_of_the_features_a_method_compares():
+    # The pixel shuffle puts 2 x 2 (InternVL) or 3 x 3 (SmolVLM2) patch features side by side.
+    widths = {name: family_of(load_config(name)).feature_width(load_config(name)) for name in SHIPPED_CONFIGS}
+    assert widths["internvl3-8b"] == 4 * 1024 and widths["smolvlm2-2.2b"] == 9 * 1152
+    assert widths["llava-1.5-7b"] == widths["llava-next-video-7b"] == 1024
 
 
 @pytest.mark.parametrize("name", ["qwen3-vl-8b", "gemma-3-4b"])
@@ -43,3 +63,26 @@ def test_a_new_family_prunes_at_its_real_token_count(name):
         hook.remove()
     assert pruner.last.images[0].num_tokens == inputs.visual_tokens_per_image
     assert seen == [20 + 32]
+
+
+#: Configs of the families added with issue 13's tiles, split images and video, one CLI run each.
+TILED_AND_VIDEO_CONFIGS = ["internvl3-8b", "internvl3.5-8b", "smolvlm2-2.2b", "llava-next-video-7b"]
+
+
+@pytest.mark.parametrize("name", TILED_AND_VIDEO_CONFIGS)
+def test_bench_runs_a_tiled_or_video_family_end_to_end(name, tmp_path):
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--model", name, "--scale", "tiny", "--methods", "flashvlm", "--budgets", "32"]
+    argv += ["--repeats", "1", "--warmup", "0", "--new-tokens", "1", "--text-tokens", "8", "--device", "cpu"]
+    assert main([*argv, "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    unpruned, pruned = report["rows"]
+    assert pruned["method"] == "flashvlm" and report["model"]["visual_layout"]
+    visual, text = report["model"]["visual_tokens"], report["model"]["text_tokens"]
+    # Every budget unit of the row counts: a video keeps 32 per frame.
+    frames = VIDEO_FRAMES if name.startswith("llava-next-video") else 1
+    assert pruned["kept_tokens"] == 32 * frames < visual == unpruned["kept_tokens"]
+    assert unpruned["prompt_length"] == text + visual and pruned["prompt_length"] == text + 32 * frames
+    assert 0 < pruned["flops_total"] < unpruned["flops_total"]
+    assert min(pruned["flops_vision"], pruned["flops_projector"], pruned["flops_language_model"]) > 0
+    assert pruned["ideal_prefill_speedup"] > 1

@@ -54,12 +54,48 @@ def _encoder_layer_flops(tokens: int, width: int, inner: int, gated: bool, atten
     return float(projections + attention + mlp)
 
 
+def square_size(size) -> int:
+    """A square size given as an int or an (h, w) pair (InternViT's config writes pairs)."""
+    return size[0] if isinstance(size, (list, tuple)) else size
+
+
+def patch_grid_side(vision_config) -> int:
+    """Patches along a side of the tower's square input."""
+    return square_size(vision_config.image_size) // square_size(vision_config.patch_size)
+
+
+def internvl_tokens_per_tile(config) -> int:
+    """Language-model tokens of one InternVL tile: its patch raster after the pixel shuffle."""
+    return round(patch_grid_side(config.vision_config) * config.downsample_ratio) ** 2
+
+
+def internvl_feature_width(config) -> int:
+    """Width of InternVL's pixel-shuffled features: each group's patch features side by side."""
+    return config.vision_config.hidden_size * round(1 / config.downsample_ratio) ** 2
+
+
+def idefics3_feature_width(config) -> int:
+    """Width of Idefics3/SmolVLM's pixel-shuffled features: each group's patch features side by side."""
+    return config.vision_config.hidden_size * config.scale_factor**2
+
+
+def idefics3_tokens_per_sub_image(config) -> int:
+    """Language-model tokens of one Idefics3/SmolVLM sub-image: its patch raster after the pixel shuffle."""
+    return (patch_grid_side(config.vision_config) // config.scale_factor) ** 2
+
+
+def llava_next_video_tokens_per_frame(config) -> int:
+    """Language-model tokens of one LLaVA-NeXT-Video frame: its patch raster after the resampler's pooling."""
+    return (patch_grid_side(config.vision_config) // config.spatial_pool_stride) ** 2
+
+
 def clip_tower_flops(vision_config, num_views: int, layers_run: int) -> float:
-    """A CLIP tower on ``num_views`` images of image_size px, running ``layers_run`` layers."""
-    patches = (vision_config.image_size // vision_config.patch_size) ** 2
+    """A tower with a CLS token (CLIP, InternViT) on ``num_views`` images of image_size px,
+    running ``layers_run`` layers."""
+    patches = patch_grid_side(vision_config) ** 2
     tokens = patches + 1  # CLS
     width = vision_config.hidden_size
-    embed = 2 * patches * 3 * vision_config.patch_size**2 * width
+    embed = 2 * patches * 3 * square_size(vision_config.patch_size) ** 2 * width
     layer = _encoder_layer_flops(tokens, width, vision_config.intermediate_size, False, tokens)
     return float(num_views * (embed + layers_run * layer))
 
@@ -104,9 +140,9 @@ def qwen3_tower_flops(vision_config, patches: int) -> float:
 
 def siglip_tower_flops(vision_config, num_views: int) -> float:
     """A SigLIP tower (no CLS token) on ``num_views`` images, every layer run."""
-    patches = (vision_config.image_size // vision_config.patch_size) ** 2
+    patches = patch_grid_side(vision_config) ** 2
     width = vision_config.hidden_size
-    embed = 2 * patches * 3 * vision_config.patch_size**2 * width
+    embed = 2 * patches * 3 * square_size(vision_config.patch_size) ** 2 * width
     layer = _encoder_layer_flops(patches, width, vision_config.intermediate_size, False, patches)
     return float(num_views * (embed + vision_config.num_hidden_layers * layer))
 
@@ -141,7 +177,7 @@ def llava_vision_flops(config, visual_tokens: int, pruned: bool, projected: int,
 
 def llava_next_vision_flops(config, visual_tokens: int, pruned: bool, projected: int, batch: int):
     """(vision, projector) FLOPs of LLaVA-NeXT: the base view and g x g crops per image."""
-    side = config.vision_config.image_size // config.vision_config.patch_size
+    side = patch_grid_side(config.vision_config)
     grid = round(((visual_tokens - side * side) / side**2) ** 0.5)
     views = 1 + grid * grid
     vision = batch * clip_tower_flops(config.vision_config, views, _vision_layers_run(config, pruned))
@@ -164,6 +200,32 @@ def gemma3_vision_flops(config, visual_tokens: int, pruned: bool, projected: int
     """(vision, projector) of Gemma 3: the whole SigLIP tower, then the projection of the pooled tokens."""
     projector = 2 * projected * config.vision_config.hidden_size * config.text_config.hidden_size
     return batch * siglip_tower_flops(config.vision_config, 1), float(batch * projector)
+
+
+def internvl_vision_flops(config, visual_tokens: int, pruned: bool, projected: int, batch: int):
+    """(vision, projector) of InternVL: InternViT (CLS included) on every tile of the image,
+    the MLP projector (LayerNorm, vision x 4 -> LM hidden -> LM hidden) on the pixel-shuffled rows."""
+    tiles = visual_tokens // internvl_tokens_per_tile(config)
+    vision = batch * clip_tower_flops(config.vision_config, tiles, _vision_layers_run(config, pruned))
+    shuffled, hidden = internvl_feature_width(config), config.text_config.hidden_size
+    return vision, float(batch * 2 * projected * (shuffled * hidden + hidden * hidden))
+
+
+def idefics3_vision_flops(config, visual_tokens: int, pruned: bool, projected: int, batch: int):
+    """(vision, projector) of Idefics3/SmolVLM: SigLIP on every sub-image, the connector's one
+    linear map on the pixel-shuffled rows. The model's image path projects every row before
+    any selection, so the projector counts all ``visual_tokens`` whatever ``projected`` says."""
+    views = visual_tokens // idefics3_tokens_per_sub_image(config)
+    projector = 2 * visual_tokens * idefics3_feature_width(config) * config.text_config.hidden_size
+    return batch * siglip_tower_flops(config.vision_config, views), float(batch * projector)
+
+
+def llava_next_video_vision_flops(config, visual_tokens: int, pruned: bool, projected: int, batch: int):
+    """(vision, projector) of LLaVA-NeXT-Video on a video: the CLIP tower on every frame (the
+    resampler's pooling has no matmuls), LLaVA's projector on the pooled rows."""
+    frames = visual_tokens // llava_next_video_tokens_per_frame(config)
+    vision = batch * clip_tower_flops(config.vision_config, frames, _vision_layers_run(config, pruned))
+    return vision, batch * llava_projector_flops(config, projected)
 
 
 def prefill_flops(

@@ -33,6 +33,10 @@ SHIPPED_CONFIGS = (
     "qwen3-vl-8b",
     "gemma-3-4b",
     "gemma-3-12b",
+    "internvl3-8b",
+    "internvl3.5-8b",
+    "smolvlm2-2.2b",
+    "llava-next-video-7b",
 )
 
 #: ``--scale`` keys and what they shrink.
@@ -208,12 +212,14 @@ def load_model_for_bench(name_or_path: str, scale: dict, device: torch.device, d
 
 @dataclass
 class SyntheticInputs:
-    """Generate/forward arguments with one image per row, and what they hold."""
+    """Generate/forward arguments with one image (or one video) per row, and what they hold."""
 
     model_kwargs: dict
-    visual_tokens_per_image: int  # N
-    text_tokens: int  # non-image prompt tokens per row
-    num_images: int
+    visual_tokens_per_image: int  # N: placeholder tokens of the row's image or video
+    text_tokens: int  # non-visual prompt tokens per row (structural tokens such as <img> included)
+    num_images: int  # rows, one image or video each
+    placeholder_token_id: int  # the id of the N placeholders in input_ids
+    layout: str  # the visual input in words, for the report: "one image, 2 x 2 tiles + thumbnail"
 
 
 def _text_ids(generator: torch.Generator, count: int, vocab: int, avoid: set[int]) -> torch.Tensor:
@@ -221,6 +227,27 @@ def _text_ids(generator: torch.Generator, count: int, vocab: int, avoid: set[int
     for token in avoid:
         ids[ids == token] = 3
     return ids
+
+
+def _prompt_rows(
+    generator: torch.Generator,
+    batch: int,
+    text_count: int,
+    vocab: int,
+    avoid: set[int],
+    visual_block: list[int],
+    prefix: tuple[int, ...] = (),
+) -> torch.Tensor:
+    """(B, len(prefix) + text_count + len(visual_block)): the prefix (a BOS), 5 random text
+    tokens, the visual block (placeholders and the family's markers), the rest of the text."""
+    rows = []
+    for _ in range(batch):
+        text = _text_ids(generator, text_count, vocab, avoid)
+        head = min(5, text.numel())
+        rows.append(
+            torch.cat([torch.tensor(prefix, dtype=torch.long), text[:head], torch.tensor(visual_block), text[head:]])
+        )
+    return torch.stack(rows)
 
 
 @dataclass
@@ -235,35 +262,33 @@ class Family:
     shrink_vision_layers: Callable = field(default=None)
     shrink_vision_width: Callable = field(default=None)
     link_widths: Callable = field(default=lambda config: None)
+    #: Whether ``bench-selection``'s tower comparison serves it (it drives LLaVA-1.5's CLIP encoding).
+    compares_tower: bool = False
+    #: (config) -> width of the vision features a method compares (what the projector consumes).
+    feature_width: Callable = field(default=lambda config: config.vision_config.hidden_size)
 
 
 # -- LLaVA-1.5 and LLaVA-NeXT (CLIP tower, MLP projector) ---------------------------------
 
 
-def _clip_grid_side(config) -> int:
-    return config.vision_config.image_size // config.vision_config.patch_size
-
-
-def _llava_prompt(config, batch: int, text_tokens: int, image_tokens: int, seed: int) -> torch.Tensor:
-    """(B, text_tokens + image_tokens): BOS, 5 text tokens, the image, the rest of the text."""
+def _llava_prompt(
+    config, batch: int, text_tokens: int, visual_tokens: int, seed: int, placeholder: int | None = None
+) -> torch.Tensor:
+    """(B, text_tokens + visual_tokens): BOS, 5 text tokens, the image (or video), the rest of the text."""
+    placeholder = config.image_token_id if placeholder is None else placeholder
     generator = torch.Generator().manual_seed(seed)
-    image_token = config.image_token_id
-    rows = []
-    for _ in range(batch):
-        text = _text_ids(generator, text_tokens - 1, config.text_config.vocab_size, {image_token})
-        head = min(5, text.numel())
-        rows.append(torch.cat([torch.tensor([1]), text[:head], torch.full((image_tokens,), image_token), text[head:]]))
-    return torch.stack(rows)
+    block = [placeholder] * visual_tokens
+    return _prompt_rows(generator, batch, text_tokens - 1, config.text_config.vocab_size, {placeholder}, block, (1,))
 
 
 def llava_inputs(config, batch: int, text_tokens: int, seed: int = 0) -> SyntheticInputs:
-    side = _clip_grid_side(config)
+    side = flops.patch_grid_side(config.vision_config)
     image_tokens = side * side + (1 if config.vision_feature_select_strategy == "full" else 0)
     input_ids = _llava_prompt(config, batch, text_tokens, image_tokens, seed)
     size = config.vision_config.image_size
     pixels = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
     kwargs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), pixel_values=pixels)
-    return SyntheticInputs(kwargs, image_tokens, text_tokens, batch)
+    return SyntheticInputs(kwargs, image_tokens, text_tokens, batch, config.image_token_id, f"one {size} px image")
 
 
 def llava_next_inputs(config, batch: int, text_tokens: int, seed: int = 0) -> SyntheticInputs:
@@ -272,7 +297,7 @@ def llava_next_inputs(config, batch: int, text_tokens: int, seed: int = 0) -> Sy
     squares = [h for h, w in config.image_grid_pinpoints if h == w]
     resolution = max(squares) if squares else size
     grid = resolution // size
-    side = _clip_grid_side(config)
+    side = flops.patch_grid_side(config.vision_config)
     image_tokens = side * side + (grid * side) ** 2 + grid * side  # base + crops + one newline per row
     input_ids = _llava_prompt(config, batch, text_tokens, image_tokens, seed)
     generator = torch.Generator().manual_seed(seed)
@@ -283,7 +308,8 @@ def llava_next_inputs(config, batch: int, text_tokens: int, seed: int = 0) -> Sy
         pixel_values=pixels,
         image_sizes=torch.tensor([[resolution, resolution]] * batch),
     )
-    return SyntheticInputs(kwargs, image_tokens, text_tokens, batch)
+    layout = f"one {resolution} px image: base view + {grid} x {grid} crops"
+    return SyntheticInputs(kwargs, image_tokens, text_tokens, batch, config.image_token_id, layout)
 
 
 def _clip_shrink_layers(vision, layers: int) -> None:
@@ -309,13 +335,8 @@ def qwen2_5_vl_inputs(
     image_tokens = (patches_side // merge) ** 2
     generator = torch.Generator().manual_seed(seed)
     avoid = {config.image_token_id, config.video_token_id, config.vision_start_token_id, config.vision_end_token_id}
-    rows = []
-    for _ in range(batch):
-        text = _text_ids(generator, text_tokens - 2, config.text_config.vocab_size, avoid)
-        head = min(5, text.numel())
-        image = [config.vision_start_token_id] + [config.image_token_id] * image_tokens + [config.vision_end_token_id]
-        rows.append(torch.cat([text[:head], torch.tensor(image), text[head:]]))
-    input_ids = torch.stack(rows)
+    image = [config.vision_start_token_id] + [config.image_token_id] * image_tokens + [config.vision_end_token_id]
+    input_ids = _prompt_rows(generator, batch, text_tokens - 2, config.text_config.vocab_size, avoid, image)
     patch_width = 3 * vision.temporal_patch_size * vision.patch_size**2
     pixels = torch.randn(batch * patches_side**2, patch_width, generator=generator)
     kwargs = dict(
@@ -324,7 +345,8 @@ def qwen2_5_vl_inputs(
         pixel_values=pixels,
         image_grid_thw=torch.tensor([[1, patches_side, patches_side]] * batch),
     )
-    return SyntheticInputs(kwargs, image_tokens, text_tokens, batch)
+    layout = f"one {image_side} px image"
+    return SyntheticInputs(kwargs, image_tokens, text_tokens, batch, config.image_token_id, layout)
 
 
 def _qwen_shrink_layers(vision, layers: int) -> None:
@@ -372,13 +394,8 @@ def gemma3_inputs(config, batch: int, text_tokens: int, seed: int = 0) -> Synthe
     generator = torch.Generator().manual_seed(seed)
     image_tokens = config.mm_tokens_per_image
     avoid = {config.image_token_id, config.boi_token_index, config.eoi_token_index}
-    rows = []
-    for _ in range(batch):
-        text = _text_ids(generator, text_tokens - 3, config.text_config.vocab_size, avoid)
-        head = min(5, text.numel())
-        image = [config.boi_token_index] + [config.image_token_id] * image_tokens + [config.eoi_token_index]
-        rows.append(torch.cat([torch.tensor([2]), text[:head], torch.tensor(image), text[head:]]))
-    input_ids = torch.stack(rows)
+    image = [config.boi_token_index] + [config.image_token_id] * image_tokens + [config.eoi_token_index]
+    input_ids = _prompt_rows(generator, batch, text_tokens - 3, config.text_config.vocab_size, avoid, image, (2,))
     size = config.vision_config.image_size
     kwargs = dict(
         input_ids=input_ids,
@@ -386,7 +403,114 @@ def gemma3_inputs(config, batch: int, text_tokens: int, seed: int = 0) -> Synthe
         token_type_ids=(input_ids == config.image_token_id).long(),
         pixel_values=torch.randn(batch, 3, size, size, generator=generator),
     )
-    return SyntheticInputs(kwargs, image_tokens, text_tokens, batch)
+    return SyntheticInputs(kwargs, image_tokens, text_tokens, batch, config.image_token_id, f"one {size} px image")
+
+
+# -- InternVL3/3.5, HF-native (InternViT on dynamic tiles, pixel shuffle, MLP projector) ------------
+
+#: Tiles a side of InternVL's synthetic image: a square image of 900 px or so is cut 2 x 2, plus the thumbnail.
+INTERNVL_TILE_GRID = 2
+
+
+def internvl_inputs(config, batch: int, text_tokens: int, seed: int = 0) -> SyntheticInputs:
+    """``<img>``, the context tokens of g x g tiles and the thumbnail, ``</img>``, as InternVLProcessor
+    writes them. The config does not hold the ids of ``<img>``/``</img>``: they are taken as the two
+    ids below the context token, where InternVL3/3.5's tokenizers put them."""
+    generator = torch.Generator().manual_seed(seed)
+    tiles = INTERNVL_TILE_GRID**2 + 1
+    image_tokens = tiles * flops.internvl_tokens_per_tile(config)
+    start, end = config.image_token_id - 2, config.image_token_id - 1
+    image = [start] + [config.image_token_id] * image_tokens + [end]
+    avoid = {start, end, config.image_token_id}
+    input_ids = _prompt_rows(generator, batch, text_tokens - 2, config.text_config.vocab_size, avoid, image)
+    size = flops.square_size(config.vision_config.image_size)
+    kwargs = dict(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        pixel_values=torch.randn(batch * tiles, 3, size, size, generator=generator),  # every row's tiles, in order
+    )
+    layout = f"one image: {INTERNVL_TILE_GRID} x {INTERNVL_TILE_GRID} tiles of {size} px + thumbnail"
+    return SyntheticInputs(kwargs, image_tokens, text_tokens, batch, config.image_token_id, layout)
+
+
+# -- Idefics3 / SmolVLM (SigLIP on split sub-images, pixel shuffle, row/column markers) ------------
+
+#: Sub-images a side of the synthetic image: the processors resize an image's longest edge to
+#: 4 sub-image sides (1,536 px for SmolVLM2, 1,456 px for Idefics3), so a square image splits 4 x 4.
+IDEFICS3_SPLIT = 4
+
+
+def idefics3_image_block(config, split: int, per_sub_image: int) -> list[int]:
+    """One split image as Idefics3Processor / SmolVLMProcessor write it: per sub-image
+    ``<fake_token_around_image><row_i_col_j>`` and its tokens, a newline after each row, then a
+    newline, ``<fake_token_around_image><global-img>``, the global view's tokens, ``<fake_token_around_image>``.
+    The config does not hold the markers' ids: ``<fake_token_around_image>`` is the id below the
+    image token (as in SmolVLM2's tokenizer), the others the ids below it."""
+    image = [config.image_token_id] * per_sub_image
+    fake, global_image, newline = config.image_token_id - 1, config.image_token_id - 2, config.image_token_id - 3
+    block = []
+    for row in range(split):
+        for col in range(split):
+            row_col = config.image_token_id - 4 - (row * split + col)
+            block += [fake, row_col, *image]
+        block.append(newline)
+    return block + [newline, fake, global_image, *image, fake]
+
+
+def idefics3_inputs(config, batch: int, text_tokens: int, seed: int = 0) -> SyntheticInputs:
+    """BOS, 5 text tokens, a 4 x 4 split image and its global view, the rest of the text. The
+    row/column markers (40 at a 4 x 4 split) come on top of ``text_tokens``: they are text the
+    language model prefills, so the inputs' ``text_tokens`` counts them."""
+    generator = torch.Generator().manual_seed(seed)
+    per_sub_image = flops.idefics3_tokens_per_sub_image(config)
+    block = idefics3_image_block(config, IDEFICS3_SPLIT, per_sub_image)
+    vocab = config.text_config.vocab_size
+    input_ids = _prompt_rows(generator, batch, text_tokens - 1, vocab, set(block), block, (1,))
+    sub_images = IDEFICS3_SPLIT**2 + 1
+    size = config.vision_config.image_size
+    kwargs = dict(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        pixel_values=torch.randn(batch, sub_images, 3, size, size, generator=generator),  # (B, S, 3, H, W)
+        pixel_attention_mask=torch.ones(batch, sub_images, size, size, dtype=torch.bool),
+    )
+    layout = f"one image split {IDEFICS3_SPLIT} x {IDEFICS3_SPLIT} into {size} px sub-images + global view"
+    visual = sub_images * per_sub_image
+    markers = len(block) - visual
+    return SyntheticInputs(kwargs, visual, text_tokens + markers, batch, config.image_token_id, layout)
+
+
+# -- LLaVA-NeXT-Video (CLIP on every frame, 2 x 2 pooling, MLP projector) --------------------------
+
+#: Frames of the synthetic video (the number the model card's examples sample).
+VIDEO_FRAMES = 8
+
+
+def llava_next_video_inputs(config, batch: int, text_tokens: int, seed: int = 0) -> SyntheticInputs:
+    """BOS, 5 text tokens, a video of 8 frames, the rest of the text: the budget counts per frame
+    (``video_budget="per_frame"``, the default), so K per frame, 8 K per row."""
+    video_tokens = VIDEO_FRAMES * flops.llava_next_video_tokens_per_frame(config)
+    input_ids = _llava_prompt(config, batch, text_tokens, video_tokens, seed, placeholder=config.video_token_id)
+    size = config.vision_config.image_size
+    generator = torch.Generator().manual_seed(seed)
+    kwargs = dict(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        pixel_values_videos=torch.randn(batch, VIDEO_FRAMES, 3, size, size, generator=generator),  # (B, F, 3, H, W)
+    )
+    layout = f"one video of {VIDEO_FRAMES} frames of {size} px, budget per frame"
+    return SyntheticInputs(kwargs, video_tokens, text_tokens, batch, config.video_token_id, layout)
+
+
+def _idefics3_family(model_type: str) -> Family:
+    return Family(
+        model_type,
+        idefics3_inputs,
+        flops.idefics3_vision_flops,
+        shrink_vision_layers=_clip_shrink_layers,
+        shrink_vision_width=_clip_shrink_width,
+        feature_width=flops.idefics3_feature_width,
+    )
 
 
 FAMILIES: dict[str, Family] = {
@@ -396,6 +520,7 @@ FAMILIES: dict[str, Family] = {
         flops.llava_vision_flops,
         shrink_vision_layers=_clip_shrink_layers,
         shrink_vision_width=_clip_shrink_width,
+        compares_tower=True,
     ),
     "llava_next": Family(
         "llava_next",
@@ -426,6 +551,23 @@ FAMILIES: dict[str, Family] = {
         "gemma3",
         gemma3_inputs,
         flops.gemma3_vision_flops,
+        shrink_vision_layers=_clip_shrink_layers,
+        shrink_vision_width=_clip_shrink_width,
+    ),
+    "internvl": Family(
+        "internvl",
+        internvl_inputs,
+        flops.internvl_vision_flops,
+        shrink_vision_layers=_clip_shrink_layers,
+        shrink_vision_width=_clip_shrink_width,
+        feature_width=flops.internvl_feature_width,
+    ),
+    "idefics3": _idefics3_family("idefics3"),
+    "smolvlm": _idefics3_family("smolvlm"),
+    "llava_next_video": Family(
+        "llava_next_video",
+        llava_next_video_inputs,
+        flops.llava_next_video_vision_flops,
         shrink_vision_layers=_clip_shrink_layers,
         shrink_vision_width=_clip_shrink_width,
     ),

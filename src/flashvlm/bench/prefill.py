@@ -81,7 +81,7 @@ class RunTimes:
     ttft_ms: float
     decode_tokens_per_s: float | None
     prompt_length: int  # positions the language model prefilled (per row, with padding)
-    kept_per_image: int
+    kept_per_image: int  # visual tokens of one row's image (or video) that reached the language model
     peak_memory_bytes: int | None
 
 
@@ -127,7 +127,10 @@ def _generate_once(model, inputs: SyntheticInputs, new_tokens: int, pruner, devi
     decode = None
     if new_tokens > 1 and clock.last_token_at > clock.first_token_at:
         decode = inputs.num_images * (new_tokens - 1) / (clock.last_token_at - clock.first_token_at)
-    kept = pruner.last.images[0].num_kept if pruner is not None else inputs.visual_tokens_per_image
+    # Row 0's visual tokens kept, over all its budget units (one per image, or one per video frame).
+    kept = inputs.visual_tokens_per_image
+    if pruner is not None:
+        kept = sum(unit.num_kept for unit in pruner.last.images if unit.batch_index == 0)
     return RunTimes(
         vision_ms=1000 * (vision_end - vision_start) if vision_start is not None else None,
         selection_ms=selection_ms,

@@ -117,9 +117,10 @@ def prefill_table(report: dict, markdown: bool = False) -> str:
 
 def prefill_header(report: dict) -> list[str]:
     model = report["model"]
+    layout = f" ({model['visual_layout']})" if model.get("visual_layout") else ""  # reports before it lack it
     return [
         f"model: {model['name']} ({model['architecture']}), {model['shape']}",
-        f"{model['visual_tokens']} visual + {model['text_tokens']} text tokens per row, batch {model['batch_size']}, "
+        f"{model['visual_tokens']} visual{layout} + {model['text_tokens']} text tokens per row, batch {model['batch_size']}, "
         f"{model['new_tokens']} new tokens, {model['dtype']}, {model['attn_implementation']} attention, "
         f"median of {model['repeats']} runs after {model['warmup']} warm-up",
         f"measured on {machine_line(report['machine'])}",

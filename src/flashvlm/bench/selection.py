@@ -38,7 +38,7 @@ from ..selection.ops import unit_rows
 from ..timing import synchronize
 from .flops import decoder_prefill_flops, flashvlm_diversity_flops
 from .memory import peak_memory_bytes
-from .models import build_model, scale_config
+from .models import build_model, family_of, scale_config
 from .prefill import vision_module
 
 #: The token counts of the issue: LLaVA-1.5, LLaVA-NeXT AnyRes, a few images, a long video.
@@ -291,7 +291,7 @@ def tower_saliency_overhead(
     Only the tower is measured: the language model is built one tiny layer wide.
     LLaVA-1.5 (CLIP tower, CLS saliency) only; other families raise UnsupportedModelError.
     """
-    if config.model_type != "llava":
+    if not family_of(config).compares_tower:
         raise UnsupportedModelError(
             f"the tower comparison covers LLaVA-1.5 CLIP towers; {config.architectures[0]} is not one"
         )

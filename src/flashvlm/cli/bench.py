@@ -169,6 +169,7 @@ def run(args: argparse.Namespace) -> int:
             "attn_implementation": args.attn,
             "batch_size": args.batch_size,
             "visual_tokens": inputs.visual_tokens_per_image,
+            "visual_layout": inputs.layout,
             "text_tokens": inputs.text_tokens,
             "new_tokens": args.new_tokens,
             "repeats": args.repeats,

@@ -7,7 +7,7 @@ import argparse
 import shlex
 import sys
 
-from ..bench.models import SHIPPED_CONFIGS, describe_shape, load_config, parse_scale, scale_config
+from ..bench.models import SHIPPED_CONFIGS, describe_shape, family_of, load_config, parse_scale, scale_config
 from ..bench.report import (
     machine_description,
     machine_line,
@@ -90,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     real_config = load_config(args.model)
+    feature_width = family_of(real_config).feature_width(real_config)
 
     def progress(message: str) -> None:
         print(f"  measuring {message}", file=sys.stderr, flush=True)
@@ -100,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         methods,
         sorted(args.tokens),
         real_config.text_config,
-        real_config.vision_config.hidden_size,
+        feature_width,
         text_tokens=args.text_tokens,
         device=device,
         dtype=dtype,
@@ -116,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
         "model": {
             "name": args.model,
             "dtype": str(dtype).removeprefix("torch."),
-            "vision_width": real_config.vision_config.hidden_size,
+            "vision_width": feature_width,
             "lm_width": real_config.text_config.hidden_size,
             "text_tokens": args.text_tokens,
         },
@@ -145,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
         except UnsupportedModelError as error:
             skipped.append(f"vision tower comparison: {error}")
     header = [
-        f"selection inputs at {args.model} widths (vision {real_config.vision_config.hidden_size}, "
+        f"selection inputs at {args.model} widths (vision {feature_width}, "
         f"LM {real_config.text_config.hidden_size}), {args.text_tokens} text tokens, K = N // 9, "
         f"{report['model']['dtype']}, median of {args.repeats} runs",
         f"measured on {machine_line(report['machine'])}",
