@@ -53,6 +53,20 @@ def test_full_budget_gives_the_unpatched_logits(case):
     torch.testing.assert_close(actual[real], expected[real], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("case", EVERY_CASE, ids=lambda case: case.name)
+def test_none_keeps_every_view_whatever_the_budget(case):
+    # A budget of 1 split in proportion over an image's views rounds most views' shares to
+    # 0; a method that keeps every token must still send every view whole.
+    model = tiny_model(case)
+    inputs = case.make_inputs(model, batch_size=2, seed=4)
+    with torch.no_grad():
+        expected = model(**inputs).logits[:, -1]
+        with flashvlm.prune(model, 1, "none") as pruner:
+            logits = model(**inputs).logits[:, -1]
+    assert all(record.num_kept == record.num_tokens for record in pruner.last.images)
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("case", TINY_CASES, ids=lambda case: case.name)
 def test_budget_k_sends_exactly_k_tokens_per_unit(case):
     model = tiny_model(case)

@@ -366,7 +366,7 @@ class ModelAdapter(ABC):
         groups: dict[tuple[int, Budget, tuple[int, int] | None], list[tuple[VisualItem, TokenRegion]]] = {}
         for item in items:
             for unit in item.units:
-                for region, share in zip(unit.regions, region_budgets(unit, budget)):
+                for region, share in zip(unit.regions, region_budgets(unit, budget, selector.keeps_all)):
                     region.budget = share
                     region.chosen = torch.zeros(0, dtype=torch.long, device=region.positions.device)
                     if not (isinstance(share, int) and share == 0):
@@ -484,10 +484,13 @@ class ModelAdapter(ABC):
         return {token_id: tap.attention[is_placeholder] for token_id, is_placeholder in placeholders.items()}
 
 
-def region_budgets(unit: ImageSelection, budget: Budget) -> list[Budget]:
+def region_budgets(unit: ImageSelection, budget: Budget, keeps_all: bool = False) -> list[Budget]:
     """The budget of each region of ``unit``: the whole budget for a single region, or, for
     the views of one image, ``K`` split in proportion to their token counts (the last view
-    takes the rest)."""
+    takes the rest). A method that keeps every token gets each region whole: a small ``K``
+    split in proportion may round a region's share to 0, which would drop it."""
+    if keeps_all:
+        return [region.positions.numel() for region in unit.regions]
     if len(unit.regions) == 1:
         return [budget]
     num_keep = resolve_budget(budget, unit.num_tokens)
