@@ -55,8 +55,8 @@ class TextGuidedProcessorMixin:
         hf_kwargs = dict(hf_kwargs)
         text_ids = hf_kwargs.pop(TEXT_IDS_FIELD, None)
         processed = super()._call_hf_processor(hf_data, hf_kwargs, *args, **kwargs)
-        if text_ids is not None:
-            num_images = self.flashvlm_num_images(processed)
+        num_images = 0 if text_ids is None else self.flashvlm_num_images(processed)
+        if num_images:  # (a prompt with videos only has no image to guide)
             # Every image of a prompt is guided by the same text: (I, L).
             processed[TEXT_IDS_FIELD] = torch.tensor(text_ids, dtype=torch.long).repeat(num_images, 1)
         return processed
