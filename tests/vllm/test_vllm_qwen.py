@@ -25,6 +25,9 @@ import flashvlm
 MAX_TOKENS = 5
 FULL_BUDGET = 1.0  # a ratio: every token of any image
 BUDGETS = (FULL_BUDGET, 24, 8)
+#: Other methods the path serves for Qwen (features, projected tokens and text, the grid),
+#: each once on the 6 x 10 image; the CLS-based ones (visionzip, vispruner) are refused.
+OTHER_METHODS = ("flashvlm:release", "divprune", "cdpruner", "pool")
 #: log-probabilities of vLLM (its own kernels) and transformers agree this closely in float32.
 LOGPROB_TOLERANCE = 2e-3
 IMAGE_TOKEN_ID, VISION_START_ID, VISION_END_ID = 127, 123, 124  # "<image>", "'", "-" in the tiny vocabulary
@@ -131,7 +134,7 @@ def qwen(tmp_path_factory):
     return {"folder": folder, "model": model, "processor": AutoProcessor.from_pretrained(folder)}
 
 
-def hf_reference(qwen, request: dict, budget) -> dict:
+def hf_reference(qwen, request: dict, budget, method: str = "flashvlm") -> dict:
     """Greedy tokens (EOS dropped), their log-probabilities and the kept indices of
     transformers + flashvlm for one request."""
     from PIL import Image
@@ -149,7 +152,7 @@ def hf_reference(qwen, request: dict, budget) -> dict:
         if budget is None:
             generated, kept = model.generate(**inputs, **settings), None
         else:
-            with flashvlm.prune(model, budget=budget) as pruner:
+            with flashvlm.prune(model, budget=budget, method=method) as pruner:
                 generated = model.generate(**inputs, **settings)
             kept = [image.keep_indices.tolist() for image in pruner.last.images]
     output_ids = generated.sequences[0, inputs["input_ids"].shape[1] :].tolist()
@@ -185,6 +188,9 @@ def runs(qwen, tmp_path_factory):
         engines.append({"name": f"b{budget}", "hf_overrides": {"flashvlm": {"budget": budget}}, "calls": calls})
     # Its own engine: with the one-by-one selections in its encoder cache, vLLM would serve them from there.
     engines.append({"name": "batch", "hf_overrides": {"flashvlm": {"budget": BUDGETS[-1]}}, "calls": [singles]})
+    for method in OTHER_METHODS:
+        overrides = {"flashvlm": {"method": method, "budget": BUDGETS[-1]}}
+        engines.append({"name": method, "hf_overrides": overrides, "calls": one_by_one[1:]})
     plugin = run_job({**job, "engines": engines}, workdir / "plugin")
     return {"stock": stock["stock"], **plugin, "singles": singles, "two_images": two_images}
 
@@ -254,3 +260,25 @@ def test_a_batch_of_two_image_sizes_equals_the_requests_one_by_one(runs):
     for result, single in zip(got, expected):
         np.testing.assert_allclose(result["logprobs"], single["logprobs"], atol=1e-4)
     assert sorted(map(json.dumps, batch["kept"])) == sorted(json.dumps(call["kept"][0]) for call in singles)
+
+
+@pytest.mark.parametrize("method", OTHER_METHODS)
+def test_every_servable_method_keeps_what_it_keeps_in_transformers(runs, qwen, method):
+    (call,) = runs[method]
+    reference = hf_reference(qwen, runs["singles"][1], BUDGETS[-1], method)
+    ((_, _, kept),) = call["kept"]
+    assert [kept] == reference["kept"]
+    assert_matches(only_output(call), reference)
+
+
+@pytest.mark.parametrize("method", ["visionzip", "vispruner"])
+def test_methods_that_read_a_cls_row_are_refused_at_start_up(method):
+    from types import SimpleNamespace
+
+    from flashvlm.errors import MethodUnavailableError
+    from flashvlm.integrations.vllm.qwen2_5_vl import QWEN_SERVED_REQUIREMENTS
+    from flashvlm.integrations.vllm.settings import settings_of
+
+    config = SimpleNamespace(flashvlm={"method": method, "budget": 8})
+    with pytest.raises(MethodUnavailableError, match=r"needs cls_attention \(the CLS token's attention row"):
+        settings_of(config, QWEN_SERVED_REQUIREMENTS)

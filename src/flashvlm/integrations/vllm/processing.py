@@ -21,15 +21,18 @@ from functools import cached_property
 import torch
 
 from .encoder import TEXT_IDS_FIELD
-from .settings import PruningSettings, settings_of
+from .settings import SERVED_REQUIREMENTS, PruningSettings, settings_of
 
 
 class PrunedInfoMixin:
     """For a family's ``ProcessingInfo``: the settings, read once from the model's config."""
 
+    #: What the family's model class hands a method (a family without a CLS token has less).
+    flashvlm_served: frozenset[str] = SERVED_REQUIREMENTS
+
     @cached_property
     def flashvlm(self) -> PruningSettings | None:
-        return settings_of(self.ctx.model_config.hf_config)
+        return settings_of(self.ctx.model_config.hf_config, self.flashvlm_served)
 
 
 class TextGuidedProcessorMixin:

@@ -53,13 +53,18 @@ from .encoder import (
     text_ids_per_image,
 )
 from .processing import PrunedInfoMixin, TextGuidedProcessorMixin
-from .settings import settings_of
+from .settings import SERVED_REQUIREMENTS, settings_of
+
+#: What this path hands a method: Qwen's tower has no CLS token, so no CLS attention row.
+QWEN_SERVED_REQUIREMENTS = SERVED_REQUIREMENTS - {"cls_attention"}
 
 #: Extra channels on each kept row: its (t, h, w) offset inside the image's merged grid.
 POSITION_CHANNELS = 3
 
 
 class PrunedQwen2_5_VLProcessingInfo(PrunedInfoMixin, Qwen2_5_VLProcessingInfo):
+    flashvlm_served = QWEN_SERVED_REQUIREMENTS
+
     def get_num_image_tokens(self, *, image_width, image_height, image_processor, mm_kwargs) -> int:
         num_tokens = super().get_num_image_tokens(
             image_width=image_width, image_height=image_height, image_processor=image_processor, mm_kwargs=mm_kwargs
@@ -136,7 +141,7 @@ def tap_merger_input(merger):
 class PrunedQwen2_5_VL(PrunedModelMixin, Qwen2_5_VLForConditionalGeneration):
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        settings = settings_of(self.config)
+        settings = settings_of(self.config, QWEN_SERVED_REQUIREMENTS)
         if settings is not None:
             if self.use_data_parallel:
                 raise UnsupportedModelError(
