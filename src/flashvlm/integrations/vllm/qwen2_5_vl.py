@@ -82,6 +82,7 @@ class PrunedQwen2_5_VLMultiModalProcessor(TextGuidedProcessorMixin, Qwen2_5_VLMu
         return len(processed.get("image_grid_thw", ()))
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
+        # vLLM keys its cached HF processors by these kwargs: the prompt's text would build one per prompt.
         hf_processor_mm_kwargs = {k: v for k, v in hf_processor_mm_kwargs.items() if k != TEXT_IDS_FIELD}
         updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
         settings = self.info.flashvlm
@@ -148,11 +149,13 @@ class PrunedQwen2_5_VL(PrunedModelMixin, Qwen2_5_VLForConditionalGeneration):
                     'mm_encoder_tp_mode="data": flashvlm reads saliency inside the tower, which that mode splits '
                     "across ranks by image; use the default tensor-parallel tower"
                 )
-            if vllm_config.compilation_config.compile_mm_encoder:
-                raise UnsupportedModelError(
-                    "compile_mm_encoder=True: flashvlm reads q/k inside the vision tower with hooks, "
-                    "which a compiled tower does not run; leave the encoder uncompiled (vLLM's default)"
-                )
+            compilation = vllm_config.compilation_config
+            for option in ("compile_mm_encoder", "cudagraph_mm_encoder"):
+                if getattr(compilation, option, False):
+                    raise UnsupportedModelError(
+                        f"{option}=True: flashvlm reads q/k inside the vision tower with hooks, which a compiled "
+                        "or graph-captured tower does not run; leave the encoder eager (vLLM's default)"
+                    )
             if vllm_config.parallel_config.pipeline_parallel_size > 1:
                 raise UnsupportedModelError(
                     f"pipeline_parallel_size={vllm_config.parallel_config.pipeline_parallel_size}: flashvlm corrects "
