@@ -28,6 +28,7 @@ BUDGETS = (FULL_BUDGET, 24, 8)
 #: Other methods the path serves for Qwen (features, projected tokens and text, the grid),
 #: each once on the 6 x 10 image; the CLS-based ones (visionzip, vispruner) are refused.
 OTHER_METHODS = ("flashvlm:release", "divprune", "cdpruner", "pool")
+CHUNK_TOKENS = 16  # fewer than an image's slots at budget 24
 #: log-probabilities of vLLM (its own kernels) and transformers agree this closely in float32.
 LOGPROB_TOLERANCE = 2e-3
 IMAGE_TOKEN_ID, VISION_START_ID, VISION_END_ID = 127, 123, 124  # "<image>", "'", "-" in the tiny vocabulary
@@ -188,6 +189,10 @@ def runs(qwen, tmp_path_factory):
         engines.append({"name": f"b{budget}", "hf_overrides": {"flashvlm": {"budget": budget}}, "calls": calls})
     # Its own engine: with the one-by-one selections in its encoder cache, vLLM would serve them from there.
     engines.append({"name": "batch", "hf_overrides": {"flashvlm": {"budget": BUDGETS[-1]}}, "calls": [singles]})
+    # Prefill in chunks of 16 tokens: each image's 24 slots are split between two steps.
+    chunked = {"max_num_batched_tokens": CHUNK_TOKENS, "enable_chunked_prefill": True}
+    overrides = {"flashvlm": {"budget": BUDGETS[1]}}
+    engines.append({"name": "chunked", "hf_overrides": overrides, "engine_args": chunked, "calls": one_by_one})
     for method in OTHER_METHODS:
         overrides = {"flashvlm": {"method": method, "budget": BUDGETS[-1]}}
         engines.append({"name": method, "hf_overrides": overrides, "calls": one_by_one[1:]})
@@ -260,6 +265,19 @@ def test_a_batch_of_two_image_sizes_equals_the_requests_one_by_one(runs):
     for result, single in zip(got, expected):
         np.testing.assert_allclose(result["logprobs"], single["logprobs"], atol=1e-4)
     assert sorted(map(json.dumps, batch["kept"])) == sorted(json.dumps(call["kept"][0]) for call in singles)
+
+
+def test_a_prefill_in_chunks_that_split_an_image_equals_one_prefill(runs):
+    whole = runs[f"b{BUDGETS[1]}"]
+    assert [call["kept"] for call in runs["chunked"]] == [call["kept"] for call in whole]
+    for chunked_call, whole_call in zip(runs["chunked"], whole):
+        result, expected = only_output(chunked_call), only_output(whole_call)
+        assert (result["output_ids"], result["prompt_length"]) == (expected["output_ids"], expected["prompt_length"])
+        np.testing.assert_allclose(result["logprobs"], expected["logprobs"], atol=1e-5)
+    # Each prompt has text before its image, so a 16-token chunk ends inside the 24 slots.
+    for call in runs["chunked"]:
+        first_slot = call["outputs"][0]["prompt_ids"].index(IMAGE_TOKEN_ID)
+        assert first_slot < CHUNK_TOKENS < first_slot + BUDGETS[1]
 
 
 @pytest.mark.parametrize("method", OTHER_METHODS)
