@@ -89,16 +89,14 @@ class PrunedQwen2_5_VLMultiModalProcessor(TextGuidedProcessorMixin, Qwen2_5_VLMu
         if settings is None:
             return updates
 
-        def kept_placeholders(item_idx: int, unpruned=None):
-            placeholders = unpruned(item_idx)  # N copies of the image token
-            return placeholders[: settings.num_kept(len(placeholders))]
+        def with_kept_placeholders(update):
+            def replacement(item_idx: int):
+                placeholders = update.replacement(item_idx)  # N copies of the image token
+                return placeholders[: settings.num_kept(len(placeholders))]
 
-        return [
-            replace(update, replacement=lambda i, unpruned=update.replacement: kept_placeholders(i, unpruned))
-            if update.modality == "image"
-            else update
-            for update in updates
-        ]
+            return replace(update, replacement=replacement)
+
+        return [with_kept_placeholders(update) if update.modality == "image" else update for update in updates]
 
 
 @contextmanager
