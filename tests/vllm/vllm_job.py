@@ -10,6 +10,8 @@ Each call is one ``LLM.generate`` (a batch); engines are built one after another
 process. OUT.json maps each engine's name to its calls, each a list of
 ``{"prompt_ids", "output_ids", "kept"}``, where ``kept`` lists what the plug-in selected
 during that call (``[text_ids, num_tokens, keep_indices]`` per image, in encoder order).
+With ``"logprobs": true`` in JOB.json each output also has ``"logprobs"``: the log-probability
+of each generated token.
 """
 
 from __future__ import annotations
@@ -26,7 +28,10 @@ def main(job_path: str, out_path: str) -> None:
     from flashvlm.integrations.vllm.encoder import flashvlm_history
 
     job = json.loads(open(job_path).read())
-    sampling = SamplingParams(temperature=0.0, max_tokens=job.get("max_tokens", 6))
+    with_logprobs = job.get("logprobs", False)
+    sampling = SamplingParams(
+        temperature=0.0, max_tokens=job.get("max_tokens", 6), logprobs=1 if with_logprobs else None
+    )
     results = {}
     for engine in job["engines"]:
         arguments = {
@@ -58,10 +63,7 @@ def main(job_path: str, out_path: str) -> None:
             seen = len(history)
             calls.append(
                 {
-                    "outputs": [
-                        {"prompt_ids": list(o.prompt_token_ids), "output_ids": list(o.outputs[0].token_ids)}
-                        for o in outputs
-                    ],
+                    "outputs": [output_record(o, with_logprobs) for o in outputs],
                     "kept": kept,
                 }
             )
@@ -70,6 +72,14 @@ def main(job_path: str, out_path: str) -> None:
         gc.collect()
     with open(out_path, "w") as handle:
         json.dump(results, handle)
+
+
+def output_record(output, with_logprobs: bool) -> dict:
+    completion = output.outputs[0]
+    record = {"prompt_ids": list(output.prompt_token_ids), "output_ids": list(completion.token_ids)}
+    if with_logprobs:
+        record["logprobs"] = [step[token].logprob for step, token in zip(completion.logprobs, completion.token_ids)]
+    return record
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from .settings import CONFIG_KEY, SERVED_REQUIREMENTS, PruningSettings, parse_se
 #: vLLM architecture name -> "module:class" of the flashvlm model that replaces it.
 ARCHITECTURES = {
     "LlavaForConditionalGeneration": "flashvlm.integrations.vllm.llava:PrunedLlava",
+    "Qwen2_5_VLForConditionalGeneration": "flashvlm.integrations.vllm.qwen2_5_vl:PrunedQwen2_5_VL",
 }
 
 

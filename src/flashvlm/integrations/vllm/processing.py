@@ -21,15 +21,18 @@ from functools import cached_property
 import torch
 
 from .encoder import TEXT_IDS_FIELD
-from .settings import PruningSettings, settings_of
+from .settings import SERVED_REQUIREMENTS, PruningSettings, settings_of
 
 
 class PrunedInfoMixin:
     """For a family's ``ProcessingInfo``: the settings, read once from the model's config."""
 
+    #: What the family's model class hands a method (a family without a CLS token has less).
+    flashvlm_served: frozenset[str] = SERVED_REQUIREMENTS
+
     @cached_property
     def flashvlm(self) -> PruningSettings | None:
-        return settings_of(self.ctx.model_config.hf_config)
+        return settings_of(self.ctx.model_config.hf_config, self.flashvlm_served)
 
 
 class TextGuidedProcessorMixin:
@@ -55,8 +58,8 @@ class TextGuidedProcessorMixin:
         hf_kwargs = dict(hf_kwargs)
         text_ids = hf_kwargs.pop(TEXT_IDS_FIELD, None)
         processed = super()._call_hf_processor(hf_data, hf_kwargs, *args, **kwargs)
-        if text_ids is not None:
-            num_images = self.flashvlm_num_images(processed)
+        num_images = 0 if text_ids is None else self.flashvlm_num_images(processed)
+        if num_images:  # (a prompt with videos only has no image to guide)
             # Every image of a prompt is guided by the same text: (I, L).
             processed[TEXT_IDS_FIELD] = torch.tensor(text_ids, dtype=torch.long).repeat(num_images, 1)
         return processed

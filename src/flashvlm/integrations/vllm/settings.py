@@ -37,12 +37,13 @@ class PruningSettings:
         return resolve_budget(self.budget, num_tokens)
 
 
-def parse_settings(value: object) -> PruningSettings:
+def parse_settings(value: object, served: frozenset[str] = SERVED_REQUIREMENTS) -> PruningSettings:
     """Settings from the ``flashvlm`` entry of ``hf_overrides``; :class:`FlashVLMError` on bad input.
 
     ``value`` is ``{"budget": 64}`` plus optionally ``"method"`` (a registered name, with a
     preset as ``"flashvlm:release"``; default ``"flashvlm"``) and that method's parameters.
-    A method that needs an input this path cannot serve is refused here, at start-up.
+    A method that needs an input this path cannot serve (``served``: what the model
+    family's plug-in class provides) is refused here, at start-up.
     """
     if not isinstance(value, Mapping):
         raise FlashVLMError(
@@ -56,17 +57,17 @@ def parse_settings(value: object) -> PruningSettings:
     budget = validate_budget(params.pop("budget"))
     method = params.pop("method", "flashvlm")
     selector = get_method(method, **params)
-    unserved = sorted(selector.requires - SERVED_REQUIREMENTS)
+    unserved = sorted(selector.requires - served)
     if unserved:
         needs = "; ".join(f"{need} ({_REQUIREMENT_WORDS[need]})" for need in unserved)
         raise MethodUnavailableError(
             f"method {method!r} needs {needs}, which the vLLM plug-in does not provide; "
-            f"methods it serves need only {', '.join(sorted(SERVED_REQUIREMENTS))}"
+            f"methods it serves need only {', '.join(sorted(served))}"
         )
     return PruningSettings(selector, budget)
 
 
-def settings_of(hf_config: object) -> PruningSettings | None:
+def settings_of(hf_config: object, served: frozenset[str] = SERVED_REQUIREMENTS) -> PruningSettings | None:
     """The model's settings, or None when the switch is absent (then the model is stock vLLM).
 
     Bad settings raise :class:`FlashVLMError` naming the override, so that a server stops at
@@ -77,6 +78,6 @@ def settings_of(hf_config: object) -> PruningSettings | None:
     if value is None:
         return None
     try:
-        return parse_settings(value)
+        return parse_settings(value, served)
     except FlashVLMError as error:
         raise type(error)(f'hf_overrides["{CONFIG_KEY}"]: {error}') from None

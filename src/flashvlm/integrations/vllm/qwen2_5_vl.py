@@ -1,0 +1,299 @@
+"""Qwen2.5-VL in vLLM with flashvlm: packed window/full-attention ViT, 2x2 merger, M-RoPE positions.
+
+Registered under vLLM's own architecture name, ``Qwen2_5_VLForConditionalGeneration``;
+without the ``flashvlm`` key in ``hf_overrides`` every override below defers to vLLM's class.
+
+Positions, as the HF adapter (``flashvlm.adapters.qwen_vl``) has them: a kept token keeps
+the (t, h, w) M-RoPE position it has in the unpruned prompt, the text after an image
+continues after the *unpruned* grid, and decoding continues at the unpruned maximum + 1.
+Only the kept tokens' own positions depend on the selection; everything else follows
+from each image's grid, which the request carries. So:
+
+1. ``get_mrope_input_positions`` (called when a request arrives, before the encoder runs)
+   lays out the prompt with ``K`` slots per image, all at the image's first position,
+   the text after it where the unpruned image would have ended, and the decode delta of
+   the unpruned prompt;
+2. ``embed_multimodal`` appends to each kept row its (t, h, w) offset inside the image's
+   grid, three extra channels that travel through vLLM's encoder cache with the row (as
+   EVS carries its positions, ``SupportsMultiModalPruning``);
+3. ``embed_input_ids`` strips those channels before vLLM merges the rows into the prompt,
+   and ``forward`` adds them to the slots' positions.
+
+EVS's own route (the model runner calling ``recompute_mrope_positions``) is not used: the
+runner takes it only when ``video_pruning_rate`` is set, and it lets text after an image
+continue from the *pruned* positions, which is not what the HF adapter does.
+
+Videos are not pruned: with the switch on they are served as stock vLLM serves them.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import replace
+
+import numpy as np
+import torch
+from vllm.model_executor.models.qwen2_5_vl import (
+    Qwen2_5_VLDummyInputsBuilder,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLMultiModalProcessor,
+    Qwen2_5_VLProcessingInfo,
+)
+from vllm.multimodal import MULTIMODAL_REGISTRY
+
+from ...errors import FlashVLMError, UnsupportedModelError
+from ...saliency import segmented_received_attention
+from ...selection import SelectionInputs
+from .encoder import (
+    TEXT_IDS_FIELD,
+    PrunedModelMixin,
+    QKTap,
+    gather_tensor_parallel_channels,
+    mean_over_tensor_parallel_heads,
+    text_ids_per_image,
+)
+from .processing import PrunedInfoMixin, TextGuidedProcessorMixin
+from .settings import SERVED_REQUIREMENTS, settings_of
+
+#: What this path hands a method: Qwen's tower has no CLS token, so no CLS attention row.
+QWEN_SERVED_REQUIREMENTS = SERVED_REQUIREMENTS - {"cls_attention"}
+
+#: Extra channels on each kept row: its (t, h, w) offset inside the image's merged grid.
+POSITION_CHANNELS = 3
+
+
+class PrunedQwen2_5_VLProcessingInfo(PrunedInfoMixin, Qwen2_5_VLProcessingInfo):
+    flashvlm_served = QWEN_SERVED_REQUIREMENTS
+
+    def get_num_image_tokens(self, *, image_width, image_height, image_processor, mm_kwargs) -> int:
+        num_tokens = super().get_num_image_tokens(
+            image_width=image_width, image_height=image_height, image_processor=image_processor, mm_kwargs=mm_kwargs
+        )
+        return num_tokens if self.flashvlm is None else self.flashvlm.num_kept(num_tokens)
+
+
+class PrunedQwen2_5_VLMultiModalProcessor(TextGuidedProcessorMixin, Qwen2_5_VLMultiModalProcessor):
+    def flashvlm_placeholder_ids(self) -> frozenset[int]:
+        config = self.info.get_hf_config()
+        return frozenset({config.image_token_id, config.video_token_id})
+
+    def flashvlm_num_images(self, processed) -> int:
+        # pixel_values holds every image's patches in one (S, C) tensor: count the grids.
+        return len(processed.get("image_grid_thw", ()))
+
+    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
+        # vLLM keys its cached HF processors by these kwargs: the prompt's text would build one per prompt.
+        hf_processor_mm_kwargs = {k: v for k, v in hf_processor_mm_kwargs.items() if k != TEXT_IDS_FIELD}
+        updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
+        settings = self.info.flashvlm
+        if settings is None:
+            return updates
+
+        def with_kept_placeholders(update):
+            def replacement(item_idx: int):
+                placeholders = update.replacement(item_idx)  # N copies of the image token
+                return placeholders[: settings.num_kept(len(placeholders))]
+
+            return replace(update, replacement=replacement)
+
+        return [with_kept_placeholders(update) if update.modality == "image" else update for update in updates]
+
+
+@contextmanager
+def tap_rotated_queries_and_keys(attention):
+    """Capture the queries and keys a vLLM Qwen2.5-VL vision attention attends with.
+
+    Its ``apply_rotary_emb`` rotates q and k stacked as (2 * b, s, heads, d); with b = 1
+    (the packed tower) its output is this rank's rotated q and k, each (s, heads * d).
+    """
+    tap = QKTap()
+
+    def keep_queries_and_keys(_module, _args, output):
+        rotated = output.reshape(2, output.shape[-3], -1)
+        tap.queries, tap.keys = rotated.unbind(0)
+
+    handle = attention.apply_rotary_emb.register_forward_hook(keep_queries_and_keys)
+    try:
+        yield tap
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def tap_merger_input(merger):
+    """Capture the tower's last hidden states (S, 1, C), as the merger receives them.
+
+    The hook sits on the merger's first norm: the merger's own ``__call__`` is vLLM's
+    compile wrapper, which calls ``forward`` directly and so runs no module hooks.
+    """
+    captured = {}
+    handle = merger.ln_q.register_forward_pre_hook(lambda _module, args: captured.update(hidden=args[0]))
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    PrunedQwen2_5_VLMultiModalProcessor, info=PrunedQwen2_5_VLProcessingInfo, dummy_inputs=Qwen2_5_VLDummyInputsBuilder
+)
+class PrunedQwen2_5_VL(PrunedModelMixin, Qwen2_5_VLForConditionalGeneration):
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        settings = settings_of(self.config, QWEN_SERVED_REQUIREMENTS)
+        if settings is not None:
+            if self.use_data_parallel:
+                raise UnsupportedModelError(
+                    'mm_encoder_tp_mode="data": flashvlm reads saliency inside the tower, which that mode splits '
+                    "across ranks by image; use the default tensor-parallel tower"
+                )
+            compilation = vllm_config.compilation_config
+            for option in ("compile_mm_encoder", "cudagraph_mm_encoder"):
+                if getattr(compilation, option, False):
+                    raise UnsupportedModelError(
+                        f"{option}=True: flashvlm reads q/k inside the vision tower with hooks, which a compiled "
+                        "or graph-captured tower does not run; leave the encoder eager (vLLM's default)"
+                    )
+            if vllm_config.parallel_config.pipeline_parallel_size > 1:
+                raise UnsupportedModelError(
+                    f"pipeline_parallel_size={vllm_config.parallel_config.pipeline_parallel_size}: flashvlm corrects "
+                    "the kept tokens' M-RoPE positions on the first stage only; Qwen2.5-VL is served with 1"
+                )
+        self.init_flashvlm(settings)
+        full_attention_blocks = self.visual.fullatt_block_indexes
+        last_full = max(full_attention_blocks) if full_attention_blocks else len(self.visual.blocks) - 1
+        #: Saliency comes from the last full-attention block, as in the HF adapter (window
+        #: blocks see only their window).
+        self.saliency_attention = self.visual.blocks[last_full].attn
+        #: (slots (n,), offsets (3, n)) for the next ``forward``, from ``embed_input_ids``.
+        self.pending_position_offsets: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # -- positions -------------------------------------------------------------------------
+    def get_mrope_input_positions(self, input_tokens, mm_features):
+        """(3, L) positions of the pruned prompt and the decode delta, as the HF adapter has them.
+
+        Each image's ``K`` slots sit at the image's first position here; ``forward`` adds each
+        kept token's (t, h, w) offset once the selection is known.
+        """
+        if self.flashvlm is None:
+            return super().get_mrope_input_positions(input_tokens, mm_features)
+        pieces = []
+        next_position = 0  # the position the next text token takes
+        text_start = 0  # index in the prompt of the first token after the last visual item
+        features = sorted(mm_features, key=lambda feature: feature.mm_position.offset)
+        for feature, (offset, grid_t, grid_h, grid_w, t_factor) in zip(features, self.iter_mm_grid_thw(features)):
+            text_length = offset - text_start
+            pieces.append(np.broadcast_to(np.arange(text_length), (3, text_length)) + next_position)
+            first = next_position + text_length
+            grid = np.indices((grid_t, grid_h, grid_w)).reshape(3, -1)  # (3, t*h*w)
+            if t_factor != 1.0:
+                grid[0] = (grid[0] * t_factor).astype(np.int64)
+            slots = feature.mm_position.length
+            if feature.modality == "image":
+                pieces.append(np.full((3, slots), first))
+            else:  # videos are not pruned
+                pieces.append(grid + first)
+            next_position = first + int(grid.max()) + 1  # after the unpruned item
+            text_start = offset + slots
+        tail = len(input_tokens) - text_start
+        pieces.append(np.broadcast_to(np.arange(tail), (3, tail)) + next_position)
+        positions = np.concatenate(pieces, axis=1).astype(np.int64)  # (3, L)
+        end = next_position + tail
+        return torch.from_numpy(positions), end - len(input_tokens)
+
+    def embed_input_ids(self, input_ids, multimodal_embeddings=None, *, is_multimodal=None):
+        if self.flashvlm is None:
+            return super().embed_input_ids(input_ids, multimodal_embeddings, is_multimodal=is_multimodal)
+        self.pending_position_offsets = None
+        if not multimodal_embeddings:
+            return super().embed_input_ids(input_ids, multimodal_embeddings, is_multimodal=is_multimodal)
+        from vllm.multimodal.utils import copy_mm_embedding_modality
+
+        hidden = self.config.text_config.hidden_size
+        rows, offsets = [], []
+        for item in multimodal_embeddings:
+            if item.shape[-1] == hidden + POSITION_CHANNELS:  # a pruned image's kept rows
+                rows.append(copy_mm_embedding_modality(item, item[:, :hidden]))
+                offsets.append(item[:, hidden:].round().long())
+            else:  # a video's rows, at the positions vLLM gave them
+                rows.append(item)
+                offsets.append(torch.zeros(item.shape[0], POSITION_CHANNELS, dtype=torch.long, device=item.device))
+        slots = is_multimodal.nonzero().squeeze(1)  # (n,): the rows' places among the scheduled tokens
+        self.pending_position_offsets = (slots, torch.cat(offsets).T)
+        return super().embed_input_ids(input_ids, rows, is_multimodal=is_multimodal)
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
+        pending, self.pending_position_offsets = self.pending_position_offsets, None
+        if pending is not None:
+            slots, offsets = pending
+            positions = positions.clone()
+            positions[:, slots] += offsets.to(positions.device)
+        return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+
+    # -- selection -------------------------------------------------------------------------
+    def embed_multimodal(self, **kwargs: object):
+        if self.flashvlm is None:
+            return super().embed_multimodal(**kwargs)
+        inputs_by_modality = self._parse_and_validate_multimodal_inputs(**kwargs)
+        embeddings: tuple[torch.Tensor, ...] = ()
+        for modality, item_input in inputs_by_modality.items():
+            if modality == "image":
+                embeddings += self.select_images(item_input, kwargs)
+            else:
+                embeddings += tuple(self._process_video_input(item_input))
+        return embeddings
+
+    def select_images(self, image_input, kwargs) -> tuple[torch.Tensor, ...]:
+        """Each image's kept rows (K, D + 3): the merged tokens, then their (t, h, w) grid offsets."""
+        if image_input["type"] != "pixel_values":
+            raise FlashVLMError("flashvlm selects from pixels; precomputed image_embeds carry no encoder saliency")
+        grid_thw = image_input["image_grid_thw"].tolist()
+        text_ids = text_ids_per_image(kwargs, len(grid_thw))
+        needs = self.flashvlm.selector.requires
+        tower = self.visual
+        attention = self.saliency_attention
+        metadata = tower.prepare_encoder_metadata(grid_thw)
+        with tap_rotated_queries_and_keys(attention) as tap, tap_merger_input(tower.merger) as merger_input:
+            projected = tower(image_input["pixel_values"], grid_thw=grid_thw, encoder_metadata=metadata)  # (M, D)
+        # The tower runs merge groups window by window; reverse_indices restores each image's raster.
+        model_order = metadata["reverse_indices"].to(projected.device)
+        group = tower.spatial_merge_unit
+        hidden = merger_input["hidden"]  # (S, 1, C), in window order
+        num_merged = hidden.shape[0] // group
+        features = hidden.reshape(num_merged, group * hidden.shape[-1])[model_order]  # (M, m*m*C)
+        patches_per_image = [t * h * w for t, h, w in grid_thw]
+        cu_seqlens = torch.tensor([0, *np.cumsum(patches_per_image)], device=tap.queries.device)
+        heads = attention.num_attention_heads_per_partition
+        scale = attention.hidden_size_per_attention_head**-0.5
+        received = segmented_received_attention(tap.queries, tap.keys, heads, cu_seqlens, scale)  # (S,)
+        received = mean_over_tensor_parallel_heads(received, attention)
+        saliency = received.view(num_merged, group).mean(dim=1)[model_order]  # (M,)
+        keys = None
+        if "keys" in needs:
+            keys = gather_tensor_parallel_channels(tap.keys, attention)  # (S, C_k)
+            keys = keys.view(num_merged, group, -1).mean(dim=1)[model_order]  # (M, C_k)
+
+        kept_rows = []
+        start = 0
+        for image, (t, h, w) in enumerate(grid_thw):
+            rows, cols = h // tower.spatial_merge_size, w // tower.spatial_merge_size
+            one = slice(start, start + t * rows * cols)
+            start = one.stop
+            inputs = SelectionInputs(
+                features=features[one][None],
+                saliency=saliency[one][None],
+                saliency_kind="received",
+                projected=projected[one][None] if "projected" in needs else None,
+                keys=None if keys is None else keys[one][None],
+                key_heads=tower.num_heads,
+                grid_shape=(rows, cols) if t == 1 else None,
+            )
+            selection = self.select_image(inputs, text_ids[image])
+            indices = selection.indices[0]
+            if selection.features is not None:
+                tokens = tower.merger(selection.features[0].reshape(-1, hidden.shape[-1]))
+            else:
+                tokens = projected[one][indices]
+            offsets = torch.stack([indices // (rows * cols), indices % (rows * cols) // cols, indices % cols], dim=1)
+            kept_rows.append(torch.cat([tokens, offsets.to(tokens.dtype)], dim=1))  # (K, D + 3)
+        return tuple(kept_rows)

@@ -1,0 +1,302 @@
+"""The plug-in on a tiny random Qwen2.5-VL against Hugging Face + flashvlm.
+
+The model is built from a config here (window attention in blocks 0 and 2, full attention
+in block 1; a 2-layer Qwen2 decoder with M-RoPE) and saved with a processor built
+locally (the tiny word-level tokenizer of the other tests, Qwen2VLImageProcessorPil).
+Images of two sizes give two merged grids (8 x 8 and 6 x 10), each spanning several
+attention windows. Kept indices and greedy tokens must equal ``flashvlm.prune`` on the
+transformers model, and the generated tokens' log-probabilities must agree within float32
+noise: with a random model, greedy tokens alone say little about positions, while the
+log-probabilities move as soon as one kept token sits at a wrong (t, h, w).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_processor
+from vllm_harness import run_job
+
+import flashvlm
+
+MAX_TOKENS = 5
+FULL_BUDGET = 1.0  # a ratio: every token of any image
+BUDGETS = (FULL_BUDGET, 24, 8)
+#: Other methods the path serves for Qwen (features, projected tokens and text, the grid),
+#: each once on the 6 x 10 image; the CLS-based ones (visionzip, vispruner) are refused.
+OTHER_METHODS = ("flashvlm:release", "divprune", "cdpruner", "pool")
+CHUNK_TOKENS = 16  # fewer than an image's slots at budget 24
+#: log-probabilities of vLLM (its own kernels) and transformers agree this closely in float32.
+LOGPROB_TOLERANCE = 2e-3
+IMAGE_TOKEN_ID, VISION_START_ID, VISION_END_ID = 127, 123, 124  # "<image>", "'", "-" in the tiny vocabulary
+#: (width, height) in pixels: 2 x 2 pixel patches, 2 x 2 merge -> 8 x 8 and 6 x 10 merged tokens.
+IMAGE_SIZES = ((32, 32), (40, 24))
+QUESTIONS = ("what is the color of the shape ?", "how many red circle ?")
+EOS_ID = 2
+
+
+def tiny_qwen_folder(folder):
+    """A tiny Qwen2.5-VL folder vLLM can load: config, random weights, processor."""
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessorPil,
+    )
+
+    from flashvlm._torchvision_compat import without_video_processor
+
+    tokenizer = tiny_processor().tokenizer
+    tokenizer.add_tokens(["<|video_pad|>"], special_tokens=True)
+    # head_dim 32 is one vLLM's CPU attention serves; mrope_section splits its 16 frequencies.
+    text = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=512,
+        rope_parameters={"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 10000.0},
+        initializer_range=0.2,  # peaked logits: greedy decoding is far from ties
+        bos_token_id=1,
+        eos_token_id=EOS_ID,
+        pad_token_id=0,
+    )
+    vision = dict(
+        depth=3,
+        hidden_size=32,
+        intermediate_size=64,
+        out_hidden_size=64,
+        num_heads=4,
+        patch_size=2,
+        temporal_patch_size=2,
+        spatial_merge_size=2,
+        window_size=8,  # 2 x 2 merged tokens per window
+        fullatt_block_indexes=[1],
+        initializer_range=0.2,
+    )
+    config = Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=IMAGE_TOKEN_ID,
+        video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
+        vision_start_token_id=VISION_START_ID,
+        vision_end_token_id=VISION_END_ID,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    Qwen2_5_VLForConditionalGeneration(config).eval().save_pretrained(folder)
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=2, merge_size=2, temporal_patch_size=2, size={"shortest_edge": 64, "longest_edge": 1024}
+    )
+    without_video_processor(Qwen2_5_VLProcessor)(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(
+        folder
+    )
+    # As a folder saved where torchvision is installed: vLLM's processor loads a video processor too.
+    config_file = folder / "processor_config.json"
+    processor_config = json.loads(config_file.read_text())
+    processor_config["video_processor"] = {
+        "video_processor_type": "Qwen2VLVideoProcessor",
+        "merge_size": 2,
+        "patch_size": 2,
+        "temporal_patch_size": 2,
+    }
+    config_file.write_text(json.dumps(processor_config))
+    return folder
+
+
+def prompt(question: str, num_images: int = 1) -> str:
+    return "user : " + "' <image> - " * num_images + question + " assistant :"
+
+
+def image_files(folder) -> list[str]:
+    from PIL import Image
+
+    generator = np.random.default_rng(0)
+    paths = []
+    for index, (width, height) in enumerate(IMAGE_SIZES):
+        pixels = generator.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        path = folder / f"image{index}.png"
+        Image.fromarray(pixels).save(path)
+        paths.append(str(path))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    folder = tiny_qwen_folder(tmp_path_factory.mktemp("qwen-vllm"))
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder).eval()
+    return {"folder": folder, "model": model, "processor": AutoProcessor.from_pretrained(folder)}
+
+
+def hf_reference(qwen, request: dict, budget, method: str = "flashvlm") -> dict:
+    """Greedy tokens (EOS dropped), their log-probabilities and the kept indices of
+    transformers + flashvlm for one request."""
+    from PIL import Image
+
+    model, processor = qwen["model"], qwen["processor"]
+    images = [Image.open(path).convert("RGB") for path in request["images"]]
+    inputs = processor(images=images, text=request["prompt"], return_tensors="pt")
+    settings = {
+        "do_sample": False,
+        "max_new_tokens": MAX_TOKENS,
+        "output_logits": True,
+        "return_dict_in_generate": True,
+    }
+    with torch.no_grad():
+        if budget is None:
+            generated, kept = model.generate(**inputs, **settings), None
+        else:
+            with flashvlm.prune(model, budget=budget, method=method) as pruner:
+                generated = model.generate(**inputs, **settings)
+            kept = [image.keep_indices.tolist() for image in pruner.last.images]
+    output_ids = generated.sequences[0, inputs["input_ids"].shape[1] :].tolist()
+    logprobs = [
+        torch.log_softmax(step[0].float(), dim=-1)[token].item() for step, token in zip(generated.logits, output_ids)
+    ]
+    length = len(without_eos(output_ids))
+    return {"output_ids": output_ids[:length], "logprobs": logprobs[:length], "kept": kept}
+
+
+def without_eos(ids: list[int]) -> list[int]:
+    return ids[: ids.index(EOS_ID)] if EOS_ID in ids else ids
+
+
+@pytest.fixture(scope="module")
+def runs(qwen, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("vllm-qwen")
+    images = image_files(workdir)
+    singles = [{"prompt": prompt(question), "images": [image]} for image, question in zip(images, QUESTIONS)]
+    one_by_one = [[request] for request in singles]
+    two_images = {"prompt": prompt(QUESTIONS[0], num_images=2), "images": images}
+    job = {
+        "model": str(qwen["folder"]),
+        "max_tokens": MAX_TOKENS,
+        "logprobs": True,
+        # Images only: no dummy videos while vLLM profiles (the tiny folder has no real video processor use).
+        "engine_args": {"limit_mm_per_prompt": {"image": 2, "video": 0}},
+    }
+    stock = run_job({**job, "engines": [{"name": "stock", "calls": one_by_one}]}, workdir / "stock", plugins=False)
+    engines = [{"name": "off", "calls": one_by_one}]
+    for budget in BUDGETS:
+        calls = [*one_by_one, [two_images]] if budget == BUDGETS[-1] else one_by_one
+        engines.append({"name": f"b{budget}", "hf_overrides": {"flashvlm": {"budget": budget}}, "calls": calls})
+    # Its own engine: with the one-by-one selections in its encoder cache, vLLM would serve them from there.
+    engines.append({"name": "batch", "hf_overrides": {"flashvlm": {"budget": BUDGETS[-1]}}, "calls": [singles]})
+    # Prefill in chunks of 16 tokens: each image's 24 slots are split between two steps.
+    chunked = {"max_num_batched_tokens": CHUNK_TOKENS, "enable_chunked_prefill": True}
+    overrides = {"flashvlm": {"budget": BUDGETS[1]}}
+    engines.append({"name": "chunked", "hf_overrides": overrides, "engine_args": chunked, "calls": one_by_one})
+    for method in OTHER_METHODS:
+        overrides = {"flashvlm": {"method": method, "budget": BUDGETS[-1]}}
+        engines.append({"name": method, "hf_overrides": overrides, "calls": one_by_one[1:]})
+    plugin = run_job({**job, "engines": engines}, workdir / "plugin")
+    return {"stock": stock["stock"], **plugin, "singles": singles, "two_images": two_images}
+
+
+def only_output(call: dict) -> dict:
+    (output,) = call["outputs"]
+    return output_summary(output)
+
+
+def output_summary(output: dict) -> dict:
+    length = len(without_eos(output["output_ids"]))
+    return {
+        "output_ids": output["output_ids"][:length],
+        "logprobs": output["logprobs"][:length],
+        "prompt_length": len(output["prompt_ids"]),
+    }
+
+
+def assert_matches(result: dict, reference: dict) -> None:
+    assert result["output_ids"] == reference["output_ids"]
+    np.testing.assert_allclose(result["logprobs"], reference["logprobs"], atol=LOGPROB_TOLERANCE)
+
+
+def test_plugin_off_is_stock_vllm_and_equals_transformers(runs, qwen):
+    stock = [only_output(call) for call in runs["stock"]]
+    off = [only_output(call) for call in runs["off"]]
+    assert [r["output_ids"] for r in off] == [r["output_ids"] for r in stock]
+    for result, unpruned in zip(off, stock):
+        np.testing.assert_allclose(result["logprobs"], unpruned["logprobs"], atol=1e-5)
+    assert all(call["kept"] == [] for call in runs["off"])
+    for request, result in zip(runs["singles"], stock):
+        assert_matches(result, hf_reference(qwen, request, None))
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_greedy_tokens_and_kept_indices_equal_transformers(runs, qwen, budget):
+    calls = runs[f"b{budget}"][: len(runs["singles"])]
+    stock = [only_output(call) for call in runs["stock"]]
+    for request, call, unpruned in zip(runs["singles"], calls, stock):
+        reference = hf_reference(qwen, request, budget)
+        result = only_output(call)
+        ((_, num_tokens, kept),) = call["kept"]
+        assert [kept] == reference["kept"]
+        assert_matches(result, reference)
+        # The prompt holds K placeholders instead of N: text + K tokens.
+        assert result["prompt_length"] == unpruned["prompt_length"] - num_tokens + len(kept)
+        if budget == FULL_BUDGET:
+            assert len(kept) == num_tokens
+            assert_matches(result, unpruned)
+
+
+def test_two_images_of_different_sizes_in_one_prompt_keep_their_positions(runs, qwen):
+    call = runs[f"b{BUDGETS[-1]}"][-1]
+    reference = hf_reference(qwen, runs["two_images"], BUDGETS[-1])
+    assert [record[2] for record in call["kept"]] == reference["kept"]
+    assert [record[1] for record in call["kept"]] == [64, 60]
+    assert_matches(only_output(call), reference)
+
+
+def test_a_batch_of_two_image_sizes_equals_the_requests_one_by_one(runs):
+    (batch,) = runs["batch"]
+    singles = runs[f"b{BUDGETS[-1]}"][: len(runs["singles"])]
+    expected = [only_output(call) for call in singles]
+    got = [output_summary(output) for output in batch["outputs"]]
+    assert [r["output_ids"] for r in got] == [r["output_ids"] for r in expected]
+    assert [r["prompt_length"] for r in got] == [r["prompt_length"] for r in expected]
+    for result, single in zip(got, expected):
+        np.testing.assert_allclose(result["logprobs"], single["logprobs"], atol=1e-4)
+    assert sorted(map(json.dumps, batch["kept"])) == sorted(json.dumps(call["kept"][0]) for call in singles)
+
+
+def test_a_prefill_in_chunks_that_split_an_image_equals_one_prefill(runs):
+    whole = runs[f"b{BUDGETS[1]}"]
+    assert [call["kept"] for call in runs["chunked"]] == [call["kept"] for call in whole]
+    for chunked_call, whole_call in zip(runs["chunked"], whole):
+        result, expected = only_output(chunked_call), only_output(whole_call)
+        assert (result["output_ids"], result["prompt_length"]) == (expected["output_ids"], expected["prompt_length"])
+        np.testing.assert_allclose(result["logprobs"], expected["logprobs"], atol=1e-5)
+    # Each prompt has text before its image, so a 16-token chunk ends inside the 24 slots.
+    for call in runs["chunked"]:
+        first_slot = call["outputs"][0]["prompt_ids"].index(IMAGE_TOKEN_ID)
+        assert first_slot < CHUNK_TOKENS < first_slot + BUDGETS[1]
+
+
+@pytest.mark.parametrize("method", OTHER_METHODS)
+def test_every_servable_method_keeps_what_it_keeps_in_transformers(runs, qwen, method):
+    (call,) = runs[method]
+    reference = hf_reference(qwen, runs["singles"][1], BUDGETS[-1], method)
+    ((_, _, kept),) = call["kept"]
+    assert [kept] == reference["kept"]
+    assert_matches(only_output(call), reference)
+
+
+@pytest.mark.parametrize("method", ["visionzip", "vispruner"])
+def test_methods_that_read_a_cls_row_are_refused_at_start_up(method):
+    from types import SimpleNamespace
+
+    from flashvlm.errors import MethodUnavailableError
+    from flashvlm.integrations.vllm.qwen2_5_vl import QWEN_SERVED_REQUIREMENTS
+    from flashvlm.integrations.vllm.settings import settings_of
+
+    config = SimpleNamespace(flashvlm={"method": method, "budget": 8})
+    with pytest.raises(MethodUnavailableError, match=r"needs cls_attention \(the CLS token's attention row"):
+        settings_of(config, QWEN_SERVED_REQUIREMENTS)
