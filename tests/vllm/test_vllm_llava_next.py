@@ -41,6 +41,9 @@ QUESTIONS = ["what is the color of the shape ?", "how many red circle ?"]
 #: 1.0: every token; 24 of 108-120 tokens; a ratio, so the base/crop split differs per image.
 BUDGETS = (1.0, 24, 0.3)
 FULL, SMALL = BUDGETS[0], BUDGETS[1]
+#: Methods with other paths, on the first image at 24: VisionZip merges tokens (its merged
+#: features are projected in place) and reads keys; pool reads each view's raster grid.
+OTHER_METHODS = ("visionzip", "pool")
 
 
 def text_config():
@@ -117,6 +120,9 @@ def runs(folders, hf_model):
     # Both sizes in one batch, on an engine of its own (the others' encoder caches hold them).
     overrides = {"flashvlm": {"budget": SMALL}}
     plugin_engines.append({"name": "batch", **next_engine, "hf_overrides": overrides, "calls": [requests]})
+    for method in OTHER_METHODS:
+        overrides = {"flashvlm": {"method": method, "budget": SMALL}}
+        plugin_engines.append({"name": method, **next_engine, "hf_overrides": overrides, "calls": one_by_one[:1]})
     plugin_engines.append({"name": "llama", "engine_args": llama, "calls": llama_calls})
     refused = {"name": "llama refused", "engine_args": llama, "hf_overrides": overrides, "expect_error": True}
     plugin_engines.append({**refused, "calls": []})
@@ -145,6 +151,15 @@ def test_greedy_tokens_and_kept_indices_equal_transformers_with_every_rows_newli
     if budget == FULL:
         stock = [only_output(call) for call in runs["stock"]["stock"]]
         assert [only_output(call) for call in runs["plugin"][f"b{budget}"]] == stock
+
+
+@pytest.mark.parametrize("method", OTHER_METHODS)
+def test_other_methods_keep_what_they_keep_in_transformers(runs, hf_model, method):
+    (call,) = runs["plugin"][method]
+    reference = hf_reference(hf_model, runs["requests"][0], SMALL, method, newlines="every_row")
+    (kept,) = call["kept"]
+    assert [kept[2]] == reference["kept"]
+    assert only_output(call) == {"output_ids": reference["output_ids"], "prompt_length": reference["prompt_length"]}
 
 
 def test_the_anyres_layout_is_vllms_merge(runs):

@@ -10,11 +10,11 @@ Each call is one ``LLM.generate`` (a batch); engines are built one after another
 process. OUT.json maps each engine's name to its calls, each a list of
 ``{"prompt_ids", "output_ids", "kept"}``, where ``kept`` lists what the plug-in selected
 during that call (``[text_ids, num_tokens, keep_indices]`` per image, in encoder order).
-An engine may name ``"apply": "module:function"``: after its calls,
-``LLM.apply_model(function)`` runs, and its result (one per worker) is stored under
-``"NAME applied"``. A request without images is sent as text alone. An engine with ``"expect_error": true``
-is one whose ``LLM(...)`` must fail: its entry is ``{"error": "Type: message"}`` (or
-``{"error": null}`` when it did not fail), and the job goes on.
+A request without images is sent as text alone. An engine may name
+``"apply": "module:function"``: after its calls, ``LLM.apply_model(function)`` runs, and its
+result (one per worker) is stored under ``"NAME applied"``. An engine with
+``"expect_error": true`` is one whose ``LLM(...)`` must fail: its entry is
+``{"error": "Type: message"}`` (or ``{"error": null}`` when it started), and the job goes on.
 """
 
 from __future__ import annotations
