@@ -25,6 +25,7 @@ from conftest_families import EVERY_CASE
 
 import flashvlm
 from flashvlm import FlashVLMError, MethodUnavailableError, TokenSelector
+from flashvlm.adapters import NEWLINES
 from flashvlm.saliency import received_attention, segmented_received_attention
 from flashvlm.selection.fastv import FastV
 
@@ -87,6 +88,33 @@ def test_budget_k_sends_exactly_k_tokens_per_unit(case):
             is_newline = (tokens == newline).all(dim=-1)
             assert int((~is_newline).sum()) == budget
             assert not bool((is_newline[1:] & is_newline[:-1]).any()), "a newline follows an emptied row"
+
+
+@pytest.mark.parametrize("case", [case for case in TINY_CASES if is_anyres(case)], ids=lambda case: case.name)
+def test_newlines_every_row_keeps_every_rows_newline_and_the_same_tokens(case):
+    """``newlines="every_row"``: an image's length is K + its rows, known from its size (vLLM)."""
+    model = tiny_model(case)
+    inputs = case.make_inputs(model, 3, 0)
+    budget = 3  # so few that some crop rows keep nothing
+    lengths, kept = {}, {}
+    for rule in NEWLINES:
+        with flashvlm.prune(model, budget=budget, newlines=rule) as pruner:
+            pruned = pruner.prune_inputs(dict(inputs))
+        lengths[rule] = placeholder_counts(model, pruned.model_kwargs["input_ids"])
+        kept[rule] = [record.keep_indices.tolist() for record in pruned.images]
+    assert kept["every_row"] == kept["kept_rows"]
+    selectable = torch.zeros(3, dtype=torch.long)
+    for record in pruned.images:
+        selectable[record.batch_index] += record.num_tokens
+    newlines = placeholder_counts(model, inputs["input_ids"]) - selectable  # (B,) of the unpruned prompt
+    assert torch.equal(lengths["every_row"], kept_per_row(pruned.images, 3) + newlines)
+    assert bool((lengths["kept_rows"] < lengths["every_row"]).any())
+
+
+def test_newlines_is_validated():
+    model = tiny_model(TINY_CASES[0])
+    with pytest.raises(FlashVLMError, match="newlines must be one of 'kept_rows', 'every_row'; got 'all'"):
+        flashvlm.apply(model, budget=8, newlines="all")
 
 
 @pytest.mark.parametrize("case", EVERY_CASE, ids=lambda case: case.name)

@@ -58,13 +58,14 @@ class Pruner:
         method: str | TokenSelector = "flashvlm",
         *,
         video_budget: str = "per_frame",
+        newlines: str = "kept_rows",
         tokenizer=None,
         timed: bool = False,
         **params,
     ) -> None:
         model = unwrap_compiled(model)
         self.model = model
-        self.adapter = adapter_for(model, video_budget=video_budget, tokenizer=tokenizer)
+        self.adapter = adapter_for(model, video_budget=video_budget, tokenizer=tokenizer, newlines=newlines)
         self.budget = validate_budget(budget)
         self.selector = get_method(method, **params)
         #: The most recent call's pruning: kept indices per image, lengths before and after;
@@ -200,6 +201,7 @@ def apply(
     method: str | TokenSelector = "flashvlm",
     *,
     video_budget: str = "per_frame",
+    newlines: str = "kept_rows",
     tokenizer=None,
     timed: bool = False,
     **params,
@@ -208,13 +210,18 @@ def apply(
 
     ``budget`` counts tokens per image; for videos, ``video_budget`` says whether it counts
     per frame (``"per_frame"``, the default) or per video, with the frames selected jointly
-    (``"per_video"``). ``tokenizer`` (the model's tokenizer or processor) lets a method with
+    (``"per_video"``). ``newlines`` says which LLaVA-NeXT/OneVision row newlines (outside
+    the budget) stay: those of rows that keep a token (``"kept_rows"``, the default) or
+    every row's (``"every_row"``: an image's token count then follows from its size, as in
+    the vLLM plug-in). ``tokenizer`` (the model's tokenizer or processor) lets a method with
     ``text_tokens="question"`` (e.g. ``"flashvlm:question"``) find the ``question=`` passed to
     ``generate``/``forward`` in the prompt. ``timed=True`` records
     ``pruner.last_selection_seconds`` (at the cost of a device synchronisation before and
     after each pruning). ``params`` are the method's parameters.
     """
-    return Pruner(model, budget, method, video_budget=video_budget, tokenizer=tokenizer, timed=timed, **params).attach()
+    return Pruner(
+        model, budget, method, video_budget=video_budget, newlines=newlines, tokenizer=tokenizer, timed=timed, **params
+    ).attach()
 
 
 #: Names a KV cache is passed under: transformers 5 renamed ``past_key_values`` to ``cache``.
@@ -244,12 +251,15 @@ def prune(
     method: str | TokenSelector = "flashvlm",
     *,
     video_budget: str = "per_frame",
+    newlines: str = "kept_rows",
     tokenizer=None,
     timed: bool = False,
     **params,
 ):
     """``with flashvlm.prune(model, budget=64): model.generate(...)``; restored on exit (see :func:`apply`)."""
-    pruner = apply(model, budget, method, video_budget=video_budget, tokenizer=tokenizer, timed=timed, **params)
+    pruner = apply(
+        model, budget, method, video_budget=video_budget, newlines=newlines, tokenizer=tokenizer, timed=timed, **params
+    )
     try:
         yield pruner
     finally:

@@ -41,8 +41,9 @@ def requests_for(processor, rows):
     return [{"prompt": chat_prompt(processor, row["question"]), "images": [row["image"]]} for row in rows]
 
 
-def hf_reference(hf_model, request: dict, budget: int | None, method: str = "flashvlm") -> dict:
-    """Greedy tokens (EOS dropped) and kept indices of transformers + flashvlm for one request."""
+def hf_reference(hf_model, request: dict, budget, method: str = "flashvlm", **prune_options) -> dict:
+    """Greedy tokens (EOS dropped), kept indices and prompt length of transformers + flashvlm for
+    one request (``budget`` None: unpruned; ``prune_options`` go to ``flashvlm.prune``)."""
     from PIL import Image
 
     model, processor = hf_model
@@ -51,12 +52,14 @@ def hf_reference(hf_model, request: dict, budget: int | None, method: str = "fla
     settings = {"do_sample": False, "max_new_tokens": MAX_TOKENS}
     with torch.no_grad():
         if budget is None:
-            generated, kept = model.generate(**inputs, **settings), None
+            generated, kept, length = model.generate(**inputs, **settings), None, inputs["input_ids"].shape[1]
         else:
-            with flashvlm.prune(model, budget=budget, method=method) as pruner:
+            with flashvlm.prune(model, budget=budget, method=method, **prune_options) as pruner:
                 generated = model.generate(**inputs, **settings)
             kept = [image.keep_indices.tolist() for image in pruner.last.images]
-    return {"output_ids": without_eos(generated[0, inputs["input_ids"].shape[1] :].tolist()), "kept": kept}
+            length = pruner.last.pruned_length
+    new_ids = generated[0, inputs["input_ids"].shape[1] :].tolist()
+    return {"output_ids": without_eos(new_ids), "kept": kept, "prompt_length": length}
 
 
 def without_eos(ids: list[int]) -> list[int]:

@@ -10,6 +10,11 @@ Each call is one ``LLM.generate`` (a batch); engines are built one after another
 process. OUT.json maps each engine's name to its calls, each a list of
 ``{"prompt_ids", "output_ids", "kept"}``, where ``kept`` lists what the plug-in selected
 during that call (``[text_ids, num_tokens, keep_indices]`` per image, in encoder order).
+A request without images is sent as text alone. An engine may name
+``"apply": "module:function"``: after its calls, ``LLM.apply_model(function)`` runs, and its
+result (one per worker) is stored under ``"NAME applied"``. An engine with
+``"expect_error": true`` is one whose ``LLM(...)`` must fail: its entry is
+``{"error": "Type: message"}`` (or ``{"error": null}`` when it started), and the job goes on.
 With ``"logprobs": true`` in JOB.json each output also has ``"logprobs"``: the log-probability
 of each generated token.
 """
@@ -17,6 +22,7 @@ of each generated token.
 from __future__ import annotations
 
 import gc
+import importlib
 import json
 import sys
 
@@ -46,17 +52,18 @@ def main(job_path: str, out_path: str) -> None:
         }
         if engine.get("hf_overrides") is not None:
             arguments["hf_overrides"] = engine["hf_overrides"]
+        if engine.get("expect_error"):
+            results[engine["name"]] = {"error": start_error(LLM, arguments)}
+            continue
         llm = LLM(**arguments)
         seen = 0
         calls = []
         for call in engine["calls"]:
-            requests = [
-                {
-                    "prompt": request["prompt"],
-                    "multi_modal_data": {"image": [Image.open(path).convert("RGB") for path in request["images"]]},
-                }
-                for request in call
-            ]
+            requests = [{"prompt": request["prompt"]} for request in call]
+            for sent, request in zip(requests, call):
+                if request.get("images"):
+                    images = [Image.open(path).convert("RGB") for path in request["images"]]
+                    sent["multi_modal_data"] = {"image": images}
             outputs = llm.generate(requests, sampling, use_tqdm=False)
             history = [record for worker in llm.apply_model(flashvlm_history) for record in worker]
             kept = [[list(r.text_ids), r.num_tokens, list(r.keep_indices)] for r in history[seen:]]
@@ -68,6 +75,10 @@ def main(job_path: str, out_path: str) -> None:
                 }
             )
         results[engine["name"]] = calls
+        if engine.get("apply"):
+            module_name, function_name = engine["apply"].split(":")
+            function = getattr(importlib.import_module(module_name), function_name)
+            results[f"{engine['name']} applied"] = llm.apply_model(function)
         del llm
         gc.collect()
     with open(out_path, "w") as handle:
@@ -80,6 +91,17 @@ def output_record(output, with_logprobs: bool) -> dict:
     if with_logprobs:
         record["logprobs"] = [step[token].logprob for step, token in zip(completion.logprobs, completion.token_ids)]
     return record
+
+
+def start_error(LLM, arguments: dict) -> str | None:
+    """What ``LLM(**arguments)`` raised, as "Type: message", or None when it started."""
+    try:
+        llm = LLM(**arguments)
+    except Exception as error:  # the test reads which error it was
+        return f"{type(error).__name__}: {error}"
+    del llm
+    gc.collect()
+    return None
 
 
 if __name__ == "__main__":

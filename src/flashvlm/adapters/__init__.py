@@ -5,7 +5,16 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from .base import TEXT_TOKENS, VIDEO_BUDGETS, ImageSelection, ModelAdapter, PrunedInputs, TokenRegion, VisualItem
+from .base import (
+    NEWLINES,
+    TEXT_TOKENS,
+    VIDEO_BUDGETS,
+    ImageSelection,
+    ModelAdapter,
+    PrunedInputs,
+    TokenRegion,
+    VisualItem,
+)
 from .gemma3 import Gemma3Adapter
 from .idefics3 import Idefics3Adapter
 from .internvl import InternVLAdapter
@@ -34,11 +43,13 @@ def supported_architectures() -> list[str]:
     return [name for adapter in ADAPTERS for name in adapter.architectures]
 
 
-def adapter_for(model: nn.Module, video_budget: str = "per_frame", tokenizer=None) -> ModelAdapter:
+def adapter_for(
+    model: nn.Module, video_budget: str = "per_frame", tokenizer=None, newlines: str = "kept_rows"
+) -> ModelAdapter:
     """The adapter serving ``model``, or :class:`UnsupportedModelError` naming the supported ones."""
     for adapter in ADAPTERS:
         if adapter.serves(model):
-            return adapter(model, video_budget=video_budget, tokenizer=tokenizer)
+            return adapter(model, video_budget=video_budget, tokenizer=tokenizer, newlines=newlines)
     kind = type(model).__name__
     has_vision = any(
         hasattr(getattr(model, "model", model), name) for name in ("vision_tower", "visual", "vision_model")
@@ -53,6 +64,7 @@ __all__ = [
     "VIDEO_BUDGETS",
     "ImageSelection",
     "ModelAdapter",
+    "NEWLINES",
     "PrunedInputs",
     "TokenRegion",
     "VisualItem",

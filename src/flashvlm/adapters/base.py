@@ -53,6 +53,12 @@ TEXT_TOKENS = ("prompt", "question", "before_image")
 #: whole video with its frames selected jointly (a frame with more relevant tokens keeps more).
 VIDEO_BUDGETS = ("per_frame", "per_video")
 
+#: Which newline tokens (LLaVA-NeXT/OneVision raster rows; outside the budget) stay: the
+#: newline of each row that keeps a token, or every row's. With "every_row" an image's
+#: token count follows from its size alone, as vLLM needs (it fixes each image's
+#: placeholder count before the encoder runs; see docs/vllm.md).
+NEWLINES = ("kept_rows", "every_row")
+
 
 @dataclass
 class TokenRegion:
@@ -176,10 +182,14 @@ class ModelAdapter(ABC):
     #: The family in words (docs tables are generated from it).
     support: ClassVar[FamilySupport]
 
-    def __init__(self, model: nn.Module, video_budget: str = "per_frame", tokenizer=None) -> None:
+    def __init__(
+        self, model: nn.Module, video_budget: str = "per_frame", tokenizer=None, newlines: str = "kept_rows"
+    ) -> None:
         check_choice("video_budget", video_budget, VIDEO_BUDGETS)
+        check_choice("newlines", newlines, NEWLINES)
         self.model = model
         self.video_budget = video_budget
+        self.newlines = newlines
         #: The model's tokenizer (or processor): needed to find the question's tokens.
         self.tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
         self.core = model.model
@@ -417,7 +427,9 @@ class ModelAdapter(ABC):
                 if region.merged is not None:
                     merged_at.append(chosen)
                     merged.append(region.merged)
-        if item.is_newline is not None:
+        if item.is_newline is not None and self.newlines == "every_row":
+            keep |= item.is_newline
+        elif item.is_newline is not None:
             # A row's newline stays when the row keeps a token, so the LM still sees where it ends.
             rows_kept = item.row_of[keep & ~item.is_newline]
             keep |= item.is_newline & torch.isin(item.row_of, rows_kept)

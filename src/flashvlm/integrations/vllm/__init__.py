@@ -8,7 +8,8 @@ unless asked::
     LLM(model=PATH, hf_overrides={"flashvlm": {"method": "flashvlm", "budget": 64}})
     vllm serve PATH --hf-overrides '{"flashvlm": {"method": "flashvlm", "budget": 64}}'
 
-Without that key a model is stock vLLM. See docs/vllm.md for what runs where.
+Without that key a model is stock vLLM; with it, an architecture the plug-in has no class
+for stops at start-up instead of running unpruned. See docs/vllm.md for what runs where.
 
 This module imports nothing from vLLM at import time; the model modules are imported by
 vLLM's registry only when it builds one of those architectures.
@@ -16,21 +17,57 @@ vLLM's registry only when it builds one of those architectures.
 
 from __future__ import annotations
 
+from ...errors import UnsupportedModelError
 from .settings import CONFIG_KEY, SERVED_REQUIREMENTS, PruningSettings, parse_settings
 
 #: vLLM architecture name -> "module:class" of the flashvlm model that replaces it.
 ARCHITECTURES = {
     "LlavaForConditionalGeneration": "flashvlm.integrations.vllm.llava:PrunedLlava",
+    "LlavaNextForConditionalGeneration": "flashvlm.integrations.vllm.llava_next:PrunedLlavaNext",
     "Qwen2_5_VLForConditionalGeneration": "flashvlm.integrations.vllm.qwen2_5_vl:PrunedQwen2_5_VL",
 }
 
 
 def register() -> None:
-    """The ``vllm.general_plugins`` entry point: register flashvlm's model classes (idempotent)."""
+    """The ``vllm.general_plugins`` entry point: register flashvlm's model classes, and refuse
+    the switch on every other architecture (idempotent)."""
     from vllm import ModelRegistry
 
     for architecture, model_class in ARCHITECTURES.items():
         ModelRegistry.register_model(architecture, model_class)
+    if not isinstance(ModelRegistry.inspect_model_cls, RefuseUnservedArchitectures):
+        ModelRegistry.inspect_model_cls = RefuseUnservedArchitectures(ModelRegistry.inspect_model_cls)
 
 
-__all__ = ["ARCHITECTURES", "CONFIG_KEY", "SERVED_REQUIREMENTS", "PruningSettings", "parse_settings", "register"]
+class RefuseUnservedArchitectures:
+    """vLLM's ``ModelRegistry.inspect_model_cls``, refusing the ``flashvlm`` key for a model
+    the plug-in has no class for.
+
+    Every ``ModelConfig`` resolves its architecture through this registry call, with its Hugging
+    Face config (``hf_overrides`` applied) in hand, in the front end before any engine is
+    built. Without the key the call is vLLM's, untouched: every model stays stock.
+    """
+
+    def __init__(self, inspect_model_cls) -> None:
+        self.inspect_model_cls = inspect_model_cls
+
+    def __call__(self, architectures, model_config):
+        model_info, architecture = self.inspect_model_cls(architectures, model_config)
+        hf_config = getattr(model_config, "hf_config", None)
+        if getattr(hf_config, CONFIG_KEY, None) is not None and architecture not in ARCHITECTURES:
+            raise UnsupportedModelError(
+                f'hf_overrides["{CONFIG_KEY}"]: flashvlm\'s vLLM plug-in does not serve {architecture}; '
+                f"it serves {', '.join(ARCHITECTURES)}"
+            )
+        return model_info, architecture
+
+
+__all__ = [
+    "ARCHITECTURES",
+    "CONFIG_KEY",
+    "SERVED_REQUIREMENTS",
+    "PruningSettings",
+    "RefuseUnservedArchitectures",
+    "parse_settings",
+    "register",
+]

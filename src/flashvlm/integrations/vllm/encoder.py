@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ...selection import Selection, SelectionInputs
+from ...selection import Budget, Selection, SelectionInputs
 from .settings import PruningSettings
 
 #: Name of the per-image field that carries the prompt's text token ids from the
@@ -121,20 +121,35 @@ class PrunedModelMixin:
 
     def select_image(self, inputs: SelectionInputs, text_ids: torch.Tensor | None) -> Selection:
         """Run the method on one image (B = 1) and record what it kept."""
+        (selection,) = self.select_views([(inputs, self.flashvlm.budget)], text_ids)
+        return selection
+
+    def select_views(
+        self, views: list[tuple[SelectionInputs, Budget]], text_ids: torch.Tensor | None
+    ) -> list[Selection | None]:
+        """Run the method on each view of one image (B = 1 each) with that view's budget, and
+        record what the image kept: each view's indices, offset by the views before it (as
+        the HF adapters number an image's tokens). A view whose budget is 0 is not run (None)."""
         settings = self.flashvlm
+        text = None
         if "text" in settings.selector.requires:
             if text_ids is None:
                 raise RuntimeError(f"the method reads the prompt, but the image came without {TEXT_IDS_FIELD}")
-            inputs.text_embeds, inputs.text_mask = self.embed_text_ids(text_ids)
-        selection = settings.selector(inputs, settings.budget)
+            text = self.embed_text_ids(text_ids)
+        selections, kept, offset = [], [], 0
+        for inputs, budget in views:
+            selection = None
+            if not (isinstance(budget, int) and budget == 0):
+                if text is not None:
+                    inputs.text_embeds, inputs.text_mask = text
+                selection = settings.selector(inputs, budget)
+                kept += (selection.indices[0] + offset).tolist()
+            selections.append(selection)
+            offset += inputs.num_tokens
         self.flashvlm_history.append(
-            KeptTokens(
-                tuple(text_ids.tolist()) if text_ids is not None else (),
-                inputs.num_tokens,
-                tuple(selection.indices[0].tolist()),
-            )
+            KeptTokens(tuple(text_ids.tolist()) if text_ids is not None else (), offset, tuple(kept))
         )
-        return selection
+        return selections
 
 
 def flashvlm_history(model: nn.Module) -> list[KeptTokens]:

@@ -6,6 +6,9 @@ the ``flashvlm`` key in ``hf_overrides`` every override below defers to vLLM's c
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import torch
 from vllm.model_executor.models.llava import (
     LlavaDummyInputsBuilder,
     LlavaForConditionalGeneration,
@@ -53,21 +56,38 @@ def build_processor(info, dummy_inputs):
     return _build_llava_or_pixtral_hf_processor(info, dummy_inputs)
 
 
-@MULTIMODAL_REGISTRY.register_processor(build_processor, info=build_info, dummy_inputs=LlavaDummyInputsBuilder)
-class PrunedLlava(PrunedModelMixin, LlavaForConditionalGeneration):
+@dataclass
+class TowerOutputs:
+    """What a LLaVA tower gives the methods for a stack of V tower inputs (images or views)."""
+
+    features: torch.Tensor  # (V, N, C) the feature layer's patch tokens, as the projector takes them
+    saliency: torch.Tensor  # (V, N) float32, CLS row or attention received, mean over all heads
+    saliency_kind: str  # "cls" or "received"
+    keys: torch.Tensor | None  # (V, N, C_k) the feature layer's keys, only when a method reads them
+    key_heads: int
+    grid_shape: tuple[int, int] | None  # (side, side) of one input's raster; None with the "full" strategy
+
+
+class LlavaTowerMixin(PrunedModelMixin):
+    """For vLLM's LLaVA-family classes: the settings read at start-up, and their CLIP/SigLIP
+    tower run with a q/k tap on the feature layer (vLLM builds the tower only up to that
+    layer, so it is the last one)."""
+
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         settings = settings_of(self.config)
         if settings is not None:
-            if self.config.vision_config.model_type == "pixtral":
-                raise UnsupportedModelError(
-                    "flashvlm's vLLM plug-in serves LLaVA with a CLIP or SigLIP tower, not Pixtral"
-                )
-            if not isinstance(self.config.vision_feature_layer, int):
-                raise UnsupportedModelError(
-                    f"vision_feature_layer={self.config.vision_feature_layer!r}: flashvlm supports one feature layer (an int)"
-                )
+            self.check_flashvlm_config()
         self.init_flashvlm(settings)
+
+    def check_flashvlm_config(self) -> None:
+        """Refuse, at start-up, towers and layer settings flashvlm does not select from."""
+        if self.config.vision_config.model_type == "pixtral":
+            raise UnsupportedModelError("flashvlm's vLLM plug-in serves LLaVA with a CLIP or SigLIP tower, not Pixtral")
+        if not isinstance(self.config.vision_feature_layer, int):
+            raise UnsupportedModelError(
+                f"vision_feature_layer={self.config.vision_feature_layer!r}: flashvlm supports one feature layer (an int)"
+            )
 
     def embed_multimodal(self, **kwargs: object):
         if self.flashvlm is None:
@@ -77,14 +97,19 @@ class PrunedLlava(PrunedModelMixin, LlavaForConditionalGeneration):
             return []
         if image_input["type"] != "pixel_values":
             raise FlashVLMError("flashvlm selects from pixels; precomputed image_embeds carry no encoder saliency")
-        pixel_values = image_input["pixel_values"]  # (I, 3, H, W)
-        text_ids = text_ids_per_image(kwargs, len(pixel_values))
-        needs = self.flashvlm.selector.requires
+        return self.embed_pruned(image_input, kwargs)
+
+    def embed_pruned(self, image_input, kwargs: dict) -> tuple[torch.Tensor, ...]:
+        """The kept tokens of each image of vLLM's parsed ``image_input`` (pixels), one
+        tensor each; ``kwargs`` are ``embed_multimodal``'s (they carry the prompt's text ids)."""
+        raise NotImplementedError
+
+    def encode_with_saliency(self, pixel_values: torch.Tensor, needs: frozenset[str]) -> TowerOutputs:
+        """The tower on (V, 3, H, W) inputs, with saliency (and keys) from the feature layer's q/k."""
         vision = self.vision_tower.vision_model
-        # vLLM builds the tower only up to the feature layer, so that is its last layer.
         attention = vision.encoder.layers[-1].self_attn
         with tap_qkv_projection(attention.qkv_proj) as tap:
-            features = self._image_pixels_to_features(self.vision_tower, pixel_values)  # (I, N, C)
+            features = self._image_pixels_to_features(self.vision_tower, pixel_values)  # (V, N, C)
 
         default_strategy = self.config.vision_feature_select_strategy == "default"
         first_patch = 1 if default_strategy else 0  # "default" drops the CLS token, "full" keeps it
@@ -94,12 +119,29 @@ class PrunedLlava(PrunedModelMixin, LlavaForConditionalGeneration):
             saliency = query_row_attention(tap.queries, tap.keys, heads, 0, attention.scale)[:, first_patch:]
         else:
             saliency = received_attention(tap.queries, tap.keys, heads, attention.scale)
-        saliency = mean_over_tensor_parallel_heads(saliency, attention)  # (I, N)
+        saliency = mean_over_tensor_parallel_heads(saliency, attention)  # (V, N)
         keys = None
         if "keys" in needs:
-            keys = gather_tensor_parallel_channels(tap.keys, attention)[:, first_patch:]  # (I, N, C_k)
+            keys = gather_tensor_parallel_channels(tap.keys, attention)[:, first_patch:]  # (V, N, C_k)
         side = self.config.vision_config.image_size // self.config.vision_config.patch_size
-        grid = (side, side) if default_strategy else None
+        return TowerOutputs(
+            features,
+            saliency,
+            "cls" if has_cls else "received",
+            keys,
+            attention.num_heads,
+            (side, side) if default_strategy else None,
+        )
+
+
+@MULTIMODAL_REGISTRY.register_processor(build_processor, info=build_info, dummy_inputs=LlavaDummyInputsBuilder)
+class PrunedLlava(LlavaTowerMixin, LlavaForConditionalGeneration):
+    def embed_pruned(self, image_input, kwargs: dict) -> tuple[torch.Tensor, ...]:
+        pixel_values = image_input["pixel_values"]  # (I, 3, H, W)
+        text_ids = text_ids_per_image(kwargs, len(pixel_values))
+        needs = self.flashvlm.selector.requires
+        tower = self.encode_with_saliency(pixel_values, needs)
+        features = tower.features  # (I, N, C)
         projector = self.multi_modal_projector
         projected = projector(features) if "projected" in needs else None  # (I, N, D)
 
@@ -108,12 +150,12 @@ class PrunedLlava(PrunedModelMixin, LlavaForConditionalGeneration):
             one = slice(image, image + 1)
             inputs = SelectionInputs(
                 features=features[one],
-                saliency=saliency[one],
-                saliency_kind="cls" if has_cls else "received",
+                saliency=tower.saliency[one],
+                saliency_kind=tower.saliency_kind,
                 projected=None if projected is None else projected[one],
-                keys=None if keys is None else keys[one],
-                key_heads=attention.num_heads,
-                grid_shape=grid,
+                keys=None if tower.keys is None else tower.keys[one],
+                key_heads=tower.key_heads,
+                grid_shape=tower.grid_shape,
             )
             selection = self.select_image(inputs, text_ids[image])
             indices = selection.indices[0]

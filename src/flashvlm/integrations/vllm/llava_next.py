@@ -1,0 +1,160 @@
+"""LLaVA-NeXT in vLLM with flashvlm: AnyRes images (a base view, then the crops' raster with
+one newline token after each of its rows), CLIP tower, contiguous positions.
+
+Registered under vLLM's own architecture name, ``LlavaNextForConditionalGeneration``;
+without the ``flashvlm`` key in ``hf_overrides`` every override below defers to vLLM's class.
+
+vLLM fixes each image's placeholder count from its size when it processes the prompt,
+before the encoder runs. The HF adapter's default keeps a row's newline only when the row
+keeps a token, so its count depends on the selection; here **every row's newline is kept**
+(``flashvlm.prune(..., newlines="every_row")`` in transformers), and an image takes
+``K + rows`` placeholders, ``rows`` following from its size. The budget counts the real
+patch tokens of the base view and the crops together, and is split between them as the HF
+adapter splits it (:func:`flashvlm.adapters.base.region_budgets`).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+from vllm.model_executor.models.llava import LlavaDummyInputsBuilder
+from vllm.model_executor.models.llava_next import (
+    LlavaNextForConditionalGeneration,
+    LlavaNextMultiModalProcessor,
+    LlavaNextProcessingInfo,
+)
+from vllm.multimodal import MULTIMODAL_REGISTRY
+
+from ...adapters.base import ImageSelection, TokenRegion, region_budgets
+from ...selection import SelectionInputs
+from .encoder import text_ids_per_image
+from .llava import LlavaTowerMixin
+from .processing import PrunedInfoMixin, TextGuidedProcessorMixin
+
+
+class PrunedLlavaNextProcessingInfo(PrunedInfoMixin, LlavaNextProcessingInfo):
+    def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
+        num_tokens = super().get_num_image_tokens(image_width=image_width, image_height=image_height)
+        if self.flashvlm is None:
+            return num_tokens
+        rows = self.flashvlm_newlines(image_width=image_width, image_height=image_height)
+        return self.flashvlm.num_kept(num_tokens - rows) + rows  # K patch tokens + every row's newline
+
+    def flashvlm_newlines(self, *, image_width: int, image_height: int) -> int:
+        """Newline tokens of an image: one per row of its unpadded crop raster (vLLM's count)."""
+        vision_encoder_info = self.get_vision_encoder_info()
+        num_patch_height, num_patch_width = get_anyres_image_grid_shape(
+            image_size=(image_height, image_width),
+            grid_pinpoints=self.get_hf_config().image_grid_pinpoints,
+            patch_size=vision_encoder_info.get_image_size(),
+        )
+        _, newlines = self._get_num_unpadded_features(
+            original_height=image_height,
+            original_width=image_width,
+            npatches=vision_encoder_info.get_patch_grid_length(),
+            num_patch_height=num_patch_height,
+            num_patch_width=num_patch_width,
+        )
+        return newlines
+
+
+class PrunedLlavaNextMultiModalProcessor(TextGuidedProcessorMixin, LlavaNextMultiModalProcessor):
+    def flashvlm_placeholder_ids(self) -> frozenset[int]:
+        return frozenset({self.info.get_hf_config().image_token_index})
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    PrunedLlavaNextMultiModalProcessor, info=PrunedLlavaNextProcessingInfo, dummy_inputs=LlavaDummyInputsBuilder
+)
+class PrunedLlavaNext(LlavaTowerMixin, LlavaNextForConditionalGeneration):
+    def anyres_layout(self, image_size: torch.Tensor) -> torch.Tensor:
+        """Where each token of one image's merged sequence comes from: (L,) long, an index into
+        the image's views' tokens flattened (base view first, then the crops: (1 + P) * n), or
+        -1 for a row's newline. The order of vLLM's ``_merge_image_patch_embeddings``
+        ("spatial_unpad"): base tokens, then the crops stitched into one raster with padding
+        removed, row by row, each row followed by its newline."""
+        vision_config = self.config.vision_config
+        side = vision_config.image_size // vision_config.patch_size
+        height, width = image_size.tolist()
+        crop_rows, crop_cols = get_anyres_image_grid_shape(
+            (height, width), self.config.image_grid_pinpoints, vision_config.image_size
+        )
+        index = torch.arange((1 + crop_rows * crop_cols) * side * side)
+        crops = index[side * side :].view(crop_rows, crop_cols, side, side)
+        raster = crops.permute(0, 2, 1, 3).reshape(1, crop_rows * side, crop_cols * side)
+        raster = unpad_image(raster, (height, width))[0]  # (rows, cols)
+        newlines = raster.new_full((raster.shape[0], 1), -1)
+        return torch.cat([index[: side * side], torch.cat([raster, newlines], dim=1).flatten()])
+
+    def anyres_sequence(self, source: torch.Tensor, view_tokens: torch.Tensor) -> torch.Tensor:
+        """One image's merged sequence (L, D) from its views' tokens ((1 + P) * n, D) and its
+        :meth:`anyres_layout` ``source`` (L,): what vLLM's merge gives for those tokens."""
+        newline = self.image_newline.to(view_tokens)
+        return torch.where((source < 0)[:, None], newline, view_tokens[source.clamp(min=0)])
+
+    def views_per_image(self, image_sizes: torch.Tensor) -> list[int]:
+        """Tower inputs (base + crops) each image really has; a batched tensor pads the others."""
+        tile = self.config.vision_config.image_size
+        counts = []
+        for height, width in image_sizes.tolist():
+            crop_rows, crop_cols = get_anyres_image_grid_shape((height, width), self.config.image_grid_pinpoints, tile)
+            counts.append(1 + crop_rows * crop_cols)
+        return counts
+
+    def embed_pruned(self, image_input, kwargs: dict) -> tuple[torch.Tensor, ...]:
+        image_sizes = image_input["image_sizes"]  # (I, 2) as (height, width)
+        counts = self.views_per_image(image_sizes)
+        pixel_values = torch.cat([views[:count] for views, count in zip(image_input["pixel_values"], counts)])
+        text_ids = text_ids_per_image(kwargs, len(counts))
+        needs = self.flashvlm.selector.requires
+        tower = self.encode_with_saliency(pixel_values, needs)  # over every view: (V, n, ...)
+        projector = self.multi_modal_projector
+        projected = projector(tower.features)  # (V, n, D): every kept token comes from here
+
+        kept_tokens = []
+        first_view = 0
+        for image, count in enumerate(counts):
+            views = slice(first_view, first_view + count)
+            first_view += count
+            source = self.anyres_layout(image_sizes[image]).to(projected.device)  # (L,)
+            is_newline = source < 0
+            real = source[~is_newline]  # (N,) the image's patch tokens in the language model's order
+            tokens = projected[views].flatten(0, 1)  # ((1 + P) * n, D)
+            features = tower.features[views].flatten(0, 1)[real]  # (N, C)
+            saliency = tower.saliency[views].flatten(0, 1)[real]  # (N,)
+            keys = None if tower.keys is None else tower.keys[views].flatten(0, 1)[real]  # (N, C_k)
+            base_tokens = tower.features.shape[1]
+            num_rows = int(is_newline.sum())
+            positions = torch.arange(real.numel(), device=real.device)
+            regions = [
+                TokenRegion(positions[:base_tokens], tower.grid_shape),
+                TokenRegion(positions[base_tokens:], (num_rows, (real.numel() - base_tokens) // num_rows)),
+            ]
+            budgets = region_budgets(ImageSelection.of("image", regions), self.flashvlm.budget)
+            view_inputs = [
+                SelectionInputs(
+                    features=features[region.positions][None],
+                    saliency=saliency[region.positions][None],
+                    saliency_kind=tower.saliency_kind,
+                    projected=tokens[real[region.positions]][None],  # given always, as the HF adapter does
+                    keys=None if keys is None else keys[region.positions][None],
+                    key_heads=tower.key_heads,
+                    grid_shape=region.grid_shape,
+                )
+                for region in regions
+            ]
+            selections = self.select_views(list(zip(view_inputs, budgets)), text_ids[image])
+
+            # Every row's newline stays (the placeholder count was fixed from the size).
+            sequence = self.anyres_sequence(source, tokens)  # (L, D)
+            keep = is_newline.clone()
+            patch_places = (~is_newline).nonzero().squeeze(-1)  # (N,) where each patch token sits in the sequence
+            for region, selection in zip(regions, selections):
+                if selection is None:
+                    continue
+                places = patch_places[region.positions[selection.indices[0]]]
+                keep[places] = True
+                if selection.features is not None:
+                    sequence[places] = projector(selection.features[0]).to(sequence.dtype)
+            kept_tokens.append(sequence[keep])
+        return tuple(kept_tokens)  # one (K + rows, D) per image

@@ -1,0 +1,191 @@
+"""The plug-in on a tiny random LLaVA-NeXT (AnyRes) against Hugging Face + flashvlm with
+``newlines="every_row"``, and the switch refused on an architecture the plug-in does not serve.
+
+vLLM fixes each image's placeholder count from its size, so the plug-in keeps every crop
+row's newline; transformers does the same with ``newlines="every_row"``. One job builds every
+engine with plug-ins on, another stock vLLM (plug-ins disabled); each also runs a tiny
+text-only Llama, which must stay stock with plug-ins on, and refuse the switch.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import (
+    ANYRES_PINPOINTS,
+    ANYRES_TILE,
+    IMAGE_TOKEN_ID,
+    PAD_TOKEN_ID,
+    tiny_clip_config,
+    tiny_processor,
+    tiny_text_config,
+)
+from test_folders import family_processor
+from test_vllm_llava import MAX_TOKENS, hf_reference, only_output, without_eos
+from transformers import (
+    AutoProcessor,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+)
+from vllm_harness import run_job
+
+from flashvlm.integrations.vllm import ARCHITECTURES
+from flashvlm.integrations.vllm.demo import export_for_vllm
+from flashvlm.loading import chat_prompt
+
+#: (height, width): two AnyRes layouts (2 x 1 and 1 x 2 crops, unpadded differently).
+IMAGE_SIZES = [(30, 45), (45, 24)]
+QUESTIONS = ["what is the color of the shape ?", "how many red circle ?"]
+#: 1.0: every token; 24 of 108-120 tokens; a ratio, so the base/crop split differs per image.
+BUDGETS = (1.0, 24, 0.3)
+FULL, SMALL = BUDGETS[0], BUDGETS[1]
+#: Methods with other paths, on the first image at 24: VisionZip merges tokens (its merged
+#: features are projected in place) and reads keys; pool reads each view's raster grid.
+OTHER_METHODS = ("visionzip", "pool")
+
+
+def text_config():
+    # Heads of 32 channels: vLLM's CPU attention takes head sizes from 32 up.
+    return tiny_text_config(
+        LlamaConfig, hidden_size=64, intermediate_size=128, num_attention_heads=2, num_key_value_heads=2
+    )
+
+
+def build_llava_next() -> LlavaNextForConditionalGeneration:
+    config = LlavaNextConfig(
+        vision_config=tiny_clip_config(ANYRES_TILE),
+        text_config=text_config(),
+        image_token_id=IMAGE_TOKEN_ID,
+        image_grid_pinpoints=ANYRES_PINPOINTS,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        pad_token_id=PAD_TOKEN_ID,
+    )
+    torch.manual_seed(0)
+    return LlavaNextForConditionalGeneration(config).eval()
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """The tiny LLaVA-NeXT and a tiny text-only Llama saved as folders, and two image files."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("vllm-llava-next")
+    hf_folder, llama_folder = root / "llava-next-hf", root / "llama"
+    build_llava_next().save_pretrained(hf_folder)
+    family_processor("llava_next").save_pretrained(hf_folder)
+    # transformers 5 names the tower's weights as vLLM 0.32 does not (see docs/vllm.md).
+    next_folder = export_for_vllm(hf_folder, root / "llava-next")
+    torch.manual_seed(0)
+    LlamaForCausalLM(text_config()).eval().save_pretrained(llama_folder)
+    tiny_processor().tokenizer.save_pretrained(llama_folder)
+    generator = torch.Generator().manual_seed(0)
+    images = []
+    for height, width in IMAGE_SIZES:
+        pixels = torch.randint(0, 256, (height, width, 3), generator=generator, dtype=torch.uint8).numpy()
+        path = root / f"image-{height}x{width}.png"
+        Image.fromarray(pixels).save(path)
+        images.append(str(path))
+    return {"hf": hf_folder, "llava_next": next_folder, "llama": llama_folder, "images": images, "root": root}
+
+
+@pytest.fixture(scope="module")
+def hf_model(folders):
+    model = LlavaNextForConditionalGeneration.from_pretrained(folders["hf"]).eval()
+    return model, AutoProcessor.from_pretrained(folders["hf"])
+
+
+@pytest.fixture(scope="module")
+def runs(folders, hf_model):
+    _, processor = hf_model
+    requests = [
+        {"prompt": chat_prompt(processor, question), "images": [image]}
+        for question, image in zip(QUESTIONS, folders["images"])
+    ]
+    one_by_one = [[request] for request in requests]
+    llama_calls = [[{"prompt": "what is the color of the shape ?"}]]
+    llama = {"model": str(folders["llama"])}
+    next_engine = {"engine_args": {"model": str(folders["llava_next"])}}
+    stock_engines = [
+        {"name": "stock", **next_engine, "calls": one_by_one},
+        {"name": "llama", "engine_args": llama, "calls": llama_calls},
+    ]
+    plugin_engines = [{"name": "off", **next_engine, "calls": one_by_one}]
+    for budget in BUDGETS:
+        overrides = {"flashvlm": {"budget": budget}}
+        plugin_engines.append({"name": f"b{budget}", **next_engine, "hf_overrides": overrides, "calls": one_by_one})
+    plugin_engines[-1]["apply"] = "llava_next_layout:layout_matches_vllm_merge"
+    # Both sizes in one batch, on an engine of its own (the others' encoder caches hold them).
+    overrides = {"flashvlm": {"budget": SMALL}}
+    plugin_engines.append({"name": "batch", **next_engine, "hf_overrides": overrides, "calls": [requests]})
+    for method in OTHER_METHODS:
+        overrides = {"flashvlm": {"method": method, "budget": SMALL}}
+        plugin_engines.append({"name": method, **next_engine, "hf_overrides": overrides, "calls": one_by_one[:1]})
+    plugin_engines.append({"name": "llama", "engine_args": llama, "calls": llama_calls})
+    refused = {"name": "llama refused", "engine_args": llama, "hf_overrides": overrides, "expect_error": True}
+    plugin_engines.append({**refused, "calls": []})
+    job = {"model": str(folders["llava_next"]), "max_tokens": MAX_TOKENS}
+    workdir = folders["root"] / "jobs"
+    stock = run_job({**job, "engines": stock_engines}, workdir / "stock", plugins=False)
+    plugin = run_job({**job, "engines": plugin_engines}, workdir / "plugin")
+    return {"stock": stock, "plugin": plugin, "requests": requests}
+
+
+def test_plugin_off_is_stock_vllm_and_equals_transformers(runs, hf_model):
+    stock = [only_output(call) for call in runs["stock"]["stock"]]
+    assert [only_output(call) for call in runs["plugin"]["off"]] == stock
+    assert all(call["kept"] == [] for call in runs["plugin"]["off"])
+    for request, result in zip(runs["requests"], stock):
+        assert result == {key: value for key, value in hf_reference(hf_model, request, None).items() if key != "kept"}
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_greedy_tokens_and_kept_indices_equal_transformers_with_every_rows_newline(runs, hf_model, budget):
+    for request, call in zip(runs["requests"], runs["plugin"][f"b{budget}"]):
+        reference = hf_reference(hf_model, request, budget, newlines="every_row")
+        (kept,) = call["kept"]
+        assert [kept[2]] == reference["kept"]
+        assert only_output(call) == {"output_ids": reference["output_ids"], "prompt_length": reference["prompt_length"]}
+    if budget == FULL:
+        stock = [only_output(call) for call in runs["stock"]["stock"]]
+        assert [only_output(call) for call in runs["plugin"][f"b{budget}"]] == stock
+
+
+@pytest.mark.parametrize("method", OTHER_METHODS)
+def test_other_methods_keep_what_they_keep_in_transformers(runs, hf_model, method):
+    (call,) = runs["plugin"][method]
+    reference = hf_reference(hf_model, runs["requests"][0], SMALL, method, newlines="every_row")
+    (kept,) = call["kept"]
+    assert [kept[2]] == reference["kept"]
+    assert only_output(call) == {"output_ids": reference["output_ids"], "prompt_length": reference["prompt_length"]}
+
+
+def test_the_anyres_layout_is_vllms_merge(runs):
+    (matches,) = runs["plugin"][f"b{BUDGETS[-1]} applied"]
+    assert all(matches), matches
+
+
+def test_two_image_sizes_in_one_batch_equal_the_requests_one_by_one(runs):
+    (batch,) = runs["plugin"]["batch"]
+    singles = runs["plugin"][f"b{SMALL}"]
+    got = [
+        {"output_ids": without_eos(o["output_ids"]), "prompt_length": len(o["prompt_ids"])} for o in batch["outputs"]
+    ]
+    assert got == [only_output(call) for call in singles]
+    assert sorted(batch["kept"]) == sorted(call["kept"][0] for call in singles)
+    assert len({len(o["prompt_ids"]) for o in batch["outputs"]}) == 2  # the two sizes: two lengths
+
+
+def test_another_architecture_stays_stock_with_the_plugin_and_refuses_the_switch(runs):
+    assert [only_output(call) for call in runs["plugin"]["llama"]] == [
+        only_output(call) for call in runs["stock"]["llama"]
+    ]
+    error = runs["plugin"]["llama refused"]["error"]
+    assert error is not None, "LLM(...) started a model the plug-in does not serve, with the switch on"
+    expected = (
+        'hf_overrides["flashvlm"]: flashvlm\'s vLLM plug-in does not serve LlamaForCausalLM; '
+        f"it serves {', '.join(ARCHITECTURES)}"
+    )
+    assert expected in error, error
