@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
-from vllm_harness import run_job
+from vllm_harness import run_stock_and_plugin
 
 import flashvlm
 from flashvlm.demo import EXAMPLES_DIR, MODEL_DIR
@@ -79,7 +79,6 @@ def runs(hf_model, demo_vllm_folder, tmp_path_factory):
     mixed = requests_for(processor, [*rows, {"image": rows[1]["image"], "question": rows[0]["question"]}])
     workdir = tmp_path_factory.mktemp("vllm-llava")
     job = {"model": str(demo_vllm_folder), "max_tokens": MAX_TOKENS}
-    stock = run_job({**job, "engines": [{"name": "stock", "calls": one_by_one}]}, workdir / "stock", plugins=False)
     engines = [{"name": "off", "calls": one_by_one}]
     for budget in BUDGETS:
         calls = one_by_one
@@ -106,7 +105,7 @@ def runs(hf_model, demo_vllm_folder, tmp_path_factory):
     for method in OTHER_METHODS:
         overrides = {"flashvlm": {"method": method, "budget": BUDGETS[-1]}}
         engines.append({"name": method, "hf_overrides": overrides, "calls": one_by_one[:1]})
-    plugin = run_job({**job, "engines": engines}, workdir / "plugin")
+    stock, plugin = run_stock_and_plugin(job, [{"name": "stock", "calls": one_by_one}], engines, workdir)
     return {
         "stock": stock["stock"],
         **plugin,

