@@ -104,7 +104,7 @@ VLLM_VENV ?= .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM_SHIM := src/flashvlm/integrations/vllm/torchvision_cpu.py
 
-.PHONY: vllm-setup vllm-test vllm-lock
+.PHONY: vllm-setup vllm-test vllm-test-tp vllm-lock
 
 $(VLLM_VENV)/.installed: pyproject.toml locks/vllm.txt $(VLLM_SHIM)
 	$(PYTHON) -m venv $(VLLM_VENV)
@@ -120,6 +120,10 @@ vllm-setup: $(VLLM_VENV)/.installed
 
 vllm-test: vllm-setup
 	OMP_NUM_THREADS=1 $(VLLM_PY) -m pytest -q tests/vllm
+
+# Tensor parallelism (TP = 2, one core per rank): opt-in, not in CI (docs/vllm.md).
+vllm-test-tp: vllm-setup
+	FLASHVLM_VLLM_TP=1 OMP_NUM_THREADS=1 $(VLLM_PY) -m pytest -q tests/vllm/test_vllm_tensor_parallel.py
 
 # torchaudio and torchcodec (CUDA builds that vLLM's metadata asks for) are left out: nothing
 # the plug-in runs imports them.

@@ -30,7 +30,9 @@ def vllm_environment(cache_root: Path, plugins: bool = True) -> dict[str, str]:
     return env
 
 
-def run_jobs(jobs: list[tuple[dict, Path, bool]], in_process: bool = True) -> list[dict]:
+def run_jobs(
+    jobs: list[tuple[dict, Path, bool]], in_process: bool = True, extra_env: dict[str, str] | None = None
+) -> list[dict]:
     """Run several ``(job, workdir, plugins)`` at once and return their results in order.
 
     Each job runs on one thread (``OMP_NUM_THREADS``), so two jobs side by side use both
@@ -44,6 +46,7 @@ def run_jobs(jobs: list[tuple[dict, Path, bool]], in_process: bool = True) -> li
         env = vllm_environment(workdir / "cache", plugins)
         if in_process:
             env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        env.update(extra_env or {})
         log = open(workdir / "job.log", "w+")
         command = [sys.executable, str(JOB_SCRIPT), str(job_file), str(result_file)]
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)

@@ -9,7 +9,8 @@ JOB.json::
 Each call is one ``LLM.generate`` (a batch); engines are built one after another in this
 process. OUT.json maps each engine's name to its calls, each a list of
 ``{"prompt_ids", "output_ids", "kept"}``, where ``kept`` lists what the plug-in selected
-during that call (``[text_ids, num_tokens, keep_indices]`` per image, in encoder order).
+during that call (``[text_ids, num_tokens, keep_indices]`` per image, in encoder order;
+the first worker's, and ``"ranks_kept"`` has every worker's, for tensor parallelism).
 A request without images is sent as text alone. An engine may name
 ``"apply": "module:function"``: after its calls, ``LLM.apply_model(function)`` runs, and its
 result (one per worker) is stored under ``"NAME applied"``. An engine with
@@ -56,7 +57,7 @@ def main(job_path: str, out_path: str) -> None:
             results[engine["name"]] = {"error": start_error(LLM, arguments)}
             continue
         llm = LLM(**arguments)
-        seen = 0
+        seen = None  # records already reported, per worker
         calls = []
         for call in engine["calls"]:
             requests = [{"prompt": request["prompt"]} for request in call]
@@ -65,13 +66,20 @@ def main(job_path: str, out_path: str) -> None:
                     images = [Image.open(path).convert("RGB") for path in request["images"]]
                     sent["multi_modal_data"] = {"image": images}
             outputs = llm.generate(requests, sampling, use_tqdm=False)
-            history = [record for worker in llm.apply_model(flashvlm_history) for record in worker]
-            kept = [[list(r.text_ids), r.num_tokens, list(r.keep_indices)] for r in history[seen:]]
-            seen = len(history)
+            # One history per worker: with tensor parallelism every rank selects, and all must agree.
+            histories = llm.apply_model(flashvlm_history)
+            seen = seen or [0] * len(histories)
+            ranks_kept = [
+                [[list(r.text_ids), r.num_tokens, list(r.keep_indices)] for r in history[start:]]
+                for history, start in zip(histories, seen)
+            ]
+            seen = [len(history) for history in histories]
+            kept = ranks_kept[0]
             calls.append(
                 {
                     "outputs": [output_record(o, with_logprobs) for o in outputs],
                     "kept": kept,
+                    "ranks_kept": ranks_kept,
                 }
             )
         results[engine["name"]] = calls

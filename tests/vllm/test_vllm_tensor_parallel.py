@@ -1,0 +1,59 @@
+"""Tensor parallelism: with TP = 2 every rank selects the same tokens as transformers + flashvlm.
+
+Opt-in (``make vllm-test-tp``; about 3 minutes on two cores): TP = 2 on a CPU runs two
+worker processes, one core each (``VLLM_CPU_OMP_THREADS_BIND``), which doubles the cost of
+the demo model's engines, so CI's ``make vllm-test`` leaves it out. Each rank's vision
+tower holds half the heads: the saliency is the mean of the ranks' head means, VisionZip's
+keys are gathered across ranks (``encoder.py``), and the test checks that both collectives
+make every rank keep what the unsharded model keeps.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from test_vllm_llava import MAX_TOKENS, examples, hf_model, hf_reference, only_output, requests_for  # noqa: F401
+from vllm_harness import run_jobs
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("FLASHVLM_VLLM_TP") != "1", reason="opt-in: make vllm-test-tp (FLASHVLM_VLLM_TP=1)"
+)
+
+BUDGET = 28
+#: flashvlm reads the saliency (all-reduced head means); visionzip also reads the keys (all-gathered).
+METHODS = ("flashvlm", "visionzip")
+TP_ENV = {
+    "VLLM_CPU_OMP_THREADS_BIND": "0|1",  # one core per rank: vLLM CPU binds by NUMA node, and there is one
+    "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",  # apply_model sends the history reader to the worker processes
+}
+
+
+@pytest.fixture(scope="module")
+def runs(hf_model, demo_vllm_folder, tmp_path_factory):  # noqa: F811
+    _, processor = hf_model
+    one_by_one = [[request] for request in requests_for(processor, examples())]
+    engine_args = {"tensor_parallel_size": 2, "distributed_executor_backend": "mp"}
+    engines = [
+        {
+            "name": method,
+            "hf_overrides": {"flashvlm": {"method": method, "budget": BUDGET}},
+            "engine_args": engine_args,
+            "calls": one_by_one,
+        }
+        for method in METHODS
+    ]
+    job = {"model": str(demo_vllm_folder), "max_tokens": MAX_TOKENS, "engines": engines}
+    (result,) = run_jobs([(job, tmp_path_factory.mktemp("vllm-tp"), True)], in_process=False, extra_env=TP_ENV)
+    return {**result, "requests": one_by_one}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_rank_keeps_what_transformers_keeps(runs, hf_model, method):  # noqa: F811
+    for (request,), call in zip(runs["requests"], runs[method]):
+        reference = hf_reference(hf_model, request, BUDGET, method)
+        assert len(call["ranks_kept"]) == 2
+        for rank_kept in call["ranks_kept"]:
+            ((_, _, kept),) = rank_kept
+            assert [kept] == reference["kept"]
+        assert only_output(call)["output_ids"] == reference["output_ids"]
