@@ -76,7 +76,8 @@ def load_config(name_or_path: str):
         raise FlashVLMError(f"{source} is not valid JSON: {error}") from None
     from transformers import CONFIG_MAPPING
 
-    settings.pop("_source", None)
+    for note in ("_source", "_unsure"):  # where the values come from, and which are not certain
+        settings.pop(note, None)
     model_type = settings.get("model_type")
     if model_type not in FAMILIES:
         raise FlashVLMError(
