@@ -41,16 +41,23 @@ def tiny_text_config(config_class, **overrides):
     return config_class(**settings)
 
 
-def tiny_clip_config(image_size: int = IMAGE_SIZE) -> CLIPVisionConfig:
-    return CLIPVisionConfig(
+def tiny_vision_config(config_class, image_size: int = IMAGE_SIZE, **overrides):
+    """A 2-layer, 32-channel ViT config of ``config_class`` (CLIP, SigLIP, InternViT, ...) in
+    patches of ``PATCH_SIZE``."""
+    settings = dict(
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=3,
+        num_hidden_layers=2,
         num_attention_heads=4,
         image_size=image_size,
         patch_size=PATCH_SIZE,
-        projection_dim=32,
     )
+    settings.update(overrides)
+    return config_class(**settings)
+
+
+def tiny_clip_config(image_size: int = IMAGE_SIZE) -> CLIPVisionConfig:
+    return tiny_vision_config(CLIPVisionConfig, image_size, num_hidden_layers=3, projection_dim=32)
 
 
 def tiny_llava_config(**overrides) -> LlavaConfig:
@@ -276,14 +283,7 @@ def build_tiny_llava_onevision(seed: int = 0):
         SiglipVisionConfig,
     )
 
-    vision = SiglipVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=ANYRES_TILE,
-        patch_size=PATCH_SIZE,
-    )
+    vision = tiny_vision_config(SiglipVisionConfig, ANYRES_TILE)
     config = LlavaOnevisionConfig(
         vision_config=vision,
         text_config=tiny_text_config(Qwen2Config),
@@ -526,9 +526,7 @@ def build_tiny_gemma3(seed: int = 0):
         sliding_window=256,
         layer_types=["sliding_attention", "full_attention"],
     )
-    vision = SiglipVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=4
-    )
+    vision = tiny_vision_config(SiglipVisionConfig, 32)
     config = Gemma3Config(
         text_config=text,
         vision_config=vision,

@@ -20,7 +20,6 @@ from conftest import (
     ANYRES_TILE,
     IMAGE_TOKEN_ID,
     PAD_TOKEN_ID,
-    PATCH_SIZE,
     QWEN_PATCH,
     TINY_CASES,
     VIDEO_TOKEN_ID,
@@ -33,6 +32,7 @@ from conftest import (
     left_pad,
     tiny_clip_config,
     tiny_text_config,
+    tiny_vision_config,
     unpad_row,
 )
 from transformers import LlamaConfig, Qwen2Config
@@ -58,15 +58,7 @@ def build_tiny_internvl(seed: int = 0, **vision_overrides):
     """``vision_overrides``: InternViT settings, e.g. ``use_qk_norm=True`` as InternViT-6B has."""
     from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig
 
-    vision = InternVLVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=TILE_SIZE,
-        patch_size=PATCH_SIZE,
-        **vision_overrides,
-    )
+    vision = tiny_vision_config(InternVLVisionConfig, TILE_SIZE, **vision_overrides)
     config = InternVLConfig(
         vision_config=vision,
         text_config=tiny_text_config(Qwen2Config, vocab_size=FAMILY_VOCAB_SIZE),
@@ -126,14 +118,7 @@ def build_tiny_idefics3(seed: int = 0, model_type: str = "idefics3", scale_facto
         "idefics3": (Idefics3Config, Idefics3VisionConfig, Idefics3ForConditionalGeneration),
         "smolvlm": (SmolVLMConfig, SmolVLMVisionConfig, SmolVLMForConditionalGeneration),
     }[model_type]
-    vision = vision_class(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=TILE_SIZE,
-        patch_size=PATCH_SIZE,
-    )
+    vision = tiny_vision_config(vision_class, TILE_SIZE)
     config = config_class(
         vision_config=vision,
         text_config=tiny_text_config(LlamaConfig, vocab_size=FAMILY_VOCAB_SIZE),

@@ -6,15 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import (
-    IMAGE_SIZE,
     IMAGE_TOKEN_ID,
     NUM_PATCHES,
-    PATCH_SIZE,
     build_tiny_llava,
     left_pad,
     llava_batch,
     random_pixels,
     tiny_llava_config,
+    tiny_vision_config,
 )
 from releases import released_divprune, released_visionzip
 from transformers import LlavaForConditionalGeneration, SiglipVisionConfig
@@ -167,14 +166,7 @@ def test_vispruner_is_flashvlm_without_text():
 
 
 def test_cls_attention_methods_say_the_encoder_has_no_cls():
-    vision = SiglipVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        image_size=IMAGE_SIZE,
-        patch_size=PATCH_SIZE,
-    )
+    vision = tiny_vision_config(SiglipVisionConfig, num_hidden_layers=3)
     torch.manual_seed(0)
     config = tiny_llava_config(vision_config=vision, vision_feature_select_strategy="full")
     model = LlavaForConditionalGeneration(config).eval()
