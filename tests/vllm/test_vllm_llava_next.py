@@ -123,6 +123,9 @@ def runs(folders, hf_model):
     for method in OTHER_METHODS:
         overrides = {"flashvlm": {"method": method, "budget": SMALL}}
         plugin_engines.append({"name": method, **next_engine, "hf_overrides": overrides, "calls": one_by_one[:1]})
+    # A budget of 1 split over the views rounds the base view's share to 0: `none` must still send every view.
+    keep_all = {"flashvlm": {"method": "none", "budget": 1}}
+    plugin_engines.append({"name": "none", **next_engine, "hf_overrides": keep_all, "calls": one_by_one[:1]})
     plugin_engines.append({"name": "llama", "engine_args": llama, "calls": llama_calls})
     refused = {"name": "llama refused", "engine_args": llama, "hf_overrides": overrides, "expect_error": True}
     plugin_engines.append({**refused, "calls": []})
@@ -159,6 +162,13 @@ def test_other_methods_keep_what_they_keep_in_transformers(runs, hf_model, metho
     (kept,) = call["kept"]
     assert [kept[2]] == reference["kept"]
     assert only_output(call) == {"output_ids": reference["output_ids"], "prompt_length": reference["prompt_length"]}
+
+
+def test_none_at_budget_one_sends_every_view_as_stock_vllm(runs):
+    (call,) = runs["plugin"]["none"]
+    ((_, num_tokens, kept),) = call["kept"]
+    assert kept == list(range(num_tokens))
+    assert only_output(call) == only_output(runs["stock"]["stock"][0])
 
 
 def test_the_anyres_layout_is_vllms_merge(runs):

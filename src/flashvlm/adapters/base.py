@@ -496,7 +496,7 @@ class ModelAdapter(ABC):
         return {token_id: tap.attention[is_placeholder] for token_id, is_placeholder in placeholders.items()}
 
 
-def region_budgets(unit: ImageSelection, budget: Budget, keeps_all: bool = False) -> list[Budget]:
+def region_budgets(unit: ImageSelection, budget: Budget, keeps_all: bool) -> list[Budget]:
     """The budget of each region of ``unit``: the whole budget for a single region, or, for
     the views of one image, ``K`` split in proportion to their token counts (the last view
     takes the rest). A method that keeps every token gets each region whole: a small ``K``

@@ -130,7 +130,8 @@ class PrunedLlavaNext(LlavaTowerMixin, LlavaNextForConditionalGeneration):
                 TokenRegion(positions[:base_tokens], tower.grid_shape),
                 TokenRegion(positions[base_tokens:], (num_rows, (real.numel() - base_tokens) // num_rows)),
             ]
-            budgets = region_budgets(ImageSelection.of("image", regions), self.flashvlm.budget)
+            settings = self.flashvlm
+            budgets = region_budgets(ImageSelection.of("image", regions), settings.budget, settings.selector.keeps_all)
             view_inputs = [
                 SelectionInputs(
                     features=features[region.positions][None],
