@@ -39,6 +39,50 @@ def test_synthetic_inputs_hold_one_image_per_row_and_flops_shrink_with_the_budge
     assert full.vision > 0 and pruned.language_model < full.language_model
 
 
+@pytest.mark.parametrize("name", SHIPPED_CONFIGS)
+def test_synthetic_inputs_move_every_tensor_to_the_model_device(name):
+    # The bench builds the model on its device; inputs left on the CPU fail the first
+    # convolution of a GPU tower (seen on the first GPU run).
+    inputs = synthetic_inputs(load_config(name), batch=1, text_tokens=20, seed=0)
+    moved = inputs.to("meta")
+    tensors = {key for key, value in inputs.model_kwargs.items() if torch.is_tensor(value)}
+    assert tensors >= {"input_ids"} and moved.model_kwargs.keys() == inputs.model_kwargs.keys()
+    assert all(moved.model_kwargs[key].device.type == "meta" for key in tensors)
+    assert moved.visual_tokens_per_image == inputs.visual_tokens_per_image
+
+
+def test_bench_hands_the_model_its_inputs_on_the_model_device(monkeypatch, tmp_path):
+    from flashvlm.bench import models as bench_models
+
+    moved_to = []
+    original = bench_models.SyntheticInputs.to
+    monkeypatch.setattr(
+        bench_models.SyntheticInputs, "to", lambda self, device: moved_to.append(device) or original(self, device)
+    )
+    main(
+        [
+            "bench",
+            "--model",
+            "llava-1.5-7b",
+            "--scale",
+            "lm_layers=1",
+            "vision_layers=1",
+            "width=0.0625",
+            "--methods",
+            "pool",
+            "--budgets",
+            "16",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--new-tokens",
+            "1",
+        ]
+    )
+    assert moved_to == [torch.device("cpu")]
+
+
 def test_records_give_the_width_of_the_features_a_method_compares():
     # The pixel shuffle puts 2 x 2 (InternVL) or 3 x 3 (SmolVLM2) patch features side by side.
     widths = {name: family_of(load_config(name)).feature_width(load_config(name)) for name in SHIPPED_CONFIGS}

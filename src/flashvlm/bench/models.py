@@ -13,6 +13,7 @@ vision side (see :mod:`flashvlm.bench.flops`).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -221,6 +222,14 @@ class SyntheticInputs:
     num_images: int  # rows, one image or video each
     placeholder_token_id: int  # the id of the N placeholders in input_ids
     layout: str  # the visual input in words, for the report: "one image, 2 x 2 tiles + thumbnail"
+
+    def to(self, device: torch.device | str) -> SyntheticInputs:
+        """The same inputs with every tensor on ``device`` (they are drawn on the CPU, so a
+        seed gives the same prompt and pixels on every device)."""
+        moved = {
+            name: value.to(device) if torch.is_tensor(value) else value for name, value in self.model_kwargs.items()
+        }
+        return dataclasses.replace(self, model_kwargs=moved)
 
 
 def _text_ids(generator: torch.Generator, count: int, vocab: int, avoid: set[int]) -> torch.Tensor:

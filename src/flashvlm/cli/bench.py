@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     model, config, real_config, weights = load_model_for_bench(args.model, scale, device, dtype, args.attn)
-    inputs = synthetic_inputs(config, args.batch_size, args.text_tokens)
+    inputs = synthetic_inputs(config, args.batch_size, args.text_tokens).to(device)
 
     def progress(message: str) -> None:
         print(f"  measuring {message}", file=sys.stderr, flush=True)
@@ -198,7 +198,9 @@ def run(args: argparse.Namespace) -> int:
     if args.markdown:
         body = "\n\n".join(
             [
-                f"## Prefill: {args.model}" + (f" (SCALED: {' '.join(args.scale)})" if scale else ""),
+                f"## Prefill: {args.model}"
+                + (f" (SCALED: {' '.join(args.scale)})" if scale else "")
+                + (f", batch {args.batch_size}" if args.batch_size > 1 else ""),
                 f"```bash\n{report['command']}\n```",
                 "\n".join(f"- {line}" for line in prefill_header(report)),
                 prefill_table(report, markdown=True),
@@ -207,7 +209,9 @@ def run(args: argparse.Namespace) -> int:
             ]
         )
         scale_tag = "-".join(args.scale) if args.scale else "full"
-        update_markdown_section(args.markdown, f"prefill-{args.model}-{scale_tag}", body)
+        # A batch is its own section: a batch-16 run must not replace the batch-1 table.
+        batch_tag = f"-batch{args.batch_size}" if args.batch_size > 1 else ""
+        update_markdown_section(args.markdown, f"prefill-{args.model}-{scale_tag}{batch_tag}", body)
     return 0
 
 
