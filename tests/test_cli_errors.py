@@ -7,6 +7,7 @@ import errno
 import gzip
 import json
 import os
+import stat
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from PIL import Image
 
 from flashvlm.cli import bench, demo, generate, main
 from flashvlm.eval import DatasetError, evaluate, load_dataset
+from flashvlm.files import write_text_atomic
 from flashvlm.loading import load_model
 from flashvlm.selection import parse_budget
 
@@ -119,6 +121,21 @@ def test_demo_out_in_a_read_only_folder_is_refused_before_loading(tmp_path, no_m
     monkeypatch.setattr("flashvlm.files.tempfile.TemporaryFile", read_only)
     assert main(["demo", "--out", str(tmp_path / "new" / "demo.png")]) == 2
     assert f"cannot write in {tmp_path}: Read-only file system" in error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077], ids=["umask-022", "umask-077"])
+def test_a_new_output_follows_the_umask_and_a_rewritten_one_keeps_its_mode(tmp_path, umask):
+    existing = tmp_path / "notes.md"
+    existing.write_text("mine")
+    existing.chmod(0o640)
+    previous = os.umask(umask)
+    try:
+        write_text_atomic(tmp_path / "new.md", "new")
+        write_text_atomic(existing, "rewritten")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "new.md").stat().st_mode) == 0o666 & ~umask
+    assert stat.S_IMODE(existing.stat().st_mode) == 0o640 and existing.read_text() == "rewritten"
 
 
 # -- bench -----------------------------------------------------------------------------------
