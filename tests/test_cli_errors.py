@@ -172,6 +172,17 @@ def test_bench_shows_budgets_as_written_and_flags_unsteady_ratios(tmp_path, monk
     assert all(row["speedup_unsteady"] for row in report["rows"][1:])
 
 
+def test_one_token_and_every_token_are_two_budgets(tmp_path, capsys):
+    # 1 is one token, 1.0 (100%) is every token: equal as numbers, two budgets all the same.
+    assert main([*TINY_BENCH, "--budgets", "1", "100%", "1.0", "--json", str(tmp_path / "bench.json")]) == 0
+    captured = capsys.readouterr()
+    assert "note: budget 1.0 repeated" in captured.err
+    rows = [line.split() for line in captured.out.splitlines() if line.lstrip().startswith("flashvlm")]
+    assert [(row[1], row[2]) for row in rows] == [("1", "1"), ("100%", "576")]
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert [(row["budget"], row["kept_tokens"]) for row in report["rows"][1:]] == [("1", 1), ("100%", 576)]
+
+
 def test_one_outlier_does_not_make_a_case_unsteady_but_a_wide_middle_does():
     from flashvlm.bench.prefill import UNSTEADY_SPREAD, _spread
 

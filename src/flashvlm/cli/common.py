@@ -49,10 +49,15 @@ def without_repeats(command: str, items: list[str], keys: list, what: str) -> li
     return kept
 
 
+def budget_key(budget: Budget) -> tuple[type, Budget]:
+    """What tells budgets apart: 1 (one token) and 1.0 (every token) are equal numbers but two budgets."""
+    return (type(budget), budget)
+
+
 def parse_budgets(command: str, texts: list[str]) -> dict[str, Budget]:
     """Budget as written -> parsed, without repeats: "64" and "64.0", or "25%" and "0.25", are one (the first kept)."""
     parsed = {text.strip(): parse_budget(text) for text in texts}
-    kept = without_repeats(command, list(parsed), [(type(value), value) for value in parsed.values()], "budget")
+    kept = without_repeats(command, list(parsed), [budget_key(value) for value in parsed.values()], "budget")
     return {text: parsed[text] for text in kept}
 
 
