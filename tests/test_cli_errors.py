@@ -237,6 +237,20 @@ def test_a_compressed_file_is_named_in_one_line(image_folder, tiny_llava_folder,
     assert "rows.jsonl.gz is a gzip-compressed file" in error_line(capsys.readouterr().err)
 
 
+def test_a_folder_given_as_the_dataset_is_named_as_a_folder(image_folder, tiny_llava_folder, capsys):
+    argv = [
+        "compare",
+        "--model",
+        str(tiny_llava_folder),
+        "--data",
+        str(image_folder),
+        "--out",
+        str(image_folder / "out"),
+    ]
+    assert main(argv) == 2
+    assert f"dataset {image_folder} is a folder, not a file" in error_line(capsys.readouterr().err)
+
+
 # -- progress ---------------------------------------------------------------------------------
 
 

@@ -166,12 +166,16 @@ def test_overwrite_starts_again(compare_argv, tmp_path):
     assert (out / "notes.txt").read_text() == "mine"  # only the run's own files are replaced
 
 
-@pytest.mark.parametrize("case", ["file", "missing parent", "read-only"])
+@pytest.mark.parametrize("case", ["file", "file above", "missing parent", "read-only"])
 def test_unusable_out_is_refused_before_the_model_loads(compare_argv, tmp_path, no_model, monkeypatch, capsys, case):
     out = tmp_path / "out"
     if case == "file":
         out.write_text("a file")
         message = "is a file"
+    elif case == "file above":
+        (tmp_path / "afile").write_text("a file")
+        out = tmp_path / "afile" / "out"
+        message = f"--out {out}: {tmp_path / 'afile'} is a file, not a folder"
     elif case == "missing parent":
         out = tmp_path / "absent" / "out"
         message = "does not exist"

@@ -85,7 +85,27 @@ def check_output_file(option: str, path: str | os.PathLike) -> None:
     path = Path(path)
     if path.is_dir():
         raise FlashVLMError(f"{option} {path} is a folder; name a file")
-    folder = next(parent for parent in path.absolute().parents if parent.exists())
-    if not folder.is_dir():
-        raise FlashVLMError(f"{option} {path}: {folder} is a file, not a folder")
+    check_writable_folder(_nearest_folder_above(option, path))
+
+
+def check_output_folder(option: str, path: str | os.PathLike) -> None:
+    """Refuse an output folder that cannot be written (a file, or under one) before any work.
+
+    It is created if missing, but the folder above it must exist: a typo there is more
+    likely than a wish for a new tree.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FlashVLMError(f"{option} {path} is a file; name a folder (it is created if missing)")
+    folder = path if path.exists() else _nearest_folder_above(option, path)
+    if folder != path and folder != path.absolute().parent:
+        raise FlashVLMError(f"{option} {path}: the folder {path.parent} does not exist; create it first")
     check_writable_folder(folder)
+
+
+def _nearest_folder_above(option: str, path: Path) -> Path:
+    """The nearest existing folder above ``path``; refused when what exists there is a file."""
+    existing = next(parent for parent in path.absolute().parents if parent.exists())
+    if not existing.is_dir():
+        raise FlashVLMError(f"{option} {path}: {existing} is a file, not a folder")
+    return existing

@@ -25,10 +25,10 @@ from ..eval import (
     write_csv,
 )
 from ..eval.journal import JournalContents, RunJournal
-from ..files import atomic_write, check_writable_folder, write_text_atomic
+from ..files import atomic_write, write_text_atomic
 from ..loading import load_model
 from ..selection import available_methods, get_method
-from .common import add_model_arguments, check_count, parse_budgets, without_repeats
+from .common import add_model_arguments, check_count, check_output_folder, parse_budgets, without_repeats
 
 #: The unpruned reference every run is compared with.
 REFERENCE = "none"
@@ -86,11 +86,7 @@ RESUME_SETTINGS = ("model", "data_sha256", "methods", "budgets", "max_new_tokens
 
 def _check_out_folder(out: Path, resume: bool, overwrite: bool) -> bool:
     """Refuse an --out that cannot hold this run; True when it holds an earlier run to resume."""
-    if out.exists() and not out.is_dir():
-        raise FlashVLMError(f"--out {out} is a file; name a folder (it is created if missing)")
-    if not out.exists() and not out.parent.is_dir():
-        raise FlashVLMError(f"--out {out}: the folder {out.parent} does not exist; create it first")
-    check_writable_folder(out if out.exists() else out.parent)
+    check_output_folder("--out", out)
     earlier = [name for name in (SETTINGS_FILE, JOURNAL_FILE, *OUTPUT_FILES) if (out / name).exists()]
     if not earlier or overwrite:
         if resume:
