@@ -166,6 +166,55 @@ def test_overwrite_starts_again(compare_argv, tmp_path):
     assert (out / "notes.txt").read_text() == "mine"  # only the run's own files are replaced
 
 
+def files_of(out) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(out.iterdir())}
+
+
+@pytest.mark.parametrize(
+    ("option", "typo", "message"),
+    [
+        ("--model", "modle", "no model folder"),
+        ("--device", "cpux", "unknown device 'cpux'"),
+        ("--dtype", "float61", "unknown dtype 'float61'"),
+    ],
+)
+def test_overwrite_with_a_typo_keeps_the_earlier_run(
+    compare_argv, tiny_llava_folder, tmp_path, capsys, option, typo, message
+):
+    out = tmp_path / "run"
+    assert main(compare_argv(out, "--limit", "1", "--methods", "flashvlm", "--budgets", "8")) == 0
+    before = files_of(out)
+    value = str(tiny_llava_folder / typo) if option == "--model" else typo
+    assert main(compare_argv(out, "--limit", "1", option, value, "--overwrite")) == 2
+    assert message in error_line(capsys.readouterr().err)
+    assert files_of(out) == before
+
+
+@pytest.mark.parametrize(("option", "typo"), [("--dtype", "fp61"), ("--device", "cpux"), ("--model", "modle")])
+def test_a_run_that_never_started_blocks_neither_a_new_run_nor_resume(
+    compare_argv, tiny_llava_folder, tmp_path, capsys, option, typo
+):
+    out = tmp_path / "run"
+    value = str(tiny_llava_folder / typo) if option == "--model" else typo
+    assert main(compare_argv(out, "--limit", "1", option, value)) == 2
+    assert not (out / "run.json").exists()
+    assert main(compare_argv(out, "--limit", "1", "--dtype", "fp32")) == 0
+    assert json.loads((out / "run.json").read_text())["dtype"] == "float32"
+    capsys.readouterr()
+    for spelling in ("float32", "auto", "float"):  # one dtype on a CPU, however it is written
+        assert main(compare_argv(out, "--device", "cpu", "--dtype", spelling, "--resume")) == 0
+        assert "resuming" in capsys.readouterr().err
+
+
+def test_a_settings_file_alone_is_no_earlier_run(compare_argv, tmp_path, capsys):
+    # What an earlier version left when the model failed to load: run.json, and nothing run.
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"dtype": "fp16", "budgets": ["8"]}))
+    assert main(compare_argv(out, "--limit", "1")) == 0
+    assert json.loads((out / "run.json").read_text())["budgets"] == ["8", "25%"]
+
+
 @pytest.mark.parametrize("case", ["file", "file above", "missing parent", "read-only"])
 def test_unusable_out_is_refused_before_the_model_loads(compare_argv, tmp_path, no_model, monkeypatch, capsys, case):
     out = tmp_path / "out"

@@ -84,13 +84,23 @@ def check_device(name: str) -> torch.device:
 resolve_device = check_device
 
 
+#: Every spelling ``resolve_dtype`` accepts besides auto, torch's name first.
+DTYPE_SPELLINGS = {
+    torch.float32: ("float32", "fp32", "float"),
+    torch.float16: ("float16", "fp16", "half"),
+    torch.bfloat16: ("bfloat16", "bf16"),
+}
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    choices = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    """The torch dtype ``dtype`` names on ``device``: auto is bfloat16 on CUDA, float32 elsewhere."""
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if dtype not in choices:
-        raise FlashVLMError(f"unknown dtype {dtype!r}; use auto, {', '.join(choices)}")
-    return choices[dtype]
+    for torch_dtype, spellings in DTYPE_SPELLINGS.items():
+        if dtype in spellings:
+            return torch_dtype
+    accepted = ", ".join(spelling for spellings in DTYPE_SPELLINGS.values() for spelling in spellings)
+    raise FlashVLMError(f"unknown dtype {dtype!r}; use auto, {accepted}")
 
 
 #: Weight files ``from_pretrained`` reads, single-file and sharded (the index lists the shards).
