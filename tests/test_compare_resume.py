@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import errno
+import io
 import json
 import os
 
@@ -13,6 +14,7 @@ import torch
 from PIL import Image
 
 from flashvlm.cli import compare, main
+from flashvlm.eval import journal as journal_module
 
 NUM_ROWS = 6
 TIME_COLUMNS = ("selection_ms", "prefill_ms", "total_ms")
@@ -279,6 +281,45 @@ def test_a_full_disk_while_journaling_keeps_what_was_journaled(compare_argv, tmp
     assert "cannot append to" in err and "journal.jsonl: No space left on device" in err
     # The two batches before the failure are on disk (the third was written, its fsync failed).
     assert len(compare.RunJournal(out / "journal.jsonl").read().results[("none", "all")]) >= 4
+
+
+def test_a_full_disk_at_a_journal_write_names_the_journal_and_resume(compare_argv, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    real_open = open
+
+    class FullAfterTwoWrites(io.RawIOBase):
+        """The journal's file as the disk fills: two writes go through, then every one fails."""
+
+        def __init__(self, path):
+            self.file = real_open(path, "ab", buffering=0)
+            self.writes = 0
+
+        def writable(self):
+            return True
+
+        def write(self, data):
+            self.writes += 1
+            if self.writes > 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.file.write(data)
+
+        def fileno(self):
+            return self.file.fileno()
+
+        def close(self):
+            self.file.close()
+            super().close()
+
+    monkeypatch.setattr(
+        journal_module, "open", lambda path, mode: io.BufferedWriter(FullAfterTwoWrites(path)), raising=False
+    )
+    assert main(compare_argv(out)) == 2
+    err = error_line(capsys.readouterr().err)
+    assert f"cannot append to {out / 'journal.jsonl'}: No space left on device" in err
+    assert f"4 finished predictions are kept in {out / 'journal.jsonl'}; rerun with --resume to continue" in err
+    monkeypatch.undo()
+    assert main(compare_argv(out, "--resume")) == 0
+    assert len((out / "journal.jsonl").read_text().splitlines()) == 5 * NUM_ROWS
 
 
 def test_repeated_methods_and_budgets_run_once(compare_argv, tmp_path, capsys):

@@ -15,7 +15,7 @@ import sys
 import threading
 from collections.abc import Iterator
 
-from ..errors import FlashVLMError
+from ..errors import FlashVLMError, os_error_message
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,15 +82,6 @@ def _fail(command: str, message: str) -> int:
     one_line = " ".join(part.strip() for part in message.splitlines() if part.strip())
     print(f"flashvlm {command}: error: {one_line}", file=sys.stderr)
     return 2
-
-
-def os_error_message(error: OSError) -> str:
-    """One line for an OSError: its own text without the ``[Errno N]`` prefix, naming the file when it has one."""
-    if not error.strerror:
-        return str(error)
-    if error.filename is not None:
-        return f"{error.filename}: {error.strerror}"
-    return error.strerror
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import FlashVLMError, MethodUnavailableError
+from ..errors import FlashVLMError, MethodUnavailableError, os_error_message
 from ..eval import (
     BAD_ROW_POLICIES,
     SHORT_ANSWER_PROMPT,
@@ -30,7 +30,13 @@ from ..eval.journal import JournalContents, RunJournal
 from ..files import atomic_write, write_text_atomic
 from ..loading import check_device, load_model, resolve_dtype
 from ..selection import available_methods, get_method
-from .common import add_model_arguments, check_count, check_output_folder, parse_budgets, without_repeats
+from .common import (
+    add_model_arguments,
+    check_count,
+    check_output_folder,
+    parse_budgets,
+    without_repeats,
+)
 
 #: The unpruned reference every run is compared with.
 REFERENCE = "none"
@@ -252,10 +258,15 @@ def _run_pending(args, model, processor, runs, pending: dict, journal: RunJourna
                     journal.append_unavailable(method, text, str(error))
                 bar.update()
     except KeyboardInterrupt:
-        kept = journal.read().num_predictions
-        raise KeyboardInterrupt(
-            f"{kept} finished predictions are kept in {journal.path}; rerun with --resume to continue"
-        ) from None
+        raise KeyboardInterrupt(_kept_in(journal)) from None
+    except OSError as error:  # a full disk, while journaling or reading an image
+        raise type(error)(error.errno, f"{os_error_message(error)}; {_kept_in(journal)}") from None
+
+
+def _kept_in(journal: RunJournal) -> str:
+    """What a stopped run keeps, and how to go on."""
+    kept = journal.read().num_predictions
+    return f"{kept} finished predictions are kept in {journal.path}; rerun with --resume to continue"
 
 
 def _write_outputs(out: Path, runs, examples, done: JournalContents, summaries, report: str) -> None:
