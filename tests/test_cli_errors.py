@@ -7,6 +7,7 @@ import errno
 import gzip
 import json
 import os
+import shutil
 import stat
 
 import pytest
@@ -14,6 +15,7 @@ import torch
 from PIL import Image
 
 from flashvlm.cli import bench, demo, generate, main
+from flashvlm.demo import MODEL_DIR
 from flashvlm.eval import DatasetError, evaluate, load_dataset
 from flashvlm.files import write_text_atomic
 from flashvlm.loading import load_model
@@ -136,6 +138,18 @@ def test_a_new_output_follows_the_umask_and_a_rewritten_one_keeps_its_mode(tmp_p
         os.umask(previous)
     assert stat.S_IMODE((tmp_path / "new.md").stat().st_mode) == 0o666 & ~umask
     assert stat.S_IMODE(existing.stat().st_mode) == 0o640 and existing.read_text() == "rewritten"
+
+
+def test_a_processor_that_cannot_load_is_explained_in_full(tmp_path, sample_image_file, capsys):
+    folder = tmp_path / "model"
+    shutil.copytree(MODEL_DIR, folder)
+    (folder / "tokenizer.json").unlink()
+    argv = ["generate", "--model", str(folder), "--image", str(sample_image_file), "--prompt", "what?"]
+    assert main([*argv, "--device", "cpu"]) == 2
+    err = error_line(capsys.readouterr().err)
+    # transformers says why over four lines; the last one says what to install
+    assert f"could not load the processor of {folder}: Couldn't instantiate the backend tokenizer" in err
+    assert "(1) a `tokenizers` library serialization file" in err and "sentencepiece or tiktoken" in err
 
 
 # -- bench -----------------------------------------------------------------------------------
