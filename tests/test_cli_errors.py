@@ -152,6 +152,19 @@ def test_a_processor_that_cannot_load_is_explained_in_full(tmp_path, sample_imag
     assert "(1) a `tokenizers` library serialization file" in err and "sentencepiece or tiktoken" in err
 
 
+def test_method_errors_name_only_what_can_be_named(capsys):
+    compare = ["compare", "--model", "unused", "--data", "unused.jsonl"]
+    assert main([*compare, "--methods", "none"]) == 2
+    err = error_line(capsys.readouterr().err)
+    assert "--methods names no method to compare (none, the unpruned reference, always runs)" in err
+    assert "flashvlm" in err and ", none" not in err and "of none" not in err
+    assert main([*compare, "--methods", "random:release"]) == 2
+    err = error_line(capsys.readouterr().err)
+    assert "method 'random' has no presets; got 'release': name it alone, 'random'" in err
+    assert main([*compare, "--methods", "flashvlm:nonsense"]) == 2
+    assert "method 'flashvlm' has no preset 'nonsense'; its presets: " in error_line(capsys.readouterr().err)
+
+
 # -- bench -----------------------------------------------------------------------------------
 
 

@@ -165,8 +165,10 @@ def run(args: argparse.Namespace) -> int:
     methods = [name.strip() for name in args.methods.split(",") if name.strip()]
     methods = [name for name in without_repeats("compare", methods, methods, "method") if name != REFERENCE]
     if not methods:
+        comparable = [name for name in available_methods() if name != REFERENCE]
         raise FlashVLMError(
-            "--methods names no method to compare; name at least one of " + ", ".join(available_methods())
+            f"--methods names no method to compare ({REFERENCE}, the unpruned reference, always runs); "
+            f"name at least one of {', '.join(comparable)}"
         )
     for method in methods:
         get_method(method)
