@@ -294,6 +294,16 @@ def test_bench_selection_runs_and_fits_growth(tiny_config_file, tmp_path):
     )
 
 
+def test_bench_selection_reports_every_method_skipped(tiny_config_file, tmp_path, capsys):
+    argv = ["bench-selection", "--model", str(tiny_config_file), "--methods", "pool", "--tokens", "65"]
+    argv += ["--repeats", "1", "--warmup", "0", "--device", "cpu", "--no-tower", "--no-memory"]
+    assert main([*argv, "--json", str(tmp_path / "selection.json"), "--markdown", str(tmp_path / "notes.md")]) == 0
+    printed = capsys.readouterr().out
+    assert "selection ms" in printed and "skipped: pool:" in printed
+    assert json.loads((tmp_path / "selection.json").read_text())["rows"] == []
+    assert "- skipped: pool:" in (tmp_path / "notes.md").read_text()
+
+
 def test_tower_comparison_is_refused_for_families_whose_record_does_not_offer_it():
     settings = dict(batch=1, device=torch.device("cpu"), dtype=torch.float32, repeats=1, warmup=0)
     with pytest.raises(UnsupportedModelError, match="InternVLForConditionalGeneration"):

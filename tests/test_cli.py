@@ -125,3 +125,23 @@ def test_command_line_entry_point_exits_2_without_traceback(tmp_path):
     )
     assert result.returncode == 2
     assert "budget must be >= 1" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("interrupt", ["os.kill(os.getpid(), signal.SIGINT)", "raise KeyboardInterrupt"])
+def test_ctrl_c_while_the_command_starts_is_one_line(interrupt):
+    # As the console script runs it: flashvlm.cli is imported before main() is called.
+    # Ctrl-C lands in the first seconds, while torch is being imported.
+    script = "\n".join(
+        [
+            "import os, signal, sys",
+            "class InterruptTorch:",
+            "    def find_spec(self, name, path=None, target=None):",
+            "        if name == 'torch':",
+            f"            {interrupt}",
+            "sys.meta_path.insert(0, InterruptTorch())",
+            "from flashvlm.cli import main",
+            "sys.exit(main(['generate', '--help']))",
+        ]
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert (result.returncode, result.stderr) == (130, "flashvlm: interrupted\n")

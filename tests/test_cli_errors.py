@@ -7,13 +7,17 @@ import errno
 import gzip
 import json
 import os
+import shutil
+import stat
 
 import pytest
 import torch
 from PIL import Image
 
 from flashvlm.cli import bench, demo, generate, main
+from flashvlm.demo import MODEL_DIR
 from flashvlm.eval import DatasetError, evaluate, load_dataset
+from flashvlm.files import write_text_atomic
 from flashvlm.loading import load_model
 from flashvlm.selection import parse_budget
 
@@ -121,6 +125,46 @@ def test_demo_out_in_a_read_only_folder_is_refused_before_loading(tmp_path, no_m
     assert f"cannot write in {tmp_path}: Read-only file system" in error_line(capsys.readouterr().err)
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077], ids=["umask-022", "umask-077"])
+def test_a_new_output_follows_the_umask_and_a_rewritten_one_keeps_its_mode(tmp_path, umask):
+    existing = tmp_path / "notes.md"
+    existing.write_text("mine")
+    existing.chmod(0o640)
+    previous = os.umask(umask)
+    try:
+        write_text_atomic(tmp_path / "new.md", "new")
+        write_text_atomic(existing, "rewritten")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "new.md").stat().st_mode) == 0o666 & ~umask
+    assert stat.S_IMODE(existing.stat().st_mode) == 0o640 and existing.read_text() == "rewritten"
+
+
+def test_a_processor_that_cannot_load_is_explained_in_full(tmp_path, sample_image_file, capsys):
+    folder = tmp_path / "model"
+    shutil.copytree(MODEL_DIR, folder)
+    (folder / "tokenizer.json").unlink()
+    argv = ["generate", "--model", str(folder), "--image", str(sample_image_file), "--prompt", "what?"]
+    assert main([*argv, "--device", "cpu"]) == 2
+    err = error_line(capsys.readouterr().err)
+    # transformers says why over four lines; the last one says what to install
+    assert f"could not load the processor of {folder}: Couldn't instantiate the backend tokenizer" in err
+    assert "(1) a `tokenizers` library serialization file" in err and "sentencepiece or tiktoken" in err
+
+
+def test_method_errors_name_only_what_can_be_named(capsys):
+    compare = ["compare", "--model", "unused", "--data", "unused.jsonl"]
+    assert main([*compare, "--methods", "none"]) == 2
+    err = error_line(capsys.readouterr().err)
+    assert "--methods names no method to compare (none, the unpruned reference, always runs)" in err
+    assert "flashvlm" in err and ", none" not in err and "of none" not in err
+    assert main([*compare, "--methods", "random:release"]) == 2
+    err = error_line(capsys.readouterr().err)
+    assert "method 'random' has no presets; got 'release': name it alone, 'random'" in err
+    assert main([*compare, "--methods", "flashvlm:nonsense"]) == 2
+    assert "method 'flashvlm' has no preset 'nonsense'; its presets: " in error_line(capsys.readouterr().err)
+
+
 # -- bench -----------------------------------------------------------------------------------
 
 
@@ -153,6 +197,17 @@ def test_bench_shows_budgets_as_written_and_flags_unsteady_ratios(tmp_path, monk
     report = json.loads((tmp_path / "bench.json").read_text())
     assert [row["budget"] for row in report["rows"]] == [None, "25%", "8"]
     assert all(row["speedup_unsteady"] for row in report["rows"][1:])
+
+
+def test_one_token_and_every_token_are_two_budgets(tmp_path, capsys):
+    # 1 is one token, 1.0 (100%) is every token: equal as numbers, two budgets all the same.
+    assert main([*TINY_BENCH, "--budgets", "1", "100%", "1.0", "--json", str(tmp_path / "bench.json")]) == 0
+    captured = capsys.readouterr()
+    assert "note: budget 1.0 repeated" in captured.err
+    rows = [line.split() for line in captured.out.splitlines() if line.lstrip().startswith("flashvlm")]
+    assert [(row[1], row[2]) for row in rows] == [("1", "1"), ("100%", "576")]
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert [(row["budget"], row["kept_tokens"]) for row in report["rows"][1:]] == [("1", 1), ("100%", 576)]
 
 
 def test_one_outlier_does_not_make_a_case_unsteady_but_a_wide_middle_does():
@@ -207,6 +262,20 @@ def test_a_compressed_file_is_named_in_one_line(image_folder, tiny_llava_folder,
     argv = ["compare", "--model", str(tiny_llava_folder), "--data", str(path), "--out", str(image_folder / "out")]
     assert main(argv) == 2
     assert "rows.jsonl.gz is a gzip-compressed file" in error_line(capsys.readouterr().err)
+
+
+def test_a_folder_given_as_the_dataset_is_named_as_a_folder(image_folder, tiny_llava_folder, capsys):
+    argv = [
+        "compare",
+        "--model",
+        str(tiny_llava_folder),
+        "--data",
+        str(image_folder),
+        "--out",
+        str(image_folder / "out"),
+    ]
+    assert main(argv) == 2
+    assert f"dataset {image_folder} is a folder, not a file" in error_line(capsys.readouterr().err)
 
 
 # -- progress ---------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import errno
+import io
 import json
 import os
 
@@ -13,6 +14,7 @@ import torch
 from PIL import Image
 
 from flashvlm.cli import compare, main
+from flashvlm.eval import journal as journal_module
 
 NUM_ROWS = 6
 TIME_COLUMNS = ("selection_ms", "prefill_ms", "total_ms")
@@ -166,12 +168,65 @@ def test_overwrite_starts_again(compare_argv, tmp_path):
     assert (out / "notes.txt").read_text() == "mine"  # only the run's own files are replaced
 
 
-@pytest.mark.parametrize("case", ["file", "missing parent", "read-only"])
+def files_of(out) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(out.iterdir())}
+
+
+@pytest.mark.parametrize(
+    ("option", "typo", "message"),
+    [
+        ("--model", "modle", "no model folder"),
+        ("--device", "cpux", "unknown device 'cpux'"),
+        ("--dtype", "float61", "unknown dtype 'float61'"),
+    ],
+)
+def test_overwrite_with_a_typo_keeps_the_earlier_run(
+    compare_argv, tiny_llava_folder, tmp_path, capsys, option, typo, message
+):
+    out = tmp_path / "run"
+    assert main(compare_argv(out, "--limit", "1", "--methods", "flashvlm", "--budgets", "8")) == 0
+    before = files_of(out)
+    value = str(tiny_llava_folder / typo) if option == "--model" else typo
+    assert main(compare_argv(out, "--limit", "1", option, value, "--overwrite")) == 2
+    assert message in error_line(capsys.readouterr().err)
+    assert files_of(out) == before
+
+
+@pytest.mark.parametrize(("option", "typo"), [("--dtype", "fp61"), ("--device", "cpux"), ("--model", "modle")])
+def test_a_run_that_never_started_blocks_neither_a_new_run_nor_resume(
+    compare_argv, tiny_llava_folder, tmp_path, capsys, option, typo
+):
+    out = tmp_path / "run"
+    value = str(tiny_llava_folder / typo) if option == "--model" else typo
+    assert main(compare_argv(out, "--limit", "1", option, value)) == 2
+    assert not (out / "run.json").exists()
+    assert main(compare_argv(out, "--limit", "1", "--dtype", "fp32")) == 0
+    assert json.loads((out / "run.json").read_text())["dtype"] == "float32"
+    capsys.readouterr()
+    for spelling in ("float32", "auto", "float"):  # one dtype on a CPU, however it is written
+        assert main(compare_argv(out, "--device", "cpu", "--dtype", spelling, "--resume")) == 0
+        assert "resuming" in capsys.readouterr().err
+
+
+def test_a_settings_file_alone_is_no_earlier_run(compare_argv, tmp_path, capsys):
+    # What an earlier version left when the model failed to load: run.json, and nothing run.
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"dtype": "fp16", "budgets": ["8"]}))
+    assert main(compare_argv(out, "--limit", "1")) == 0
+    assert json.loads((out / "run.json").read_text())["budgets"] == ["8", "25%"]
+
+
+@pytest.mark.parametrize("case", ["file", "file above", "missing parent", "read-only"])
 def test_unusable_out_is_refused_before_the_model_loads(compare_argv, tmp_path, no_model, monkeypatch, capsys, case):
     out = tmp_path / "out"
     if case == "file":
         out.write_text("a file")
         message = "is a file"
+    elif case == "file above":
+        (tmp_path / "afile").write_text("a file")
+        out = tmp_path / "afile" / "out"
+        message = f"--out {out}: {tmp_path / 'afile'} is a file, not a folder"
     elif case == "missing parent":
         out = tmp_path / "absent" / "out"
         message = "does not exist"
@@ -226,6 +281,45 @@ def test_a_full_disk_while_journaling_keeps_what_was_journaled(compare_argv, tmp
     assert "cannot append to" in err and "journal.jsonl: No space left on device" in err
     # The two batches before the failure are on disk (the third was written, its fsync failed).
     assert len(compare.RunJournal(out / "journal.jsonl").read().results[("none", "all")]) >= 4
+
+
+def test_a_full_disk_at_a_journal_write_names_the_journal_and_resume(compare_argv, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    real_open = open
+
+    class FullAfterTwoWrites(io.RawIOBase):
+        """The journal's file as the disk fills: two writes go through, then every one fails."""
+
+        def __init__(self, path):
+            self.file = real_open(path, "ab", buffering=0)
+            self.writes = 0
+
+        def writable(self):
+            return True
+
+        def write(self, data):
+            self.writes += 1
+            if self.writes > 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.file.write(data)
+
+        def fileno(self):
+            return self.file.fileno()
+
+        def close(self):
+            self.file.close()
+            super().close()
+
+    monkeypatch.setattr(
+        journal_module, "open", lambda path, mode: io.BufferedWriter(FullAfterTwoWrites(path)), raising=False
+    )
+    assert main(compare_argv(out)) == 2
+    err = error_line(capsys.readouterr().err)
+    assert f"cannot append to {out / 'journal.jsonl'}: No space left on device" in err
+    assert f"4 finished predictions are kept in {out / 'journal.jsonl'}; rerun with --resume to continue" in err
+    monkeypatch.undo()
+    assert main(compare_argv(out, "--resume")) == 0
+    assert len((out / "journal.jsonl").read_text().splitlines()) == 5 * NUM_ROWS
 
 
 def test_repeated_methods_and_budgets_run_once(compare_argv, tmp_path, capsys):

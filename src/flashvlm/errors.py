@@ -1,7 +1,8 @@
 """Exceptions that carry a message meant for the user.
 
 Everything flashvlm raises on bad input derives from :class:`FlashVLMError` (itself a
-``ValueError``), so callers and the CLI can tell a user's mistake from a bug.
+``ValueError``), so callers and the CLI can tell a user's mistake from a bug. A failed file
+operation stays an ``OSError``; :func:`os_error_message` is the one line the CLI shows for it.
 """
 
 
@@ -19,3 +20,12 @@ class UnsupportedModelError(FlashVLMError):
 
 class MethodUnavailableError(FlashVLMError):
     """A selection method needs an input (saliency, text, ...) the model cannot provide."""
+
+
+def os_error_message(error: OSError) -> str:
+    """One line for an OSError: its own text without the ``[Errno N]`` prefix, naming the file when it has one."""
+    if not error.strerror:
+        return str(error)
+    if error.filename is not None:
+        return f"{error.filename}: {error.strerror}"
+    return error.strerror

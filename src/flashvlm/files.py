@@ -9,7 +9,10 @@ file system), so a reader sees the old file or the new one, never half of either
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import secrets
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,17 +23,20 @@ from typing import IO
 def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Iterator[IO]:
     """Open a temporary file beside ``path``; on success it replaces ``path``, on failure it is removed.
 
-    ``mode`` is ``"w"`` (text; pass ``encoding``, ``newline``) or ``"wb"``.
+    ``mode`` is ``"w"`` (text; pass ``encoding``, ``newline``) or ``"wb"``. A new file gets the
+    permissions ``open`` would give it (0666 less the umask); a rewritten file keeps its own.
     """
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_write mode must be 'w' or 'wb'; got {mode!r}")
     path = Path(path)
     try:
-        descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        descriptor, temporary = _create_beside(path)
     except OSError as error:
         raise type(error)(error.errno, f"cannot write {path}: {error.strerror}") from None
     try:
         with os.fdopen(descriptor, mode, **open_kwargs) as file:
+            if path.exists():  # a rewritten file keeps its permissions
+                os.chmod(temporary, stat.S_IMODE(os.stat(path).st_mode))
             yield file
             file.flush()
             os.fsync(file.fileno())
@@ -41,6 +47,22 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Ite
         if isinstance(error, OSError) and error.strerror:  # a write's OSError names no file
             raise type(error)(error.errno, f"cannot write {path}: {error.strerror}") from None
         raise
+
+
+def _create_beside(path: Path) -> tuple[int, Path]:
+    """A new, empty, uniquely named file beside ``path``, open for writing: (descriptor, its path).
+
+    Created with mode 0666 less the umask, as ``open`` creates files; ``tempfile.mkstemp``
+    would make every output private (0600) whatever the user's umask.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(temporary, flags, 0o666), temporary
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, f"no free temporary name beside {path}")
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

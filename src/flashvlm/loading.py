@@ -84,13 +84,23 @@ def check_device(name: str) -> torch.device:
 resolve_device = check_device
 
 
+#: Every spelling ``resolve_dtype`` accepts besides auto, torch's name first.
+DTYPE_SPELLINGS = {
+    torch.float32: ("float32", "fp32", "float"),
+    torch.float16: ("float16", "fp16", "half"),
+    torch.bfloat16: ("bfloat16", "bf16"),
+}
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    choices = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    """The torch dtype ``dtype`` names on ``device``: auto is bfloat16 on CUDA, float32 elsewhere."""
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if dtype not in choices:
-        raise FlashVLMError(f"unknown dtype {dtype!r}; use auto, {', '.join(choices)}")
-    return choices[dtype]
+    for torch_dtype, spellings in DTYPE_SPELLINGS.items():
+        if dtype in spellings:
+            return torch_dtype
+    accepted = ", ".join(spelling for spellings in DTYPE_SPELLINGS.values() for spelling in spellings)
+    raise FlashVLMError(f"unknown dtype {dtype!r}; use auto, {accepted}")
 
 
 #: Weight files ``from_pretrained`` reads, single-file and sharded (the index lists the shards).
@@ -163,10 +173,11 @@ def check_safetensors_complete(path: Path) -> None:
         raise FlashVLMError(f"{path} is truncated: {size} of {expected} bytes (copy or download it again)")
 
 
-def first_line(error: BaseException) -> str:
-    """The first line of an exception's message (transformers' hub errors run to several)."""
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
+def one_line(error: BaseException) -> str:
+    """An exception's whole message on one line: transformers' errors run to several, and the
+    reason can be in any of them (a tokenizer's is in its last)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return " ".join(lines) if lines else type(error).__name__
 
 
 def model_architecture(config, name_or_path: str) -> str:
@@ -224,7 +235,7 @@ def load_processor(name_or_path: str, config):
     try:
         return loader.from_pretrained(name_or_path)
     except (OSError, ValueError, ImportError, KeyError) as error:
-        raise FlashVLMError(f"could not load the processor of {name_or_path}: {first_line(error)}") from None
+        raise FlashVLMError(f"could not load the processor of {name_or_path}: {one_line(error)}") from None
 
 
 def load_model(name_or_path: str, device: str = "auto", dtype: str = "auto"):
@@ -251,9 +262,7 @@ def load_model(name_or_path: str, device: str = "auto", dtype: str = "auto"):
         config = AutoConfig.from_pretrained(name_or_path)
     except (OSError, ValueError, KeyError) as error:
         where = "" if is_local else " (not a local folder, and not available from the Hugging Face Hub)"
-        raise FlashVLMError(
-            f"could not load a model config from {name_or_path!r}{where}: {first_line(error)}"
-        ) from None
+        raise FlashVLMError(f"could not load a model config from {name_or_path!r}{where}: {one_line(error)}") from None
     model_class = getattr(transformers, model_architecture(config, name_or_path))
     if is_local:
         check_model_folder(local)  # after the architecture: an unsupported model is the first thing to say
@@ -261,7 +270,7 @@ def load_model(name_or_path: str, device: str = "auto", dtype: str = "auto"):
     try:
         model = model_class.from_pretrained(name_or_path, dtype=torch_dtype)
     except (OSError, ValueError, RuntimeError) as error:
-        raise FlashVLMError(f"could not load the weights of {name_or_path}: {first_line(error)}") from None
+        raise FlashVLMError(f"could not load the weights of {name_or_path}: {one_line(error)}") from None
     return model.to(torch_device).eval(), processor
 
 

@@ -62,7 +62,7 @@ def render_table(headers: list[str], rows: list[list[str]], markdown: bool) -> s
         lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
         lines += ["| " + " | ".join(row) + " |" for row in rows]
         return "\n".join(lines)
-    widths = [max(len(headers[i]), *(len(row[i]) for row in rows)) for i in range(len(headers))]
+    widths = [max([len(header)] + [len(row[column]) for row in rows]) for column, header in enumerate(headers)]
     lines = ["  ".join(header.rjust(width) for header, width in zip(headers, widths))]
     lines += ["  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in rows]
     return "\n".join(lines)

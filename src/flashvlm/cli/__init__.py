@@ -8,27 +8,64 @@ exit with status 2, without a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 
-from ..errors import FlashVLMError
-from . import bench, bench_selection, compare, demo, generate
-
-#: Subcommand modules, in the order ``--help`` lists them.
-SUBCOMMANDS = [demo, generate, compare, bench, bench_selection]
+from ..errors import FlashVLMError, os_error_message
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # The subcommands import torch and transformers: seconds, during which Ctrl-C must be
+    # answered as everywhere else, so they are imported here, from main, not above.
+    from . import bench, bench_selection, compare, demo, generate
+
     parser = argparse.ArgumentParser(
         prog="flashvlm", description="Text-guided visual token selection for Hugging Face VLMs."
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in SUBCOMMANDS:
+    for module in (demo, generate, compare, bench, bench_selection):  # the order --help lists them in
         module.add_parser(subparsers)
     return parser
 
 
+@contextlib.contextmanager
+def _ctrl_c_exits_at_once() -> Iterator[None]:
+    """Within the block, Ctrl-C ends the process at once with one line and status 130.
+
+    For the imports: nothing is written yet, so there is nothing to keep, and a
+    KeyboardInterrupt raised inside a half-imported library can be swallowed there and
+    come back as an unrelated error (numpy's, under accelerate's import). Python's own
+    handler stays wherever it was replaced or ignored, and off the main thread.
+    """
+    if threading.current_thread() is not threading.main_thread() or (
+        signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield
+        return
+
+    def exit_interrupted(signum, frame) -> None:
+        sys.stderr.write("flashvlm: interrupted\n")
+        sys.stderr.flush()
+        os._exit(130)
+
+    signal.signal(signal.SIGINT, exit_interrupted)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    try:
+        with _ctrl_c_exits_at_once():
+            parser = build_parser()
+    except KeyboardInterrupt:
+        print("flashvlm: interrupted", file=sys.stderr)
+        return 130
     args = parser.parse_args(argv)  # argparse itself exits 2 on malformed arguments
     try:
         return args.run(args) or 0
@@ -45,15 +82,6 @@ def _fail(command: str, message: str) -> int:
     one_line = " ".join(part.strip() for part in message.splitlines() if part.strip())
     print(f"flashvlm {command}: error: {one_line}", file=sys.stderr)
     return 2
-
-
-def os_error_message(error: OSError) -> str:
-    """One line for an OSError: its own text without the ``[Errno N]`` prefix, naming the file when it has one."""
-    if not error.strerror:
-        return str(error)
-    if error.filename is not None:
-        return f"{error.filename}: {error.strerror}"
-    return error.strerror
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -27,7 +27,7 @@ from ..bench.report import (
 from ..errors import FlashVLMError
 from ..loading import resolve_device, resolve_dtype
 from ..selection import available_methods, get_method
-from .common import check_count, check_output_file, parse_budgets, without_repeats
+from .common import budget_key, check_count, check_output_file, parse_budgets, without_repeats
 
 
 def attention_implementations() -> list[str]:
@@ -121,7 +121,7 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     # Everything a user can get wrong is checked before anything is built.
     budgets = parse_budgets("bench", args.budgets)
-    written = {budget: text for text, budget in budgets.items()}  # the table shows "25%", not 0.2
+    written = {budget_key(budget): text for text, budget in budgets.items()}  # the table shows "25%", not 0.25
     methods = args.methods or available_methods()
     methods = without_repeats("bench", methods, methods, "method")
     for method in methods:
@@ -155,7 +155,8 @@ def run(args: argparse.Namespace) -> int:
         progress=progress,
     )
     for row in rows:
-        row["budget"] = written.get(row["budget"], row["budget"])
+        if row["budget"] is not None:
+            row["budget"] = written[budget_key(row["budget"])]
     report = {
         "command": "flashvlm bench " + shlex.join(_argv(args)),
         "machine": machine_description(device),

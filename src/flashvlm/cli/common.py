@@ -49,10 +49,15 @@ def without_repeats(command: str, items: list[str], keys: list, what: str) -> li
     return kept
 
 
+def budget_key(budget: Budget) -> tuple[type, Budget]:
+    """What tells budgets apart: 1 (one token) and 1.0 (every token) are equal numbers but two budgets."""
+    return (type(budget), budget)
+
+
 def parse_budgets(command: str, texts: list[str]) -> dict[str, Budget]:
     """Budget as written -> parsed, without repeats: "64" and "64.0", or "25%" and "0.25", are one (the first kept)."""
     parsed = {text.strip(): parse_budget(text) for text in texts}
-    kept = without_repeats(command, list(parsed), [(type(value), value) for value in parsed.values()], "budget")
+    kept = without_repeats(command, list(parsed), [budget_key(value) for value in parsed.values()], "budget")
     return {text: parsed[text] for text in kept}
 
 
@@ -80,7 +85,27 @@ def check_output_file(option: str, path: str | os.PathLike) -> None:
     path = Path(path)
     if path.is_dir():
         raise FlashVLMError(f"{option} {path} is a folder; name a file")
-    folder = next(parent for parent in path.absolute().parents if parent.exists())
-    if not folder.is_dir():
-        raise FlashVLMError(f"{option} {path}: {folder} is a file, not a folder")
+    check_writable_folder(_nearest_folder_above(option, path))
+
+
+def check_output_folder(option: str, path: str | os.PathLike) -> None:
+    """Refuse an output folder that cannot be written (a file, or under one) before any work.
+
+    It is created if missing, but the folder above it must exist: a typo there is more
+    likely than a wish for a new tree.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FlashVLMError(f"{option} {path} is a file; name a folder (it is created if missing)")
+    folder = path if path.exists() else _nearest_folder_above(option, path)
+    if folder != path and folder != path.absolute().parent:
+        raise FlashVLMError(f"{option} {path}: the folder {path.parent} does not exist; create it first")
     check_writable_folder(folder)
+
+
+def _nearest_folder_above(option: str, path: Path) -> Path:
+    """The nearest existing folder above ``path``; refused when what exists there is a file."""
+    existing = next(parent for parent in path.absolute().parents if parent.exists())
+    if not existing.is_dir():
+        raise FlashVLMError(f"{option} {path}: {existing} is a file, not a folder")
+    return existing

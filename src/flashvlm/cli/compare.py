@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
-from ..errors import FlashVLMError, MethodUnavailableError
+from ..errors import FlashVLMError, MethodUnavailableError, os_error_message
 from ..eval import (
     BAD_ROW_POLICIES,
     SHORT_ANSWER_PROMPT,
@@ -25,10 +27,16 @@ from ..eval import (
     write_csv,
 )
 from ..eval.journal import JournalContents, RunJournal
-from ..files import atomic_write, check_writable_folder, write_text_atomic
-from ..loading import load_model
+from ..files import atomic_write, write_text_atomic
+from ..loading import check_device, load_model, resolve_dtype
 from ..selection import available_methods, get_method
-from .common import add_model_arguments, check_count, parse_budgets, without_repeats
+from .common import (
+    add_model_arguments,
+    check_count,
+    check_output_folder,
+    parse_budgets,
+    without_repeats,
+)
 
 #: The unpruned reference every run is compared with.
 REFERENCE = "none"
@@ -85,14 +93,18 @@ RESUME_SETTINGS = ("model", "data_sha256", "methods", "budgets", "max_new_tokens
 
 
 def _check_out_folder(out: Path, resume: bool, overwrite: bool) -> bool:
-    """Refuse an --out that cannot hold this run; True when it holds an earlier run to resume."""
-    if out.exists() and not out.is_dir():
-        raise FlashVLMError(f"--out {out} is a file; name a folder (it is created if missing)")
-    if not out.exists() and not out.parent.is_dir():
-        raise FlashVLMError(f"--out {out}: the folder {out.parent} does not exist; create it first")
-    check_writable_folder(out if out.exists() else out.parent)
-    earlier = [name for name in (SETTINGS_FILE, JOURNAL_FILE, *OUTPUT_FILES) if (out / name).exists()]
-    if not earlier or overwrite:
+    """Refuse an --out that cannot hold this run; True when it holds an earlier run to resume.
+
+    A settings file alone is no earlier run: that run stopped before it finished anything.
+    """
+    check_output_folder("--out", out)
+
+    def holds_work(name: str) -> bool:
+        path = out / name
+        return path.exists() and (name != JOURNAL_FILE or path.stat().st_size > 0)
+
+    earlier = [name for name in (SETTINGS_FILE, JOURNAL_FILE, *OUTPUT_FILES) if holds_work(name)]
+    if earlier in ([], [SETTINGS_FILE]) or overwrite:
         if resume:
             print(f"flashvlm compare: note: no earlier run in {out}; starting a new one", file=sys.stderr)
         return False
@@ -106,7 +118,7 @@ def _check_out_folder(out: Path, resume: bool, overwrite: bool) -> bool:
     return True
 
 
-def _settings(args: argparse.Namespace, methods: list[str], budget_texts: list[str]) -> dict:
+def _settings(args: argparse.Namespace, methods: list[str], budget_texts: list[str], dtype: str) -> dict:
     model = Path(args.model)
     return {
         "model": str(model.resolve()) if model.is_dir() else args.model,
@@ -116,15 +128,22 @@ def _settings(args: argparse.Namespace, methods: list[str], budget_texts: list[s
         "budgets": budget_texts,
         "max_new_tokens": args.max_new_tokens,
         "prompt_suffix": args.prompt_suffix,
-        "dtype": args.dtype,
+        "dtype": dtype,
     }
 
 
-def _check_same_settings(out: Path, settings: dict) -> None:
+def _dtype_name(dtype: str, device: torch.device) -> str:
+    """One name for each dtype, however it was spelled: auto and fp32 are float32 on a CPU."""
+    return str(resolve_dtype(dtype, device)).removeprefix("torch.")
+
+
+def _check_same_settings(out: Path, settings: dict, device: torch.device) -> None:
     try:
         recorded = json.loads((out / SETTINGS_FILE).read_text(encoding="utf-8"))
     except ValueError as error:
         raise FlashVLMError(f"{out / SETTINGS_FILE} is not readable JSON ({error}); use --overwrite") from None
+    with contextlib.suppress(FlashVLMError):  # a run recorded by an earlier version may say auto or fp16
+        recorded["dtype"] = _dtype_name(recorded.get("dtype"), device)
     for name in RESUME_SETTINGS:
         if recorded.get(name) != settings[name]:
             if name == "data_sha256":
@@ -138,15 +157,18 @@ def _check_same_settings(out: Path, settings: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    # Everything a user can get wrong is checked before the model is loaded.
+    # Everything a user can get wrong is checked before the model is loaded, and an earlier
+    # run in --out is left as it is until the model has loaded.
     check_count("--batch-size", args.batch_size)
     check_count("--limit", args.limit)
     check_count("--max-new-tokens", args.max_new_tokens)
     methods = [name.strip() for name in args.methods.split(",") if name.strip()]
     methods = [name for name in without_repeats("compare", methods, methods, "method") if name != REFERENCE]
     if not methods:
+        comparable = [name for name in available_methods() if name != REFERENCE]
         raise FlashVLMError(
-            "--methods names no method to compare; name at least one of " + ", ".join(available_methods())
+            f"--methods names no method to compare ({REFERENCE}, the unpruned reference, always runs); "
+            f"name at least one of {', '.join(comparable)}"
         )
     for method in methods:
         get_method(method)
@@ -155,6 +177,8 @@ def run(args: argparse.Namespace) -> int:
         raise FlashVLMError("--budgets is empty; give budgets like 192,128,64,32")
     budgets = parse_budgets("compare", budget_texts)
     budget_texts = list(budgets)
+    device = check_device(args.device)
+    dtype = _dtype_name(args.dtype, device)
     out = Path(args.out)
     resuming = _check_out_folder(out, args.resume, args.overwrite)
     dataset = load_dataset(args.data, on_bad_row=args.on_bad_row)
@@ -163,18 +187,13 @@ def run(args: argparse.Namespace) -> int:
     examples = dataset.examples[: args.limit]
     if not examples:
         raise FlashVLMError(f"{args.data} has no usable rows ({len(dataset.bad_rows)} skipped)")
-    settings = _settings(args, methods, budget_texts)
+    settings = _settings(args, methods, budget_texts, dtype)
     journal = RunJournal(out / JOURNAL_FILE)
+    done = JournalContents()
     if resuming:
-        _check_same_settings(out, settings)
+        _check_same_settings(out, settings, device)
         done = journal.read()
         print(f"flashvlm compare: resuming {out}: {done.num_predictions} predictions already done", file=sys.stderr)
-    else:
-        out.mkdir(exist_ok=True)
-        for name in (JOURNAL_FILE, *OUTPUT_FILES):
-            (out / name).unlink(missing_ok=True)
-        write_text_atomic(out / SETTINGS_FILE, json.dumps(settings, indent=2) + "\n")
-        done = JournalContents()
 
     runs = [(REFERENCE, "all", 1)] + [(method, text, budgets[text]) for method in methods for text in budget_texts]
     pending = {
@@ -182,8 +201,18 @@ def run(args: argparse.Namespace) -> int:
         for method, text, _ in runs
         if (method, text) not in done.unavailable
     }
+    model = processor = None
     if any(pending.values()):
-        _run_pending(args, runs, pending, examples, journal)
+        model, processor = load_model(args.model, args.device, dtype)
+        # One untimed batch first, so one-off start-up costs are charged to no method.
+        evaluate(model, processor, examples[: args.batch_size], REFERENCE, 1, max_new_tokens=1, progress=False)
+    if not resuming:  # only now, with the model loaded and run once, does an earlier run give way
+        out.mkdir(exist_ok=True)
+        for name in (JOURNAL_FILE, *OUTPUT_FILES):
+            (out / name).unlink(missing_ok=True)
+        write_text_atomic(out / SETTINGS_FILE, json.dumps(settings, indent=2) + "\n")
+    if model is not None:
+        _run_pending(args, model, processor, runs, pending, journal)
         done = journal.read()
 
     summaries = []
@@ -208,11 +237,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_pending(args, runs, pending: dict, examples, journal: RunJournal) -> None:
+def _run_pending(args, model, processor, runs, pending: dict, journal: RunJournal) -> None:
     """Run every (method, budget) on the rows it has not answered yet, each batch journaled as it finishes."""
-    model, processor = load_model(args.model, args.device, args.dtype)
-    # One untimed batch first, so one-off start-up costs are charged to no method.
-    evaluate(model, processor, examples[: args.batch_size], REFERENCE, 1, max_new_tokens=1, progress=False)
     finished = sum(not pending.get((method, text)) for method, text, _ in runs)
     bar = tqdm(total=len(runs), initial=finished, desc="methods x budgets", unit="run", disable=args.no_progress)
     try:
@@ -234,10 +260,15 @@ def _run_pending(args, runs, pending: dict, examples, journal: RunJournal) -> No
                     journal.append_unavailable(method, text, str(error))
                 bar.update()
     except KeyboardInterrupt:
-        kept = journal.read().num_predictions
-        raise KeyboardInterrupt(
-            f"{kept} finished predictions are kept in {journal.path}; rerun with --resume to continue"
-        ) from None
+        raise KeyboardInterrupt(_kept_in(journal)) from None
+    except OSError as error:  # a full disk, while journaling or reading an image
+        raise type(error)(error.errno, f"{os_error_message(error)}; {_kept_in(journal)}") from None
+
+
+def _kept_in(journal: RunJournal) -> str:
+    """What a stopped run keeps, and how to go on."""
+    kept = journal.read().num_predictions
+    return f"{kept} finished predictions are kept in {journal.path}; rerun with --resume to continue"
 
 
 def _write_outputs(out: Path, runs, examples, done: JournalContents, summaries, report: str) -> None:

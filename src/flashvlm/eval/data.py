@@ -87,6 +87,8 @@ def load_dataset(path: str | os.PathLike, on_bad_row: str = "skip") -> Dataset:
     if on_bad_row not in BAD_ROW_POLICIES:
         raise FlashVLMError(f"on_bad_row must be one of {', '.join(BAD_ROW_POLICIES)}; got {on_bad_row!r}")
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"dataset {path} is a folder, not a file: name its JSONL file")
     if not path.is_file():
         raise FileNotFoundError(f"dataset file not found: {path}")
     dataset = Dataset(path, [])

@@ -76,9 +76,14 @@ class RunJournal:
         self._file = open(self.path, "ab")
         return self
 
-    def __exit__(self, *exc) -> None:
-        self._file.close()
-        self._file = None
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        file, self._file = self._file, None
+        try:
+            file.close()  # flushes what a failed append left in the buffer: it fails the same way
+        except OSError as error:
+            if exc_type is None:
+                raise type(error)(error.errno, f"cannot append to {self.path}: {error.strerror}") from None
+            # The error in flight (naming the journal) says it already.
 
     def append_rows(self, method: str, budget: str, rows: Sequence[RowResult]) -> None:
         self._append([{"method": method, "budget": budget, **asdict(row)} for row in rows])

@@ -159,9 +159,11 @@ class TokenSelector:
 
     @classmethod
     def preset(cls, preset_name: str, **overrides) -> TokenSelector:
+        if not cls.presets:
+            raise FlashVLMError(f"method {cls.name!r} has no presets; got {preset_name!r}: name it alone, {cls.name!r}")
         if preset_name not in cls.presets:
             raise FlashVLMError(
-                f"method {cls.name!r} has no preset {preset_name!r}; presets: {', '.join(sorted(cls.presets)) or 'none'}"
+                f"method {cls.name!r} has no preset {preset_name!r}; its presets: {', '.join(sorted(cls.presets))}"
             )
         return cls(**{**cls.presets[preset_name], **overrides})
 
