@@ -21,7 +21,9 @@ from conftest import (
     build_tiny_qwen2_5_vl,
     llava_batch,
     qwen_batch,
+    tiny_model,
 )
+from conftest_families import EVERY_CASE
 from releases import (
     released_clip_cls_attention,
     released_divprune,
@@ -94,6 +96,8 @@ def test_flashvlm_release_in_a_llava_keeps_what_the_release_keeps(monkeypatch, a
     kept, (seen,) = pruned_with_recorded_inputs(monkeypatch, any_llava, inputs, "flashvlm:release", budget, FlashVLM)
     features, cls_attention, projected = released_llava_encoding(any_llava, inputs["pixel_values"])
     assert torch.equal(seen.features, features) and torch.equal(seen.projected, projected)
+    # The saliency itself is the release's, bit for bit, in the tower's dtype.
+    assert seen.saliency.dtype == any_llava.dtype and torch.equal(seen.saliency, cls_attention)
     texts = text_per_unit(any_llava, inputs, [IMAGE_TOKEN_ID])
     image_rows = [0, 1, 2, 2]  # the last row holds two images
     expected = released_flashvlm_llava(features, cls_attention, projected, [texts[row] for row in image_rows], budget)
@@ -160,3 +164,20 @@ def test_flashvlm_release_qwen_in_a_bf16_qwen2_5_vl_is_the_release(monkeypatch, 
     prefix_text = bf16_qwen.get_input_embeddings()(ids[is_text][before_image])
     expected = released_flashvlm_qwen(seen.projected[0], seen.saliency[0].to(torch.bfloat16), prefix_text, budget)
     assert torch.equal(kept[0], expected)
+
+
+@pytest.mark.parametrize("method", ["flashvlm:release", "vispruner:release"])
+@pytest.mark.parametrize("case", EVERY_CASE, ids=[case.name for case in EVERY_CASE])
+def test_the_release_presets_run_on_every_family_that_serves_them(case, method):
+    # The release's saliency arithmetic where the adapter knows it (CLIP towers: LLaVA,
+    # LLaVA-NeXT), the ordinary saliency elsewhere; a CLS-less family still refuses vispruner.
+    model = tiny_model(case)
+    inputs = case.make_inputs(model, batch_size=2, seed=3)
+    budget = min(8, case.tokens_per_image - 1)
+    if "cls_attention" in flashvlm.get_method(method).requires & case.lacks:
+        with pytest.raises(flashvlm.errors.MethodUnavailableError), flashvlm.prune(model, budget, method):
+            model(**inputs)
+        return
+    with flashvlm.prune(model, budget, method) as pruner, torch.no_grad():
+        model(**inputs)
+    assert all(unit.num_kept == budget for unit in pruner.last.images if unit.kind != "video")
