@@ -7,6 +7,9 @@ compare kept indices exactly; ``benchmarks/release_agreement.py`` measures how f
 defaults are from them.
 
 - FlashVLM LLaVA: CaiKaitong/FlashVLM, ``llava/model/llava_arch.py`` ``encode_images``;
+  its saliency, ``llava/model/multimodal_encoder/clip_encoder.py`` ``feature_select``,
+  from the attention map transformers 4.37.2's ``CLIPAttention`` returns (the version
+  LLaVA pins), restated in :func:`released_clip_cls_attention`;
 - FlashVLM Qwen2.5-VL: the same repository, ``Qwen2_5VL/flashvlm_qwen_2_5_VL.py``, the
   selection inside ``Qwen2_5_VLForConditionalGeneration.forward``;
 - VisPruner: Theia-4869/VisPruner, ``llava/model/llava_arch.py`` ``encode_images``;
@@ -18,6 +21,39 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+
+def released_clip_cls_attention(layer: nn.Module, layer_input: torch.Tensor, first_patch: int = 1) -> torch.Tensor:
+    """The LLaVA releases' saliency: the CLS row of one CLIP layer's attention, mean over heads.
+
+    layer: a CLIP encoder layer (``layer_norm1``, ``self_attn`` with ``q_proj``/``k_proj``,
+    ``num_heads``, ``scale``); layer_input: (B, S, C) its input hidden states. Restates the
+    eager ``CLIPAttention.forward`` of transformers 4.37.2 up to the probabilities it returns
+    with ``output_attentions=True`` (q scaled *before* the product, ``torch.bmm``, softmax
+    without upcast, everything in the tower's dtype), then the release's
+    ``attentions[:, :, 0, 1:]`` (``feature_select``, strategy "patch") and
+    ``.mean(dim=1)`` (``encode_images``), still in that dtype. Returns (B, S - first_patch).
+    """
+    attention = layer.self_attn
+    hidden = layer.layer_norm1(layer_input)
+    bsz, tgt_len, embed_dim = hidden.size()
+    heads = attention.num_heads
+    head_dim = embed_dim // heads
+
+    def shape(tensor: torch.Tensor) -> torch.Tensor:  # CLIPAttention._shape
+        return tensor.view(bsz, -1, heads, head_dim).transpose(1, 2).contiguous()
+
+    query_states = attention.q_proj(hidden) * attention.scale
+    key_states = shape(attention.k_proj(hidden))
+    proj_shape = (bsz * heads, -1, head_dim)
+    query_states = shape(query_states).view(*proj_shape)
+    key_states = key_states.view(*proj_shape)
+    src_len = key_states.size(1)
+    attn_weights = torch.bmm(query_states, key_states.transpose(1, 2))
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1)
+    attn_weights_reshaped = attn_weights.view(bsz, heads, tgt_len, src_len)
+    return attn_weights_reshaped[:, :, 0, first_patch:].mean(dim=1)
 
 
 def released_minmax(values: torch.Tensor) -> torch.Tensor:

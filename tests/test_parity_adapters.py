@@ -1,9 +1,12 @@
-"""Release parity end to end: ``flashvlm.prune`` on tiny fp16 / bf16 models keeps what the release would.
+"""Release parity end to end: ``flashvlm.prune`` on tiny LLaVA / Qwen2.5-VL models keeps what the release would.
 
-Each test records the :class:`SelectionInputs` the adapter hands the selector, runs the
-restated release (tests/releases.py) on those same tensors in the model's dtype (the
-release's attention maps leave the tower in that dtype), and compares the kept indices
-the pruner reports with the release's, exactly.
+For LLaVA the release's whole ``encode_images`` input is computed here from the model's own
+weights, independently of the adapter: the stock tower's hidden states, the projector, and
+the saliency as the release's tower computes it (transformers 4.37.2's eager CLIP attention
+map, in the tower's dtype: ``releases.released_clip_cls_attention``). The restated release
+(tests/releases.py) runs on those, and its kept indices must equal the pruner's exactly, in
+float32, float16 and bfloat16. The other tests record the :class:`SelectionInputs` the
+adapter hands the selector and run the restated release on those same tensors.
 """
 
 from __future__ import annotations
@@ -18,17 +21,31 @@ from conftest import (
     build_tiny_qwen2_5_vl,
     llava_batch,
     qwen_batch,
+    tiny_model,
 )
-from releases import released_divprune, released_flashvlm_llava, released_flashvlm_qwen, released_vispruner
+from conftest_families import EVERY_CASE
+from releases import (
+    released_clip_cls_attention,
+    released_divprune,
+    released_flashvlm_llava,
+    released_flashvlm_qwen,
+    released_vispruner,
+)
 
 import flashvlm
 from flashvlm.selection import DivPrune, FlashVLM, VisPruner
 
 HALF_DTYPES = [torch.float16, torch.bfloat16]
+ALL_DTYPES = [torch.float32, *HALF_DTYPES]
 
 
 @pytest.fixture(scope="module", params=HALF_DTYPES, ids=["fp16", "bf16"])
 def half_llava(request):
+    return build_tiny_llava().to(request.param)
+
+
+@pytest.fixture(scope="module", params=ALL_DTYPES, ids=["fp32", "fp16", "bf16"])
+def any_llava(request):
     return build_tiny_llava().to(request.param)
 
 
@@ -55,24 +72,46 @@ def text_per_unit(model, inputs, placeholder_ids):
     return [embeds(ids[row][is_text[row]]) for row in range(ids.shape[0])]
 
 
-@pytest.mark.parametrize("budget", [24, 9, 2])
-def test_flashvlm_release_in_a_half_precision_llava_is_the_release(monkeypatch, half_llava, budget):
-    inputs = llava_batch(half_llava, batch_size=3, seed=budget)
-    inputs["pixel_values"] = inputs["pixel_values"].to(half_llava.dtype)
-    kept, recorded = pruned_with_recorded_inputs(monkeypatch, half_llava, inputs, "flashvlm:release", budget, FlashVLM)
-    (seen,) = recorded  # every image has 64 tokens: one batched selection
-    dtype = half_llava.dtype
-    assert seen.projected.dtype == seen.features.dtype == dtype
-    texts = text_per_unit(half_llava, inputs, [IMAGE_TOKEN_ID])
+def released_llava_encoding(model, pixel_values):
+    """What the LLaVA release's ``encode_images`` starts from, from the model's own weights and
+    the stock tower (no flashvlm code): features (I, N, C) of the feature layer without CLS,
+    their CLS attention (I, N) as the release's tower computes it, and the projected tokens."""
+    tower = model.model.vision_tower
+    layers = getattr(tower, "vision_model", tower).encoder.layers  # CLIPVisionModel or its transformer
+    feature_layer = model.config.vision_feature_layer  # -2: hidden_states[-2], attentions[-2]
+    with torch.no_grad():
+        hidden_states = tower(pixel_values, output_hidden_states=True).hidden_states  # (layers + 1) x (I, S, C)
+        layer_index = len(layers) + feature_layer  # the layer whose output is hidden_states[feature_layer]
+        cls_attention = released_clip_cls_attention(layers[layer_index], hidden_states[layer_index])
+        features = hidden_states[feature_layer][:, 1:]
+        projected = model.model.multi_modal_projector(features)
+    return features, cls_attention, projected
+
+
+@pytest.mark.parametrize("budget", [32, 16, 2])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_flashvlm_release_in_a_llava_keeps_what_the_release_keeps(monkeypatch, any_llava, seed, budget):
+    inputs = llava_batch(any_llava, batch_size=3, seed=seed)
+    inputs["pixel_values"] = inputs["pixel_values"].to(any_llava.dtype)
+    kept, (seen,) = pruned_with_recorded_inputs(monkeypatch, any_llava, inputs, "flashvlm:release", budget, FlashVLM)
+    features, cls_attention, projected = released_llava_encoding(any_llava, inputs["pixel_values"])
+    assert torch.equal(seen.features, features) and torch.equal(seen.projected, projected)
+    # The saliency itself is the release's, bit for bit, in the tower's dtype.
+    assert seen.saliency.dtype == any_llava.dtype and torch.equal(seen.saliency, cls_attention)
+    texts = text_per_unit(any_llava, inputs, [IMAGE_TOKEN_ID])
     image_rows = [0, 1, 2, 2]  # the last row holds two images
-    expected = released_flashvlm_llava(
-        seen.features, seen.saliency.to(dtype), seen.projected, [texts[row] for row in image_rows], budget
-    )
+    expected = released_flashvlm_llava(features, cls_attention, projected, [texts[row] for row in image_rows], budget)
     assert torch.equal(torch.stack(kept), expected)
 
 
-def released_vispruner_on(seen, budget):
-    return released_vispruner(seen.features, seen.saliency.to(seen.features.dtype), budget)
+@pytest.mark.parametrize("budget", [32, 16])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_vispruner_release_in_a_llava_keeps_what_the_release_keeps(monkeypatch, any_llava, seed, budget):
+    inputs = llava_batch(any_llava, batch_size=2, seed=seed)
+    inputs["pixel_values"] = inputs["pixel_values"].to(any_llava.dtype)
+    kept, _ = pruned_with_recorded_inputs(monkeypatch, any_llava, inputs, "vispruner:release", budget, VisPruner)
+    features, cls_attention, _ = released_llava_encoding(any_llava, inputs["pixel_values"])
+    assert torch.equal(torch.stack(kept), released_vispruner(features, cls_attention, budget))
 
 
 def released_divprune_on(seen, budget):
@@ -81,8 +120,8 @@ def released_divprune_on(seen, budget):
 
 @pytest.mark.parametrize(
     ("method", "selector_class", "release"),
-    [("vispruner:release", VisPruner, released_vispruner_on), ("divprune:release", DivPrune, released_divprune_on)],
-    ids=["vispruner", "divprune"],
+    [("divprune:release", DivPrune, released_divprune_on)],
+    ids=["divprune"],
 )
 @pytest.mark.parametrize("budget", [24, 9])
 def test_peer_release_presets_in_a_half_precision_llava_are_the_release(
@@ -125,3 +164,20 @@ def test_flashvlm_release_qwen_in_a_bf16_qwen2_5_vl_is_the_release(monkeypatch, 
     prefix_text = bf16_qwen.get_input_embeddings()(ids[is_text][before_image])
     expected = released_flashvlm_qwen(seen.projected[0], seen.saliency[0].to(torch.bfloat16), prefix_text, budget)
     assert torch.equal(kept[0], expected)
+
+
+@pytest.mark.parametrize("method", ["flashvlm:release", "vispruner:release"])
+@pytest.mark.parametrize("case", EVERY_CASE, ids=[case.name for case in EVERY_CASE])
+def test_the_release_presets_run_on_every_family_that_serves_them(case, method):
+    # The release's saliency arithmetic where the adapter knows it (CLIP towers: LLaVA,
+    # LLaVA-NeXT), the ordinary saliency elsewhere; a CLS-less family still refuses vispruner.
+    model = tiny_model(case)
+    inputs = case.make_inputs(model, batch_size=2, seed=3)
+    budget = min(8, case.tokens_per_image - 1)
+    if "cls_attention" in flashvlm.get_method(method).requires & case.lacks:
+        with pytest.raises(flashvlm.errors.MethodUnavailableError), flashvlm.prune(model, budget, method):
+            model(**inputs)
+        return
+    with flashvlm.prune(model, budget, method) as pruner, torch.no_grad():
+        model(**inputs)
+    assert all(unit.num_kept == budget for unit in pruner.last.images if unit.kind != "video")

@@ -38,6 +38,39 @@ def query_row_attention(
     return torch.softmax(logits, dim=-1).mean(dim=1)
 
 
+def release_cls_attention(
+    queries: torch.Tensor, keys: torch.Tensor, num_heads: int, scale: float, first_key: int = 0
+) -> torch.Tensor:
+    """The CLS row as the LLaVA releases read it: every step in the projections' dtype.
+
+    The releases ask transformers 4.37.2 (the version LLaVA pins) for ``output_attentions``
+    and average the heads of the feature layer's map (``attentions[:, :, 0, 1:].mean(dim=1)``).
+    Its eager ``CLIPAttention`` scales q *before* the product (``q_proj(h) * scale``), takes
+    ``torch.bmm`` and a softmax without upcasting, all in the tower's dtype. This repeats those
+    operations on the hooked projections, so the row is the release's bit for bit. The
+    product runs over every query, as there: a one-query product is not always bit-equal
+    to the first row of the full one (float32 differs on CPU and on an H200, float16 at
+    times on the H200), so this costs one layer's O(H S^2 d) product and O(B H S^2)
+    memory, the map the release keeps for every layer. Only the CLS row goes through the
+    softmax (row by row, it is bit-equal to the full softmax's first row there).
+
+    queries, keys: (B, S, H*d) q/k projection outputs (unscaled). Returns (B, S - first_key)
+    in their dtype: the mean over heads of the CLS row, keys from ``first_key`` on (1 drops
+    the CLS column, as the "default" feature strategy does).
+    """
+    batch, length, width = queries.shape
+    head_dim = width // num_heads
+
+    def per_head(projection: torch.Tensor) -> torch.Tensor:  # (B, S, H*d) -> (B*H, S, d), as 4.37's _shape
+        return (
+            projection.view(batch, length, num_heads, head_dim).transpose(1, 2).contiguous().view(-1, length, head_dim)
+        )
+
+    logits = torch.bmm(per_head(queries * scale), per_head(keys).transpose(1, 2))  # (B*H, S, S)
+    cls_row = torch.softmax(logits[:, :1], dim=-1).view(batch, num_heads, length)  # (B, H, S)
+    return cls_row[:, :, first_key:].mean(dim=1)
+
+
 def received_attention(
     queries: torch.Tensor,
     keys: torch.Tensor,

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from ..errors import UnsupportedModelError
-from ..saliency import query_row_attention, received_attention
+from ..saliency import query_row_attention, received_attention, release_cls_attention
 from .base import FamilySupport, ImageSelection, ModelAdapter, TokenRegion, VisualItem
 from .taps import resolve_hidden_state_layer, run_until_tap, tap_vision_layer
 
@@ -72,7 +72,10 @@ class LlavaAdapter(ModelAdapter):
         attention = self.vision_layers[0].self_attn
         # Tokens the strategy keeps: "default" drops the CLS token, "full" keeps every one.
         first_patch = 1 if strategy == "default" else 0
-        if self.has_cls:
+        if self.has_cls and "release_saliency" in needs:
+            # As the release's tower computes it, in the tower's dtype (the release presets).
+            stack.saliency = release_cls_attention(queries, keys, attention.num_heads, attention.scale, first_patch)
+        elif self.has_cls:
             stack.saliency = query_row_attention(queries, keys, attention.num_heads, 0, attention.scale)[
                 :, first_patch:
             ]

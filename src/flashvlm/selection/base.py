@@ -33,8 +33,16 @@ from .budget import Budget, resolve_budget
 #: - ``lm_attention``: the attention the last prompt token pays to each visual token inside
 #:   the language model, at the layer the method names in ``lm_attention_layer``. Adapters
 #:   get it from a partial language-model pass over the full sequence (see
-#:   :meth:`flashvlm.adapters.ModelAdapter.visual_token_attention`), which costs extra.
-REQUIREMENTS = frozenset({"saliency", "cls_attention", "text", "projected", "keys", "grid", "lm_attention"})
+#:   :meth:`flashvlm.adapters.ModelAdapter.visual_token_attention`), which costs extra;
+#: - ``release_saliency``: a request more than a need: the saliency (or CLS row) computed
+#:   with the arithmetic of the release the method restates, where the adapter knows it.
+#:   The LLaVA-family adapters with a CLIP tower (and the vLLM LLaVA path) then give the
+#:   CLS row as transformers 4.37.2's eager attention returns it to the LLaVA releases, in
+#:   the tower's dtype (:func:`flashvlm.saliency.release_cls_attention`); every other
+#:   adapter gives its ordinary float32 saliency, so it is available wherever saliency is.
+REQUIREMENTS = frozenset(
+    {"saliency", "cls_attention", "text", "projected", "keys", "grid", "lm_attention", "release_saliency"}
+)
 
 
 @dataclass
@@ -90,6 +98,7 @@ _REQUIREMENT_WORDS = {
     "keys": "the vision encoder's attention keys",
     "grid": "the tokens' 2-D grid layout; these tokens form no known grid",
     "lm_attention": "attention read inside the language model",
+    "release_saliency": "per-token saliency from the vision encoder (with the release's arithmetic where known)",
 }
 
 _REGISTRY: dict[str, type[TokenSelector]] = {}
@@ -186,6 +195,7 @@ class TokenSelector:
             "keys": inputs.keys is not None,
             "grid": inputs.grid_shape is not None,
             "lm_attention": inputs.lm_attention is not None,
+            "release_saliency": inputs.saliency is not None,
         }
         missing = sorted(need for need in self.requires if not available[need])
         if missing:
@@ -225,6 +235,22 @@ def requirements_for(requires: frozenset[str], saliency_kind: str) -> frozenset[
     if saliency_kind == "cls":
         return requires
     return (requires - {"cls_attention"}) | {"saliency"}
+
+
+#: How a method wants its saliency computed (its ``saliency_arithmetic``): "float32" (the
+#: adapters' own, from the hooked q/k in float32) or "release" (also ask for
+#: ``release_saliency``: the arithmetic of the release, where the adapter knows it).
+SALIENCY_ARITHMETICS = ("float32", "release")
+
+
+def requirements_with_arithmetic(requires: frozenset[str], saliency_arithmetic: str) -> frozenset[str]:
+    """``requires``, plus ``release_saliency`` for ``saliency_arithmetic="release"``.
+
+    Methods with a ``saliency_arithmetic`` field assign the result to ``self.requires``
+    (see :func:`requirements_for`).
+    """
+    check_choice("saliency_arithmetic", saliency_arithmetic, SALIENCY_ARITHMETICS)
+    return requires | {"release_saliency"} if saliency_arithmetic == "release" else requires
 
 
 def check_range(name: str, value: object, low: float, high: float, low_open: bool = False) -> None:

@@ -15,7 +15,16 @@ from typing import ClassVar, Literal
 import torch
 
 from ..errors import FlashVLMError, MethodUnavailableError
-from .base import Selection, SelectionInputs, TokenSelector, check_choice, check_integer, check_range, register
+from .base import (
+    Selection,
+    SelectionInputs,
+    TokenSelector,
+    check_choice,
+    check_integer,
+    check_range,
+    register,
+    requirements_with_arithmetic,
+)
 from .diversity import DIVERSITY_RULES, important_and_diverse
 from .ops import masked_max_pool, masked_mean_pool, masked_softmax_pool, minmax, unit_rows
 
@@ -95,10 +104,16 @@ class FlashVLM(TokenSelector):
     requires: ClassVar[frozenset[str]] = frozenset({"saliency", "text", "projected"})
     presets: ClassVar[dict[str, dict]] = {
         "default": {},
-        # Bit-for-bit the released LLaVA selection: the norm gate where the release
-        # computes it, steps 1-4 in the model's dtype as the release runs them, and
-        # torch's default (unstable) sort for ranking ties.
-        "release": {"text_norm_gate": "after_normalization", "score_dtype": "model", "stable_ranking": False},
+        # Bit-for-bit the released LLaVA selection: the CLS row as the release's tower
+        # computes it (transformers 4.37.2's eager attention, in the tower's dtype), the
+        # norm gate where the release computes it, steps 1-4 in the model's dtype as the
+        # release runs them, and torch's default (unstable) sort for ranking ties.
+        "release": {
+            "text_norm_gate": "after_normalization",
+            "score_dtype": "model",
+            "stable_ranking": False,
+            "saliency_arithmetic": "release",
+        },
         # Bit-for-bit the released Qwen2.5-VL selection: only the text before the first
         # image, the norm gate on raw embedding lengths, diversity on the merger's outputs,
         # the model's dtype and torch's default sort.
@@ -176,6 +191,11 @@ class FlashVLM(TokenSelector):
     #: usual image-first chat layout that is the system prompt, never the question; needs
     #: ``SelectionInputs.text_before_image``, which the adapters fill).
     text_tokens: Literal["prompt", "question", "before_image"] = "prompt"
+    #: How the adapter computes the saliency: "float32" (from the hooked queries and keys
+    #: in float32, the default) or "release" (as the LLaVA release's tower does: transformers
+    #: 4.37.2's eager CLIP attention in the tower's dtype, q scaled before the product, heads
+    #: averaged in that dtype; on adapters that know no release arithmetic, as "float32").
+    saliency_arithmetic: Literal["float32", "release"] = "float32"
 
     def __post_init__(self) -> None:
         check_range("text_weight", self.text_weight, 0.0, 1.0)
@@ -199,6 +219,7 @@ class FlashVLM(TokenSelector):
         check_choice("score_dtype", self.score_dtype, ("float32", "model"))
         check_choice("stable_ranking", self.stable_ranking, (True, False))
         check_choice("text_tokens", self.text_tokens, ("prompt", "question", "before_image"))
+        self.requires = requirements_with_arithmetic(type(self).requires, self.saliency_arithmetic)
 
     def scores(self, inputs: SelectionInputs) -> torch.Tensor:
         """Fused FlashVLM score of every token (steps 1-4), float32 (B, N) in [0, 1]."""
@@ -206,9 +227,9 @@ class FlashVLM(TokenSelector):
         if self.score_dtype == "float32":
             projected, text_embeds, saliency = projected.float(), text_embeds.float(), saliency.float()
         else:
-            # Adapters compute saliency in float32 from the layer's queries and keys; the
-            # release's attention map leaves the tower in the model's dtype, and its
-            # min-max and logarithm run there.
+            # The release's attention map leaves the tower in the model's dtype, and its
+            # min-max and logarithm run there (saliency_arithmetic="release" computes it in
+            # that dtype already; float32 saliency is rounded to it).
             text_embeds, saliency = text_embeds.to(projected.dtype), saliency.to(projected.dtype)
         relevance = text_relevance(
             projected,

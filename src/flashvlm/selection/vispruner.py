@@ -17,6 +17,7 @@ from .base import (
     check_range,
     register,
     requirements_for,
+    requirements_with_arithmetic,
 )
 from .diversity import important_and_diverse
 from .ops import unit_rows
@@ -34,8 +35,9 @@ class VisPruner(TokenSelector):
 
     The default ranks in float32 and breaks exact ties by position, so it keeps the same
     tokens on every device; the release sorts with torch's default (unstable) sort in the
-    model's dtype, which preset ``vispruner:release`` reproduces exactly
-    (tests/test_parity_adapters.py). How often the two differ: docs/methods.md.
+    model's dtype, the CLS row as its tower computes it in that dtype, which preset
+    ``vispruner:release`` reproduces exactly on LLaVA (tests/test_parity_adapters.py). How
+    often the two differ: docs/methods.md.
 
     Needs: the CLS attention row (mean over heads, feature layer), or with
     ``saliency_kind="any"`` (preset ``vispruner:received``) any saliency.
@@ -47,8 +49,10 @@ class VisPruner(TokenSelector):
     requires: ClassVar[frozenset[str]] = frozenset({"cls_attention"})
     presets: ClassVar[dict[str, dict]] = {
         "default": {},
-        # The released code: attention and features in the model's dtype, unstable sorts.
-        "release": {"score_dtype": "model", "stable_ranking": False},
+        # The released code: the CLS row as the release's tower computes it (transformers
+        # 4.37.2's eager attention, in the tower's dtype), features in the model's dtype,
+        # unstable sorts.
+        "release": {"score_dtype": "model", "stable_ranking": False, "saliency_arithmetic": "release"},
         # Attention received stands in for the CLS row, so towers without CLS can run it.
         "received": {"saliency_kind": "any"},
     }
@@ -65,6 +69,9 @@ class VisPruner(TokenSelector):
     #: (whatever the adapter gives: attention received on towers without a CLS token, such
     #: as SigLIP, the Qwen ViT or InternVL; the CLS row on CLIP). Preset ``received``.
     saliency_kind: Literal["cls", "any"] = "cls"
+    #: How the adapter computes the CLS row: "float32" (default) or "release" (as the
+    #: release's tower does, in the tower's dtype; see ``FlashVLM.saliency_arithmetic``).
+    saliency_arithmetic: Literal["float32", "release"] = "float32"
 
     def __post_init__(self) -> None:
         check_range("important_ratio", self.important_ratio, 0.0, 1.0)
@@ -72,7 +79,9 @@ class VisPruner(TokenSelector):
         check_choice("score_dtype", self.score_dtype, ("float32", "model"))
         check_choice("stable_ranking", self.stable_ranking, (True, False))
         check_choice("saliency_kind", self.saliency_kind, ("cls", "any"))
-        self.requires = requirements_for(type(self).requires, self.saliency_kind)
+        self.requires = requirements_with_arithmetic(
+            requirements_for(type(self).requires, self.saliency_kind), self.saliency_arithmetic
+        )
 
     def select(self, inputs: SelectionInputs, num_keep: int):
         features = inputs.features if self.score_dtype == "model" else inputs.features.float()  # (B, N, C)

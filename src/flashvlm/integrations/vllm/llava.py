@@ -20,7 +20,7 @@ from vllm.model_executor.models.llava import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from ...errors import FlashVLMError, UnsupportedModelError
-from ...saliency import query_row_attention, received_attention
+from ...saliency import query_row_attention, received_attention, release_cls_attention
 from ...selection import SelectionInputs
 from .encoder import (
     PrunedModelMixin,
@@ -115,11 +115,16 @@ class LlavaTowerMixin(PrunedModelMixin):
         first_patch = 1 if default_strategy else 0  # "default" drops the CLS token, "full" keeps it
         has_cls = hasattr(vision.embeddings, "class_embedding")
         heads = attention.num_heads_per_partition
-        if has_cls:
-            saliency = query_row_attention(tap.queries, tap.keys, heads, 0, attention.scale)[:, first_patch:]
+        if has_cls and "release_saliency" in needs:
+            # As the release's tower computes it (the release presets), over every rank's heads.
+            queries, keys = (gather_tensor_parallel_channels(tap_out, attention) for tap_out in (tap.queries, tap.keys))
+            saliency = release_cls_attention(queries, keys, attention.num_heads, attention.scale, first_patch)
         else:
-            saliency = received_attention(tap.queries, tap.keys, heads, attention.scale)
-        saliency = mean_over_tensor_parallel_heads(saliency, attention)  # (V, N)
+            if has_cls:
+                saliency = query_row_attention(tap.queries, tap.keys, heads, 0, attention.scale)[:, first_patch:]
+            else:
+                saliency = received_attention(tap.queries, tap.keys, heads, attention.scale)
+            saliency = mean_over_tensor_parallel_heads(saliency, attention)  # (V, N)
         keys = None
         if "keys" in needs:
             keys = gather_tensor_parallel_channels(tap.keys, attention)[:, first_patch:]  # (V, N, C_k)

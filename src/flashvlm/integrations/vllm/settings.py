@@ -20,7 +20,7 @@ CONFIG_KEY = "flashvlm"
 #: What the vLLM path hands a method. ``lm_attention`` is missing: it needs a partial
 #: language-model pass over the unpruned sequence, which vLLM's fixed placeholder
 #: count (decided before the encoder runs) leaves no room for.
-SERVED_REQUIREMENTS = frozenset({"saliency", "cls_attention", "text", "projected", "keys", "grid"})
+SERVED_REQUIREMENTS = frozenset({"saliency", "cls_attention", "text", "projected", "keys", "grid", "release_saliency"})
 
 
 @dataclass(frozen=True)
