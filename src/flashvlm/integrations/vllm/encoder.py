@@ -18,9 +18,10 @@ from torch import nn
 from ...selection import Budget, Selection, SelectionInputs
 from .settings import PruningSettings
 
-#: Name of the per-image field that carries the prompt's text token ids from the
-#: multimodal processor to the encoder step (it is also a processor keyword argument, so
-#: it enters the multimodal cache key).
+#: Name of the per-image field that carries the prompt's text from the multimodal processor
+#: to the encoder step (it is also a processor keyword argument, so it enters the
+#: multimodal cache key): per image a (1 + L,) long tensor, the number of text tokens that
+#: come before the prompt's first visual placeholder, then the L text token ids in order.
 TEXT_IDS_FIELD = "flashvlm_text_ids"
 
 #: How many images' selections a model remembers (see :attr:`PrunedModelMixin.flashvlm_history`).
@@ -87,15 +88,27 @@ class KeptTokens:
     keep_indices: tuple[int, ...]  # kept positions, ascending
 
 
-def text_ids_per_image(kwargs: dict, num_images: int) -> list[torch.Tensor | None]:
-    """The ``TEXT_IDS_FIELD`` of each image: (L,) long tensors, or None when absent."""
+@dataclass
+class PromptText:
+    """The prompt text that guides one image's selection."""
+
+    ids: torch.Tensor  # (L,) long: every prompt token that is not a visual placeholder, in order
+    before_image: int  # how many of them come before the prompt's first visual placeholder
+
+    def packed(self) -> tuple[int, ...]:
+        """The ``TEXT_IDS_FIELD`` layout: the count, then the ids."""
+        return (self.before_image, *self.ids.tolist())
+
+
+def prompt_text_per_image(kwargs: dict, num_images: int) -> list[PromptText | None]:
+    """The ``TEXT_IDS_FIELD`` of each image, unpacked; None where absent."""
     value = kwargs.get(TEXT_IDS_FIELD)
     if value is None:
         return [None] * num_images
     rows = list(value.unbind(0)) if isinstance(value, torch.Tensor) else list(value)
     if len(rows) != num_images:
         raise RuntimeError(f"{TEXT_IDS_FIELD} has {len(rows)} rows for {num_images} images")
-    return rows
+    return [PromptText(row[1:], int(row[0])) for row in rows]
 
 
 class PrunedModelMixin:
@@ -111,43 +124,48 @@ class PrunedModelMixin:
         #: The last images' selections, oldest first (read with ``LLM.apply_model``).
         self.flashvlm_history: deque[KeptTokens] = deque(maxlen=HISTORY_LENGTH)
 
-    def embed_text_ids(self, text_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Input embeddings (1, L, D) of one image's prompt text and its mask (1, L)."""
+    def embed_text(self, text: PromptText, selector) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Input embeddings (1, L, D) of one image's prompt text, its mask (1, L), and which
+        of its tokens precede the first image (1, L; only for ``text_tokens="before_image"``,
+        as the HF adapters give it)."""
         language_model = self.get_language_model()
-        text_ids = text_ids.to(next(language_model.parameters()).device, torch.long)
+        text_ids = text.ids.to(next(language_model.parameters()).device, torch.long)
         embeds = language_model.embed_input_ids(text_ids)  # (L, D)
         mask = torch.ones(1, text_ids.numel(), dtype=torch.bool, device=embeds.device)
-        return embeds.unsqueeze(0), mask
+        before_image = None
+        if getattr(selector, "text_tokens", "prompt") == "before_image":
+            before_image = torch.arange(text_ids.numel(), device=embeds.device)[None, :] < text.before_image
+        return embeds.unsqueeze(0), mask, before_image
 
-    def select_image(self, inputs: SelectionInputs, text_ids: torch.Tensor | None) -> Selection:
+    def select_image(self, inputs: SelectionInputs, text: PromptText | None) -> Selection:
         """Run the method on one image (B = 1) and record what it kept."""
-        (selection,) = self.select_views([(inputs, self.flashvlm.budget)], text_ids)
+        (selection,) = self.select_views([(inputs, self.flashvlm.budget)], text)
         return selection
 
     def select_views(
-        self, views: list[tuple[SelectionInputs, Budget]], text_ids: torch.Tensor | None
+        self, views: list[tuple[SelectionInputs, Budget]], text: PromptText | None
     ) -> list[Selection | None]:
         """Run the method on each view of one image (B = 1 each) with that view's budget, and
         record what the image kept: each view's indices, offset by the views before it (as
         the HF adapters number an image's tokens). A view whose budget is 0 is not run (None)."""
         settings = self.flashvlm
-        text = None
+        embedded = None
         if "text" in settings.selector.requires:
-            if text_ids is None:
+            if text is None:
                 raise RuntimeError(f"the method reads the prompt, but the image came without {TEXT_IDS_FIELD}")
-            text = self.embed_text_ids(text_ids)
+            embedded = self.embed_text(text, settings.selector)
         selections, kept, offset = [], [], 0
         for inputs, budget in views:
             selection = None
             if not (isinstance(budget, int) and budget == 0):
-                if text is not None:
-                    inputs.text_embeds, inputs.text_mask = text
+                if embedded is not None:
+                    inputs.text_embeds, inputs.text_mask, inputs.text_before_image = embedded
                 selection = settings.selector(inputs, budget)
                 kept += (selection.indices[0] + offset).tolist()
             selections.append(selection)
             offset += inputs.num_tokens
         self.flashvlm_history.append(
-            KeptTokens(tuple(text_ids.tolist()) if text_ids is not None else (), offset, tuple(kept))
+            KeptTokens(tuple(text.ids.tolist()) if text is not None else (), offset, tuple(kept))
         )
         return selections
 

@@ -26,8 +26,8 @@ from .encoder import (
     PrunedModelMixin,
     gather_tensor_parallel_channels,
     mean_over_tensor_parallel_heads,
+    prompt_text_per_image,
     tap_qkv_projection,
-    text_ids_per_image,
 )
 from .processing import PrunedInfoMixin, TextGuidedProcessorMixin
 from .settings import settings_of
@@ -143,7 +143,7 @@ class LlavaTowerMixin(PrunedModelMixin):
 class PrunedLlava(LlavaTowerMixin, LlavaForConditionalGeneration):
     def embed_pruned(self, image_input, kwargs: dict) -> tuple[torch.Tensor, ...]:
         pixel_values = image_input["pixel_values"]  # (I, 3, H, W)
-        text_ids = text_ids_per_image(kwargs, len(pixel_values))
+        texts = prompt_text_per_image(kwargs, len(pixel_values))
         needs = self.flashvlm.selector.requires
         tower = self.encode_with_saliency(pixel_values, needs)
         features = tower.features  # (I, N, C)
@@ -162,7 +162,7 @@ class PrunedLlava(LlavaTowerMixin, LlavaForConditionalGeneration):
                 key_heads=tower.key_heads,
                 grid_shape=tower.grid_shape,
             )
-            selection = self.select_image(inputs, text_ids[image])
+            selection = self.select_image(inputs, texts[image])
             indices = selection.indices[0]
             if selection.features is not None:
                 kept_tokens.append(projector(selection.features[0]))

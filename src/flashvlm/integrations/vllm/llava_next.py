@@ -27,7 +27,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from ...adapters.base import ImageSelection, TokenRegion, region_budgets
 from ...selection import SelectionInputs
-from .encoder import text_ids_per_image
+from .encoder import prompt_text_per_image
 from .llava import LlavaTowerMixin
 from .processing import PrunedInfoMixin, TextGuidedProcessorMixin
 
@@ -105,7 +105,7 @@ class PrunedLlavaNext(LlavaTowerMixin, LlavaNextForConditionalGeneration):
         image_sizes = image_input["image_sizes"]  # (I, 2) as (height, width)
         counts = self.views_per_image(image_sizes)
         pixel_values = torch.cat([views[:count] for views, count in zip(image_input["pixel_values"], counts)])
-        text_ids = text_ids_per_image(kwargs, len(counts))
+        texts = prompt_text_per_image(kwargs, len(counts))
         needs = self.flashvlm.selector.requires
         tower = self.encode_with_saliency(pixel_values, needs)  # over every view: (V, n, ...)
         projector = self.multi_modal_projector
@@ -144,7 +144,7 @@ class PrunedLlavaNext(LlavaTowerMixin, LlavaNextForConditionalGeneration):
                 )
                 for region in regions
             ]
-            selections = self.select_views(list(zip(view_inputs, budgets)), text_ids[image])
+            selections = self.select_views(list(zip(view_inputs, budgets)), texts[image])
 
             # Every row's newline stays (the placeholder count was fixed from the size).
             sequence = self.anyres_sequence(source, tokens)  # (L, D)

@@ -20,7 +20,7 @@ from functools import cached_property
 
 import torch
 
-from .encoder import TEXT_IDS_FIELD
+from .encoder import TEXT_IDS_FIELD, PromptText
 from .settings import SERVED_REQUIREMENTS, PruningSettings, settings_of
 
 
@@ -49,8 +49,12 @@ class TextGuidedProcessorMixin:
         settings = self.info.flashvlm
         if settings is not None and "text" in settings.selector.requires:
             not_text = self.flashvlm_placeholder_ids()
-            text_ids = tuple(token for token in inputs.prompt if token not in not_text)
-            processor_kwargs = {**inputs.hf_processor_mm_kwargs, TEXT_IDS_FIELD: text_ids}
+            text_ids = [token for token in inputs.prompt if token not in not_text]
+            first_visual = next((place for place, token in enumerate(inputs.prompt) if token in not_text), None)
+            before = inputs.prompt[:first_visual] if first_visual is not None else inputs.prompt
+            before_image = sum(token not in not_text for token in before)
+            packed = PromptText(torch.tensor(text_ids, dtype=torch.long), before_image).packed()
+            processor_kwargs = {**inputs.hf_processor_mm_kwargs, TEXT_IDS_FIELD: packed}
             inputs = replace(inputs, hf_processor_mm_kwargs=processor_kwargs)
         return super().apply(inputs, timing_ctx)
 
@@ -60,7 +64,7 @@ class TextGuidedProcessorMixin:
         processed = super()._call_hf_processor(hf_data, hf_kwargs, *args, **kwargs)
         num_images = 0 if text_ids is None else self.flashvlm_num_images(processed)
         if num_images:  # (a prompt with videos only has no image to guide)
-            # Every image of a prompt is guided by the same text: (I, L).
+            # Every image of a prompt is guided by the same text: (I, 1 + L), TEXT_IDS_FIELD's layout.
             processed[TEXT_IDS_FIELD] = torch.tensor(text_ids, dtype=torch.long).repeat(num_images, 1)
         return processed
 

@@ -50,7 +50,7 @@ from .encoder import (
     QKTap,
     gather_tensor_parallel_channels,
     mean_over_tensor_parallel_heads,
-    text_ids_per_image,
+    prompt_text_per_image,
 )
 from .processing import PrunedInfoMixin, TextGuidedProcessorMixin
 from .settings import SERVED_REQUIREMENTS, settings_of
@@ -248,7 +248,7 @@ class PrunedQwen2_5_VL(PrunedModelMixin, Qwen2_5_VLForConditionalGeneration):
         if image_input["type"] != "pixel_values":
             raise FlashVLMError("flashvlm selects from pixels; precomputed image_embeds carry no encoder saliency")
         grid_thw = image_input["image_grid_thw"].tolist()
-        text_ids = text_ids_per_image(kwargs, len(grid_thw))
+        texts = prompt_text_per_image(kwargs, len(grid_thw))
         needs = self.flashvlm.selector.requires
         tower = self.visual
         attention = self.saliency_attention
@@ -288,7 +288,7 @@ class PrunedQwen2_5_VL(PrunedModelMixin, Qwen2_5_VLForConditionalGeneration):
                 key_heads=tower.num_heads,
                 grid_shape=(rows, cols) if t == 1 else None,
             )
-            selection = self.select_image(inputs, text_ids[image])
+            selection = self.select_image(inputs, texts[image])
             indices = selection.indices[0]
             if selection.features is not None:
                 tokens = tower.merger(selection.features[0].reshape(-1, hidden.shape[-1]))

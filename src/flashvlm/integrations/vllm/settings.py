@@ -64,6 +64,11 @@ def parse_settings(value: object, served: frozenset[str] = SERVED_REQUIREMENTS) 
             f"method {method!r} needs {needs}, which the vLLM plug-in does not provide; "
             f"methods it serves need only {', '.join(sorted(served))}"
         )
+    if getattr(selector, "text_tokens", "prompt") == "question":
+        raise MethodUnavailableError(
+            f"method {method!r} reads only the user's question (text_tokens='question'), which vLLM does not "
+            "hand the model apart from the prompt; use text_tokens='prompt' (the default) or 'before_image'"
+        )
     return PruningSettings(selector, budget)
 
 

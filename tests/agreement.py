@@ -1,0 +1,251 @@
+"""Whether two code paths made the same selection, as far as that is well-defined.
+
+Two paths that compute the vision features with different kernels (vLLM's and
+transformers', a batch and a single row, TP = 2 and TP = 1) agree only to the last bits of
+a float. A method with near-ties in its ranking (a greedy DPP, a max-min rule, a top-k
+at the K-th score) can then keep a different token, and which one depends on the CPU. So
+an exact comparison of kept indices across paths is a statement about the machine, not
+about the code. What is well-defined, and what :func:`check_same_selection` asserts:
+
+1. **The inputs agree.** Every input the method reads (features, saliency, projected
+   tokens, keys, the text) is the same tensor on both paths within ``tolerance`` of its
+   largest value, and the text mask and shapes are equal. A wrong image, a wrong layer, a
+   wrong text mode or a dropped view fails here, by orders of magnitude.
+2. **Each path kept exactly what the method keeps on its own inputs** (the recorded call
+   is replayed: same function, bit-equal inputs, so this is exact on every machine).
+3. **The kept sets are equal, or differ by at most ``max_swaps`` tokens.** Given 1 and
+   2, a difference can only come from the inputs' last bits: a near-tie. The number of
+   swapped tokens is returned so that a test can report it.
+
+:class:`SelectionRecorder` wraps a method to record every call's inputs, and can perturb
+them at the last-bit scale (``FLASHVLM_TEST_PERTURBATION``, e.g. ``1e-6``): the suite must
+pass with it on, which shows the comparisons rest on 1-3 and not on luck.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+import torch
+
+#: The relative perturbation the recorder applies to the float inputs of every call it
+#: records, when set (a test-only switch; 0 or unset: none).
+PERTURBATION_VARIABLE = "FLASHVLM_TEST_PERTURBATION"
+#: Fields compared and perturbed: the float tensors a method reads from the vision side.
+VISION_FIELDS = ("features", "saliency", "projected", "keys")
+#: Inputs agree when they differ by at most this share of their largest magnitude. The paths
+#: compared run the same fp32 arithmetic in different orders: they differ around 1e-6; a
+#: different image, layer or text differs by 1e-1 and more.
+DEFAULT_TOLERANCE = 1e-3
+
+
+def perturbation_from_environment() -> float:
+    value = os.environ.get(PERTURBATION_VARIABLE, "").strip()
+    return float(value) if value else 0.0
+
+
+@dataclass
+class RecordedCall:
+    """One call of a method: its inputs (on the CPU), its budget and the indices it kept (B, K)."""
+
+    inputs: object  # SelectionInputs
+    budget: object
+    kept: torch.Tensor
+
+    def row(self, index: int) -> RecordedRow:
+        return RecordedRow(self, index)
+
+
+@dataclass
+class RecordedRow:
+    """Row ``index`` of a recorded call: one image (or one view of an image)."""
+
+    call: RecordedCall
+    index: int
+
+    @property
+    def kept(self) -> list[int]:
+        return self.call.kept[self.index].tolist()
+
+    def field(self, name: str) -> torch.Tensor | None:
+        value = getattr(self.call.inputs, name)
+        return None if value is None else value[self.index]
+
+    def text(self) -> torch.Tensor | None:
+        """(L, D): the text embeddings of real text tokens (padding dropped)."""
+        embeds, mask = self.call.inputs.text_embeds, self.call.inputs.text_mask
+        if embeds is None:
+            return None
+        return embeds[self.index][mask[self.index]]
+
+
+class SelectionRecorder:
+    """A method that records each call's inputs and kept indices (and perturbs the inputs
+    first when ``perturbation`` > 0). Everything else is the wrapped method's."""
+
+    def __init__(self, selector, perturbation: float = 0.0, seed: int = 0) -> None:
+        self.selector = selector
+        self.perturbation = perturbation
+        self.generator = torch.Generator().manual_seed(seed)
+        self.calls: list[RecordedCall] = []
+
+    def __getattr__(self, name: str):
+        return getattr(self.selector, name)
+
+    def __call__(self, inputs, budget):
+        if self.perturbation:
+            inputs = perturbed(inputs, self.perturbation, self.generator)
+        selection = self.selector(inputs, budget)
+        self.calls.append(RecordedCall(snapshot(inputs), budget, selection.indices.detach().cpu()))
+        return selection
+
+    def rows(self) -> list[RecordedRow]:
+        """Every recorded row, call by call."""
+        return [call.row(index) for call in self.calls for index in range(call.kept.shape[0])]
+
+
+def snapshot(inputs):
+    """A CPU copy of ``inputs`` (SelectionInputs) that later calls cannot change."""
+    copied = {}
+    for field in dataclasses.fields(inputs):
+        value = getattr(inputs, field.name)
+        copied[field.name] = value.detach().cpu().clone() if torch.is_tensor(value) else value
+    return type(inputs)(**copied)
+
+
+def perturbed(inputs, scale: float, generator: torch.Generator):
+    """``inputs`` with each vision-side float tensor x replaced by x * (1 + scale * noise)."""
+    changes = {}
+    for name in VISION_FIELDS:
+        value = getattr(inputs, name)
+        if value is not None and value.is_floating_point():
+            noise = torch.randn(value.shape, generator=generator).to(value.device, value.dtype)
+            changes[name] = value * (1 + scale * noise)
+    return dataclasses.replace(inputs, **changes)
+
+
+#: The inputs each requirement of a method names (features are always read).
+READ_FIELDS = {
+    "saliency": "saliency",
+    "cls_attention": "saliency",
+    "release_saliency": "saliency",
+    "projected": "projected",
+    "keys": "keys",
+    "text": "text",
+}
+
+
+def inputs_differ(
+    ours: RecordedRow, reference: RecordedRow, requires: frozenset[str], tolerance: float = DEFAULT_TOLERANCE
+) -> str | None:
+    """Why the two rows' inputs that a method with ``requires`` reads differ beyond
+    ``tolerance`` (relative to the largest value), or None when they agree. (A path may
+    hand over more than the method reads; that is not compared.)"""
+    read = {"features"} | {READ_FIELDS[need] for need in requires if need in READ_FIELDS}
+    pairs = [(name, ours.field(name), reference.field(name)) for name in VISION_FIELDS if name in read]
+    if "text" in read:
+        pairs.append(("text", ours.text(), reference.text()))
+    for name, a, b in pairs:
+        if (a is None) != (b is None):
+            return f"{name}: present on one path only"
+        if a is None:
+            continue
+        if a.shape != b.shape:
+            return f"{name}: shapes {tuple(a.shape)} and {tuple(b.shape)}"
+        scale = b.float().abs().max().clamp_min(torch.finfo(torch.float32).tiny)
+        gap = ((a.float() - b.float()).abs().max() / scale).item()
+        if gap > tolerance:
+            return f"{name}: differs by {gap:.2e} of its largest value (tolerance {tolerance:.0e})"
+    return None
+
+
+def replays_exactly(row: RecordedRow, method) -> bool:
+    """Whether ``method`` keeps exactly the recorded indices on the recorded inputs."""
+    call = row.call
+    return torch.equal(method(call.inputs, call.budget).indices[row.index].cpu(), call.kept[row.index])
+
+
+def check_same_selection(
+    ours: RecordedRow,
+    reference: RecordedRow,
+    method,
+    *,
+    tolerance: float = DEFAULT_TOLERANCE,
+    max_swaps: int | None = None,
+) -> int:
+    """Assert 1-3 of the module docstring for one image; return how many tokens were swapped.
+
+    ``method`` is a fresh instance of the method both paths ran. ``max_swaps`` defaults to
+    an eighth of the kept tokens (at least one).
+    """
+    reason = inputs_differ(ours, reference, method.requires, tolerance)
+    assert reason is None, f"the two paths handed the method different inputs: {reason}"
+    if ours.kept == reference.kept:
+        return 0
+    assert len(ours.kept) == len(reference.kept), f"kept {len(ours.kept)} tokens against {len(reference.kept)}"
+    for name, row in (("ours", ours), ("reference", reference)):
+        assert replays_exactly(row, method), f"{name}: the method keeps other tokens on the recorded inputs"
+    swaps = len(set(ours.kept) - set(reference.kept))
+    limit = max(1, len(reference.kept) // 8) if max_swaps is None else max_swaps
+    assert swaps <= limit, f"{swaps} of {len(reference.kept)} kept tokens differ (at most {limit} near-ties allowed)"
+    return swaps
+
+
+def rows_of(calls: list[RecordedCall]) -> list[RecordedRow]:
+    """Every row of the calls, call by call."""
+    return [call.row(index) for call in calls for index in range(call.kept.shape[0])]
+
+
+#: (label, tokens swapped, tokens kept) of every check made in this session, for the summary.
+SWAPS: list[tuple[str, int, int]] = []
+
+
+def check_selections(ours: list[RecordedCall], reference: list[RecordedRow], method_name: str, label: str) -> int:
+    """:func:`check_same_selection` for every image (or view) of one request; the calls of one
+    path against the other's rows. Returns the tokens swapped in all, and logs it in SWAPS."""
+    from flashvlm import get_method
+
+    rows = rows_of(ours)
+    swaps = 0
+    for row, other in match_rows(rows, reference):
+        swaps += check_same_selection(row, other, get_method(method_name))
+    SWAPS.append((label, swaps, sum(len(row.kept) for row in rows)))
+    return swaps
+
+
+def match_rows(
+    ours: list[RecordedRow], reference: list[RecordedRow], every: bool = True
+) -> list[tuple[RecordedRow, RecordedRow]]:
+    """Pair each of ``ours`` with the reference row of the same token count and budget whose
+    inputs (features, then text) are nearest: paths may order or batch an image's views, or
+    a batch's images, differently. ``every``: both lists hold the same selections (else
+    ``reference`` may hold more, as a batch holds other requests' images)."""
+    if every:
+        assert len(ours) == len(reference), f"{len(ours)} selections against {len(reference)}"
+    left = list(reference)
+    pairs = []
+    for row in ours:
+        candidates = [
+            other
+            for other in left
+            if other.field("features").shape == row.field("features").shape and other.call.budget == row.call.budget
+        ]
+        assert candidates, (
+            f"no reference selection of {row.field('features').shape[0]} tokens at budget {row.call.budget}"
+        )
+        best = min(candidates, key=lambda other: _distance(row, other))
+        left.remove(best)
+        pairs.append((row, best))
+    return pairs
+
+
+def _distance(row: RecordedRow, other: RecordedRow) -> tuple[float, float]:
+    features = (row.field("features").float() - other.field("features").float()).abs().max().item()
+    text, other_text = row.text(), other.text()
+    if text is None or other_text is None:
+        return features, 0.0 if text is None and other_text is None else float("inf")
+    if text.shape != other_text.shape:
+        return features, float("inf")
+    return features, (text.float() - other_text.float()).abs().max().item()
