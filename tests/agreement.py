@@ -33,8 +33,10 @@ import torch
 #: The relative perturbation the recorder applies to the float inputs of every call it
 #: records, when set (a test-only switch; 0 or unset: none).
 PERTURBATION_VARIABLE = "FLASHVLM_TEST_PERTURBATION"
-#: Fields compared and perturbed: the float tensors a method reads from the vision side.
+#: Fields perturbed: the float tensors a method reads from the vision side.
 VISION_FIELDS = ("features", "saliency", "projected", "keys")
+#: Fields compared (besides the text): those, and the language model's attention (FastV).
+COMPARED_FIELDS = (*VISION_FIELDS, "lm_attention")
 #: Inputs agree when they differ by at most this share of their largest magnitude. The paths
 #: compared run the same fp32 arithmetic in different orders: they differ around 1e-6; a
 #: different image, layer or text differs by 1e-1 and more.
@@ -46,7 +48,7 @@ def perturbation_from_environment() -> float:
     return float(value) if value else 0.0
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: they hold tensors
 class RecordedCall:
     """One call of a method: its inputs (on the CPU), its budget and the indices it kept (B, K)."""
 
@@ -58,7 +60,7 @@ class RecordedCall:
         return RecordedRow(self, index)
 
 
-@dataclass
+@dataclass(eq=False)
 class RecordedRow:
     """Row ``index`` of a recorded call: one image (or one view of an image)."""
 
@@ -101,6 +103,13 @@ class SelectionRecorder:
         self.calls.append(RecordedCall(snapshot(inputs), budget, selection.indices.detach().cpu()))
         return selection
 
+    def second_path(self) -> None:
+        """Start recording the other path of a comparison: forget the calls so far, and from now
+        on perturb the inputs when ``FLASHVLM_TEST_PERTURBATION`` is set (the paths' features
+        then differ in their last bits, as on a machine whose kernels round differently)."""
+        self.calls = []
+        self.perturbation = perturbation_from_environment()
+
     def rows(self) -> list[RecordedRow]:
         """Every recorded row, call by call."""
         return [call.row(index) for call in self.calls for index in range(call.kept.shape[0])]
@@ -134,6 +143,7 @@ READ_FIELDS = {
     "projected": "projected",
     "keys": "keys",
     "text": "text",
+    "lm_attention": "lm_attention",
 }
 
 
@@ -144,7 +154,7 @@ def inputs_differ(
     ``tolerance`` (relative to the largest value), or None when they agree. (A path may
     hand over more than the method reads; that is not compared.)"""
     read = {"features"} | {READ_FIELDS[need] for need in requires if need in READ_FIELDS}
-    pairs = [(name, ours.field(name), reference.field(name)) for name in VISION_FIELDS if name in read]
+    pairs = [(name, ours.field(name), reference.field(name)) for name in COMPARED_FIELDS if name in read]
     if "text" in read:
         pairs.append(("text", ours.text(), reference.text()))
     for name, a, b in pairs:
@@ -211,6 +221,20 @@ def check_selections(ours: list[RecordedCall], reference: list[RecordedRow], met
     swaps = 0
     for row, other in match_rows(rows, reference):
         swaps += check_same_selection(row, other, get_method(method_name))
+    SWAPS.append((label, swaps, sum(len(row.kept) for row in rows)))
+    return swaps
+
+
+def check_against_batch(alone: list[RecordedCall], batch: list[RecordedRow], method_name: str, label: str) -> int:
+    """:func:`check_same_selection` for each selection of one request made alone against the
+    same selection inside a batch (``batch`` holds every request's rows). Returns the tokens
+    swapped, and logs it in SWAPS."""
+    from flashvlm import get_method
+
+    rows = rows_of(alone)
+    swaps = 0
+    for row, in_batch in match_rows(rows, batch, every=False):
+        swaps += check_same_selection(row, in_batch, get_method(method_name))
     SWAPS.append((label, swaps, sum(len(row.kept) for row in rows)))
     return swaps
 
