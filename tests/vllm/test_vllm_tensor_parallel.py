@@ -17,12 +17,12 @@ import os
 import pytest
 from test_vllm_llava import (  # noqa: F401
     MAX_TOKENS,
-    agrees_with_transformers,
     examples,
     hf_model,
-    hf_reference,
     only_output,
+    recorded_rows,
     requests_for,
+    transformers_on_vllm_choice,
 )
 from vllm_harness import run_jobs
 
@@ -61,10 +61,12 @@ def runs(hf_model, demo_vllm_folder, tmp_path_factory):  # noqa: F811
 @pytest.mark.parametrize("method", METHODS)
 def test_every_rank_keeps_what_transformers_keeps(runs, hf_model, method):  # noqa: F811
     for index, ((request,), call) in enumerate(zip(runs["requests"], runs[method])):
-        reference = hf_reference(hf_model, request, BUDGET, method)
         assert len(call["ranks_kept"]) == 2
         assert call["ranks_kept"][0] == call["ranks_kept"][1]
-        if agrees_with_transformers(runs["selections"], method, index, reference, method):
-            ((_, _, kept),) = call["ranks_kept"][0]
-            assert [kept] == reference["kept"]
-            assert only_output(call)["output_ids"] == reference["output_ids"]
+        vllm_rows = recorded_rows(runs["selections"], method, index)
+        reference = transformers_on_vllm_choice(hf_model, vllm_rows, request, BUDGET, method)
+        if reference is None:  # VisionZip's merged tokens on a near-tie: the selection checks hold
+            continue
+        ((_, _, kept),) = call["ranks_kept"][0]
+        assert [kept] == reference["kept"]
+        assert only_output(call)["output_ids"] == reference["output_ids"]
