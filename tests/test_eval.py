@@ -109,6 +109,18 @@ def test_load_dataset_can_stop_at_the_first_bad_row(dataset_file):
         load_dataset(dataset_file.parent / "absent.jsonl")
 
 
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_a_row_with_a_json_nan_or_infinity_is_malformed(dataset_file, constant):
+    # json.loads accepts these non-standard constants; as an answer or id they would be scored as "nan"/"inf".
+    with dataset_file.open("a") as rows:
+        rows.write(f'{{"id": "g", "image": "img/0.png", "question": "q", "answer": {constant}}}\n')
+        rows.write(f'{{"id": {constant}, "image": "img/0.png", "question": "q", "answer": "a"}}\n')
+    dataset = load_dataset(dataset_file)
+    assert [example.id for example in dataset.examples] == ["a", "b", "c"]
+    reasons = {bad.line: bad.reason for bad in dataset.bad_rows}
+    assert reasons[10] == reasons[11] == f"not valid JSON ({constant} is not a JSON number)"
+
+
 # -- evaluation -----------------------------------------------------------------------------
 
 
