@@ -14,6 +14,7 @@ import subprocess
 import sys
 from importlib.metadata import entry_points
 
+import numpy as np
 import pytest
 import torch
 
@@ -284,6 +285,14 @@ def test_video_inputs_are_refused_clearly(pruned_vlm):
     pruned_vlm.task_dict = {"task": {"test": docs}}
     with pytest.raises(FlashVLMError, match="takes image tasks; got a str visual"):
         pruned_vlm.generate_until(requests_for(docs, {"max_new_tokens": 2}))
+
+
+def test_visuals_are_converted_like_image_files(pruned_vlm):
+    # A float visual in 0..1 (as datasets decode some) must not be clipped to black by Pillow's convert.
+    ramp = np.linspace(0.0, 1.0, 16 * 16, dtype=np.float32).reshape(16, 16)
+    (image,) = pruned_vlm._images(lambda doc: doc["visuals"], {"visuals": [Image.fromarray(ramp)]})
+    assert image.mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(image)[..., 0], np.round(ramp * 255).astype(np.uint8))
 
 
 def test_loglikelihood_keeping_every_token_equals_the_unpruned_model(tiny_llava_folder, sample_image_file):

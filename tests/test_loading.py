@@ -4,6 +4,7 @@ names the problem, before any weights load; images arrive upright and in 8-bit R
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import struct
 import zlib
@@ -135,6 +136,29 @@ def test_a_16_bit_grayscale_png_is_scaled_to_8_bits_not_clipped(tmp_path):
     pixels = np.asarray(load_image(path))
     assert pixels.shape == (32, 32, 3) and pixels.dtype == np.uint8
     np.testing.assert_array_equal(pixels[..., 0], np.round(ramp / 257).astype(np.uint8))
+
+
+@pytest.mark.parametrize("scale", [1.0, 255.0])
+def test_a_float_image_is_read_in_its_own_range(tmp_path, scale):
+    path = tmp_path / "float.tiff"
+    ramp = np.linspace(0.0, 1.0, 32 * 32, dtype=np.float32).reshape(32, 32)
+    Image.fromarray(ramp * np.float32(scale)).save(path)
+    assert Image.open(path).mode == "F"
+    pixels = np.asarray(load_image(path))
+    assert pixels.shape == (32, 32, 3) and pixels.dtype == np.uint8
+    np.testing.assert_array_equal(pixels[..., 0], np.round(ramp * 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [((-1.0, 0.5), "float pixels from -1 to 0.5"), ((0.0, 300.0), "float pixels from 0 to 300"), ((0.0, np.nan), "")],
+)
+def test_a_float_image_outside_both_ranges_is_refused(tmp_path, values, message):
+    path = tmp_path / "float.tiff"
+    Image.fromarray(np.array([values, values], dtype=np.float32)).save(path)
+    expected = f"image {path} has {message or 'float pixels that are not finite (NaN or infinity)'}"
+    with pytest.raises(FlashVLMError, match=re.escape(expected)):
+        load_image(path)
 
 
 def test_the_exif_orientation_is_applied(tmp_path):

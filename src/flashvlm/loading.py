@@ -32,6 +32,8 @@ def load_image(path: str | os.PathLike) -> Image.Image:
             return to_rgb(ImageOps.exif_transpose(image))
     except Image.DecompressionBombError as error:
         raise FlashVLMError(f"image {path} is too large to open safely: {error}") from None
+    except FlashVLMError as error:
+        raise FlashVLMError(f"image {path} {error}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise FlashVLMError(f"cannot read image {path}: not a readable image file ({error})") from None
 
@@ -40,12 +42,27 @@ def to_rgb(image: Image.Image) -> Image.Image:
     """8-bit RGB. Pillow's own conversion clips 16-bit grayscale (``I;16``) at 255, which turns
     almost every pixel white; those values are scaled from 0..65535 to 0..255 instead. A 32-bit
     ``I`` image is read the same way when its values exceed 8 bits (Pillow opens some 16-bit
-    files as ``I``)."""
+    files as ``I``).
+
+    A float image (``F``) is read as 0..1 when every value lies in [0, 1] (Pillow would clip
+    those to black), else as 0..255; values outside both ranges, NaN or infinity raise
+    :class:`FlashVLMError` ("has float pixels ...", to follow the image's name).
+    """
     if image.mode.startswith("I;16") or image.mode == "I":
         pixels = np.asarray(image).astype(np.float64)  # (H, W)
         if image.mode.startswith("I;16") or pixels.max(initial=0) > 255:
             pixels = pixels / 257.0
         image = Image.fromarray(pixels.round().clip(0, 255).astype(np.uint8), mode="L")
+    elif image.mode == "F":
+        pixels = np.asarray(image).astype(np.float64)  # (H, W)
+        if not np.isfinite(pixels).all():
+            raise FlashVLMError("has float pixels that are not finite (NaN or infinity)")
+        low, high = (pixels.min(), pixels.max()) if pixels.size else (0.0, 0.0)
+        if low < 0 or high > 255:
+            raise FlashVLMError(f"has float pixels from {low:g} to {high:g}; expected values in 0..1 or 0..255")
+        if high <= 1:
+            pixels = pixels * 255.0
+        image = Image.fromarray(pixels.round().astype(np.uint8), mode="L")
     return image.convert("RGB")
 
 

@@ -29,7 +29,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ...errors import FlashVLMError
-from ...loading import chat_prompt, load_model
+from ...loading import chat_prompt, load_model, to_rgb
 from ...patch import prune
 from ...selection import Budget, get_method, parse_budget, validate_budget
 
@@ -129,7 +129,10 @@ class PrunedVLM(lmms):
                     f"the flashvlm lmms-eval model takes image tasks; got a {type(visual).__name__} visual "
                     "(video and audio inputs are not supported)"
                 )
-        return [visual.convert("RGB") for visual in visuals]
+        try:
+            return [to_rgb(visual) for visual in visuals]
+        except FlashVLMError as error:
+            raise FlashVLMError(f"an lmms-eval image visual {error}") from None
 
     def _inputs(self, contexts: list[str], images_per_row: list[list[Image.Image]]) -> dict:
         """Left-padded model inputs: each row is the model's chat format around its context."""
