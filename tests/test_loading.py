@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from flashvlm.cli import main
 from flashvlm.errors import FlashVLMError, UnsupportedModelError
@@ -59,6 +60,36 @@ def test_a_missing_shard_is_named(folder):
     message = load_error(folder)
     assert message == (
         f"{folder} is missing weight shard(s) model-00002-of-00002.safetensors listed in model.safetensors.index.json"
+    )
+
+
+def rewrite_weights(folder, edit) -> None:
+    """Rewrite the folder's model.safetensors with ``edit`` applied to its tensors (a dict, changed in place)."""
+    tensors = load_file(folder / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_missing_weights_are_an_error_naming_them(folder, sample_image_file, capsys):
+    def drop_projector(tensors):
+        for name in [name for name in tensors if "multi_modal_projector." in name]:
+            del tensors[name]
+
+    rewrite_weights(folder, drop_projector)
+    message = load_error(folder)
+    assert message.startswith(f"{folder} lacks weights for 4 of the model's tensors (")
+    for name in ("linear_1.weight", "linear_1.bias", "linear_2.weight", "linear_2.bias"):
+        assert f"multi_modal_projector.{name}" in message
+    assert message.endswith("): they would be random; use a complete checkpoint")
+    code = main(["generate", "--model", str(folder), "--image", str(sample_image_file), "--prompt", "what ?"])
+    assert code == 2 and "lacks weights for 4" in capsys.readouterr().err
+
+
+def test_unexpected_weights_are_an_error_naming_them(folder):
+    rewrite_weights(folder, lambda tensors: tensors.update({"model.stray.weight": torch.zeros(2)}))
+    assert load_error(folder) == (
+        f"{folder} holds 1 weight the model has no place for (model.stray.weight): "
+        "is it a checkpoint of another architecture or version?"
     )
 
 

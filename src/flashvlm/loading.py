@@ -250,7 +250,9 @@ def load_model(name_or_path: str, device: str = "auto", dtype: str = "auto"):
     Everything that can be checked is checked before any weights are read, in this order: the
     device (:func:`check_device`), the architecture the config names, the folder's files
     (:func:`check_model_folder`) and the processor (:func:`load_processor`). Each failure is
-    one :class:`FlashVLMError` line naming the folder or hub id and what is wrong.
+    one :class:`FlashVLMError` line naming the folder or hub id and what is wrong. After the
+    weights load, a tensor the checkpoint lacks or one the model has no place for is an error
+    naming them (:func:`check_weights_loaded`).
     """
     import transformers
     from transformers import AutoConfig
@@ -276,10 +278,42 @@ def load_model(name_or_path: str, device: str = "auto", dtype: str = "auto"):
         check_model_folder(local)  # after the architecture: an unsupported model is the first thing to say
     processor = load_processor(name_or_path, config)
     try:
-        model = model_class.from_pretrained(name_or_path, dtype=torch_dtype)
+        model, loading_info = model_class.from_pretrained(name_or_path, dtype=torch_dtype, output_loading_info=True)
     except (OSError, ValueError, RuntimeError) as error:
         raise FlashVLMError(f"could not load the weights of {name_or_path}: {first_line(error)}") from None
+    check_weights_loaded(name_or_path, loading_info)
     return model.to(torch_device).eval(), processor
+
+
+def _names(keys, shown: int = 8) -> str:
+    names = sorted(keys)
+    more = f", and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def check_weights_loaded(name_or_path: str, loading_info: dict) -> None:
+    """Raise :class:`FlashVLMError` naming the tensors a checkpoint lacks or holds in excess.
+
+    ``from_pretrained`` only reports them (a missing tensor keeps its random initialisation),
+    so an incomplete checkpoint would otherwise answer with random weights. ``loading_info`` is
+    what ``from_pretrained(..., output_loading_info=True)`` returns beside the model.
+    """
+    missing = loading_info.get("missing_keys") or ()
+    if missing:
+        raise FlashVLMError(
+            f"{name_or_path} lacks weights for {len(missing)} of the model's tensors ({_names(missing)}): "
+            "they would be random; use a complete checkpoint"
+        )
+    unexpected = loading_info.get("unexpected_keys") or ()
+    if unexpected:
+        weights = f"{len(unexpected)} weight{'s' if len(unexpected) != 1 else ''}"
+        raise FlashVLMError(
+            f"{name_or_path} holds {weights} the model has no place for ({_names(unexpected)}): "
+            "is it a checkpoint of another architecture or version?"
+        )
+    errors = loading_info.get("error_msgs") or ()
+    if errors:
+        raise FlashVLMError(f"could not load the weights of {name_or_path}: {first_line(errors[0])}")
 
 
 def chat_prompt(processor, question: str, num_images: int = 1) -> str:
