@@ -138,6 +138,18 @@ def test_evaluate_batches_rows_like_single_rows(tiny_llava_folder, dataset_file)
     assert processor.tokenizer.padding_side == "left"
 
 
+def test_a_question_the_prompt_lacks_is_named_by_dataset_line_and_id(tiny_llava_folder, dataset_file, monkeypatch):
+    # A chat format that loses the question (here: every prompt asks "how many shape ?").
+    monkeypatch.setattr("flashvlm.eval.run.chat_prompt", lambda *_args: "USER: <image>\nhow many shape ? ASSISTANT:")
+    model, processor = load_model(str(tiny_llava_folder), device="cpu")
+    examples = load_dataset(dataset_file).examples[:2]  # lines 1 and 2; the second asks "how many shape ?"
+    with pytest.raises(FlashVLMError) as caught:
+        evaluate(model, processor, examples[::-1], "flashvlm:question", 8, batch_size=2, progress=False)
+    message = str(caught.value)
+    assert message.startswith("dataset line 1 (id 'a'): question 'what is the color of the circle ?' does not")
+    assert "row 1" not in message and "\n" not in message
+
+
 # -- flashvlm compare -----------------------------------------------------------------------
 
 
@@ -162,6 +174,29 @@ def test_compare_writes_table_csv_plot_and_predictions(tiny_llava_folder, datase
     predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(predictions) == 5 * 3 and {"kept_indices", "correct", "prediction"} <= set(predictions[0])
     assert "skipped" in capsys.readouterr().err
+
+
+def test_compare_finds_the_question_through_a_lowercasing_tokenizer(tmp_path, capsys):
+    from flashvlm.demo import MODEL_DIR
+
+    image = MODEL_DIR.parent / "examples" / "attribute.png"
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(
+        json.dumps({"id": "q", "image": str(image), "question": "What COLOR is the square ?", "answer": "red"})
+    )
+    argv = [
+        "compare",
+        "--model",
+        str(MODEL_DIR),
+        "--device",
+        "cpu",
+        "--data",
+        str(rows),
+        "--out",
+        str(tmp_path / "out"),
+    ]
+    argv += ["--methods", "flashvlm:question", "--budgets", "28", "--max-new-tokens", "2", "--no-progress"]
+    assert main(argv) == 0, capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

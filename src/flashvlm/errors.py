@@ -19,3 +19,23 @@ class UnsupportedModelError(FlashVLMError):
 
 class MethodUnavailableError(FlashVLMError):
     """A selection method needs an input (saliency, text, ...) the model cannot provide."""
+
+
+class QuestionNotFoundError(FlashVLMError):
+    """A question (for ``text_tokens="question"``) that its prompt does not spell.
+
+    ``row`` is its batch row; a caller that knows the row better (a dataset line and id)
+    raises it again with ``where``.
+    """
+
+    def __init__(
+        self,
+        question: str,
+        row: int,
+        where: str | None = None,
+        advice: str = "pass the user's words as the processor received them",
+    ) -> None:
+        self.question, self.row = question, row
+        super().__init__(
+            f"{where or f'batch row {row}'}: question {question[:60]!r} does not appear in its prompt: {advice}"
+        )
