@@ -16,6 +16,7 @@ from conftest import IMAGE_TOKEN_ID, NUM_PATCHES, TINY_CASES, left_pad, random_p
 import flashvlm
 from flashvlm import FlashVLMError, TokenSelector
 from flashvlm.adapters.sequence import question_token_mask
+from flashvlm.loading import chat_prompt
 from flashvlm.selection import get_method
 
 #: Chat templates of the supported families, as their processors render one image and one question.
@@ -129,6 +130,21 @@ def test_only_the_question_guides_the_selection_in_a_batch():
     with flashvlm.prune(model, 4, _RecordsTextTokens(text_tokens="prompt")), torch.no_grad():
         model(**inputs)
     assert min(_RecordsTextTokens.seen) > max(len(question.split()) for question in questions)
+
+
+def test_image_placeholders_in_the_question_are_not_words_to_find():
+    # flashvlm generate passes its --prompt, placeholders and all, as the question; in the
+    # prompt each placeholder has become the template's image block and the visual tokens.
+    from PIL import Image
+
+    model, processor = tiny_model(TINY_CASES[0]), tiny_processor()
+    question = "what is <image> the color of the circle ?"
+    text = chat_prompt(processor, question)
+    inputs = processor(images=[Image.new("RGB", (32, 32), "red")], text=[text], return_tensors="pt")
+    _RecordsTextTokens.seen = []
+    with flashvlm.prune(model, 4, _RecordsTextTokens(), tokenizer=processor), torch.no_grad():
+        model(**inputs, question=question)
+    assert _RecordsTextTokens.seen == [len(question.split()) - 1]
 
 
 def test_the_flashvlm_question_preset_runs_and_says_what_it_needs():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -319,12 +320,39 @@ def check_weights_loaded(name_or_path: str, loading_info: dict) -> None:
 def chat_prompt(processor, question: str, num_images: int = 1) -> str:
     """The model's own chat format for ``num_images`` images followed by ``question``.
 
-    A question that already contains the processor's image token is used as it is.
+    A question that contains the processor's image token places the images itself: the chat
+    template is still applied, and each placeholder (with the whitespace after it) becomes
+    what the template writes for one image, where the user put it.
     """
     image_token = getattr(processor, "image_token", "<image>")
-    if image_token in question:
-        return question
-    if getattr(processor, "chat_template", None):
-        content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": question}]
-        return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-    return "USER: " + image_token * num_images + f"\n{question} ASSISTANT:"
+    has_template = bool(getattr(processor, "chat_template", None))
+    if image_token not in question:
+        if has_template:
+            content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": question}]
+            return _render_chat(processor, content)
+        return "USER: " + image_token * num_images + f"\n{question} ASSISTANT:"
+    pieces = re.split(re.escape(image_token) + r"\s*", question)
+    if not has_template:
+        return "USER: " + f"{image_token}\n".join(pieces) + " ASSISTANT:"
+    return _render_chat(processor, [{"type": "text", "text": _TEXT_MARK}]).replace(
+        _TEXT_MARK, template_image_block(processor).join(pieces)
+    )
+
+
+#: A private-use character no chat template writes: it marks where a template puts the user's text.
+_TEXT_MARK = "\ue000"
+
+
+def _render_chat(processor, content: list[dict]) -> str:
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+
+def template_image_block(processor) -> str:
+    """What the processor's chat template writes for one image (``"<image>\\n"`` for LLaVA-1.5,
+    ``"<|vision_start|><|image_pad|><|vision_end|>"`` for Qwen2.5-VL): the difference between
+    a user turn of text alone and the same turn with one image."""
+    text_only = _render_chat(processor, [{"type": "text", "text": _TEXT_MARK}])
+    with_image = _render_chat(processor, [{"type": "image"}, {"type": "text", "text": _TEXT_MARK}])
+    prefix = len(os.path.commonprefix([text_only, with_image]))
+    suffix = len(os.path.commonprefix([text_only[prefix:][::-1], with_image[prefix:][::-1]]))
+    return with_image[prefix : len(with_image) - suffix]
