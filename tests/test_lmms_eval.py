@@ -270,6 +270,22 @@ def test_a_batch_may_mix_text_only_and_image_rows(pruned_vlm, sample_image_file)
     assert [output.token_counts.input_tokens for output in outputs] == expected
 
 
+def test_a_question_guided_method_finds_each_context(tiny_llava_folder, sample_image_file):
+    vlm = PrunedVLM(pretrained=str(tiny_llava_folder), method="flashvlm:question", budget=8, device="cpu")
+    docs = {0: {"question": "what is the color ?", "visuals": [load_image(sample_image_file)]}}
+    vlm.task_dict = {"task": {"test": docs}}
+    (output,) = vlm.generate_until(requests_for(docs, {"max_new_tokens": 2}))
+    assert isinstance(output.text, str)
+    request = Instance(
+        request_type="loglikelihood",
+        arguments=("what is the color ?", "red", lambda d: d["visuals"], 0, "task", "test"),
+        idx=0,
+        metadata={"task": "task", "doc_id": 0, "repeats": 1},
+    )
+    ((log_probability, _),) = vlm.loglikelihood([request])
+    assert log_probability < 0
+
+
 def test_stop_strings_cut_the_answer(pruned_vlm, sample_image_file):
     docs = {0: {"question": "what is the color ?", "visuals": [load_image(sample_image_file)]}}
     pruned_vlm.task_dict = {"task": {"test": docs}}

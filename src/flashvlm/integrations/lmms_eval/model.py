@@ -190,8 +190,9 @@ class PrunedVLM(lmms):
         inputs = self._inputs(contexts, images)
         prompt_length = inputs["input_ids"].shape[1]
         start = time.perf_counter()
-        with prune(self._model, self.budget, self.selector) as pruner, torch.inference_mode():
-            output = self._model.generate(**inputs, **settings)
+        # Each context, as the user's words, lets a method with text_tokens="question" find them in its prompt.
+        with prune(self._model, self.budget, self.selector, tokenizer=self.processor) as pruner, torch.inference_mode():
+            output = self._model.generate(**inputs, **settings, question=contexts)
         totals.seconds += time.perf_counter() - start
 
         if pruner.last is not None:
@@ -239,8 +240,10 @@ class PrunedVLM(lmms):
             continuation_ids = continuation_ids.to(self.device)  # (1, C)
             inputs["input_ids"] = torch.cat([inputs["input_ids"], continuation_ids], dim=1)
             inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(continuation_ids)], dim=1)
-            with prune(self._model, self.budget, self.selector), torch.inference_mode():
-                logits = self._model(**inputs).logits  # (1, L', V): pruning shortens L, the end stays aligned
+            with prune(self._model, self.budget, self.selector, tokenizer=self.processor), torch.inference_mode():
+                logits = self._model(
+                    **inputs, question=[context]
+                ).logits  # (1, L', V): pruning shortens L, the end stays aligned
             length = continuation_ids.shape[1]
             predicted = logits[:, -length - 1 : -1].float().log_softmax(dim=-1)  # (1, C, V)
             log_probability = predicted.gather(-1, continuation_ids[..., None]).sum()
