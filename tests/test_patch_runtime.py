@@ -59,6 +59,27 @@ def test_continuing_from_a_pruned_cache_is_refused(model):
             model.generate(**continued, pixel_values=inputs["pixel_values"], cache=first.cache, **settings)
 
 
+def test_a_pruned_cache_refuses_to_continue_after_the_pruner_is_removed(model):
+    inputs = llava_batch(model, batch_size=1, seed=6)
+    settings = dict(max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
+    with torch.no_grad():
+        with flashvlm.prune(model, budget=4):
+            first = model.generate(**inputs, **settings)
+            forward_cache = model(**inputs, use_cache=True).past_key_values  # a pruned forward fills one too
+        continued = dict(input_ids=first.sequences, attention_mask=torch.ones_like(first.sequences))
+        for cache in (first.cache, forward_cache):
+            length = cache.get_seq_length()  # looking at the cache is fine; growing it is not
+            with pytest.raises(FlashVLMError, match="KV cache holds a pruned prompt"):
+                model.generate(**continued, cache=cache, **settings)
+            with pytest.raises(FlashVLMError, match="KV cache holds a pruned prompt"):
+                model(input_ids=first.sequences[:, -1:], cache=cache)
+            assert cache.get_seq_length() == length
+        # A cache the unpruned model fills continues as before.
+        unpruned = model.generate(**inputs, **settings)
+        continued = dict(input_ids=unpruned.sequences, attention_mask=torch.ones_like(unpruned.sequences))
+        model.generate(**continued, cache=unpruned.cache, **settings)
+
+
 def test_continuing_from_an_unpruned_cache_gives_the_unpruned_tokens(model):
     inputs = llava_batch(model, batch_size=1, seed=7)
     settings = dict(max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
