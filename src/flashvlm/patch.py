@@ -4,15 +4,18 @@ Two seams, both removable: a forward pre-hook (a plain ``model(**inputs)`` call 
 images is pruned before the language model runs) and an instance-level ``generate``
 wrapper (``generate`` must see the shortened prompt, so that its attention mask, cache
 positions and KV cache all hold ``text + K`` positions). The class itself is never
-modified, and :meth:`Pruner.remove` restores the instance exactly. A ``torch.compile``
-wrapper is unwrapped: the method attaches to the module it compiles, so calls through the
-wrapper are pruned too.
+modified, and :meth:`Pruner.remove` restores the instance exactly. A forward hook marks
+the KV cache a pruned forward filled, as the wrapper marks a pruned generate's (see
+:func:`mark_pruned_prompt`). A ``torch.compile`` wrapper is unwrapped: the method attaches
+to the module it compiles, so calls through the wrapper are pruned too. Threads may share
+one pruner: each sees its own ``last``.
 """
 
 from __future__ import annotations
 
 import inspect
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from typing import Any
@@ -76,6 +79,17 @@ def unwrap_compiled(model: nn.Module) -> nn.Module:
     return model
 
 
+class _CallState(threading.local):
+    """A pruner's record of the calls one thread makes (each thread starts from these defaults)."""
+
+    last: PrunedInputs | None = None
+    selection_seconds: float | None = None
+    # True while the generate wrapper runs: its forwards belong to the call it recorded.
+    generating: bool = False
+    # Whether the forward in progress was pruned (its KV cache is then marked).
+    pruned_forward: bool = False
+
+
 class Pruner:
     """A method and budget attached to one model. Create with :func:`apply` or :func:`prune`."""
 
@@ -96,23 +110,35 @@ class Pruner:
         self.adapter = adapter_for(model, video_budget=video_budget, tokenizer=tokenizer, newlines=newlines)
         self.budget = validate_budget(budget)
         self.selector = get_method(method, **params)
-        #: The most recent call's pruning: kept indices per image, lengths before and after;
-        #: None before any call and after a call without visual input.
-        self.last: PrunedInputs | None = None
         #: Whether to time each pruning: two device synchronisations per call, so off by
         #: default (the CLI, eval and bench turn it on).
         self.timed = timed
-        #: Seconds the most recent vision encoding + selection took (device-synchronised);
-        #: None unless ``timed``.
-        self.last_selection_seconds: float | None = None
         self._forward_parameters = list(inspect.signature(model.forward).parameters)
         self._hooks = []
         self._had_own_generate = False
         self._own_generate = None
-        # True while the generate wrapper runs: its forwards belong to the call it recorded.
-        self._generating = False
-        # Whether the forward in progress was pruned (its KV cache is then marked).
-        self._pruned_forward = False
+        # What one call leaves behind, per thread: threads sharing this pruner each see their own.
+        self._calls = _CallState()
+
+    @property
+    def last(self) -> PrunedInputs | None:
+        """This thread's most recent call's pruning: kept indices per image, lengths before and
+        after; None before any call (in this thread) and after a call without visual input."""
+        return self._calls.last
+
+    @last.setter
+    def last(self, pruned: PrunedInputs | None) -> None:
+        self._calls.last = pruned
+
+    @property
+    def last_selection_seconds(self) -> float | None:
+        """Seconds this thread's most recent vision encoding + selection took
+        (device-synchronised); None unless ``timed``."""
+        return self._calls.selection_seconds
+
+    @last_selection_seconds.setter
+    def last_selection_seconds(self, seconds: float | None) -> None:
+        self._calls.selection_seconds = seconds
 
     # -- attaching ---------------------------------------------------------------------
     def attach(self) -> Pruner:
@@ -178,23 +204,23 @@ class Pruner:
         if args:
             kwargs = {**dict(zip(self._forward_parameters, args)), **kwargs}
         continuing = filled_cache(kwargs) is not None
-        self._pruned_forward = False
+        self._calls.pruned_forward = False
         if continuing or not self.adapter.has_visual_input(kwargs):
             # A call without images forgets the last selection, except the decoding steps of
             # the pruned generate in progress, which continue from its cache.
-            if not continuing and not self._generating:
+            if not continuing and not self._calls.generating:
                 self._forget_last()
             if QUESTION_ARGUMENT not in kwargs:
                 return None
             return (), {name: value for name, value in kwargs.items() if name != QUESTION_ARGUMENT}
         pruned_kwargs = self.prune_inputs(kwargs).model_kwargs
-        self._pruned_forward = True
+        self._calls.pruned_forward = True
         return (), pruned_kwargs
 
     def _after_forward(self, _module, _args: tuple, output):
         # A plain forward the pre-hook pruned leaves a text + K cache, like a pruned generate.
-        if self._pruned_forward:
-            self._pruned_forward = False
+        if self._calls.pruned_forward:
+            self._calls.pruned_forward = False
             for name in _CACHE_NAMES:
                 mark_pruned_prompt(getattr(output, name, None))
 
@@ -214,11 +240,11 @@ class Pruner:
             return original_generate(*args, **kwargs)
         input_ids = kwargs["input_ids"]
         pruned = self.prune_inputs(kwargs)
-        self._generating = True
+        self._calls.generating = True
         try:
             output = original_generate(*args, **pruned.model_kwargs)
         finally:
-            self._generating = False
+            self._calls.generating = False
         for name in _CACHE_NAMES:
             mark_pruned_prompt(pruned.model_kwargs.get(name))
             mark_pruned_prompt(getattr(output, name, None))
