@@ -57,6 +57,38 @@ def test_generate_with_two_images_and_a_ratio_budget(tiny_llava_folder, sample_i
     assert out.count("kept 16 of 64 visual tokens") == 2
 
 
+def test_an_image_placeholder_in_the_prompt_keeps_the_chat_template(capsys):
+    from flashvlm.demo import MODEL_DIR
+
+    image = MODEL_DIR.parent / "examples" / "attribute.png"
+    answers = []
+    for prompt in ("what color is the square ?", "<image> what color is the square ?"):
+        for method in ("flashvlm", "flashvlm:question"):
+            argv = ["generate", "--model", str(MODEL_DIR), "--device", "cpu", "--image", str(image)]
+            assert main([*argv, "--prompt", prompt, "--method", method, "--max-new-tokens", "3"]) == 0
+            answers.append(capsys.readouterr().out.splitlines()[0])
+    assert answers == ["answer: red"] * 4
+
+
+def test_the_chat_template_puts_each_image_where_its_placeholder_is():
+    from conftest import tiny_processor
+    from conftest_families import CHATML_TEMPLATE
+
+    from flashvlm.loading import chat_prompt
+
+    llava = tiny_processor()  # LLaVA-1.5's template writes every image first, as "<image>\n"
+    assert chat_prompt(llava, "<image> what is it ?") == chat_prompt(llava, "what is it ?")
+    assert chat_prompt(llava, "what is it ?") == "USER: <image>\nwhat is it ? ASSISTANT:"
+    assert chat_prompt(llava, "left <image>\n or right <image> ?", 2) == (
+        "USER: left <image>\nor right <image>\n? ASSISTANT:"
+    )
+    chatml = tiny_processor()
+    chatml.chat_template = CHATML_TEMPLATE.replace("{{ image_placeholder }}", "<|vision_start|><image><|vision_end|>")
+    assert chat_prompt(chatml, "what is <image> it ?") == (
+        "<|im_start|>user\nwhat is <|vision_start|><image><|vision_end|>it ?<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
 @pytest.mark.parametrize(
     "change,message",
     [

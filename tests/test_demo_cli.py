@@ -28,6 +28,12 @@ def test_demo_on_a_user_image(tmp_path, capsys, sample_image_file):
     assert out.is_file()
 
 
+def test_demo_with_a_question_guided_method(tmp_path, capsys):
+    out = tmp_path / "question.png"
+    assert main(["demo", "--method", "flashvlm:question", "--out", str(out), "--device", "cpu"]) == 0
+    assert "28 visual tokens (10.9%, flashvlm:question)" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

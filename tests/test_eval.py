@@ -109,6 +109,18 @@ def test_load_dataset_can_stop_at_the_first_bad_row(dataset_file):
         load_dataset(dataset_file.parent / "absent.jsonl")
 
 
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_a_row_with_a_json_nan_or_infinity_is_malformed(dataset_file, constant):
+    # json.loads accepts these non-standard constants; as an answer or id they would be scored as "nan"/"inf".
+    with dataset_file.open("a") as rows:
+        rows.write(f'{{"id": "g", "image": "img/0.png", "question": "q", "answer": {constant}}}\n')
+        rows.write(f'{{"id": {constant}, "image": "img/0.png", "question": "q", "answer": "a"}}\n')
+    dataset = load_dataset(dataset_file)
+    assert [example.id for example in dataset.examples] == ["a", "b", "c"]
+    reasons = {bad.line: bad.reason for bad in dataset.bad_rows}
+    assert reasons[10] == reasons[11] == f"not valid JSON ({constant} is not a JSON number)"
+
+
 # -- evaluation -----------------------------------------------------------------------------
 
 
@@ -124,6 +136,18 @@ def test_evaluate_batches_rows_like_single_rows(tiny_llava_folder, dataset_file)
     assert all(row.prefill_seconds > 0 and row.selection_seconds > 0 for row in batched)
     assert [row.family for row in batched] == ["colour", "count", None]
     assert processor.tokenizer.padding_side == "left"
+
+
+def test_a_question_the_prompt_lacks_is_named_by_dataset_line_and_id(tiny_llava_folder, dataset_file, monkeypatch):
+    # A chat format that loses the question (here: every prompt asks "how many shape ?").
+    monkeypatch.setattr("flashvlm.eval.run.chat_prompt", lambda *_args: "USER: <image>\nhow many shape ? ASSISTANT:")
+    model, processor = load_model(str(tiny_llava_folder), device="cpu")
+    examples = load_dataset(dataset_file).examples[:2]  # lines 1 and 2; the second asks "how many shape ?"
+    with pytest.raises(FlashVLMError) as caught:
+        evaluate(model, processor, examples[::-1], "flashvlm:question", 8, batch_size=2, progress=False)
+    message = str(caught.value)
+    assert message.startswith("dataset line 1 (id 'a'): question 'what is the color of the circle ?' does not")
+    assert "row 1" not in message and "\n" not in message
 
 
 # -- flashvlm compare -----------------------------------------------------------------------
@@ -150,6 +174,29 @@ def test_compare_writes_table_csv_plot_and_predictions(tiny_llava_folder, datase
     predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(predictions) == 5 * 3 and {"kept_indices", "correct", "prediction"} <= set(predictions[0])
     assert "skipped" in capsys.readouterr().err
+
+
+def test_compare_finds_the_question_through_a_lowercasing_tokenizer(tmp_path, capsys):
+    from flashvlm.demo import MODEL_DIR
+
+    image = MODEL_DIR.parent / "examples" / "attribute.png"
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(
+        json.dumps({"id": "q", "image": str(image), "question": "What COLOR is the square ?", "answer": "red"})
+    )
+    argv = [
+        "compare",
+        "--model",
+        str(MODEL_DIR),
+        "--device",
+        "cpu",
+        "--data",
+        str(rows),
+        "--out",
+        str(tmp_path / "out"),
+    ]
+    argv += ["--methods", "flashvlm:question", "--budgets", "28", "--max-new-tokens", "2", "--no-progress"]
+    assert main(argv) == 0, capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from importlib.metadata import entry_points
 
+import numpy as np
 import pytest
 import torch
 
@@ -269,6 +270,22 @@ def test_a_batch_may_mix_text_only_and_image_rows(pruned_vlm, sample_image_file)
     assert [output.token_counts.input_tokens for output in outputs] == expected
 
 
+def test_a_question_guided_method_finds_each_context(tiny_llava_folder, sample_image_file):
+    vlm = PrunedVLM(pretrained=str(tiny_llava_folder), method="flashvlm:question", budget=8, device="cpu")
+    docs = {0: {"question": "what is the color ?", "visuals": [load_image(sample_image_file)]}}
+    vlm.task_dict = {"task": {"test": docs}}
+    (output,) = vlm.generate_until(requests_for(docs, {"max_new_tokens": 2}))
+    assert isinstance(output.text, str)
+    request = Instance(
+        request_type="loglikelihood",
+        arguments=("what is the color ?", "red", lambda d: d["visuals"], 0, "task", "test"),
+        idx=0,
+        metadata={"task": "task", "doc_id": 0, "repeats": 1},
+    )
+    ((log_probability, _),) = vlm.loglikelihood([request])
+    assert log_probability < 0
+
+
 def test_stop_strings_cut_the_answer(pruned_vlm, sample_image_file):
     docs = {0: {"question": "what is the color ?", "visuals": [load_image(sample_image_file)]}}
     pruned_vlm.task_dict = {"task": {"test": docs}}
@@ -284,6 +301,14 @@ def test_video_inputs_are_refused_clearly(pruned_vlm):
     pruned_vlm.task_dict = {"task": {"test": docs}}
     with pytest.raises(FlashVLMError, match="takes image tasks; got a str visual"):
         pruned_vlm.generate_until(requests_for(docs, {"max_new_tokens": 2}))
+
+
+def test_visuals_are_converted_like_image_files(pruned_vlm):
+    # A float visual in 0..1 (as datasets decode some) must not be clipped to black by Pillow's convert.
+    ramp = np.linspace(0.0, 1.0, 16 * 16, dtype=np.float32).reshape(16, 16)
+    (image,) = pruned_vlm._images(lambda doc: doc["visuals"], {"visuals": [Image.fromarray(ramp)]})
+    assert image.mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(image)[..., 0], np.round(ramp * 255).astype(np.uint8))
 
 
 def test_loglikelihood_keeping_every_token_equals_the_unpruned_model(tiny_llava_folder, sample_image_file):

@@ -4,6 +4,7 @@ names the problem, before any weights load; images arrive upright and in 8-bit R
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import struct
 import zlib
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from flashvlm.cli import main
 from flashvlm.errors import FlashVLMError, UnsupportedModelError
@@ -58,6 +60,36 @@ def test_a_missing_shard_is_named(folder):
     message = load_error(folder)
     assert message == (
         f"{folder} is missing weight shard(s) model-00002-of-00002.safetensors listed in model.safetensors.index.json"
+    )
+
+
+def rewrite_weights(folder, edit) -> None:
+    """Rewrite the folder's model.safetensors with ``edit`` applied to its tensors (a dict, changed in place)."""
+    tensors = load_file(folder / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_missing_weights_are_an_error_naming_them(folder, sample_image_file, capsys):
+    def drop_projector(tensors):
+        for name in [name for name in tensors if "multi_modal_projector." in name]:
+            del tensors[name]
+
+    rewrite_weights(folder, drop_projector)
+    message = load_error(folder)
+    assert message.startswith(f"{folder} lacks weights for 4 of the model's tensors (")
+    for name in ("linear_1.weight", "linear_1.bias", "linear_2.weight", "linear_2.bias"):
+        assert f"multi_modal_projector.{name}" in message
+    assert message.endswith("): they would be random; use a complete checkpoint")
+    code = main(["generate", "--model", str(folder), "--image", str(sample_image_file), "--prompt", "what ?"])
+    assert code == 2 and "lacks weights for 4" in capsys.readouterr().err
+
+
+def test_unexpected_weights_are_an_error_naming_them(folder):
+    rewrite_weights(folder, lambda tensors: tensors.update({"model.stray.weight": torch.zeros(2)}))
+    assert load_error(folder) == (
+        f"{folder} holds 1 weight the model has no place for (model.stray.weight): "
+        "is it a checkpoint of another architecture or version?"
     )
 
 
@@ -135,6 +167,29 @@ def test_a_16_bit_grayscale_png_is_scaled_to_8_bits_not_clipped(tmp_path):
     pixels = np.asarray(load_image(path))
     assert pixels.shape == (32, 32, 3) and pixels.dtype == np.uint8
     np.testing.assert_array_equal(pixels[..., 0], np.round(ramp / 257).astype(np.uint8))
+
+
+@pytest.mark.parametrize("scale", [1.0, 255.0])
+def test_a_float_image_is_read_in_its_own_range(tmp_path, scale):
+    path = tmp_path / "float.tiff"
+    ramp = np.linspace(0.0, 1.0, 32 * 32, dtype=np.float32).reshape(32, 32)
+    Image.fromarray(ramp * np.float32(scale)).save(path)
+    assert Image.open(path).mode == "F"
+    pixels = np.asarray(load_image(path))
+    assert pixels.shape == (32, 32, 3) and pixels.dtype == np.uint8
+    np.testing.assert_array_equal(pixels[..., 0], np.round(ramp * 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [((-1.0, 0.5), "float pixels from -1 to 0.5"), ((0.0, 300.0), "float pixels from 0 to 300"), ((0.0, np.nan), "")],
+)
+def test_a_float_image_outside_both_ranges_is_refused(tmp_path, values, message):
+    path = tmp_path / "float.tiff"
+    Image.fromarray(np.array([values, values], dtype=np.float32)).save(path)
+    expected = f"image {path} has {message or 'float pixels that are not finite (NaN or infinity)'}"
+    with pytest.raises(FlashVLMError, match=re.escape(expected)):
+        load_image(path)
 
 
 def test_the_exif_orientation_is_applied(tmp_path):

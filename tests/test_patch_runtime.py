@@ -4,6 +4,7 @@ training through the kept tokens, and method parameters."""
 from __future__ import annotations
 
 import copy
+import threading
 
 import pytest
 import torch
@@ -59,6 +60,27 @@ def test_continuing_from_a_pruned_cache_is_refused(model):
             model.generate(**continued, pixel_values=inputs["pixel_values"], cache=first.cache, **settings)
 
 
+def test_a_pruned_cache_refuses_to_continue_after_the_pruner_is_removed(model):
+    inputs = llava_batch(model, batch_size=1, seed=6)
+    settings = dict(max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
+    with torch.no_grad():
+        with flashvlm.prune(model, budget=4):
+            first = model.generate(**inputs, **settings)
+            forward_cache = model(**inputs, use_cache=True).past_key_values  # a pruned forward fills one too
+        continued = dict(input_ids=first.sequences, attention_mask=torch.ones_like(first.sequences))
+        for cache in (first.cache, forward_cache):
+            length = cache.get_seq_length()  # looking at the cache is fine; growing it is not
+            with pytest.raises(FlashVLMError, match="KV cache holds a pruned prompt"):
+                model.generate(**continued, cache=cache, **settings)
+            with pytest.raises(FlashVLMError, match="KV cache holds a pruned prompt"):
+                model(input_ids=first.sequences[:, -1:], cache=cache)
+            assert cache.get_seq_length() == length
+        # A cache the unpruned model fills continues as before.
+        unpruned = model.generate(**inputs, **settings)
+        continued = dict(input_ids=unpruned.sequences, attention_mask=torch.ones_like(unpruned.sequences))
+        model.generate(**continued, cache=unpruned.cache, **settings)
+
+
 def test_continuing_from_an_unpruned_cache_gives_the_unpruned_tokens(model):
     inputs = llava_batch(model, batch_size=1, seed=7)
     settings = dict(max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
@@ -88,6 +110,49 @@ def test_last_describes_no_image_after_a_text_only_call(model):
         assert pruner.last is not None
         model(**text_only(inputs))
         assert pruner.last is None
+
+
+@pytest.mark.parametrize("method", ["flashvlm", "fastv"])  # fastv taps an LM layer other threads run through
+def test_threads_sharing_a_pruner_get_their_own_answers_and_last(model, method):
+    # Two threads generate through one pruner (one image, then two) from the same moment,
+    # and neither reads `last` until both have finished: shared taps or a shared `last`
+    # would give one of them the other's tensors.
+    settings = dict(max_new_tokens=3, do_sample=False)
+    batches = {size: llava_batch(model, batch_size=size, seed=size) for size in (1, 2)}
+
+    def run(size: int, start: threading.Barrier, finished: threading.Barrier, seen: dict) -> None:
+        start.wait(timeout=60)
+        with torch.no_grad():
+            output = model.generate(**batches[size], **settings)
+        finished.wait(timeout=60)
+        kept = [image.keep_indices for image in pruner.last.images]
+        seen[size] = (output, kept, pruner.last_selection_seconds is not None)
+
+    with flashvlm.prune(model, budget=4, method=method, timed=True) as pruner, torch.no_grad():
+        expected = {}
+        for size, inputs in batches.items():
+            expected[size] = (model.generate(**inputs, **settings), [i.keep_indices for i in pruner.last.images])
+        for _ in range(4):
+            start, finished, seen = threading.Barrier(2), threading.Barrier(2), {}
+            threads = [threading.Thread(target=run, args=(size, start, finished, seen)) for size in batches]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(timeout=120)
+            assert sorted(seen) == [1, 2]
+            for size, (output, kept, timed) in seen.items():
+                assert torch.equal(output, expected[size][0]) and timed
+                assert len(kept) == len(expected[size][1]) and all(map(torch.equal, kept, expected[size][1]))
+
+
+def test_last_is_per_thread(model):
+    with flashvlm.prune(model, budget=4) as pruner, torch.no_grad():
+        model(**llava_batch(model, batch_size=1))
+        other = []
+        thread = threading.Thread(target=lambda: other.append(pruner.last))
+        thread.start()
+        thread.join(timeout=60)
+        assert other == [None] and pruner.last is not None  # this thread's call, not the other's
 
 
 @pytest.mark.parametrize("method", ["flashvlm:release", "flashvlm", "random"])

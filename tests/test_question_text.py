@@ -16,6 +16,7 @@ from conftest import IMAGE_TOKEN_ID, NUM_PATCHES, TINY_CASES, left_pad, random_p
 import flashvlm
 from flashvlm import FlashVLMError, TokenSelector
 from flashvlm.adapters.sequence import question_token_mask
+from flashvlm.loading import chat_prompt
 from flashvlm.selection import get_method
 
 #: Chat templates of the supported families, as their processors render one image and one question.
@@ -33,13 +34,16 @@ SPECIAL += ["<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_ima
 QUESTIONS = ["What colour is the small circle?", "How many red squares are there, left of the cat?"]
 
 
-def trained_tokenizer(spaces: str):
+def trained_tokenizer(spaces: str, lowercase: bool = False):
     """A small BPE tokenizer trained on the spot: byte-level ("Ġ" spaces, as GPT-2/Qwen/Llama 3)
-    or metaspace ("▁" spaces, as SentencePiece Llama/Gemma)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    or metaspace ("▁" spaces, as SentencePiece Llama/Gemma); ``lowercase`` adds a normalizer
+    that lowercases (as the shipped demo model's tokenizer does)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     core = Tokenizer(models.BPE())
+    if lowercase:
+        core.normalizer = normalizers.Lowercase()
     if spaces == "byte_level":
         core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         core.decoder = decoders.ByteLevel()
@@ -57,8 +61,9 @@ def trained_tokenizer(spaces: str):
 
 @pytest.mark.parametrize("template", TEMPLATES, ids=str)
 @pytest.mark.parametrize("spaces", ["byte_level", "metaspace"])
-def test_the_question_is_found_in_every_template_and_batch_row(template, spaces):
-    tokenizer = trained_tokenizer(spaces)
+@pytest.mark.parametrize("lowercase", [False, True], ids=["cased", "lowercasing"])
+def test_the_question_is_found_in_every_template_and_batch_row(template, spaces, lowercase):
+    tokenizer = trained_tokenizer(spaces, lowercase)
     rows = [tokenizer(TEMPLATES[template].format(question=q))["input_ids"] for q in QUESTIONS]
     width = max(map(len, rows))
     input_ids = torch.tensor([[0] * (width - len(row)) + row for row in rows])  # left padded
@@ -66,7 +71,8 @@ def test_the_question_is_found_in_every_template_and_batch_row(template, spaces)
     mask = question_token_mask(tokenizer, input_ids, attention_mask, QUESTIONS)
     for row, question in enumerate(QUESTIONS):
         words = tokenizer.decode(input_ids[row][mask[row]].tolist())
-        assert "".join(words.split()) == "".join(question.split()), words
+        expected = question.lower() if lowercase else question
+        assert "".join(words.split()) == "".join(expected.split()), words
         assert not bool((mask[row] & (attention_mask[row] == 0)).any())
 
 
@@ -75,7 +81,7 @@ def test_a_row_without_question_keeps_its_prompt_and_a_missing_question_is_named
     ids = torch.tensor([tokenizer(TEMPLATES["qwen"].format(question=QUESTIONS[0]))["input_ids"]])
     mask = torch.ones_like(ids)
     assert bool(question_token_mask(tokenizer, ids, mask, [None]).all())
-    with pytest.raises(FlashVLMError, match="'How many red.*' does not appear in row 0's prompt"):
+    with pytest.raises(FlashVLMError, match="batch row 0: question 'How many red.*' does not appear in its prompt"):
         question_token_mask(tokenizer, ids, mask, [QUESTIONS[1]])
     with pytest.raises(FlashVLMError, match=r"one per batch row \(1\); got 2"):
         question_token_mask(tokenizer, ids, mask, QUESTIONS)
@@ -124,6 +130,21 @@ def test_only_the_question_guides_the_selection_in_a_batch():
     with flashvlm.prune(model, 4, _RecordsTextTokens(text_tokens="prompt")), torch.no_grad():
         model(**inputs)
     assert min(_RecordsTextTokens.seen) > max(len(question.split()) for question in questions)
+
+
+def test_image_placeholders_in_the_question_are_not_words_to_find():
+    # flashvlm generate passes its --prompt, placeholders and all, as the question; in the
+    # prompt each placeholder has become the template's image block and the visual tokens.
+    from PIL import Image
+
+    model, processor = tiny_model(TINY_CASES[0]), tiny_processor()
+    question = "what is <image> the color of the circle ?"
+    text = chat_prompt(processor, question)
+    inputs = processor(images=[Image.new("RGB", (32, 32), "red")], text=[text], return_tensors="pt")
+    _RecordsTextTokens.seen = []
+    with flashvlm.prune(model, 4, _RecordsTextTokens(), tokenizer=processor), torch.no_grad():
+        model(**inputs, question=question)
+    assert _RecordsTextTokens.seen == [len(question.split()) - 1]
 
 
 def test_the_flashvlm_question_preset_runs_and_says_what_it_needs():

@@ -29,3 +29,23 @@ def os_error_message(error: OSError) -> str:
     if error.filename is not None:
         return f"{error.filename}: {error.strerror}"
     return error.strerror
+
+
+class QuestionNotFoundError(FlashVLMError):
+    """A question (for ``text_tokens="question"``) that its prompt does not spell.
+
+    ``row`` is its batch row; a caller that knows the row better (a dataset line and id)
+    raises it again with ``where``.
+    """
+
+    def __init__(
+        self,
+        question: str,
+        row: int,
+        where: str | None = None,
+        advice: str = "pass the user's words as the processor received them",
+    ) -> None:
+        self.question, self.row = question, row
+        super().__init__(
+            f"{where or f'batch row {row}'}: question {question[:60]!r} does not appear in its prompt: {advice}"
+        )

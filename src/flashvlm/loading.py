@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -32,6 +33,8 @@ def load_image(path: str | os.PathLike) -> Image.Image:
             return to_rgb(ImageOps.exif_transpose(image))
     except Image.DecompressionBombError as error:
         raise FlashVLMError(f"image {path} is too large to open safely: {error}") from None
+    except FlashVLMError as error:
+        raise FlashVLMError(f"image {path} {error}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise FlashVLMError(f"cannot read image {path}: not a readable image file ({error})") from None
 
@@ -40,12 +43,27 @@ def to_rgb(image: Image.Image) -> Image.Image:
     """8-bit RGB. Pillow's own conversion clips 16-bit grayscale (``I;16``) at 255, which turns
     almost every pixel white; those values are scaled from 0..65535 to 0..255 instead. A 32-bit
     ``I`` image is read the same way when its values exceed 8 bits (Pillow opens some 16-bit
-    files as ``I``)."""
+    files as ``I``).
+
+    A float image (``F``) is read as 0..1 when every value lies in [0, 1] (Pillow would clip
+    those to black), else as 0..255; values outside both ranges, NaN or infinity raise
+    :class:`FlashVLMError` ("has float pixels ...", to follow the image's name).
+    """
     if image.mode.startswith("I;16") or image.mode == "I":
         pixels = np.asarray(image).astype(np.float64)  # (H, W)
         if image.mode.startswith("I;16") or pixels.max(initial=0) > 255:
             pixels = pixels / 257.0
         image = Image.fromarray(pixels.round().clip(0, 255).astype(np.uint8), mode="L")
+    elif image.mode == "F":
+        pixels = np.asarray(image).astype(np.float64)  # (H, W)
+        if not np.isfinite(pixels).all():
+            raise FlashVLMError("has float pixels that are not finite (NaN or infinity)")
+        low, high = (pixels.min(), pixels.max()) if pixels.size else (0.0, 0.0)
+        if low < 0 or high > 255:
+            raise FlashVLMError(f"has float pixels from {low:g} to {high:g}; expected values in 0..1 or 0..255")
+        if high <= 1:
+            pixels = pixels * 255.0
+        image = Image.fromarray(pixels.round().astype(np.uint8), mode="L")
     return image.convert("RGB")
 
 
@@ -244,7 +262,9 @@ def load_model(name_or_path: str, device: str = "auto", dtype: str = "auto"):
     Everything that can be checked is checked before any weights are read, in this order: the
     device (:func:`check_device`), the architecture the config names, the folder's files
     (:func:`check_model_folder`) and the processor (:func:`load_processor`). Each failure is
-    one :class:`FlashVLMError` line naming the folder or hub id and what is wrong.
+    one :class:`FlashVLMError` line naming the folder or hub id and what is wrong. After the
+    weights load, a tensor the checkpoint lacks or one the model has no place for is an error
+    naming them (:func:`check_weights_loaded`).
     """
     import transformers
     from transformers import AutoConfig
@@ -268,21 +288,80 @@ def load_model(name_or_path: str, device: str = "auto", dtype: str = "auto"):
         check_model_folder(local)  # after the architecture: an unsupported model is the first thing to say
     processor = load_processor(name_or_path, config)
     try:
-        model = model_class.from_pretrained(name_or_path, dtype=torch_dtype)
+        model, loading_info = model_class.from_pretrained(name_or_path, dtype=torch_dtype, output_loading_info=True)
     except (OSError, ValueError, RuntimeError) as error:
         raise FlashVLMError(f"could not load the weights of {name_or_path}: {one_line(error)}") from None
+    check_weights_loaded(name_or_path, loading_info)
     return model.to(torch_device).eval(), processor
+
+
+def _names(keys, shown: int = 8) -> str:
+    names = sorted(keys)
+    more = f", and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def check_weights_loaded(name_or_path: str, loading_info: dict) -> None:
+    """Raise :class:`FlashVLMError` naming the tensors a checkpoint lacks or holds in excess.
+
+    ``from_pretrained`` only reports them (a missing tensor keeps its random initialisation),
+    so an incomplete checkpoint would otherwise answer with random weights. ``loading_info`` is
+    what ``from_pretrained(..., output_loading_info=True)`` returns beside the model.
+    """
+    missing = loading_info.get("missing_keys") or ()
+    if missing:
+        raise FlashVLMError(
+            f"{name_or_path} lacks weights for {len(missing)} of the model's tensors ({_names(missing)}): "
+            "they would be random; use a complete checkpoint"
+        )
+    unexpected = loading_info.get("unexpected_keys") or ()
+    if unexpected:
+        weights = f"{len(unexpected)} weight{'s' if len(unexpected) != 1 else ''}"
+        raise FlashVLMError(
+            f"{name_or_path} holds {weights} the model has no place for ({_names(unexpected)}): "
+            "is it a checkpoint of another architecture or version?"
+        )
+    errors = loading_info.get("error_msgs") or ()
+    if errors:
+        raise FlashVLMError(f"could not load the weights of {name_or_path}: {first_line(errors[0])}")
 
 
 def chat_prompt(processor, question: str, num_images: int = 1) -> str:
     """The model's own chat format for ``num_images`` images followed by ``question``.
 
-    A question that already contains the processor's image token is used as it is.
+    A question that contains the processor's image token places the images itself: the chat
+    template is still applied, and each placeholder (with the whitespace after it) becomes
+    what the template writes for one image, where the user put it.
     """
     image_token = getattr(processor, "image_token", "<image>")
-    if image_token in question:
-        return question
-    if getattr(processor, "chat_template", None):
-        content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": question}]
-        return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-    return "USER: " + image_token * num_images + f"\n{question} ASSISTANT:"
+    has_template = bool(getattr(processor, "chat_template", None))
+    if image_token not in question:
+        if has_template:
+            content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": question}]
+            return _render_chat(processor, content)
+        return "USER: " + image_token * num_images + f"\n{question} ASSISTANT:"
+    pieces = re.split(re.escape(image_token) + r"\s*", question)
+    if not has_template:
+        return "USER: " + f"{image_token}\n".join(pieces) + " ASSISTANT:"
+    return _render_chat(processor, [{"type": "text", "text": _TEXT_MARK}]).replace(
+        _TEXT_MARK, template_image_block(processor).join(pieces)
+    )
+
+
+#: A private-use character no chat template writes: it marks where a template puts the user's text.
+_TEXT_MARK = "\ue000"
+
+
+def _render_chat(processor, content: list[dict]) -> str:
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+
+def template_image_block(processor) -> str:
+    """What the processor's chat template writes for one image (``"<image>\\n"`` for LLaVA-1.5,
+    ``"<|vision_start|><|image_pad|><|vision_end|>"`` for Qwen2.5-VL): the difference between
+    a user turn of text alone and the same turn with one image."""
+    text_only = _render_chat(processor, [{"type": "text", "text": _TEXT_MARK}])
+    with_image = _render_chat(processor, [{"type": "image"}, {"type": "text", "text": _TEXT_MARK}])
+    prefix = len(os.path.commonprefix([text_only, with_image]))
+    suffix = len(os.path.commonprefix([text_only[prefix:][::-1], with_image[prefix:][::-1]]))
+    return with_image[prefix : len(with_image) - suffix]

@@ -4,17 +4,19 @@ Two seams, both removable: a forward pre-hook (a plain ``model(**inputs)`` call 
 images is pruned before the language model runs) and an instance-level ``generate``
 wrapper (``generate`` must see the shortened prompt, so that its attention mask, cache
 positions and KV cache all hold ``text + K`` positions). The class itself is never
-modified, and :meth:`Pruner.remove` restores the instance exactly. A ``torch.compile``
-wrapper is unwrapped: the method attaches to the module it compiles, so calls through the
-wrapper are pruned too.
+modified, and :meth:`Pruner.remove` restores the instance exactly. A forward hook marks
+the KV cache a pruned forward filled, as the wrapper marks a pruned generate's (see
+:func:`mark_pruned_prompt`). A ``torch.compile`` wrapper is unwrapped: the method attaches
+to the module it compiles, so calls through the wrapper are pruned too. Threads may share
+one pruner: each sees its own ``last``.
 """
 
 from __future__ import annotations
 
 import inspect
 import sys
+import threading
 import time
-import weakref
 from contextlib import contextmanager
 from typing import Any
 
@@ -30,9 +32,38 @@ _ATTRIBUTE = "_flashvlm_pruner"
 #: The forward/generate argument that carries the user's question (see ``text_tokens``).
 QUESTION_ARGUMENT = "question"
 
-#: KV caches that a pruned prompt filled: they hold ``text + K`` positions, not the caller's
-#: ``text + N``, so a later ``generate`` must not continue from them (see :meth:`Pruner._generate`).
-_PRUNED_CACHES: weakref.WeakSet = weakref.WeakSet()
+#: The attribute that marks a KV cache a pruned prompt filled (see :func:`mark_pruned_prompt`).
+_PRUNED_PROMPT = "_flashvlm_pruned_prompt"
+_CONTINUING_REFUSED = (
+    "this KV cache holds a pruned prompt (its text and only the kept visual tokens), so continuing "
+    "from it with the caller's unpruned ids would misalign every position; run generate "
+    "again on the whole conversation (prompt, answer and follow-up) with its images instead"
+)
+
+
+def holds_pruned_prompt(cache) -> bool:
+    """Whether a pruned prompt filled ``cache`` (it then holds ``text + K`` positions, not ``text + N``)."""
+    return bool(getattr(cache, _PRUNED_PROMPT, False))
+
+
+def _refuse_to_grow(*_args, **_kwargs):
+    raise FlashVLMError(_CONTINUING_REFUSED)
+
+
+def mark_pruned_prompt(cache) -> None:
+    """Make a KV cache that a pruned prompt filled refuse to grow, attached or not.
+
+    Its positions are ``text + K`` where the caller's ids count ``text + N``, so any later
+    ``generate`` or forward that continues from it would misalign every position. The mark
+    lives on the cache object, not the model: its ``update`` (what every attention layer
+    calls to append keys and values) is shadowed by one that raises, so the refusal holds
+    after the pruner is removed and costs nothing to a cache flashvlm never filled. Reading
+    the cache (its length, its tensors) still works.
+    """
+    if cache is None or holds_pruned_prompt(cache):
+        return
+    setattr(cache, _PRUNED_PROMPT, True)
+    cache.update = _refuse_to_grow
 
 
 def unwrap_compiled(model: nn.Module) -> nn.Module:
@@ -46,6 +77,17 @@ def unwrap_compiled(model: nn.Module) -> nn.Module:
     if eval_frame is not None and isinstance(model, eval_frame.OptimizedModule):
         return model._orig_mod
     return model
+
+
+class _CallState(threading.local):
+    """A pruner's record of the calls one thread makes (each thread starts from these defaults)."""
+
+    last: PrunedInputs | None = None
+    selection_seconds: float | None = None
+    # True while the generate wrapper runs: its forwards belong to the call it recorded.
+    generating: bool = False
+    # Whether the forward in progress was pruned (its KV cache is then marked).
+    pruned_forward: bool = False
 
 
 class Pruner:
@@ -68,21 +110,35 @@ class Pruner:
         self.adapter = adapter_for(model, video_budget=video_budget, tokenizer=tokenizer, newlines=newlines)
         self.budget = validate_budget(budget)
         self.selector = get_method(method, **params)
-        #: The most recent call's pruning: kept indices per image, lengths before and after;
-        #: None before any call and after a call without visual input.
-        self.last: PrunedInputs | None = None
         #: Whether to time each pruning: two device synchronisations per call, so off by
         #: default (the CLI, eval and bench turn it on).
         self.timed = timed
-        #: Seconds the most recent vision encoding + selection took (device-synchronised);
-        #: None unless ``timed``.
-        self.last_selection_seconds: float | None = None
         self._forward_parameters = list(inspect.signature(model.forward).parameters)
-        self._hook = None
+        self._hooks = []
         self._had_own_generate = False
         self._own_generate = None
-        # True while the generate wrapper runs: its forwards belong to the call it recorded.
-        self._generating = False
+        # What one call leaves behind, per thread: threads sharing this pruner each see their own.
+        self._calls = _CallState()
+
+    @property
+    def last(self) -> PrunedInputs | None:
+        """This thread's most recent call's pruning: kept indices per image, lengths before and
+        after; None before any call (in this thread) and after a call without visual input."""
+        return self._calls.last
+
+    @last.setter
+    def last(self, pruned: PrunedInputs | None) -> None:
+        self._calls.last = pruned
+
+    @property
+    def last_selection_seconds(self) -> float | None:
+        """Seconds this thread's most recent vision encoding + selection took
+        (device-synchronised); None unless ``timed``."""
+        return self._calls.selection_seconds
+
+    @last_selection_seconds.setter
+    def last_selection_seconds(self, seconds: float | None) -> None:
+        self._calls.selection_seconds = seconds
 
     # -- attaching ---------------------------------------------------------------------
     def attach(self) -> Pruner:
@@ -91,7 +147,10 @@ class Pruner:
         self._had_own_generate = "generate" in vars(self.model)
         self._own_generate = vars(self.model).get("generate")
         original_generate = self.model.generate
-        self._hook = self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
+        self._hooks = [
+            self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
+            self.model.register_forward_hook(self._after_forward),
+        ]
 
         def generate(*args, **kwargs):
             return self._generate(original_generate, *args, **kwargs)
@@ -103,7 +162,8 @@ class Pruner:
     def remove(self) -> None:
         if getattr(self.model, _ATTRIBUTE, None) is not self:
             return
-        self._hook.remove()
+        for hook in self._hooks:
+            hook.remove()
         if self._had_own_generate:
             self.model.generate = self._own_generate
         else:
@@ -144,15 +204,25 @@ class Pruner:
         if args:
             kwargs = {**dict(zip(self._forward_parameters, args)), **kwargs}
         continuing = filled_cache(kwargs) is not None
+        self._calls.pruned_forward = False
         if continuing or not self.adapter.has_visual_input(kwargs):
             # A call without images forgets the last selection, except the decoding steps of
             # the pruned generate in progress, which continue from its cache.
-            if not continuing and not self._generating:
+            if not continuing and not self._calls.generating:
                 self._forget_last()
             if QUESTION_ARGUMENT not in kwargs:
                 return None
             return (), {name: value for name, value in kwargs.items() if name != QUESTION_ARGUMENT}
-        return (), self.prune_inputs(kwargs).model_kwargs
+        pruned_kwargs = self.prune_inputs(kwargs).model_kwargs
+        self._calls.pruned_forward = True
+        return (), pruned_kwargs
+
+    def _after_forward(self, _module, _args: tuple, output):
+        # A plain forward the pre-hook pruned leaves a text + K cache, like a pruned generate.
+        if self._calls.pruned_forward:
+            self._calls.pruned_forward = False
+            for name in _CACHE_NAMES:
+                mark_pruned_prompt(getattr(output, name, None))
 
     def _generate(self, original_generate, *args, **kwargs):
         if args:
@@ -161,12 +231,8 @@ class Pruner:
         if "inputs" in kwargs:
             kwargs["input_ids"] = kwargs.pop("inputs")
         cache = filled_cache(kwargs)
-        if cache is not None and cache in _PRUNED_CACHES:
-            raise FlashVLMError(
-                "this KV cache holds a pruned prompt (its text and only the kept visual tokens), so continuing "
-                "generate from it with the caller's unpruned ids would misalign every position; run generate "
-                "again on the whole conversation (prompt, answer and follow-up) with its images instead"
-            )
+        if cache is not None and holds_pruned_prompt(cache):
+            raise FlashVLMError(_CONTINUING_REFUSED)
         if cache is not None or not self.adapter.has_visual_input(kwargs):
             # A cache filled without pruning already holds every visual token: nothing to prune.
             self._forget_last()
@@ -174,15 +240,14 @@ class Pruner:
             return original_generate(*args, **kwargs)
         input_ids = kwargs["input_ids"]
         pruned = self.prune_inputs(kwargs)
-        self._generating = True
+        self._calls.generating = True
         try:
             output = original_generate(*args, **pruned.model_kwargs)
         finally:
-            self._generating = False
-        given = [pruned.model_kwargs.get(name) for name in _CACHE_NAMES]
-        for filled in [*given, *(getattr(output, name, None) for name in _CACHE_NAMES)]:
-            if filled is not None:
-                _PRUNED_CACHES.add(filled)
+            self._calls.generating = False
+        for name in _CACHE_NAMES:
+            mark_pruned_prompt(pruned.model_kwargs.get(name))
+            mark_pruned_prompt(getattr(output, name, None))
         # Give back the caller's own prompt followed by the new tokens, so code that slices
         # off `input_ids.shape[1]` prompt tokens works exactly as without flashvlm.
         sequences = output if isinstance(output, torch.Tensor) else output.sequences

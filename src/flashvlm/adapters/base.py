@@ -347,7 +347,7 @@ class ModelAdapter(ABC):
                     "question=<the user's words> (one string per batch row)"
                 )
             rows = [questions] if isinstance(questions, str) else list(questions)
-            is_text &= question_token_mask(self.tokenizer, input_ids, attention_mask, rows)
+            is_text &= question_token_mask(self.tokenizer, input_ids, attention_mask, rows, placeholder_ids)
         text_embeds, text_mask = text_embeddings(self.model.get_input_embeddings(), input_ids, is_text)
         if text_tokens != "before_image":
             return text_embeds, text_mask, None

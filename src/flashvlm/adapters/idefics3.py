@@ -36,7 +36,7 @@ from ..saliency import received_attention
 from .base import FamilySupport, ModelAdapter, VisualItem
 from .internvl import image_of_views, refuse_per_video
 from .sequence import placeholder_runs
-from .taps import tap_vision_layer
+from .taps import tap_vision_layer, this_thread_only
 
 
 class Idefics3Adapter(ModelAdapter):
@@ -84,7 +84,8 @@ class Idefics3Adapter(ModelAdapter):
         captured: dict[str, torch.Tensor] = {}
         # The tower is called with the patch mask the model derives from pixel_attention_mask.
         mask_hook = self.core.vision_model.register_forward_pre_hook(
-            lambda _m, _a, kwargs: captured.update(patch_mask=kwargs["patch_attention_mask"]), with_kwargs=True
+            this_thread_only(lambda _m, _a, kwargs: captured.update(patch_mask=kwargs["patch_attention_mask"])),
+            with_kwargs=True,
         )
         try:
             with tap_vision_layer(self.saliency_layer, capture_qk=need_qk, stop_after=False) as tap:

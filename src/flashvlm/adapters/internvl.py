@@ -37,7 +37,7 @@ from ..saliency import query_row_attention
 from .base import FamilySupport, ImageSelection, ModelAdapter, TokenRegion, VisualItem
 from .llava import square_grid
 from .sequence import placeholder_runs
-from .taps import resolve_hidden_state_layer, run_until_tap, tap_vision_layer
+from .taps import resolve_hidden_state_layer, run_until_tap, tap_vision_layer, this_thread_only
 
 
 class InternVLAdapter(ModelAdapter):
@@ -96,7 +96,7 @@ class InternVLAdapter(ModelAdapter):
         if need_qk:  # the q/k norms' outputs are the vectors the layer attends with
             for name in ("q_norm", "k_norm"):
                 hook = getattr(attention, name).register_forward_hook(
-                    lambda _m, _a, out, name=name: captured.update({name: out})
+                    this_thread_only(lambda _m, _a, out, name=name: captured.update({name: out}))
                 )
                 handles.append(hook)
         tower = self.core.vision_tower

@@ -24,6 +24,7 @@ import torch
 from ..saliency import segmented_received_attention
 from .base import FamilySupport, ImageSelection, ModelAdapter, TokenRegion, VisualItem
 from .sequence import compact_sequences, prompt_tensors, require_argument
+from .taps import this_thread_only
 
 
 class QwenVLAdapter(ModelAdapter):
@@ -86,10 +87,10 @@ class QwenVLAdapter(ModelAdapter):
         captured: dict[str, Any] = {}
         handles = []
         if need_saliency:
-            handles.append(
-                attention.register_forward_pre_hook(lambda _m, _args, kwargs: captured.update(kwargs), with_kwargs=True)
-            )
-            handles.append(attention.qkv.register_forward_hook(lambda _m, _a, out: captured.update(qkv=out)))
+            keep_kwargs = this_thread_only(lambda _m, _args, kwargs: captured.update(kwargs))
+            handles.append(attention.register_forward_pre_hook(keep_kwargs, with_kwargs=True))
+            keep_qkv = this_thread_only(lambda _m, _a, out: captured.update(qkv=out))
+            handles.append(attention.qkv.register_forward_hook(keep_qkv))
         try:
             output = self.tower(pixel_values.type(self.tower.dtype), grid_thw=grid_thw)
         finally:

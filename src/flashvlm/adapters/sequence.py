@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import FlashVLMError
+from ..errors import FlashVLMError, QuestionNotFoundError
 
 
 def require_argument(model_kwargs: dict[str, Any], name: str, needed_by: str) -> Any:
@@ -34,20 +34,36 @@ def prompt_tensors(model_kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Te
 
 
 def question_token_mask(
-    tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor, questions: list[str | None]
+    tokenizer,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    questions: list[str | None],
+    ignored_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(B, L) bool: the tokens that spell each row's question inside its prompt.
 
     Whatever the chat template put around the question (system prompt, role words,
     image markers, punctuation), the question's own characters are found in the prompt:
-    every token is decoded on its own, whitespace is dropped on both sides (tokenizers
-    mark spaces differently: "Ġ", "▁", or not at all), and the question's last
-    occurrence in the row's real tokens is taken (the user's final message). Tokens
-    overlapping it are the question's. A row whose question is None keeps its whole prompt.
+    every token is decoded on its own, special tokens and ``ignored_ids`` (the visual
+    placeholders) count as no characters, whitespace is dropped (tokenizers mark spaces
+    differently: "Ġ", "▁", or not at all), and the question's last occurrence in the row's
+    real tokens is taken (the user's final message). The question is read as the tokenizer
+    reads it (tokenized and decoded the same way, so a normalizer that lowercases or folds
+    accents applies to both sides, and image placeholders in it count as nothing), else as
+    written. Tokens overlapping it are the question's. A row whose question is None keeps
+    its whole prompt. A question that is not found raises :class:`QuestionNotFoundError`.
     """
     batch, length = input_ids.shape
     if len(questions) != batch:
         raise FlashVLMError(f"question: give one per batch row ({batch}); got {len(questions)}")
+    text_tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor encodes through its tokenizer
+    ignored = set() if ignored_ids is None else set(ignored_ids.tolist())
+
+    def characters(token_ids: list[int]) -> list[str]:
+        """Each token's characters, whitespace dropped; none for a special or ignored token."""
+        pieces = tokenizer.batch_decode([[token] for token in token_ids], skip_special_tokens=True)
+        return ["" if token in ignored else "".join(piece.split()) for token, piece in zip(token_ids, pieces)]
+
     mask = torch.zeros(batch, length, dtype=torch.bool, device=input_ids.device)
     for row, question in enumerate(questions):
         if question is None:
@@ -56,19 +72,18 @@ def question_token_mask(
         if not isinstance(question, str) or not "".join(question.split()):
             raise FlashVLMError(f"question for row {row} must be a non-empty string or None; got {question!r}")
         positions = attention_mask[row].nonzero().squeeze(-1).tolist()
-        pieces = tokenizer.batch_decode([[token] for token in input_ids[row, positions].tolist()])
-        stream, owner = [], []
-        for place, piece in enumerate(pieces):
-            characters = "".join(piece.split())
-            stream.append(characters)
-            owner += [place] * len(characters)
-        target = "".join(question.split())
-        start = "".join(stream).rfind(target)
-        if start < 0:
-            raise FlashVLMError(
-                f"question {question[:60]!r} does not appear in row {row}'s prompt: pass the user's words as the "
-                "processor received them"
-            )
+        owner = []
+        stream = characters(input_ids[row, positions].tolist())
+        for place, piece in enumerate(stream):
+            owner += [place] * len(piece)
+        prompt = "".join(stream)
+        as_tokenized = "".join(characters(text_tokenizer(question, add_special_tokens=False)["input_ids"]))
+        for target in (as_tokenized, "".join(question.split())):
+            start = prompt.rfind(target) if target else -1
+            if start >= 0:
+                break
+        else:
+            raise QuestionNotFoundError(question, row)
         for place in sorted(set(owner[start : start + len(target)])):
             mask[row, positions[place]] = True
     return mask

@@ -2,20 +2,41 @@
 
 A tap is a context manager around a stock module: hooks (or a per-module attention
 implementation) are installed on entry and removed on exit, so the model is never
-permanently altered.
+permanently altered. A module's hooks fire for every thread that calls it, so each tap
+acts only on the forwards of the thread that installed it (:func:`this_thread_only`):
+threads sharing one model each see their own tensors.
 """
 
 from __future__ import annotations
 
 import copy
+import sys
+import threading
+from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from transformers import AttentionInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..errors import FlashVLMError
+
+
+def this_thread_only(hook):
+    """``hook``, acting only on the forwards of the thread that calls this (others pass untouched).
+
+    For forward hooks and forward pre-hooks: returning None leaves a call as it was.
+    """
+    owner = threading.get_ident()
+
+    def guarded(*args, **kwargs):
+        if threading.get_ident() == owner:
+            return hook(*args, **kwargs)
+        return None
+
+    return guarded
 
 
 class _StopForward(Exception):
@@ -46,11 +67,13 @@ def tap_vision_layer(layer: nn.Module, capture_qk: bool, stop_after: bool):
         if stop_after:
             raise _StopForward
 
-    handles.append(layer.register_forward_hook(keep_output))
+    handles.append(layer.register_forward_hook(this_thread_only(keep_output)))
     if capture_qk:
         attention = layer.self_attn
-        handles.append(attention.q_proj.register_forward_hook(lambda _m, _a, out: setattr(tap, "queries", out)))
-        handles.append(attention.k_proj.register_forward_hook(lambda _m, _a, out: setattr(tap, "keys", out)))
+        keep_queries = this_thread_only(lambda _m, _a, out: setattr(tap, "queries", out))
+        keep_keys = this_thread_only(lambda _m, _a, out: setattr(tap, "keys", out))
+        handles.append(attention.q_proj.register_forward_hook(keep_queries))
+        handles.append(attention.k_proj.register_forward_hook(keep_keys))
     try:
         yield tap
     finally:
@@ -89,7 +112,14 @@ class LastTokenTap:
     """What :func:`tap_last_token_attention` captured."""
 
     key_mask: torch.Tensor  # (B, L) bool, keys that are real tokens
+    #: The module's own attention function: what other threads' calls run meanwhile.
+    stock: Callable
     attention: torch.Tensor | None = None  # (B, L) float32, the last real token's attention, mean over heads
+    thread: int = field(default_factory=threading.get_ident)  # the thread whose forward is tapped
+
+
+#: One tapped layer at a time: the tap lives on the (shared) attention module.
+_LAST_TOKEN_LOCK = threading.Lock()
 
 
 def _last_token_row(module: nn.Module, query, key, value, attention_mask, scaling=None, **kwargs):
@@ -99,6 +129,8 @@ def _last_token_row(module: nn.Module, query, key, value, attention_mask, scalin
     the last real token every key, so only padding is masked (from the 2-D mask).
     """
     tap: LastTokenTap = module._flashvlm_last_token_tap
+    if threading.get_ident() != tap.thread:
+        return tap.stock(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
     key_mask = tap.key_mask.to(query.device)
     batch, heads, _, head_dim = query.shape
     last = key_mask.shape[1] - 1 - key_mask.flip(1).long().argmax(dim=1)  # (B,) last real position
@@ -122,17 +154,21 @@ def tap_last_token_attention(attention: nn.Module, attention_mask: torch.Tensor)
     :data:`_LAST_TOKEN_ROW` as its attention implementation, restored on exit, so every
     other layer keeps SDPA/FlashAttention. Works for any Hugging Face attention module that
     dispatches through ``ALL_ATTENTION_FUNCTIONS`` (standard softmax attention; sliding
-    windows and logit soft-capping are not modelled).
+    windows and logit soft-capping are not modelled). Other threads' calls through the
+    module meanwhile run its own attention, and their taps wait for this one to end.
     """
-    tap = LastTokenTap(key_mask=attention_mask.bool())
-    shared_config = attention.config
-    tapped_config = copy.copy(shared_config)
-    # Set the stored value directly: the public setter would recurse into (shared) sub-configs.
-    tapped_config._attn_implementation_internal = _LAST_TOKEN_ROW
-    attention.config = tapped_config
-    attention._flashvlm_last_token_tap = tap
-    try:
-        yield tap
-    finally:
-        attention.config = shared_config
-        del attention._flashvlm_last_token_tap
+    with _LAST_TOKEN_LOCK:
+        shared_config = attention.config
+        eager = getattr(sys.modules[type(attention).__module__], "eager_attention_forward", None)
+        stock = ALL_ATTENTION_FUNCTIONS.get_interface(shared_config._attn_implementation, eager)
+        tap = LastTokenTap(key_mask=attention_mask.bool(), stock=stock)
+        tapped_config = copy.copy(shared_config)
+        # Set the stored value directly: the public setter would recurse into (shared) sub-configs.
+        tapped_config._attn_implementation_internal = _LAST_TOKEN_ROW
+        attention.config = tapped_config
+        attention._flashvlm_last_token_tap = tap
+        try:
+            yield tap
+        finally:
+            attention.config = shared_config
+            del attention._flashvlm_last_token_tap

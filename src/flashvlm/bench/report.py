@@ -137,7 +137,8 @@ SELECTION_HEADERS = [
     "diversity GFLOPs",
     "LM prefill of kept (est.) ms",
     "selection / LM prefill",
-    "coverage radius",
+    "coverage radius (vision)",
+    "coverage radius (projected)",
     "Jaccard vs release",
     "@rounds = matrix",
 ]
@@ -159,6 +160,7 @@ def selection_table(report: dict, markdown: bool = False) -> str:
                 _format(row["lm_prefill_of_kept_estimate_ms"]),
                 _percent(row["selection_share_of_lm_prefill"]),
                 _format(row.get("coverage_radius"), 3),
+                _format(row.get("coverage_radius_projected"), 3),
                 _format(row.get("jaccard_vs_release"), 3),
                 {None: "–", True: "yes", False: "NO"}[row.get("identical_to_matrix_path")],
             ]

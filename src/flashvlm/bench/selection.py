@@ -1,11 +1,15 @@
 """Selection overhead: each method's selection alone as N grows, and the vision tower
 with our saliency extraction against the same tower returning full attention maps.
 
-Selection inputs are synthetic (random features, saliency, projected tokens and text
-embeddings of the model's real widths): a method's cost depends on the shapes, not
-on the values. The features are drawn around N / 32 random centres, so that what a
-method keeps can be judged: its coverage radius (largest cosine distance from any token
-to the nearest kept one) and its Jaccard agreement with ``flashvlm:release``.
+Selection inputs are synthetic (random features, saliency and text embeddings of the
+model's real widths): a method's cost depends on the shapes, not on the values. The
+features are drawn around N / 32 random centres, and the projected tokens and keys are
+those features through maps as a model has them (a random two-layer GELU projector, as
+LLaVA's; a random linear key projection), so every space a method may select in holds the
+same tokens. What a method keeps can then be judged: its coverage radius (largest cosine
+distance from any token to the nearest kept one) in the vision features and in the
+projected tokens (DivPrune and CDPruner select in the latter), and its Jaccard agreement
+with ``flashvlm:release``.
 
 A method name ending in ``@rounds`` runs the method with the bipartite diversity step
 computed round by round, as the release does and as flashvlm did before its similarity
@@ -73,23 +77,34 @@ def selection_inputs(
     dtype: torch.dtype,
     seed: int = 0,
 ) -> SelectionInputs:
-    """One image of ``num_tokens`` tokens with every input a method may ask for."""
+    """One image of ``num_tokens`` tokens with every input a method may ask for.
+
+    The projected tokens and keys are computed from the features (in float32, on ``device``),
+    so a method that selects among projected tokens (DivPrune, CDPruner) or keys sees the
+    same clusters as one that selects among the features.
+    """
     generator = torch.Generator().manual_seed(seed)
 
     def random(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=generator).to(device=device, dtype=dtype)
+        return torch.randn(*shape, generator=generator).to(device=device)  # float32
 
     side = math.isqrt(num_tokens)
     centres = random(1, max(1, num_tokens // 32), vision_width)  # (1, N / 32, C)
     membership = torch.randint(0, centres.shape[1], (num_tokens,), generator=generator).to(device)
+    features = centres[:, membership] + 0.5 * random(1, num_tokens, vision_width)  # (1, N, C)
+    # Weights scaled by 1 / sqrt(fan-in), as a freshly initialised layer's.
+    projector_in = random(vision_width, lm_width) / math.sqrt(vision_width)  # (C, D)
+    projector_out = random(lm_width, lm_width) / math.sqrt(lm_width)  # (D, D)
+    key_projection = random(vision_width, vision_width) / math.sqrt(vision_width)  # (C, C)
+    projected = torch.nn.functional.gelu(features @ projector_in) @ projector_out  # (1, N, D)
     return SelectionInputs(
-        features=centres[:, membership] + 0.5 * random(1, num_tokens, vision_width),  # (1, N, C)
-        saliency=torch.softmax(random(1, num_tokens).float() * 2, dim=-1),  # (1, N)
+        features=features.to(dtype),
+        saliency=torch.softmax(random(1, num_tokens) * 2, dim=-1),  # (1, N)
         saliency_kind="cls",
-        projected=random(1, num_tokens, lm_width),  # (1, N, D)
-        text_embeds=random(1, text_tokens, lm_width),  # (1, L, D)
+        projected=projected.to(dtype),
+        text_embeds=random(1, text_tokens, lm_width).to(dtype),  # (1, L, D)
         text_mask=torch.ones(1, text_tokens, dtype=torch.bool, device=device),
-        keys=random(1, num_tokens, vision_width),  # (1, N, C)
+        keys=(features @ key_projection).to(dtype),  # (1, N, C)
         grid_shape=(side, side) if side * side == num_tokens else None,
     )
 
@@ -141,8 +156,9 @@ def selection_scaling(
     progress: Callable[[str], None] = lambda message: None,
 ) -> tuple[list[dict], list[dict], list[str]]:
     """Time (and peak memory of) every method at every N with K = N // 9, and measure what
-    it keeps: coverage radius, Jaccard agreement with ``flashvlm:release``, and for an
-    ``@rounds`` method whether it keeps exactly what the method without the suffix keeps.
+    it keeps: coverage radius among the vision features and among the projected tokens,
+    Jaccard agreement with ``flashvlm:release``, and for an ``@rounds`` method whether it
+    keeps exactly what the method without the suffix keeps.
 
     A method whose one call at some N takes longer than ``max_seconds`` is timed once
     there and not run at larger N, nor where a call is predicted to take more than
@@ -156,6 +172,15 @@ def selection_scaling(
     rate = gemm_flops_per_second(lm_width, text_config.intermediate_size, 1024, device, dtype)
     rows, fits, skipped = [], [], []
     kept_sets: dict[tuple[str, int], torch.Tensor] = {}
+    # Every method at one N sees the same inputs, built once: (inputs, unit features, unit projected tokens).
+    inputs_by_count: dict[int, tuple[SelectionInputs, torch.Tensor, torch.Tensor]] = {}
+
+    def inputs_for(num_tokens: int) -> tuple[SelectionInputs, torch.Tensor, torch.Tensor]:
+        if num_tokens not in inputs_by_count:
+            inputs = selection_inputs(num_tokens, vision_width, lm_width, text_tokens, device, dtype)
+            unit_spaces = (unit_rows(inputs.features.float()), unit_rows(inputs.projected.float()))  # (1, N, C/D)
+            inputs_by_count[num_tokens] = (inputs, *unit_spaces)
+        return inputs_by_count[num_tokens]
 
     def kept_by(name: str, inputs: SelectionInputs, num_keep: int) -> torch.Tensor:
         """The kept indices of ``name`` at this N, computed once per (method, N)."""
@@ -184,6 +209,7 @@ def selection_scaling(
                 "diversity_gflops": diversity[0] / 1e9 if diversity else None,
                 "diversity_rounds": diversity[1] if diversity else None,
                 "coverage_radius": None,
+                "coverage_radius_projected": None,
                 "jaccard_vs_release": None,
                 "identical_to_matrix_path": None,
             }
@@ -212,7 +238,7 @@ def selection_scaling(
                 )
                 continue
             progress(f"{method_name} N={num_tokens}")
-            inputs = selection_inputs(num_tokens, vision_width, lm_width, text_tokens, device, dtype)
+            inputs, unit_features, unit_projected = inputs_for(num_tokens)
             try:
                 with mode():
                     start = time.perf_counter()
@@ -222,8 +248,8 @@ def selection_scaling(
                 skipped.append(f"{method_name}: {error}")
                 break
             kept_sets.setdefault((method_name, num_tokens), keep)
-            unit_features = unit_rows(inputs.features.float())  # (1, N, C)
             row["coverage_radius"] = coverage_radius(unit_features, keep).item()
+            row["coverage_radius_projected"] = coverage_radius(unit_projected, keep).item()
             if _reference_is_cheap(num_tokens, num_keep):
                 reference = kept_by(REFERENCE_METHOD, inputs, num_keep)
                 row["jaccard_vs_release"] = jaccard_agreement(keep, reference, num_tokens).item()

@@ -74,9 +74,10 @@ def _choose_input(args: argparse.Namespace):
     return load_image(EXAMPLES_DIR / example["image"]), args.prompt or example["question"], expected, name
 
 
-def _answer(model, processor, inputs, max_new_tokens: int) -> tuple[str, PrefillTimer]:
+def _answer(model, processor, inputs, max_new_tokens: int, **pruning) -> tuple[str, PrefillTimer]:
+    """The greedy answer and its prefill timer; ``pruning`` holds the pruned call's ``question``."""
     with PrefillTimer(adapter_for(model).language_model) as timer, torch.no_grad():
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        output = model.generate(**inputs, **pruning, max_new_tokens=max_new_tokens, do_sample=False)
     answer = processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
     return answer, timer
 
@@ -99,9 +100,10 @@ def run(args: argparse.Namespace) -> int:
 
     _answer(model, processor, inputs, 1)  # warm-up: first calls pay one-off costs, not prefill
     full_answer, full = _answer(model, processor, inputs, args.max_new_tokens)
-    with prune(model, budget, args.method, timed=True) as pruner:
-        _answer(model, processor, inputs, 1)
-        pruned_answer, pruned = _answer(model, processor, inputs, args.max_new_tokens)
+    # The question lets a method with text_tokens="question" (flashvlm:question) find the user's words.
+    with prune(model, budget, args.method, tokenizer=processor, timed=True) as pruner:
+        _answer(model, processor, inputs, 1, question=question)
+        pruned_answer, pruned = _answer(model, processor, inputs, args.max_new_tokens, question=question)
     selection = pruner.last.images[0]
     selection_ms = 1000.0 * pruner.last_selection_seconds
 

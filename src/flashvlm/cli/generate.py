@@ -22,7 +22,12 @@ def add_parser(subparsers) -> None:
     )
     add_model_arguments(parser)
     parser.add_argument("--image", required=True, action="append", help="image file (repeat for several images)")
-    parser.add_argument("--prompt", required=True, help="the question; the model's chat template is applied")
+    parser.add_argument(
+        "--prompt",
+        required=True,
+        help="the question; the model's chat template is applied, with the images before the question, or where "
+        "the prompt has <image> placeholders (one per --image; the model's image token)",
+    )
     parser.add_argument("--budget", default="64", help="visual tokens kept per image: 64, 0.25 or 25%% (default 64)")
     add_method_arguments(parser)
     parser.add_argument("--max-new-tokens", type=int, default=32)

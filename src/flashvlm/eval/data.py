@@ -12,7 +12,7 @@ them for several images. ``family`` (optional) groups rows in reports. ``scoring
 match), "exact" or "contains" (see :mod:`flashvlm.eval.scoring`). Any other field is
 kept in ``extra``.
 
-The file is UTF-8 (a byte-order mark is allowed). A row that cannot be used (bad JSON,
+The file is UTF-8 (a byte-order mark is allowed). A row that cannot be used (bad JSON, NaN or Infinity,
 bytes that are not UTF-8, a missing or empty field, a missing or unreadable image, a
 repeated id) is never scored: it is reported with its line number and either
 skipped (``on_bad_row="skip"``, the default; listed in :attr:`Dataset.bad_rows`) or the
@@ -127,9 +127,14 @@ def _decode_line(raw: bytes, number: int) -> str:
         ) from None
 
 
+def _refuse_constant(name: str):
+    """``json.loads`` reads NaN, Infinity and -Infinity, which JSON does not have; a row holding one is malformed."""
+    raise DatasetError(f"not valid JSON ({name} is not a JSON number)")
+
+
 def _parse_row(text: str, number: int, folder: Path) -> Example:
     try:
-        row = json.loads(text)
+        row = json.loads(text, parse_constant=_refuse_constant)
     except json.JSONDecodeError as error:
         raise DatasetError(f"not valid JSON ({error.msg} at column {error.colno})") from None
     if not isinstance(row, dict):

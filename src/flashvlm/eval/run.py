@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import QuestionNotFoundError
 from ..loading import chat_prompt, load_image
 from ..patch import prune
 from ..selection import Budget, TokenSelector
@@ -75,13 +76,22 @@ def evaluate(
                 images = [load_image(path) for example in batch for path in example.images]
                 inputs = processor(images=images, text=prompts, padding=True, return_tensors="pt").to(model.device)
                 with PrefillTimer(pruner.adapter.language_model) as timer:
-                    output = model.generate(
-                        **inputs,
-                        question=[example.question for example in batch],
-                        max_new_tokens=max_new_tokens,
-                        do_sample=False,
-                        pad_token_id=tokenizer.pad_token_id,
-                    )
+                    try:
+                        output = model.generate(
+                            **inputs,
+                            question=[example.question for example in batch],
+                            max_new_tokens=max_new_tokens,
+                            do_sample=False,
+                            pad_token_id=tokenizer.pad_token_id,
+                        )
+                    except QuestionNotFoundError as error:
+                        example = batch[error.row]
+                        raise QuestionNotFoundError(
+                            example.question,
+                            error.row,
+                            f"dataset line {example.line} (id {example.id!r})",
+                            "the chat template did not keep its words; use a method whose text_tokens is not 'question'",
+                        ) from None
                 answers = processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
                 batch_results = _row_results(batch, answers, pruner, timer)
                 results.extend(batch_results)

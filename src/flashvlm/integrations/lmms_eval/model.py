@@ -29,7 +29,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ...errors import FlashVLMError
-from ...loading import chat_prompt, load_model
+from ...loading import chat_prompt, load_model, to_rgb
 from ...patch import prune
 from ...selection import Budget, get_method, parse_budget, validate_budget
 
@@ -129,7 +129,10 @@ class PrunedVLM(lmms):
                     f"the flashvlm lmms-eval model takes image tasks; got a {type(visual).__name__} visual "
                     "(video and audio inputs are not supported)"
                 )
-        return [visual.convert("RGB") for visual in visuals]
+        try:
+            return [to_rgb(visual) for visual in visuals]
+        except FlashVLMError as error:
+            raise FlashVLMError(f"an lmms-eval image visual {error}") from None
 
     def _inputs(self, contexts: list[str], images_per_row: list[list[Image.Image]]) -> dict:
         """Left-padded model inputs: each row is the model's chat format around its context."""
@@ -187,8 +190,9 @@ class PrunedVLM(lmms):
         inputs = self._inputs(contexts, images)
         prompt_length = inputs["input_ids"].shape[1]
         start = time.perf_counter()
-        with prune(self._model, self.budget, self.selector) as pruner, torch.inference_mode():
-            output = self._model.generate(**inputs, **settings)
+        # Each context, as the user's words, lets a method with text_tokens="question" find them in its prompt.
+        with prune(self._model, self.budget, self.selector, tokenizer=self.processor) as pruner, torch.inference_mode():
+            output = self._model.generate(**inputs, **settings, question=contexts)
         totals.seconds += time.perf_counter() - start
 
         if pruner.last is not None:
@@ -236,8 +240,10 @@ class PrunedVLM(lmms):
             continuation_ids = continuation_ids.to(self.device)  # (1, C)
             inputs["input_ids"] = torch.cat([inputs["input_ids"], continuation_ids], dim=1)
             inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(continuation_ids)], dim=1)
-            with prune(self._model, self.budget, self.selector), torch.inference_mode():
-                logits = self._model(**inputs).logits  # (1, L', V): pruning shortens L, the end stays aligned
+            with prune(self._model, self.budget, self.selector, tokenizer=self.processor), torch.inference_mode():
+                logits = self._model(
+                    **inputs, question=[context]
+                ).logits  # (1, L', V): pruning shortens L, the end stays aligned
             length = continuation_ids.shape[1]
             predicted = logits[:, -length - 1 : -1].float().log_softmax(dim=-1)  # (1, C, V)
             log_probability = predicted.gather(-1, continuation_ids[..., None]).sum()
