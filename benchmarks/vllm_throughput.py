@@ -1,12 +1,13 @@
 """Throughput of vLLM with and without flashvlm, side by side in one run.
 
-``python -m flashvlm.integrations.vllm.bench --model demo --budget 28 --requests 16``
+    .venv-vllm/bin/python benchmarks/vllm_throughput.py --model demo --budget 28 --requests 16
 
 sends R requests at once (each a different image and question) to one engine per setting,
 unpruned first, and reports requests per second, time to first token, prompt tokens and the
 KV-cache blocks each request holds. Prefix caching and the processor cache are off, so every
 request pays its own encoder run and prefill. The same command is the GPU reference (pass
-``--dtype bfloat16`` and a real model folder there).
+``--dtype bfloat16`` and a real model folder there). Research tooling, outside the wheel: the
+requests are scenes of the demo workbench's benchmark (``demo.scenes``, at the repository root).
 """
 
 from __future__ import annotations
@@ -15,13 +16,17 @@ import argparse
 import json
 import math
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ...errors import FlashVLMError
-from ...selection import parse_budget
+from flashvlm.errors import FlashVLMError
+from flashvlm.selection import parse_budget
+
+# Run as a script, only benchmarks/ is on the path: the workbench package ``demo`` sits beside it.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 @dataclass
@@ -50,9 +55,9 @@ def synthetic_model_folder(name: str, scale: list[str], scratch: str) -> str:
     import torch
     from transformers import AutoTokenizer
 
-    from ...bench.models import build_model, load_config, parse_scale, scale_config
-    from ...demo import MODEL_DIR
-    from .demo import export_for_vllm
+    from flashvlm.bench.models import build_model, load_config, parse_scale, scale_config
+    from flashvlm.demo import MODEL_DIR
+    from flashvlm.integrations.vllm.demo import export_for_vllm
 
     config = scale_config(load_config(name), parse_scale(scale))
     if config.model_type != "llava":
@@ -75,8 +80,8 @@ def demo_requests(model_path: str, count: int, seed: int = 0) -> list[dict]:
     """``count`` different scenes of the demo benchmark's test split, each with its question."""
     from transformers import AutoProcessor
 
-    from ...demo.scenes import split_example
-    from ...loading import chat_prompt
+    from demo.scenes import split_example
+    from flashvlm.loading import chat_prompt
 
     processor = AutoProcessor.from_pretrained(model_path)
     examples = [split_example(seed, "test", index) for index in range(count)]
@@ -148,11 +153,10 @@ def write_section(args, table: str) -> None:
     import os
     import platform
     import shlex
-    import sys
 
-    from ...bench.report import update_markdown_section
+    from flashvlm.bench.report import update_markdown_section
 
-    command = " ".join(["python -m flashvlm.integrations.vllm.bench", *map(shlex.quote, sys.argv[1:])])
+    command = " ".join([".venv-vllm/bin/python benchmarks/vllm_throughput.py", *map(shlex.quote, sys.argv[1:])])
     shape = f"{args.model} (SCALED: {' '.join(args.scale)})" if args.scale else args.model
     body = (
         f"## vLLM plug-in: {shape}\n\n```bash\n{command}\n```\n\n"
@@ -206,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         model_path = args.model
         if model_path == "demo":
-            from .demo import export_demo_model
+            from flashvlm.integrations.vllm.demo import export_demo_model
 
             model_path = str(export_demo_model(f"{scratch}/demo"))
         elif not Path(model_path).is_dir():
