@@ -323,7 +323,7 @@ def check_weights_loaded(name_or_path: str, loading_info: dict) -> None:
         )
     errors = loading_info.get("error_msgs") or ()
     if errors:
-        raise FlashVLMError(f"could not load the weights of {name_or_path}: {first_line(errors[0])}")
+        raise FlashVLMError(f"could not load the weights of {name_or_path}: {one_line(errors[0])}")
 
 
 def chat_prompt(processor, question: str, num_images: int = 1) -> str:
