@@ -17,7 +17,7 @@ UV_VERSION := 0.13.8
 UV := $(VENV)-tools/bin/uv
 UV_COMPILE := $(UV) pip compile --quiet --generate-hashes --find-links $(TORCH_FIND_LINKS) --python-version 3.11
 
-.PHONY: setup eval-setup test lint lock demo clean performance performance-gpu
+.PHONY: setup eval-setup test lint lock demo clean performance performance-gpu parity
 
 $(VENV)/.installed: pyproject.toml locks/base.txt locks/smollm2.txt
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,10 @@ lint: setup
 
 test: eval-setup lint
 	$(PY) -m pytest -q
+
+# The release presets against a restatement of the authors' code (README, "Official-release parity").
+parity: setup
+	$(PY) -m pytest -q tests/test_parity_adapters.py tests/test_release_parity.py
 
 # Regenerate every lock from pyproject.toml. Run it after changing a dependency there (the
 # suite's lock check fails until you do) or to take newer releases on purpose; commit the

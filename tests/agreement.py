@@ -231,6 +231,11 @@ def forced_indices(pairs: list[tuple[RecordedRow, RecordedRow]]) -> list[torch.T
     ]
 
 
+def rows_of(calls: list[RecordedCall]) -> list[RecordedRow]:
+    """Every row of the calls, call by call."""
+    return [call.row(index) for call in calls for index in range(call.kept.shape[0])]
+
+
 #: (label, tokens swapped, tokens kept) of every check made in this session, for the summary.
 SWAPS: list[tuple[str, int, int]] = []
 

@@ -351,8 +351,11 @@ def judge_and_stop(self, args=None, namespace=None):
 
 
 def provided_outside_src(module) -> bool:
+    # The checkout's own modules outside src/ (the workbench, scripts); not an environment
+    # that lives inside the checkout (.venv): a re-imported torch crashes the process.
     path = Path(getattr(module, "__file__", None) or "/").resolve()
-    return path.is_relative_to(repo) and not path.is_relative_to(repo / "src")
+    environment = Path(sys.prefix).resolve()
+    return path.is_relative_to(repo) and not path.is_relative_to(repo / "src") and not path.is_relative_to(environment)
 
 
 argparse.ArgumentParser.parse_args = judge_and_stop
