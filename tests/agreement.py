@@ -82,11 +82,15 @@ class RecordedRow:
         return None if value is None else value[self.index]
 
     def text(self) -> torch.Tensor | None:
-        """(L, D): the text embeddings of real text tokens (padding dropped)."""
-        embeds, mask = self.call.inputs.text_embeds, self.call.inputs.text_mask
-        if embeds is None:
+        """(L, D): the embeddings of the text tokens that guide the method: real text (padding
+        dropped), and only the text before the image where the path says which that is."""
+        inputs = self.call.inputs
+        if inputs.text_embeds is None:
             return None
-        return embeds[self.index][mask[self.index]]
+        mask = inputs.text_mask[self.index]
+        if inputs.text_before_image is not None:
+            mask = mask & inputs.text_before_image[self.index]
+        return inputs.text_embeds[self.index][mask]
 
 
 class SelectionRecorder:
@@ -170,8 +174,7 @@ def inputs_differ(
             continue
         if a.shape != b.shape:
             return f"{name}: shapes {tuple(a.shape)} and {tuple(b.shape)}"
-        scale = b.float().abs().max().clamp_min(torch.finfo(torch.float32).tiny)
-        gap = ((a.float() - b.float()).abs().max() / scale).item()
+        gap = _relative_gap(a, b)
         if gap > tolerance:
             return f"{name}: differs by {gap:.2e} of its largest value (tolerance {tolerance:.0e})"
     return None
@@ -314,11 +317,16 @@ def match_rows(
     return pairs
 
 
-def _distance(row: RecordedRow, other: RecordedRow) -> tuple[float, float]:
-    features = (row.field("features").float() - other.field("features").float()).abs().max().item()
+def _distance(row: RecordedRow, other: RecordedRow) -> float:
+    """How far apart two rows' inputs are: the features' and the text's relative gaps, added
+    (one image asked two questions differs in its text only, two images in their features)."""
     text, other_text = row.text(), other.text()
-    if text is None or other_text is None:
-        return features, 0.0 if text is None and other_text is None else float("inf")
-    if text.shape != other_text.shape:
-        return features, float("inf")
-    return features, (text.float() - other_text.float()).abs().max().item()
+    if (text is None) != (other_text is None) or (text is not None and text.shape != other_text.shape):
+        return float("inf")
+    gap = _relative_gap(row.field("features"), other.field("features"))
+    return gap if text is None else gap + _relative_gap(text, other_text)
+
+
+def _relative_gap(a: torch.Tensor, b: torch.Tensor) -> float:
+    scale = b.float().abs().max().clamp_min(torch.finfo(torch.float32).tiny)
+    return ((a.float() - b.float()).abs().max() / scale).item()
