@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from functools import partial
 
+import numpy as np
 import pytest
 import torch
 from agreement import ForcedSelection, SelectionRecorder, reference_on_our_choice, rows_of
@@ -24,6 +25,8 @@ from flashvlm.demo import EXAMPLES_DIR, MODEL_DIR
 from flashvlm.loading import chat_prompt
 
 MAX_TOKENS = 6
+#: log-probabilities of vLLM (its own kernels) and transformers agree this closely in float32.
+LOGPROB_TOLERANCE = 2e-3
 BUDGETS = (256, 64, 28)  # 256: every token of the demo's 16 x 16 grid
 #: The other methods the vLLM path serves (each needs some of saliency, CLS row, keys,
 #: text, projected tokens, grid), run once each on the first example.
@@ -57,7 +60,12 @@ def hf_reference(
     model, processor = hf_model
     images = [Image.open(path).convert("RGB") for path in request["images"]]
     inputs = processor(images=images, text=request["prompt"], return_tensors="pt")
-    settings = {"do_sample": False, "max_new_tokens": MAX_TOKENS}
+    settings = {
+        "do_sample": False,
+        "max_new_tokens": MAX_TOKENS,
+        "output_logits": True,
+        "return_dict_in_generate": True,
+    }
     with torch.no_grad():
         rows = []
         if budget is None:
@@ -70,8 +78,11 @@ def hf_reference(
             kept = [image.keep_indices.tolist() for image in pruner.last.images]
             length = pruner.last.pruned_length
             rows = recorder.rows()
-    new_ids = generated[0, inputs["input_ids"].shape[1] :].tolist()
-    return {"output_ids": without_eos(new_ids), "kept": kept, "prompt_length": length, "rows": rows}
+    new_ids = without_eos(generated.sequences[0, inputs["input_ids"].shape[1] :].tolist())
+    logprobs = [
+        torch.log_softmax(step[0].float(), dim=-1)[token].item() for step, token in zip(generated.logits, new_ids)
+    ]
+    return {"output_ids": new_ids, "logprobs": logprobs, "kept": kept, "prompt_length": length, "rows": rows}
 
 
 def transformers_on_vllm_choice(
@@ -108,7 +119,7 @@ def runs(hf_model, demo_vllm_folder, tmp_path_factory):
     # Different images, one of them twice with another question, in one batch.
     mixed = requests_for(processor, [*rows, {"image": rows[1]["image"], "question": rows[0]["question"]}])
     workdir = tmp_path_factory.mktemp("vllm-llava")
-    job = {"model": str(demo_vllm_folder), "max_tokens": MAX_TOKENS}
+    job = {"model": str(demo_vllm_folder), "max_tokens": MAX_TOKENS, "logprobs": True}
     engines = [{"name": "off", "calls": one_by_one}]
     for budget in BUDGETS:
         calls = one_by_one
@@ -146,6 +157,16 @@ def runs(hf_model, demo_vllm_folder, tmp_path_factory):
     }
 
 
+def assert_same_answer(call: dict, reference: dict) -> None:
+    """vLLM's greedy tokens equal transformers', and their log-probabilities agree within float32
+    noise: the demo model's answer alone rarely moves when a kept token sits at a wrong
+    position, its log-probabilities do."""
+    (output,) = call["outputs"]
+    assert without_eos(output["output_ids"]) == reference["output_ids"]
+    logprobs = output["logprobs"][: len(reference["output_ids"])]
+    np.testing.assert_allclose(logprobs, reference["logprobs"], atol=LOGPROB_TOLERANCE)
+
+
 def only_output(call: dict) -> dict:
     (output,) = call["outputs"]
     return {"output_ids": without_eos(output["output_ids"]), "prompt_length": len(output["prompt_ids"])}
@@ -170,7 +191,7 @@ def test_greedy_tokens_and_kept_indices_equal_transformers(runs, hf_model, budge
         result = only_output(call)
         (kept,) = call["kept"]
         assert [kept[2]] == reference["kept"]
-        assert result["output_ids"] == reference["output_ids"]
+        assert_same_answer(call, reference)
         # The prompt holds K placeholders instead of N: text + K tokens.
         assert result["prompt_length"] == unpruned["prompt_length"] - 256 + min(budget, 256)
         if budget == 256:
@@ -187,7 +208,7 @@ def test_two_questions_about_one_image_get_two_selections(runs, hf_model):
         vllm_rows = recorded_rows(runs["selections"], engine, index)
         reference = transformers_on_vllm_choice(hf_model, vllm_rows, request, BUDGETS[-1])
         assert [selection[2]] == reference["kept"]
-        assert only_output(call)["output_ids"] == reference["output_ids"]
+        assert_same_answer(call, reference)
 
 
 def test_a_mixed_batch_equals_the_requests_one_by_one(runs, hf_model):
@@ -199,7 +220,7 @@ def test_a_mixed_batch_equals_the_requests_one_by_one(runs, hf_model):
     batch_rows = recorded_rows(runs["selections"], "batch", 0)
     for request, output in zip(runs["mixed"], batch["outputs"]):
         reference = transformers_on_vllm_choice(hf_model, batch_rows, request, BUDGETS[-1], every=False)
-        assert without_eos(output["output_ids"]) == reference["output_ids"]
+        assert_same_answer({"outputs": [output]}, reference)
         assert len(output["prompt_ids"]) == reference["prompt_length"]
         assert reference["kept"][0] in [record[2] for record in batch["kept"]]
     lengths = [len(output["prompt_ids"]) for output in batch["outputs"]]
@@ -215,7 +236,7 @@ def test_every_servable_method_keeps_what_it_keeps_in_transformers(runs, hf_mode
     if reference is None:  # VisionZip's merged tokens on a near-tie: the selection checks above hold
         return
     assert [kept[2]] == reference["kept"]
-    assert only_output(call)["output_ids"] == reference["output_ids"]
+    assert_same_answer(call, reference)
 
 
 def test_two_images_in_one_prompt_each_get_the_budget(runs, hf_model):
@@ -223,5 +244,5 @@ def test_two_images_in_one_prompt_each_get_the_budget(runs, hf_model):
     vllm_rows = recorded_rows(runs["selections"], "two images", 0)
     reference = transformers_on_vllm_choice(hf_model, vllm_rows, runs["two_images"], BUDGETS[-1])
     assert [record[2] for record in call["kept"]] == reference["kept"]
-    assert only_output(call)["output_ids"] == reference["output_ids"]
+    assert_same_answer(call, reference)
     assert only_output(call)["prompt_length"] == len(call["kept"][0][0]) + 2 * BUDGETS[-1]

@@ -23,6 +23,7 @@ from conftest import (
 from test_folders import family_processor
 from test_vllm_llava import (
     MAX_TOKENS,
+    assert_same_answer,
     hf_reference,
     only_output,
     recorded_rows,
@@ -136,7 +137,7 @@ def runs(folders, hf_model):
     plugin_engines.append({"name": "llama", "engine_args": llama, "calls": llama_calls})
     refused = {"name": "llama refused", "engine_args": llama, "hf_overrides": overrides, "expect_error": True}
     plugin_engines.append({**refused, "calls": []})
-    job = {"model": str(folders["llava_next"]), "max_tokens": MAX_TOKENS}
+    job = {"model": str(folders["llava_next"]), "max_tokens": MAX_TOKENS, "logprobs": True}
     workdir = folders["root"] / "jobs"
     stock, plugin = run_stock_and_plugin(job, stock_engines, plugin_engines, workdir)
     return {"stock": stock, "plugin": plugin, "requests": requests}
@@ -159,7 +160,8 @@ def test_greedy_tokens_and_kept_indices_equal_transformers_with_every_rows_newli
         reference = transformers_on_vllm_choice(hf_model, vllm_rows, request, budget, newlines="every_row")
         (kept,) = call["kept"]
         assert [kept[2]] == reference["kept"]
-        assert only_output(call) == {"output_ids": reference["output_ids"], "prompt_length": reference["prompt_length"]}
+        assert_same_answer(call, reference)
+        assert only_output(call)["prompt_length"] == reference["prompt_length"]
     if budget == FULL:
         stock = [only_output(call) for call in runs["stock"]["stock"]]
         assert [only_output(call) for call in runs["plugin"][f"b{budget}"]] == stock
@@ -175,7 +177,8 @@ def test_other_methods_keep_what_they_keep_in_transformers(runs, hf_model, metho
     if reference is None:  # VisionZip's merged tokens on a near-tie: the selection checks above hold
         return
     assert [kept[2]] == reference["kept"]
-    assert only_output(call) == {"output_ids": reference["output_ids"], "prompt_length": reference["prompt_length"]}
+    assert_same_answer(call, reference)
+    assert only_output(call)["prompt_length"] == reference["prompt_length"]
 
 
 def test_none_at_budget_one_sends_every_view_as_stock_vllm(runs):
@@ -199,9 +202,10 @@ def test_two_image_sizes_in_one_batch_equal_the_requests_one_by_one(runs, hf_mod
     got = [
         {"output_ids": without_eos(o["output_ids"]), "prompt_length": len(o["prompt_ids"])} for o in batch["outputs"]
     ]
-    for request, result in zip(runs["requests"], got):
+    for request, result, output in zip(runs["requests"], got, batch["outputs"]):
         reference = transformers_on_vllm_choice(hf_model, batch_rows, request, SMALL, every=False, newlines="every_row")
-        assert result == {"output_ids": reference["output_ids"], "prompt_length": reference["prompt_length"]}
+        assert_same_answer({"outputs": [output]}, reference)
+        assert result["prompt_length"] == reference["prompt_length"]
     assert [row["prompt_length"] for row in got] == [only_output(call)["prompt_length"] for call in singles]
     assert len({row["prompt_length"] for row in got}) == 2  # the two sizes: two lengths
 

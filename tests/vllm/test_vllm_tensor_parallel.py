@@ -17,9 +17,9 @@ import os
 import pytest
 from test_vllm_llava import (  # noqa: F401
     MAX_TOKENS,
+    assert_same_answer,
     examples,
     hf_model,
-    only_output,
     recorded_rows,
     requests_for,
     transformers_on_vllm_choice,
@@ -53,7 +53,7 @@ def runs(hf_model, demo_vllm_folder, tmp_path_factory):  # noqa: F811
         }
         for method in METHODS
     ]
-    job = {"model": str(demo_vllm_folder), "max_tokens": MAX_TOKENS, "engines": engines}
+    job = {"model": str(demo_vllm_folder), "max_tokens": MAX_TOKENS, "logprobs": True, "engines": engines}
     (result,) = run_jobs([(job, tmp_path_factory.mktemp("vllm-tp"), True)], in_process=False, extra_env=TP_ENV)
     return {**result, "requests": one_by_one}
 
@@ -69,4 +69,4 @@ def test_every_rank_keeps_what_transformers_keeps(runs, hf_model, method):  # no
             continue
         ((_, _, kept),) = call["ranks_kept"][0]
         assert [kept] == reference["kept"]
-        assert only_output(call)["output_ids"] == reference["output_ids"]
+        assert_same_answer(call, reference)
