@@ -15,6 +15,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .adapters import supported_architectures
 from .errors import FlashVLMError, UnsupportedModelError
 
+#: The placeholder a prompt may carry where an image goes (LLaVA's; other processors have their own).
+IMAGE_PLACEHOLDER = "<image>"
+
 
 def load_image(path: str | os.PathLike) -> Image.Image:
     """Open an image file as 8-bit RGB, upright, or raise a clear error for a missing or unreadable file.
@@ -335,7 +338,7 @@ def chat_prompt(processor, question: str, num_images: int = 1) -> str:
     chat format (it ends with the template's answer marker, "ASSISTANT:" for LLaVA-1.5) is
     used as given; it must then place every image itself.
     """
-    image_token = getattr(processor, "image_token", "<image>")
+    image_token = getattr(processor, "image_token", IMAGE_PLACEHOLDER)
     has_template = bool(getattr(processor, "chat_template", None))
     user_marker, answer_marker = chat_markers(processor)
     if question.rstrip().endswith(answer_marker):
@@ -352,7 +355,13 @@ def chat_prompt(processor, question: str, num_images: int = 1) -> str:
             f"the prompt {_shown(question)} starts a chat turn ({user_marker!r}) but does not end with the answer "
             f"marker {answer_marker!r}: give the whole chat format, or the question alone"
         )
-    if image_token not in question:
+    placeholders = question.count(image_token)
+    if placeholders and placeholders != num_images:
+        raise FlashVLMError(
+            f"the prompt {_shown(question)} has {placeholders} {image_token} for {num_images} image(s): place one "
+            f"{image_token} per image, or none to have the images placed before the question"
+        )
+    if not placeholders:
         if has_template:
             content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": question}]
             return _render_chat(processor, content)

@@ -9,10 +9,8 @@ from pathlib import Path
 
 from ..errors import FlashVLMError
 from ..files import check_writable_folder
+from ..loading import IMAGE_PLACEHOLDER
 from ..selection import Budget, available_methods, parse_budget
-
-#: The placeholder a prompt may carry where an image goes (LLaVA's; other processors have their own).
-IMAGE_PLACEHOLDER = "<image>"
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:

@@ -7,11 +7,11 @@ import argparse
 import torch
 
 from ..adapters import adapter_for
-from ..loading import chat_prompt, chat_question, load_image, load_model
+from ..loading import IMAGE_PLACEHOLDER, chat_prompt, chat_question, load_image, load_model
 from ..patch import prune
 from ..selection import get_method, parse_budget
 from ..timing import PrefillTimer
-from .common import IMAGE_PLACEHOLDER, add_method_arguments, add_model_arguments, check_count, check_prompt
+from .common import add_method_arguments, add_model_arguments, check_count, check_prompt
 
 
 def add_parser(subparsers) -> None:
