@@ -114,6 +114,25 @@ def test_a_prompt_already_in_the_chat_format_is_used_as_given():
     assert chat_question(chatml, formatted) == "\n<|vision_start|><image><|vision_end|>what ?<|im_end|>\n"
 
 
+def test_a_prompt_never_carries_a_second_bos_token():
+    from PIL import Image
+
+    from flashvlm.demo import MODEL_DIR
+    from flashvlm.loading import chat_prompt, load_model
+
+    _, processor = load_model(str(MODEL_DIR), "cpu")  # its tokenizer adds <s> itself
+    image = Image.new("RGB", (32, 32))
+
+    def leading_ids(prompt: str) -> list[int]:
+        return processor(images=[image], text=chat_prompt(processor, prompt))["input_ids"][0][:2]
+
+    expected = leading_ids("what is it ?")
+    assert expected[0] == processor.tokenizer.bos_token_id and expected[1] != expected[0]
+    assert leading_ids("<s>USER: <image>\nwhat is it ? ASSISTANT:") == expected  # a user who typed the BOS token
+    processor.chat_template = "{{ bos_token }}" + processor.chat_template  # as Gemma 3's template writes it
+    assert leading_ids("what is it ?") == expected
+
+
 @pytest.mark.parametrize(
     "change,message",
     [

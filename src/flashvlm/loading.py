@@ -337,7 +337,25 @@ def chat_prompt(processor, question: str, num_images: int = 1) -> str:
     what the template writes for one image, where the user put it. A question already in the
     chat format (it ends with the template's answer marker, "ASSISTANT:" for LLaVA-1.5) is
     used as given; it must then place every image itself.
+
+    The prompt never starts with the tokenizer's BOS token when the processor adds one itself
+    (a template that writes ``{{ bos_token }}``, a user who typed ``<s>``): the model would
+    read two.
     """
+    return _without_added_bos(processor, _chat_text(processor, _without_added_bos(processor, question), num_images))
+
+
+def _without_added_bos(processor, text: str) -> str:
+    """``text`` less a leading BOS token that the processor's tokenizer adds itself."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    bos, bos_id = getattr(tokenizer, "bos_token", None), getattr(tokenizer, "bos_token_id", None)
+    if not bos or not text.startswith(bos) or bos_id is None:
+        return text
+    added = tokenizer("a")["input_ids"][:1] == [bos_id]
+    return text[len(bos) :] if added else text
+
+
+def _chat_text(processor, question: str, num_images: int) -> str:
     image_token = getattr(processor, "image_token", IMAGE_PLACEHOLDER)
     has_template = bool(getattr(processor, "chat_template", None))
     user_marker, answer_marker = chat_markers(processor)
