@@ -25,10 +25,12 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Ite
 
     ``mode`` is ``"w"`` (text; pass ``encoding``, ``newline``) or ``"wb"``. A new file gets the
     permissions ``open`` would give it (0666 less the umask); a rewritten file keeps its own.
+    A symbolic link is followed, as ``open`` follows it: the file it points to is written, and
+    the link stays (renaming over it would have turned the link into a file of its own).
     """
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_write mode must be 'w' or 'wb'; got {mode!r}")
-    path = Path(path)
+    path = write_target(Path(path))
     try:
         descriptor, temporary = _create_beside(path)
     except OSError as error:
@@ -47,6 +49,11 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Ite
         if isinstance(error, OSError) and error.strerror:  # a write's OSError names no file
             raise type(error)(error.errno, f"cannot write {path}: {error.strerror}") from None
         raise
+
+
+def write_target(path: Path) -> Path:
+    """The file that writing ``path`` replaces: where a symbolic link (chain) points, else ``path``."""
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
 
 
 def _create_beside(path: Path) -> tuple[int, Path]:
