@@ -140,6 +140,17 @@ def test_a_new_output_follows_the_umask_and_a_rewritten_one_keeps_its_mode(tmp_p
     assert stat.S_IMODE(existing.stat().st_mode) == 0o640 and existing.read_text() == "rewritten"
 
 
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="giving a file to another user needs root")
+def test_a_rewritten_output_keeps_its_owner(tmp_path):
+    existing = tmp_path / "bench.json"
+    existing.write_text("theirs")
+    os.chown(existing, 1234, 1234)
+    existing.chmod(0o600)
+    write_text_atomic(existing, "new")  # was now root's, 0600: its owner could no longer read it
+    status = existing.stat()
+    assert (status.st_uid, status.st_gid, stat.S_IMODE(status.st_mode)) == (1234, 1234, 0o600)
+
+
 def test_an_output_that_is_a_symbolic_link_writes_where_it_points(tmp_path):
     target = tmp_path / "reports" / "bench.md"
     target.parent.mkdir()
