@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from flashvlm.cli import main
+from flashvlm.errors import FlashVLMError
 
 
 def test_generate_prints_answer_tokens_and_prefill_time(tiny_llava_folder, sample_image_file, capsys):
@@ -62,12 +63,13 @@ def test_an_image_placeholder_in_the_prompt_keeps_the_chat_template(capsys):
 
     image = MODEL_DIR.parent / "examples" / "attribute.png"
     answers = []
-    for prompt in ("what color is the square ?", "<image> what color is the square ?"):
+    prompts = ("what color is the square ?", "<image> what color is the square ?")
+    for prompt in (*prompts, "USER: <image>\nwhat color is the square ? ASSISTANT:"):
         for method in ("flashvlm", "flashvlm:question"):
             argv = ["generate", "--model", str(MODEL_DIR), "--device", "cpu", "--image", str(image)]
             assert main([*argv, "--prompt", prompt, "--method", method, "--max-new-tokens", "3"]) == 0
             answers.append(capsys.readouterr().out.splitlines()[0])
-    assert answers == ["answer: red"] * 4
+    assert answers == ["answer: red"] * 6
 
 
 def test_the_chat_template_puts_each_image_where_its_placeholder_is():
@@ -87,6 +89,48 @@ def test_the_chat_template_puts_each_image_where_its_placeholder_is():
     assert chat_prompt(chatml, "what is <image> it ?") == (
         "<|im_start|>user\nwhat is <|vision_start|><image><|vision_end|>it ?<|im_end|>\n<|im_start|>assistant\n"
     )
+
+
+def test_a_prompt_already_in_the_chat_format_is_used_as_given():
+    from conftest import tiny_processor
+    from conftest_families import CHATML_TEMPLATE
+
+    from flashvlm.loading import chat_prompt, chat_question
+
+    llava = tiny_processor()
+    formatted = "USER: <image>\nwhat is it ? ASSISTANT:"
+    assert chat_prompt(llava, formatted) == formatted  # the template was applied twice: "USER: USER: ..."
+    assert chat_prompt(llava, "USER: <image> or <image> ? ASSISTANT: ", 2) == "USER: <image> or <image> ? ASSISTANT: "
+    assert chat_question(llava, formatted) == " <image>\nwhat is it ? "
+    assert chat_question(llava, "what is it ?") == "what is it ?"
+    with pytest.raises(FlashVLMError, match=r"already in the chat format .* has 0 <image> for 1 image"):
+        chat_prompt(llava, "USER: what is it ? ASSISTANT:")
+    with pytest.raises(FlashVLMError, match=r"starts a chat turn \('USER:'\) but does not end with .*'ASSISTANT:'"):
+        chat_prompt(llava, "USER: <image>\nwhat is it ?")
+    chatml = tiny_processor()
+    chatml.chat_template = CHATML_TEMPLATE.replace("{{ image_placeholder }}", "<|vision_start|><image><|vision_end|>")
+    formatted = "<|im_start|>user\n<|vision_start|><image><|vision_end|>what ?<|im_end|>\n<|im_start|>assistant\n"
+    assert chat_prompt(chatml, formatted) == formatted
+    assert chat_question(chatml, formatted) == "\n<|vision_start|><image><|vision_end|>what ?<|im_end|>\n"
+
+
+def test_a_prompt_never_carries_a_second_bos_token():
+    from PIL import Image
+
+    from flashvlm.demo import MODEL_DIR
+    from flashvlm.loading import chat_prompt, load_model
+
+    _, processor = load_model(str(MODEL_DIR), "cpu")  # its tokenizer adds <s> itself
+    image = Image.new("RGB", (32, 32))
+
+    def leading_ids(prompt: str) -> list[int]:
+        return processor(images=[image], text=chat_prompt(processor, prompt))["input_ids"][0][:2]
+
+    expected = leading_ids("what is it ?")
+    assert expected[0] == processor.tokenizer.bos_token_id and expected[1] != expected[0]
+    assert leading_ids("<s>USER: <image>\nwhat is it ? ASSISTANT:") == expected  # a user who typed the BOS token
+    processor.chat_template = "{{ bos_token }}" + processor.chat_template  # as Gemma 3's template writes it
+    assert leading_ids("what is it ?") == expected
 
 
 @pytest.mark.parametrize(

@@ -140,6 +140,49 @@ def test_a_new_output_follows_the_umask_and_a_rewritten_one_keeps_its_mode(tmp_p
     assert stat.S_IMODE(existing.stat().st_mode) == 0o640 and existing.read_text() == "rewritten"
 
 
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="giving a file to another user needs root")
+def test_a_rewritten_output_keeps_its_owner(tmp_path):
+    existing = tmp_path / "bench.json"
+    existing.write_text("theirs")
+    os.chown(existing, 1234, 1234)
+    existing.chmod(0o600)
+    write_text_atomic(existing, "new")  # was now root's, 0600: its owner could no longer read it
+    status = existing.stat()
+    assert (status.st_uid, status.st_gid, stat.S_IMODE(status.st_mode)) == (1234, 1234, 0o600)
+
+
+def test_an_output_that_is_a_symbolic_link_writes_where_it_points(tmp_path):
+    target = tmp_path / "reports" / "bench.md"
+    target.parent.mkdir()
+    target.write_text("old")
+    target.chmod(0o640)
+    link = tmp_path / "bench.md"
+    link.symlink_to(target)
+    write_text_atomic(link, "new")  # the link was replaced by a file of its own, the target left "old"
+    assert link.is_symlink() and target.read_text() == "new" and stat.S_IMODE(target.stat().st_mode) == 0o640
+    dangling = tmp_path / "new.md"
+    dangling.symlink_to(target.parent / "new.md")
+    write_text_atomic(dangling, "created")
+    assert dangling.is_symlink() and (target.parent / "new.md").read_text() == "created"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["bench.md", "new.md", "reports"]
+
+
+def test_a_symbolic_link_to_nowhere_is_refused_before_loading(tmp_path, no_model, capsys):
+    out = tmp_path / "out"
+    out.symlink_to(tmp_path / "missing")
+    compare = ["compare", "--model", "unused", "--data", "unused.jsonl", "--methods", "flashvlm", "--device", "cpu"]
+    assert main([*compare, "--out", str(out)]) == 2  # the model loaded, then mkdir said "File exists"
+    assert f"--out {out} is a symbolic link to {tmp_path / 'missing'}, which does not exist" in error_line(
+        capsys.readouterr().err
+    )
+    report = tmp_path / "report.md"
+    report.symlink_to(tmp_path / "missing" / "report.md")
+    assert main([*TINY_BENCH, "--markdown", str(report)]) == 2  # the write failed after the whole bench
+    message = error_line(capsys.readouterr().err)
+    assert f"--markdown {report} links to {tmp_path / 'missing' / 'report.md'}, whose folder does not exist" in message
+    assert out.is_symlink() and report.is_symlink() and not (tmp_path / "missing").exists()
+
+
 def test_a_processor_that_cannot_load_is_explained_in_full(tmp_path, sample_image_file, capsys):
     folder = tmp_path / "model"
     shutil.copytree(MODEL_DIR, folder)

@@ -152,9 +152,14 @@ def test_an_earlier_run_is_neither_mixed_nor_overwritten_silently(uninterrupted,
     assert main(compare_argv(uninterrupted, "--budgets", "8", "--resume")) == 2
     err = capsys.readouterr().err.strip()
     assert "budgets was ['8', '25%'], now ['8']" in err and "\n" not in err
+    assert main(compare_argv(uninterrupted, "--budgets", "25%,8", "--resume")) == 2  # another order: another table
+    assert "budgets was ['8', '25%'], now ['25%', '8']" in capsys.readouterr().err
     assert (uninterrupted / "compare.csv").read_bytes() == before
     # Everything is done: --resume rewrites the outputs from the journal without loading the model.
     assert main(compare_argv(uninterrupted, "--resume")) == 0
+    assert (uninterrupted / "compare.csv").read_bytes() == before
+    # The same budgets spelt otherwise are the same run (they were "other settings").
+    assert main(compare_argv(uninterrupted, "--budgets", "8.0, 0.25", "--resume")) == 0
     assert (uninterrupted / "compare.csv").read_bytes() == before
 
 

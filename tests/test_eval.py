@@ -121,6 +121,32 @@ def test_a_row_with_a_json_nan_or_infinity_is_malformed(dataset_file, constant):
     assert reasons[10] == reasons[11] == f"not valid JSON ({constant} is not a JSON number)"
 
 
+def test_a_question_with_image_placeholders_for_other_images_is_malformed(dataset_file):
+    # It reached the processor mid-run, whose ValueError ended compare with a traceback.
+    with dataset_file.open("a") as rows:
+        rows.write('{"id": "g", "image": "img/0.png", "question": "<image> or <image> ?", "answer": "a"}\n')
+        rows.write(
+            '{"id": "h", "image": ["img/0.png", "img/1.png"], "question": "<image> or <image> ?", "answer": "a"}\n'
+        )
+    dataset = load_dataset(dataset_file)
+    assert [example.id for example in dataset.examples] == ["a", "b", "c", "h"]
+    assert {bad.line: bad.reason for bad in dataset.bad_rows}[10] == (
+        "field 'question' has 2 <image> placeholders for 1 image(s); "
+        "write one <image> per image, or none to have the images placed before the question"
+    )
+
+
+def test_a_prompt_the_chat_template_cannot_take_is_named_by_dataset_line_and_id(tiny_llava_folder, dataset_file):
+    model, processor = load_model(str(tiny_llava_folder), device="cpu")
+    example = load_dataset(dataset_file).examples[1]
+    example.question = "what is it ? ASSISTANT:"  # the chat format, with no place for its image
+    with pytest.raises(FlashVLMError, match=r"^dataset line 2 \(id 'b'\): the prompt .* has 0 <image> for 1 image"):
+        evaluate(model, processor, [example], "flashvlm", 8, prompt_suffix="", progress=False)
+    example.question = "<image> or <image> ?"
+    with pytest.raises(FlashVLMError, match=r"^dataset line 2 \(id 'b'\): the prompt .* has 2 <image> for 1 image"):
+        evaluate(model, processor, [example], "flashvlm", 8, prompt_suffix="", progress=False)
+
+
 # -- evaluation -----------------------------------------------------------------------------
 
 

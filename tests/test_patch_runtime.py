@@ -99,6 +99,19 @@ def test_continuing_from_an_unpruned_cache_gives_the_unpruned_tokens(model):
         assert torch.equal(continue_from(first, attached=True), continue_from(first, attached=False))
 
 
+def test_a_pruner_used_as_a_context_manager_attaches_and_detaches(model):
+    inputs = llava_batch(model, batch_size=1, seed=9)
+    with flashvlm.Pruner(model, 4) as pruner, torch.no_grad():  # ran the model unpruned, pruner.last None
+        model.generate(**inputs, max_new_tokens=1, do_sample=False)
+        assert pruner.last.images[0].num_kept == 4
+    assert "generate" not in vars(model) and not hasattr(model, "_flashvlm_pruner")
+    with flashvlm.apply(model, 4) as pruner:  # already attached: entering changes nothing
+        assert model._flashvlm_pruner is pruner
+        with pytest.raises(FlashVLMError, match="already has a flashvlm method attached"):
+            flashvlm.Pruner(model, 8).__enter__()
+    assert not hasattr(model, "_flashvlm_pruner")
+
+
 def test_last_describes_no_image_after_a_text_only_call(model):
     inputs = llava_batch(model, batch_size=2, seed=8)
     with flashvlm.prune(model, budget=4, timed=True) as pruner, torch.no_grad():

@@ -24,19 +24,25 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Ite
     """Open a temporary file beside ``path``; on success it replaces ``path``, on failure it is removed.
 
     ``mode`` is ``"w"`` (text; pass ``encoding``, ``newline``) or ``"wb"``. A new file gets the
-    permissions ``open`` would give it (0666 less the umask); a rewritten file keeps its own.
+    permissions ``open`` would give it (0666 less the umask); a rewritten file keeps its own, and
+    its owner and group where the user may give them (root may; others keep a group they are in).
+    A symbolic link is followed, as ``open`` follows it: the file it points to is written, and
+    the link stays (renaming over it would have turned the link into a file of its own).
     """
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_write mode must be 'w' or 'wb'; got {mode!r}")
-    path = Path(path)
+    path = write_target(Path(path))
     try:
         descriptor, temporary = _create_beside(path)
     except OSError as error:
         raise type(error)(error.errno, f"cannot write {path}: {error.strerror}") from None
     try:
         with os.fdopen(descriptor, mode, **open_kwargs) as file:
-            if path.exists():  # a rewritten file keeps its permissions
-                os.chmod(temporary, stat.S_IMODE(os.stat(path).st_mode))
+            if path.exists():  # a rewritten file keeps its permissions, and its owner where we may say so
+                existing = os.stat(path)
+                with contextlib.suppress(OSError):
+                    os.chown(temporary, existing.st_uid, existing.st_gid)
+                os.chmod(temporary, stat.S_IMODE(existing.st_mode))
             yield file
             file.flush()
             os.fsync(file.fileno())
@@ -47,6 +53,11 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Ite
         if isinstance(error, OSError) and error.strerror:  # a write's OSError names no file
             raise type(error)(error.errno, f"cannot write {path}: {error.strerror}") from None
         raise
+
+
+def write_target(path: Path) -> Path:
+    """The file that writing ``path`` replaces: where a symbolic link (chain) points, else ``path``."""
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
 
 
 def _create_beside(path: Path) -> tuple[int, Path]:

@@ -15,6 +15,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .adapters import supported_architectures
 from .errors import FlashVLMError, UnsupportedModelError
 
+#: The placeholder a prompt may carry where an image goes (LLaVA's; other processors have their own).
+IMAGE_PLACEHOLDER = "<image>"
+
 
 def load_image(path: str | os.PathLike) -> Image.Image:
     """Open an image file as 8-bit RGB, upright, or raise a clear error for a missing or unreadable file.
@@ -331,11 +334,52 @@ def chat_prompt(processor, question: str, num_images: int = 1) -> str:
 
     A question that contains the processor's image token places the images itself: the chat
     template is still applied, and each placeholder (with the whitespace after it) becomes
-    what the template writes for one image, where the user put it.
+    what the template writes for one image, where the user put it. A question already in the
+    chat format (it ends with the template's answer marker, "ASSISTANT:" for LLaVA-1.5) is
+    used as given; it must then place every image itself.
+
+    The prompt never starts with the tokenizer's BOS token when the processor adds one itself
+    (a template that writes ``{{ bos_token }}``, a user who typed ``<s>``): the model would
+    read two.
     """
-    image_token = getattr(processor, "image_token", "<image>")
+    return _without_added_bos(processor, _chat_text(processor, _without_added_bos(processor, question), num_images))
+
+
+def _without_added_bos(processor, text: str) -> str:
+    """``text`` less a leading BOS token that the processor's tokenizer adds itself."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    bos, bos_id = getattr(tokenizer, "bos_token", None), getattr(tokenizer, "bos_token_id", None)
+    if not bos or not text.startswith(bos) or bos_id is None:
+        return text
+    added = tokenizer("a")["input_ids"][:1] == [bos_id]
+    return text[len(bos) :] if added else text
+
+
+def _chat_text(processor, question: str, num_images: int) -> str:
+    image_token = getattr(processor, "image_token", IMAGE_PLACEHOLDER)
     has_template = bool(getattr(processor, "chat_template", None))
-    if image_token not in question:
+    user_marker, answer_marker = chat_markers(processor)
+    if question.rstrip().endswith(answer_marker):
+        placeholders = question.count(image_token)
+        if placeholders != num_images:
+            raise FlashVLMError(
+                f"the prompt {_shown(question)} is already in the chat format (it ends with {answer_marker!r}) but "
+                f"has {placeholders} {image_token} for {num_images} image(s): place one {image_token} per image, "
+                "or give the question alone"
+            )
+        return question
+    if question.lstrip().startswith(user_marker):
+        raise FlashVLMError(
+            f"the prompt {_shown(question)} starts a chat turn ({user_marker!r}) but does not end with the answer "
+            f"marker {answer_marker!r}: give the whole chat format, or the question alone"
+        )
+    placeholders = question.count(image_token)
+    if placeholders and placeholders != num_images:
+        raise FlashVLMError(
+            f"the prompt {_shown(question)} has {placeholders} {image_token} for {num_images} image(s): place one "
+            f"{image_token} per image, or none to have the images placed before the question"
+        )
+    if not placeholders:
         if has_template:
             content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": question}]
             return _render_chat(processor, content)
@@ -346,6 +390,38 @@ def chat_prompt(processor, question: str, num_images: int = 1) -> str:
     return _render_chat(processor, [{"type": "text", "text": _TEXT_MARK}]).replace(
         _TEXT_MARK, template_image_block(processor).join(pieces)
     )
+
+
+def chat_question(processor, prompt: str) -> str:
+    """The user's words in ``prompt``: the text between the chat markers of a prompt already in
+    the chat format (see :func:`chat_prompt`), else the prompt itself."""
+    user_marker, answer_marker = chat_markers(processor)
+    stripped = prompt.strip()
+    if not stripped.endswith(answer_marker):
+        return prompt
+    words = stripped[: len(stripped) - len(answer_marker)]
+    return words.rpartition(user_marker)[2] if user_marker in words else words
+
+
+def chat_markers(processor) -> tuple[str, str]:
+    """The chat template's user-turn and answer markers, as the last line the template writes
+    before the user's text and after it: ("USER:", "ASSISTANT:") for LLaVA-1.5,
+    ("<|im_start|>user", "<|im_start|>assistant") for ChatML."""
+    if not getattr(processor, "chat_template", None):
+        return "USER:", "ASSISTANT:"
+    before, _, after = _render_chat(processor, [{"type": "text", "text": _TEXT_MARK}]).partition(_TEXT_MARK)
+    user_lines, answer_lines = before.strip().splitlines(), after.strip().splitlines()
+    bos = getattr(getattr(processor, "tokenizer", processor), "bos_token", None)
+    user_marker = user_lines[-1].strip() if user_lines else ""
+    if bos and user_marker.startswith(bos) and user_marker != bos:
+        user_marker = user_marker[len(bos) :].lstrip()
+    # A template that writes nothing around the text has no markers: no prompt matches U+E000 twice.
+    return user_marker or _TEXT_MARK * 2, answer_lines[-1].strip() if answer_lines else _TEXT_MARK * 2
+
+
+def _shown(text: str, width: int = 60) -> str:
+    """``text`` for an error line: quoted, cut at ``width`` characters."""
+    return repr(text if len(text) <= width else text[:width] + "...")
 
 
 #: A private-use character no chat template writes: it marks where a template puts the user's text.

@@ -171,6 +171,9 @@ class Pruner:
         delattr(self.model, _ATTRIBUTE)
 
     def __enter__(self) -> Pruner:
+        # ``with Pruner(model, 64):`` attaches as ``with flashvlm.prune(model, 64):`` does; it ran unpruned.
+        if getattr(self.model, _ATTRIBUTE, None) is not self:
+            self.attach()
         return self
 
     def __exit__(self, *exc_info) -> None:

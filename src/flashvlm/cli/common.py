@@ -8,11 +8,9 @@ import sys
 from pathlib import Path
 
 from ..errors import FlashVLMError
-from ..files import check_writable_folder
+from ..files import check_writable_folder, write_target
+from ..loading import IMAGE_PLACEHOLDER
 from ..selection import Budget, available_methods, parse_budget
-
-#: The placeholder a prompt may carry where an image goes (LLaVA's; other processors have their own).
-IMAGE_PLACEHOLDER = "<image>"
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -80,9 +78,15 @@ def check_prompt(prompt: str, num_images: int, image_token: str = IMAGE_PLACEHOL
 def check_output_file(option: str, path: str | os.PathLike) -> None:
     """Refuse an output file that cannot be written (a folder, or in a read-only folder) before any work.
 
-    Missing folders above it are fine: they are created when the file is written.
+    Missing folders above it are fine: they are created when the file is written. A symbolic
+    link is checked where it points (the file written there), and its folder must exist.
     """
     path = Path(path)
+    if path.is_symlink():
+        target = write_target(path)
+        if not target.parent.is_dir():
+            raise FlashVLMError(f"{option} {path} links to {target}, whose folder does not exist; create it first")
+        path = target
     if path.is_dir():
         raise FlashVLMError(f"{option} {path} is a folder; name a file")
     check_writable_folder(_nearest_folder_above(option, path))
@@ -95,6 +99,11 @@ def check_output_folder(option: str, path: str | os.PathLike) -> None:
     likely than a wish for a new tree.
     """
     path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise FlashVLMError(
+            f"{option} {path} is a symbolic link to {os.readlink(path)}, which does not exist; "
+            "create that folder, or name another"
+        )
     if path.exists() and not path.is_dir():
         raise FlashVLMError(f"{option} {path} is a file; name a folder (it is created if missing)")
     folder = path if path.exists() else _nearest_folder_above(option, path)

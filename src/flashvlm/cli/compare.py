@@ -29,9 +29,10 @@ from ..eval import (
 from ..eval.journal import JournalContents, RunJournal
 from ..files import atomic_write, write_text_atomic
 from ..loading import check_device, load_model, resolve_dtype
-from ..selection import available_methods, get_method
+from ..selection import available_methods, get_method, parse_budget
 from .common import (
     add_model_arguments,
+    budget_key,
     check_count,
     check_output_folder,
     parse_budgets,
@@ -138,12 +139,19 @@ def _dtype_name(dtype: str, device: torch.device) -> str:
 
 
 def _check_same_settings(out: Path, settings: dict, device: torch.device) -> None:
+    """Refuse a --resume whose settings differ from the recorded run's; budgets that differ
+    only in spelling take the recorded spelling in ``settings`` (the journal's keys)."""
     try:
         recorded = json.loads((out / SETTINGS_FILE).read_text(encoding="utf-8"))
     except ValueError as error:
         raise FlashVLMError(f"{out / SETTINGS_FILE} is not readable JSON ({error}); use --overwrite") from None
     with contextlib.suppress(FlashVLMError):  # a run recorded by an earlier version may say auto or fp16
         recorded["dtype"] = _dtype_name(recorded.get("dtype"), device)
+    with contextlib.suppress(FlashVLMError, TypeError, AttributeError):  # "32.0" or " 32" resumes a run of "32"
+        if [budget_key(parse_budget(text)) for text in recorded["budgets"]] == [
+            budget_key(parse_budget(text)) for text in settings["budgets"]
+        ]:
+            settings["budgets"] = recorded["budgets"]
     for name in RESUME_SETTINGS:
         if recorded.get(name) != settings[name]:
             if name == "data_sha256":
@@ -191,7 +199,9 @@ def run(args: argparse.Namespace) -> int:
     journal = RunJournal(out / JOURNAL_FILE)
     done = JournalContents()
     if resuming:
-        _check_same_settings(out, settings, device)
+        _check_same_settings(out, settings, device)  # budgets take the recorded run's spelling
+        budgets = {recorded: budgets[text] for recorded, text in zip(settings["budgets"], budget_texts)}
+        budget_texts = settings["budgets"]
         done = journal.read()
         print(f"flashvlm compare: resuming {out}: {done.num_predictions} predictions already done", file=sys.stderr)
 

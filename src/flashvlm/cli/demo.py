@@ -12,7 +12,7 @@ from PIL import Image
 from ..adapters import adapter_for
 from ..errors import FlashVLMError
 from ..files import atomic_write
-from ..loading import chat_prompt, load_image, load_model
+from ..loading import chat_prompt, chat_question, load_image, load_model
 from ..patch import prune
 from ..selection import get_method, parse_budget
 from ..timing import PrefillTimer
@@ -96,14 +96,15 @@ def run(args: argparse.Namespace) -> int:
 
     model, processor = load_model(demo_model_folder(args.model), args.device, args.dtype)
     prompt = chat_prompt(processor, question)
+    user_words = chat_question(processor, question)
     inputs = processor(images=[image], text=prompt, return_tensors="pt").to(model.device)
 
     _answer(model, processor, inputs, 1)  # warm-up: first calls pay one-off costs, not prefill
     full_answer, full = _answer(model, processor, inputs, args.max_new_tokens)
     # The question lets a method with text_tokens="question" (flashvlm:question) find the user's words.
     with prune(model, budget, args.method, tokenizer=processor, timed=True) as pruner:
-        _answer(model, processor, inputs, 1, question=question)
-        pruned_answer, pruned = _answer(model, processor, inputs, args.max_new_tokens, question=question)
+        _answer(model, processor, inputs, 1, question=user_words)
+        pruned_answer, pruned = _answer(model, processor, inputs, args.max_new_tokens, question=user_words)
     selection = pruner.last.images[0]
     selection_ms = 1000.0 * pruner.last_selection_seconds
 

@@ -7,11 +7,11 @@ import argparse
 import torch
 
 from ..adapters import adapter_for
-from ..loading import chat_prompt, load_image, load_model
+from ..loading import IMAGE_PLACEHOLDER, chat_prompt, chat_question, load_image, load_model
 from ..patch import prune
 from ..selection import get_method, parse_budget
 from ..timing import PrefillTimer
-from .common import IMAGE_PLACEHOLDER, add_method_arguments, add_model_arguments, check_count, check_prompt
+from .common import add_method_arguments, add_model_arguments, check_count, check_prompt
 
 
 def add_parser(subparsers) -> None:
@@ -26,7 +26,8 @@ def add_parser(subparsers) -> None:
         "--prompt",
         required=True,
         help="the question; the model's chat template is applied, with the images before the question, or where "
-        "the prompt has <image> placeholders (one per --image; the model's image token)",
+        "the prompt has <image> placeholders (one per --image; the model's image token); a prompt already in the "
+        "chat format (ending with the template's answer marker, e.g. ASSISTANT:) is used as given",
     )
     parser.add_argument("--budget", default="64", help="visual tokens kept per image: 64, 0.25 or 25%% (default 64)")
     add_method_arguments(parser)
@@ -49,7 +50,12 @@ def run(args: argparse.Namespace) -> int:
     pruning = prune(model, budget, args.method, tokenizer=processor, timed=True)
     with pruning as pruner, PrefillTimer(adapter.language_model) as timer, torch.no_grad():
         # The question lets a method with text_tokens="question" (flashvlm:question) find the user's words.
-        output = model.generate(**inputs, question=args.prompt, max_new_tokens=args.max_new_tokens, do_sample=False)
+        output = model.generate(
+            **inputs,
+            question=chat_question(processor, args.prompt),
+            max_new_tokens=args.max_new_tokens,
+            do_sample=False,
+        )
     answer = processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
     print(f"answer: {answer}")
     for number, image in enumerate(pruner.last.images, start=1):

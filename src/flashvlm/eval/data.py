@@ -14,7 +14,7 @@ kept in ``extra``.
 
 The file is UTF-8 (a byte-order mark is allowed). A row that cannot be used (bad JSON, NaN or Infinity,
 bytes that are not UTF-8, a missing or empty field, a missing or unreadable image, a
-repeated id) is never scored: it is reported with its line number and either
+repeated id, a question whose ``<image>`` placeholders are not one per image) is never scored: it is reported with its line number and either
 skipped (``on_bad_row="skip"``, the default; listed in :attr:`Dataset.bad_rows`) or the
 load stops with a :class:`DatasetError`.
 """
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import FlashVLMError
-from ..loading import load_image
+from ..loading import IMAGE_PLACEHOLDER, load_image
 from .scoring import SCORING_RULES
 
 #: What a bad row does: be skipped and reported, or stop the load.
@@ -157,6 +157,12 @@ def _parse_row(text: str, number: int, folder: Path) -> Example:
     images = row["image"] if isinstance(row["image"], list) else [row["image"]]
     if not images or not all(isinstance(image, str) and image for image in images):
         raise DatasetError(f"field 'image' must be a path or a non-empty list of paths; got {row['image']!r}")
+    placeholders = row["question"].count(IMAGE_PLACEHOLDER)
+    if placeholders and placeholders != len(images):
+        raise DatasetError(
+            f"field 'question' has {placeholders} {IMAGE_PLACEHOLDER} placeholders for {len(images)} image(s); "
+            f"write one {IMAGE_PLACEHOLDER} per image, or none to have the images placed before the question"
+        )
     paths = [folder / image for image in images]  # an absolute path stays as it is
     for image_path in paths:
         try:

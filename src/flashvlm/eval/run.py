@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import QuestionNotFoundError
+from ..errors import FlashVLMError, QuestionNotFoundError
 from ..loading import chat_prompt, load_image
 from ..patch import prune
 from ..selection import Budget, TokenSelector
@@ -70,9 +70,7 @@ def evaluate(
                     "none (unpruned)" if name == "none" else f"{method if isinstance(method, str) else name} @ {budget}"
                 )
             for batch in tqdm(batches, desc=label, unit="batch", disable=not progress, leave=False):
-                prompts = [
-                    chat_prompt(processor, example.question + prompt_suffix, len(example.images)) for example in batch
-                ]
+                prompts = [_prompt(processor, example, prompt_suffix) for example in batch]
                 images = [load_image(path) for example in batch for path in example.images]
                 inputs = processor(images=images, text=prompts, padding=True, return_tensors="pt").to(model.device)
                 with PrefillTimer(pruner.adapter.language_model) as timer:
@@ -100,6 +98,14 @@ def evaluate(
     finally:
         tokenizer.padding_side = padding_side
     return results
+
+
+def _prompt(processor, example: Example, prompt_suffix: str) -> str:
+    """The example's chat prompt; an error names its dataset line and id."""
+    try:
+        return chat_prompt(processor, example.question + prompt_suffix, len(example.images))
+    except FlashVLMError as error:
+        raise FlashVLMError(f"dataset line {example.line} (id {example.id!r}): {error}") from None
 
 
 def _row_results(batch: Sequence[Example], answers: list[str], pruner, timer: PrefillTimer) -> list[RowResult]:
