@@ -330,3 +330,45 @@ def _distance(row: RecordedRow, other: RecordedRow) -> float:
 def _relative_gap(a: torch.Tensor, b: torch.Tensor) -> float:
     scale = b.float().abs().max().clamp_min(torch.finfo(torch.float32).tiny)
     return ((a.float() - b.float()).abs().max() / scale).item()
+
+
+# -- inside a vLLM engine (tests/vllm/vllm_job.py, through LLM.apply_model) ---------------------
+# Module-level functions, so that vLLM's worker processes can unpickle them by name.
+
+
+def start_recording(model) -> bool:
+    """Wrap a pruned vLLM model's method in a recorder (False: the model is stock)."""
+    settings = getattr(model, "flashvlm", None)
+    if settings is None:
+        return False
+    recorder = SelectionRecorder(settings.selector, perturbation_from_environment())
+    model.flashvlm = dataclasses.replace(settings, selector=recorder)
+    return True
+
+
+def take_recorded_calls(model) -> list[dict]:
+    """The calls a vLLM model's recorder saw since the last take (empty for a stock model), as
+    plain dicts of tensors and numbers (:func:`call_from_plain` rebuilds them): vLLM's
+    messages between processes carry those, not this module's classes."""
+    recorder = getattr(getattr(model, "flashvlm", None), "selector", None)
+    if not isinstance(recorder, SelectionRecorder):
+        return []
+    calls, recorder.calls = recorder.calls, []
+    return [
+        {
+            "inputs": {field.name: getattr(call.inputs, field.name) for field in dataclasses.fields(call.inputs)},
+            "budget": call.budget,
+            "kept": call.kept,
+        }
+        for call in calls
+    ]
+
+
+def call_from_plain(plain: dict) -> RecordedCall:
+    """A :class:`RecordedCall` from :func:`take_recorded_calls`' form, with tensors of its own."""
+    from flashvlm import SelectionInputs
+
+    fields = {name: value.clone() if torch.is_tensor(value) else value for name, value in plain["inputs"].items()}
+    if fields.get("grid_shape") is not None:
+        fields["grid_shape"] = tuple(fields["grid_shape"])
+    return RecordedCall(SelectionInputs(**fields), plain["budget"], torch.as_tensor(plain["kept"]).clone())

@@ -27,7 +27,6 @@ With ``FLASHVLM_TEST_PERTURBATION`` set, the recorder perturbs those inputs firs
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import importlib
 import json
@@ -35,7 +34,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for the agreement module
-from agreement import SelectionRecorder, perturbation_from_environment  # noqa: E402
+from agreement import call_from_plain, start_recording, take_recorded_calls  # noqa: E402
 
 
 def main(job_path: str, out_path: str) -> None:
@@ -87,7 +86,9 @@ def main(job_path: str, out_path: str) -> None:
             ]
             seen = [len(history) for history in histories]
             kept = ranks_kept[0]
-            recorded.append(llm.apply_model(take_recorded_calls))
+            recorded.append(
+                [[call_from_plain(call) for call in calls] for calls in llm.apply_model(take_recorded_calls)]
+            )
             calls.append(
                 {
                     "outputs": [output_record(o, with_logprobs) for o in outputs],
@@ -107,25 +108,6 @@ def main(job_path: str, out_path: str) -> None:
     import torch
 
     torch.save(selections, f"{out_path}.selections.pt")
-
-
-def start_recording(model) -> bool:
-    """Wrap a pruned model's method in a recorder (False: the model is stock)."""
-    settings = getattr(model, "flashvlm", None)
-    if settings is None:
-        return False
-    recorder = SelectionRecorder(settings.selector, perturbation_from_environment())
-    model.flashvlm = dataclasses.replace(settings, selector=recorder)
-    return True
-
-
-def take_recorded_calls(model) -> list:
-    """The calls recorded since the last take (empty for a stock model)."""
-    recorder = getattr(getattr(model, "flashvlm", None), "selector", None)
-    if not isinstance(recorder, SelectionRecorder):
-        return []
-    calls, recorder.calls = recorder.calls, []
-    return calls
 
 
 def output_record(output, with_logprobs: bool) -> dict:
