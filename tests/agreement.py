@@ -122,7 +122,7 @@ class SelectionRecorder:
 
     def rows(self) -> list[RecordedRow]:
         """Every recorded row, call by call."""
-        return [call.row(index) for call in self.calls for index in range(call.kept.shape[0])]
+        return rows_of(self.calls)
 
 
 def snapshot(inputs):
