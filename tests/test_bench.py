@@ -416,3 +416,11 @@ def test_bad_input_exits_2_without_traceback(argv, capsys):
     assert main(argv) == 2
     error = capsys.readouterr().err
     assert "error:" in error and "Traceback" not in error
+
+
+def test_a_question_guided_method_is_refused_before_the_model_is_built(capsys, monkeypatch):
+    # The synthetic prompts hold no user's question: it used to be skipped after the unpruned run.
+    monkeypatch.setattr("flashvlm.cli.bench.load_model_for_bench", lambda *_: pytest.fail("the model was built"))
+    assert main(["bench", "--methods", "flashvlm", "flashvlm:question"]) == 2
+    error = capsys.readouterr().err
+    assert "'flashvlm:question' is guided by the user's question alone" in error and "Traceback" not in error

@@ -125,7 +125,12 @@ def run(args: argparse.Namespace) -> int:
     methods = args.methods or available_methods()
     methods = without_repeats("bench", methods, methods, "method")
     for method in methods:
-        get_method(method)
+        if getattr(get_method(method), "text_tokens", "prompt") == "question":
+            # The synthetic prompts have no user's words apart from the template to guide it.
+            raise FlashVLMError(
+                f"--methods: {method!r} is guided by the user's question alone, which the bench's synthetic "
+                "prompts do not have; time it as 'flashvlm' (the same selection, guided by the whole prompt)"
+            )
     apply_common_settings(args)
     check_count("--batch-size", args.batch_size, 1)
     check_count("--new-tokens", args.new_tokens, 1)
