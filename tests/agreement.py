@@ -297,7 +297,7 @@ def match_rows(
     ours: list[RecordedRow], reference: list[RecordedRow], every: bool = True
 ) -> list[tuple[RecordedRow, RecordedRow]]:
     """Pair each reference row with the row of ours of the same token count and budget whose
-    inputs (features, then text) are nearest: paths may order or batch an image's views, or
+    inputs (features and text) are nearest: paths may order or batch an image's views, or
     a batch's images, differently. ``every``: both lists hold the same selections (else
     ``ours`` may hold more, as a batch holds other requests' images). Returns (ours, reference)."""
     if every:

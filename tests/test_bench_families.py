@@ -59,27 +59,8 @@ def test_bench_hands_the_model_its_inputs_on_the_model_device(monkeypatch, tmp_p
     monkeypatch.setattr(
         bench_models.SyntheticInputs, "to", lambda self, device: moved_to.append(device) or original(self, device)
     )
-    main(
-        [
-            "bench",
-            "--model",
-            "llava-1.5-7b",
-            "--scale",
-            "lm_layers=1",
-            "vision_layers=1",
-            "width=0.0625",
-            "--methods",
-            "pool",
-            "--budgets",
-            "16",
-            "--repeats",
-            "1",
-            "--warmup",
-            "0",
-            "--new-tokens",
-            "1",
-        ]
-    )
+    argv = "bench --model llava-1.5-7b --scale tiny --methods pool --budgets 16 --repeats 1 --warmup 0 --new-tokens 1"
+    assert main(argv.split()) == 0
     assert moved_to == [torch.device("cpu")]
 
 

@@ -86,9 +86,8 @@ def main(job_path: str, out_path: str) -> None:
             ]
             seen = [len(history) for history in histories]
             kept = ranks_kept[0]
-            recorded.append(
-                [[call_from_plain(call) for call in calls] for calls in llm.apply_model(take_recorded_calls)]
-            )
+            per_worker = llm.apply_model(take_recorded_calls)
+            recorded.append([[call_from_plain(plain) for plain in worker] for worker in per_worker])
             calls.append(
                 {
                     "outputs": [output_record(o, with_logprobs) for o in outputs],

@@ -95,9 +95,12 @@ class PromptText:
     ids: torch.Tensor  # (L,) long: every prompt token that is not a visual placeholder, in order
     before_image: int  # how many of them come before the prompt's first visual placeholder
 
-    def packed(self) -> tuple[int, ...]:
-        """The ``TEXT_IDS_FIELD`` layout: the count, then the ids."""
-        return (self.before_image, *self.ids.tolist())
+
+def pack_prompt_text(prompt: list[int], not_text: frozenset[int]) -> tuple[int, ...]:
+    """A prompt's ``TEXT_IDS_FIELD``: the count of tokens before its first visual
+    placeholder (all text), then every token that is not a visual placeholder."""
+    first_visual = next((place for place, token in enumerate(prompt) if token in not_text), len(prompt))
+    return (first_visual, *(token for token in prompt if token not in not_text))
 
 
 def prompt_text_per_image(kwargs: dict, num_images: int) -> list[PromptText | None]:

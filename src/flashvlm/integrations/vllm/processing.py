@@ -20,7 +20,7 @@ from functools import cached_property
 
 import torch
 
-from .encoder import TEXT_IDS_FIELD, PromptText
+from .encoder import TEXT_IDS_FIELD, pack_prompt_text
 from .settings import SERVED_REQUIREMENTS, PruningSettings, settings_of
 
 
@@ -48,12 +48,7 @@ class TextGuidedProcessorMixin:
     def apply(self, inputs, timing_ctx):
         settings = self.info.flashvlm
         if settings is not None and "text" in settings.selector.requires:
-            not_text = self.flashvlm_placeholder_ids()
-            text_ids = [token for token in inputs.prompt if token not in not_text]
-            first_visual = next((place for place, token in enumerate(inputs.prompt) if token in not_text), None)
-            before = inputs.prompt[:first_visual] if first_visual is not None else inputs.prompt
-            before_image = sum(token not in not_text for token in before)
-            packed = PromptText(torch.tensor(text_ids, dtype=torch.long), before_image).packed()
+            packed = pack_prompt_text(inputs.prompt, self.flashvlm_placeholder_ids())
             processor_kwargs = {**inputs.hf_processor_mm_kwargs, TEXT_IDS_FIELD: packed}
             inputs = replace(inputs, hf_processor_mm_kwargs=processor_kwargs)
         return super().apply(inputs, timing_ctx)
