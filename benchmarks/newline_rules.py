@@ -19,6 +19,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 from PIL import Image
@@ -32,8 +33,11 @@ from transformers import (
 )
 
 from flashvlm import prune
-from flashvlm.demo import EXAMPLES_DIR, MODEL_DIR
+from flashvlm.demo import EXAMPLES_DIR
 from flashvlm.loading import chat_prompt
+
+#: The small scene-trained LLaVA the tests keep (tests/scene_llava): real weights, loads in a second.
+MODEL_DIR = Path(__file__).resolve().parents[1] / "tests" / "scene_llava"
 
 TILE = 224
 PINPOINTS = [[TILE, 2 * TILE], [2 * TILE, TILE], [2 * TILE, 2 * TILE]]

@@ -1,6 +1,6 @@
 """Throughput of vLLM with and without flashvlm, side by side in one run.
 
-    .venv-vllm/bin/python benchmarks/vllm_throughput.py --model demo --budget 28 --requests 16
+    .venv-vllm/bin/python benchmarks/vllm_throughput.py --model scene-llava --budget 28 --requests 16
 
 sends R requests at once (each a different image and question) to one engine per setting,
 unpruned first, and reports requests per second, time to first token, prompt tokens and the
@@ -24,6 +24,9 @@ from pathlib import Path
 
 from flashvlm.errors import FlashVLMError
 from flashvlm.selection import parse_budget
+
+#: The small LLaVA the tests keep (2.75 M parameters trained on the demo's scenes): real weights, loads at once.
+SCENE_LLAVA = Path(__file__).resolve().parents[1] / "tests" / "scene_llava"
 
 # Run as a script, only benchmarks/ is on the path: the workbench package ``demo`` sits beside it.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -56,7 +59,8 @@ def synthetic_model_folder(name: str, scale: list[str], scratch: str) -> str:
     from transformers import AutoTokenizer
 
     from flashvlm.bench.models import build_model, load_config, parse_scale, scale_config
-    from flashvlm.demo import MODEL_DIR
+
+    MODEL_DIR = SCENE_LLAVA
     from flashvlm.integrations.vllm.demo import export_for_vllm
 
     config = scale_config(load_config(name), parse_scale(scale))
@@ -177,8 +181,8 @@ def parse_args(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--model",
-        default="demo",
-        help="a model folder; 'demo' for the shipped demo model; or a shipped benchmark config "
+        default="scene-llava",
+        help="a model folder; 'scene-llava' for the small scene-trained LLaVA in tests/scene_llava; or a shipped config "
         "(llava-1.5-7b, ...) built with random weights at --scale",
     )
     parser.add_argument(
@@ -209,10 +213,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory() as scratch:
         model_path = args.model
-        if model_path == "demo":
-            from flashvlm.integrations.vllm.demo import export_demo_model
+        if model_path == "scene-llava":
+            from flashvlm.integrations.vllm.demo import export_for_vllm
 
-            model_path = str(export_demo_model(f"{scratch}/demo"))
+            model_path = str(export_for_vllm(SCENE_LLAVA, f"{scratch}/scene-llava"))
         elif not Path(model_path).is_dir():
             model_path = synthetic_model_folder(model_path, args.scale, scratch)
         requests = demo_requests(model_path, args.requests)

@@ -7,7 +7,7 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import data, diagnose, report, train
+    from . import curves, data, diagnose, report, train
 
     parser = argparse.ArgumentParser(prog="python -m demo", description="The demo's benchmark, training and reports.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -27,6 +27,14 @@ def build_parser() -> argparse.ArgumentParser:
     diagnosis = commands.add_parser("diagnose", help="norms, cosines and text-relevance weights of a trained model")
     diagnose.add_arguments(diagnosis)
     diagnosis.set_defaults(run=diagnose.main)
+    curve = commands.add_parser("curves", help="a training run's learning curves: a Markdown table and a PNG")
+    curves.add_arguments(curve)
+    curve.set_defaults(run=curves.main)
+    speed = commands.add_parser("speed", help="training samples per second by SmolLM2 depth, batch and precision")
+    speed.add_argument("--layers", default="2,4,8,30", help="comma-separated SmolLM2 depths (default 2,4,8,30)")
+    speed.add_argument("--batch", default="8,16", help="comma-separated batch sizes (default 8,16)")
+    speed.add_argument("--steps", type=int, default=3, help="timed steps per setting, after one warm-up")
+    speed.set_defaults(run=train.speed_main)
     rate = commands.add_parser("data-rate", help="training samples per second one CPU process prepares, per stage")
     rate.add_argument("--samples", type=int, default=64)
     rate.set_defaults(run=train.data_rate_main)

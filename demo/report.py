@@ -35,6 +35,8 @@ from .scenes import FAMILIES
 #: The budgets as tokens of the demo's 256: 22 %, 11 % and 5.6 % (LLaVA-1.5's 128, 64, 32 of 576).
 BUDGETS = (56, 28, 14)
 MARKER = "<!-- demo-report -->"
+#: Every registered method but the unpruned reference.
+DEFAULT_METHODS = [method for method in available_methods() if method != "none"]
 
 
 def run_report(model, processor, examples: Sequence[Example], methods: Sequence[str], batch_size: int, progress: bool):
@@ -56,7 +58,7 @@ def run_report(model, processor, examples: Sequence[Example], methods: Sequence[
     return rows
 
 
-def markdown(rows, command: str, examples: int) -> str:
+def markdown(rows, command: str, examples: int, seed: int = 0) -> str:
     percent = lambda value: "–" if value is None else f"{100 * value:.1f}"  # noqa: E731
     header = [
         "method",
@@ -67,9 +69,10 @@ def markdown(rows, command: str, examples: int) -> str:
         "queried hit %",
         "other hit %",
     ]
+    seed = f" (seed {seed})" if seed else ""
     lines = [
         MARKER,
-        f"Test split, {examples} questions, greedy answers; regenerate with `{command}`.",
+        f"Test split{seed}, {examples} questions, greedy answers; regenerate with `{command}`.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
@@ -96,6 +99,9 @@ def add_arguments(parser, command: str) -> None:
     parser.add_argument("--model", help="model folder or training run's parts/ (default: the shipped demo model)")
     parser.add_argument("--data", help="an exported split (JSONL); default: export one to a temporary folder")
     parser.add_argument("--size", type=int, default=400, help="questions when exporting (default 400)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="the split's seed when exporting (default 0; another is held out)"
+    )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     if command == "evaluate":
@@ -106,7 +112,7 @@ def add_arguments(parser, command: str) -> None:
     else:
         parser.add_argument(
             "--methods",
-            default=",".join(m for m in available_methods() if m != "none"),
+            default=",".join(DEFAULT_METHODS),
             help="comma-separated methods (default: every registered method)",
         )
         parser.add_argument("--out", help="Markdown file to write (default: print)")
@@ -117,7 +123,7 @@ def _load(args, split: str, folder: str):
     if args.size < 1 or args.batch_size < 1:
         raise FlashVLMError(f"--size and --batch-size must be >= 1; got {args.size} and {args.batch_size}")
     model, processor = load_model(demo_model_folder(args.model), device="auto", dtype="float32")
-    data = args.data or export_split(split, folder, args.size)
+    data = args.data or export_split(split, folder, args.size, args.seed)
     return model, processor, load_dataset(data, on_bad_row="stop").examples
 
 
@@ -148,7 +154,9 @@ def report_main(args) -> int:
         model, processor, examples = _load(args, "test", folder)
         rows = run_report(model, processor, examples, methods, args.batch_size, not args.quiet)
     command = "python -m demo report" + (f" --size {args.size}" if args.size != 400 else "")
-    text = markdown(rows, command, len(examples))
+    command += f" --seed {args.seed}" if args.seed else ""
+    command += f" --methods {','.join(methods)}" if methods != DEFAULT_METHODS else ""
+    text = markdown(rows, command, len(examples), args.seed)
     if args.out:
         Path(args.out).write_text(text)
         print(f"wrote {args.out}")

@@ -159,6 +159,15 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, bbox: tuple[int, int, int
         raise ValueError(shape)
 
 
+def patch_coverage(obj: SceneObject, patch: int = 14) -> np.ndarray:
+    """The share of each patch that ``obj``'s shape covers: (IMAGE_SIZE // patch) ** 2 values in [0, 1], raster order."""
+    mask = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
+    _draw_shape(ImageDraw.Draw(mask), obj.shape, obj.bbox, 255)
+    cells = IMAGE_SIZE // patch
+    array = np.asarray(mask, dtype=np.float32).reshape(cells, patch, cells, patch) / 255.0
+    return array.mean(axis=(1, 3)).reshape(-1)
+
+
 # -- language ----------------------------------------------------------------------------
 
 

@@ -61,7 +61,19 @@ from flashvlm.demo.model import (
     trained_state,
 )
 
-from .scenes import COLORS, FAMILIES, SHAPES, caption, example_rng, make_example, reading_order, vocabulary_words
+from .scenes import (
+    COLORS,
+    FAMILIES,
+    PLURALS,
+    SHAPES,
+    caption,
+    example_rng,
+    make_example,
+    patch_coverage,
+    reading_order,
+    split_example,
+    vocabulary_words,
+)
 
 STAGES = ("clip", "align", "tune")
 DESCRIBE = "describe the image ."
@@ -87,6 +99,12 @@ class TrainConfig:
     tune: StagePlan = field(default_factory=lambda: StagePlan(12000, 64, 2e-4, seconds=210))
     #: Learning rate of the vision tower in ``tune`` as a share of the stage's; 0 freezes it.
     tune_vision_lr_scale: float = 0.5
+    #: Train the LoRA adapter in ``align`` too: a truncated SmolLM2 cannot caption without it.
+    align_adapter: bool = False
+    #: Weight of the grounding term in ``align`` and ``tune`` (0: none); see :func:`grounding_loss`.
+    grounding_weight: float = 0.0
+    #: "bf16": autocast to bfloat16 (CUDA, and CPUs with avx512_bf16 or AMX); "fp32": none.
+    precision: str = "bf16"
     weight_decay: float = 0.0
     checkpoint_seconds: float = 60.0
     #: Validation questions scored by first token at every ``tune`` checkpoint, and generated at the end.
@@ -99,11 +117,27 @@ PRESETS: dict[str, dict] = {
     # One H100/H200 in bf16: 75 + 120 + 210 s of training, then assembly and a 400-question
     # validation run, within 8 minutes. The step counts are ceilings; the seconds decide.
     "gpu": {},
+    # This project's 2-core CPU in bf16 autocast: SmolLM2's first 4 layers, a rank-16 LoRA and
+    # the grounding term; 10 + 15 + 93 minutes of training, then assembly and validation: 2 hours.
+    "cpu": dict(
+        lm_layers=4,
+        adapter=Adapter(rank=16, alpha=32),
+        grounding_weight=1.0,
+        align_adapter=True,
+        clip=StagePlan(100_000, 64, 1e-3, seconds=600),
+        align=StagePlan(100_000, 16, 1e-3, seconds=900),
+        tune=StagePlan(100_000, 16, 1e-3, seconds=5580),
+        tune_vision_lr_scale=0.3,
+        checkpoint_seconds=300.0,
+        monitor_size=64,
+    ),
     # Every stage for two steps on a 2-layer SmolLM2 and a tiny tower: the whole path in seconds on a CPU.
     "smoke": dict(
         vision=VisionSize(width=32, layers=3, heads=2),
         adapter=Adapter(rank=4, alpha=8),
         lm_layers=2,
+        grounding_weight=1.0,
+        precision="fp32",
         clip=StagePlan(2, 4, 1e-3),
         align=StagePlan(2, 2, 1e-3),
         tune=StagePlan(2, 2, 1e-3),
@@ -137,14 +171,48 @@ def word_ids() -> dict[str, int]:
     return {word: index + 1 for index, word in enumerate(vocabulary_words())}
 
 
+class GroundingWords:
+    """The SmolLM2 tokens the grounding term scores every patch against, and each patch's labels.
+
+    Attribute tokens (" red", " square", " squares", ...) are positive on the patches an
+    object of that colour or shape covers (at least ``coverage`` of the patch); every other
+    token a prompt of the benchmark holds (the chat template, question words) is negative on
+    every patch, since FlashVLM's relevance takes a soft maximum over all of them.
+    """
+
+    def __init__(self, tokenizer, seed: int = 0, coverage: float = 0.2, prompts: int = 400) -> None:
+        first = lambda word: tokenizer(" " + word, add_special_tokens=False)["input_ids"][0]  # noqa: E731
+        self.attribute = {word: first(word) for word in [*COLORS, *SHAPES, *PLURALS.values()]}
+        image_id = tokenizer.convert_tokens_to_ids(tokenizer.image_token)
+        seen = {image_id, *self.attribute.values()}
+        others: dict[int, None] = {}
+        for index in range(prompts):  # the validation stream's questions: every template and question word
+            for token in tokenizer(prompt_text(split_example(seed, "validation", index).question))["input_ids"]:
+                if token not in seen:
+                    others[token] = None
+        self.ids = [*self.attribute.values(), *others]  # (W,) token ids, attributes first
+        self.coverage = coverage
+
+    def labels(self, objects) -> torch.Tensor:
+        """(N, W) float labels of one scene's patches: 1 where the patch shows that attribute."""
+        column = {word: index for index, word in enumerate(self.attribute)}
+        labels = torch.zeros(GRID * GRID, len(self.ids))
+        for obj in objects:
+            covered = torch.from_numpy(patch_coverage(obj) >= self.coverage)
+            for word in (obj.color, obj.shape, PLURALS[obj.shape]):
+                labels[covered, column[word]] = 1.0
+        return labels
+
+
 class StageData(torch.utils.data.Dataset):
     """Sample ``index`` of one stage's stream: a pure function of (seed, stage, index)."""
 
-    def __init__(self, stage: str, seed: int, lm_folder: Path) -> None:
+    def __init__(self, stage: str, seed: int, lm_folder: Path, grounding: bool = False) -> None:
         self.stage, self.seed = stage, seed
         self.tokenizer = build_tokenizer(lm_folder)
         self.image_id = self.tokenizer.convert_tokens_to_ids(self.tokenizer.image_token)
         self.words = word_ids()
+        self.grounding = GroundingWords(self.tokenizer, seed) if grounding and stage != "clip" else None
 
     def __len__(self) -> int:
         return 2**31
@@ -166,7 +234,10 @@ class StageData(torch.utils.data.Dataset):
         )
         prompt = self.prompt_ids(question)
         target = self.tokenizer(answer + END_OF_TURN, add_special_tokens=False)["input_ids"]
-        return {"ids": prompt + target, "labels": [-100] * len(prompt) + target, "pixels": pixels}
+        sample = {"ids": prompt + target, "labels": [-100] * len(prompt) + target, "pixels": pixels}
+        if self.grounding is not None:
+            sample["patch_labels"] = self.grounding.labels(example.objects)  # (N, W)
+        return sample
 
     def phrases(self, example, rng: random.Random) -> dict:
         """Object phrases in reading order, and the same with one object's colour or shape swapped."""
@@ -184,6 +255,8 @@ class StageData(torch.utils.data.Dataset):
 
 def collate(samples: list[dict], pad_id: int = 0) -> dict:
     batch: dict[str, torch.Tensor] = {"pixel_values": torch.stack([s["pixels"] for s in samples])}
+    if "patch_labels" in samples[0]:
+        batch["patch_labels"] = torch.stack([s["patch_labels"] for s in samples])  # (B, N, W)
     if "ids" in samples[0]:
         width = max(len(s["ids"]) for s in samples)
         ids = torch.full((len(samples), width), pad_id, dtype=torch.long)  # right-padded
@@ -204,13 +277,15 @@ def collate(samples: list[dict], pad_id: int = 0) -> dict:
     return batch
 
 
-def batches(stage: str, seed: int, plan: StagePlan, start_step: int, workers: int, lm_folder: Path):
+def batches(
+    stage: str, seed: int, plan: StagePlan, start_step: int, workers: int, lm_folder: Path, grounding: bool = False
+):
     """Batches ``start_step .. plan.steps - 1`` of a stage, in order."""
     indices = [
         list(range(step * plan.batch_size, (step + 1) * plan.batch_size)) for step in range(start_step, plan.steps)
     ]
     loader = torch.utils.data.DataLoader(
-        StageData(stage, seed, lm_folder),
+        StageData(stage, seed, lm_folder, grounding),
         batch_sampler=indices,
         collate_fn=collate,
         num_workers=workers,
@@ -258,30 +333,74 @@ def vision_hidden_states(model, pixel_values: torch.Tensor) -> list[torch.Tensor
     return outputs
 
 
-def multimodal_logits(model, batch: dict, scored: torch.Tensor) -> torch.Tensor:
+def projected_tokens(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The projected visual tokens LLaVA feeds the language model: (B, N, D)."""
+    features = vision_hidden_states(model, pixel_values)[-1][:, 1:]  # (B, N, C), CLS dropped
+    return model.model.multi_modal_projector(features)
+
+
+def multimodal_logits(model, batch: dict, scored: torch.Tensor, projected: torch.Tensor) -> torch.Tensor:
     """The VLM's logits at the ``scored`` positions (B, L) bool, as ``model(...)`` computes them: (P, V).
 
     Only scored positions go through the 49 k-word head: a full (B, L, V) tensor would not fit.
     """
     input_ids = batch["input_ids"]
     embeds = model.get_input_embeddings()(input_ids)  # (B, L, D)
-    features = vision_hidden_states(model, batch["pixel_values"])[-1][:, 1:]  # (B, N, C), CLS dropped
-    projected = model.model.multi_modal_projector(features)  # (B, N, D)
     is_image = input_ids == model.config.image_token_id
     embeds = embeds.masked_scatter(is_image.unsqueeze(-1), projected.to(embeds.dtype))
     hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).last_hidden_state
     return model.lm_head(hidden[scored])
 
 
-def answer_loss(model, batch: dict) -> tuple[torch.Tensor, dict]:
-    """Cross-entropy on the labelled tokens (position t predicts token t + 1), and their accuracy."""
+def answer_loss(model, batch: dict, grounding: GroundingHead | None = None) -> tuple[torch.Tensor, dict]:
+    """Cross-entropy on the labelled tokens (position t predicts token t + 1), and their accuracy.
+
+    With ``grounding`` (and ``patch_labels`` in the batch), its weighted term is added.
+    """
     labels = batch["labels"]
     scored = torch.zeros_like(labels, dtype=torch.bool)
     scored[:, :-1] = labels[:, 1:] != -100
     targets = labels[:, 1:][labels[:, 1:] != -100]
-    logits = multimodal_logits(model, batch, scored)
+    projected = projected_tokens(model, batch["pixel_values"])
+    logits = multimodal_logits(model, batch, scored, projected)
     loss = F.cross_entropy(logits.float(), targets)
-    return loss, {"acc": (logits.argmax(-1) == targets).float().mean().item()}
+    metrics = {"acc": (logits.argmax(-1) == targets).float().mean().item()}
+    if grounding is not None and "patch_labels" in batch:
+        term, grounding_metrics = grounding_loss(model, grounding, projected, batch["patch_labels"])
+        metrics = {**metrics, "answer": loss.item(), **grounding_metrics}
+        loss = loss + grounding.weight * term
+    return loss, metrics
+
+
+class GroundingHead(nn.Module):
+    """The grounding term's token ids, weight, and learned sigmoid scale and bias (not part of the VLM)."""
+
+    def __init__(self, token_ids: list[int], weight: float) -> None:
+        super().__init__()
+        self.register_buffer("token_ids", torch.tensor(token_ids), persistent=False)
+        self.weight = weight
+        self.log_scale = nn.Parameter(torch.tensor(math.log(10.0)))
+        self.bias = nn.Parameter(torch.tensor(-5.0))
+
+
+def grounding_loss(model, head: GroundingHead, projected: torch.Tensor, labels: torch.Tensor):
+    """Sigmoid loss on the cosine of each projected token with SmolLM2's embedding of each word.
+
+    FlashVLM's text relevance is exactly this cosine (projected token against the prompt's
+    input embeddings), so LLaVA's caption-only alignment, which on a 558 k-caption budget
+    places image tokens near the words that describe them, is helped along on ours: patches
+    of a red square move towards " red" and " square", every patch away from the template's
+    and the question's other words. Positives and negatives are averaged apart (an object
+    covers a few of 256 patches). No term looks at which tokens a method keeps.
+    """
+    words = F.normalize(model.get_input_embeddings().weight[head.token_ids].detach().float(), dim=-1)  # (W, D)
+    cosine = F.normalize(projected.float(), dim=-1) @ words.T  # (B, N, W)
+    logits = head.log_scale.exp() * cosine + head.bias
+    losses = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+    positive = labels > 0
+    term = losses[positive].mean() + losses[~positive].mean()
+    gap = cosine[positive].mean() - cosine[~positive].mean()
+    return term, {"grounding": term.item(), "cosine_gap": gap.item()}
 
 
 # -- stage 0's throw-away text side -------------------------------------------------------
@@ -360,13 +479,13 @@ def trainable_groups(model, stage: str, config: TrainConfig, heads: nn.Module | 
     lr = getattr(config, stage).lr
     for parameter in model.parameters():
         parameter.requires_grad_(False)
+    extra = list(heads.parameters()) if heads is not None else []
     if stage == "clip":
-        params = [*core.vision_tower.parameters(), *heads.parameters()]
-    elif stage == "align":
-        params = list(core.multi_modal_projector.parameters())
+        params = [*core.vision_tower.parameters(), *extra]
     else:
         lora = [p for name, p in core.language_model.named_parameters() if ".lora_" in name]
-        params = [*core.multi_modal_projector.parameters(), *lora]
+        adapter = lora if stage == "tune" or config.align_adapter else []
+        params = [*core.multi_modal_projector.parameters(), *adapter, *extra]
     groups = [{"params": params, "lr": lr}]
     if stage == "tune" and config.tune_vision_lr_scale > 0:
         groups.append({"params": list(core.vision_tower.parameters()), "lr": lr * config.tune_vision_lr_scale})
@@ -432,11 +551,9 @@ class Trainer:
             self.state = torch.load(out / "state.pt", map_location=device, weights_only=False)
             self.model.load_state_dict(self.state["trained"], strict=False)
             self.log({"resumed": self.state["stage"], "step": self.state["step"], "completed": self.state["completed"]})
-        self.autocast = (
-            torch.autocast("cuda", dtype=torch.bfloat16)
-            if device.type == "cuda"
-            else torch.autocast("cpu", enabled=False)
-        )
+        if config.precision not in ("bf16", "fp32"):
+            raise ValueError(f"unknown precision {config.precision!r}; bf16 or fp32")
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
 
     def log(self, line: dict) -> None:
         tqdm.write(json.dumps(line))
@@ -457,10 +574,19 @@ class Trainer:
         }
         save_state(self.out / "state.pt", self.state)
 
+    def heads(self, stage: str) -> nn.Module | None:
+        """The stage's training-only modules: contrastive heads (clip), the grounding head (align, tune) or none."""
+        if stage == "clip":
+            return ContrastiveHeads(self.config.vision.width, len(word_ids()) + 1).to(self.device)
+        if self.config.grounding_weight > 0:
+            words = GroundingWords(build_tokenizer(self.lm_folder), self.config.seed)
+            return GroundingHead(words.ids, self.config.grounding_weight).to(self.device)
+        return None
+
     def run_stage(self, stage: str) -> None:
         config, model, device = self.config, self.model, self.device
         plan: StagePlan = getattr(config, stage)
-        heads = ContrastiveHeads(config.vision.width, len(word_ids()) + 1).to(device) if stage == "clip" else None
+        heads = self.heads(stage)
         groups = trainable_groups(model, stage, config, heads)
         optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay, betas=(0.9, 0.98))
         start, elapsed = 0, 0.0
@@ -473,7 +599,8 @@ class Trainer:
         progress_bar = tqdm(total=plan.steps, initial=start, desc=f"{stage:>5}", dynamic_ncols=True, mininterval=5)
         running: dict[str, float] = {}
         resumed_at, last_save, waiting, done = time.perf_counter() - elapsed, time.perf_counter(), 0.0, start
-        loader = iter(batches(stage, config.seed, plan, start, config.workers, self.lm_folder))
+        grounding = isinstance(heads, GroundingHead)
+        loader = iter(batches(stage, config.seed, plan, start, config.workers, self.lm_folder, grounding))
         for step in range(start, plan.steps):
             asked = time.perf_counter()
             batch = {k: v.to(device, non_blocking=True) for k, v in next(loader).items()}
@@ -483,7 +610,9 @@ class Trainer:
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * learning_rate_factor(share)
             with self.autocast:
-                loss, metrics = contrastive_loss(model, heads, batch) if stage == "clip" else answer_loss(model, batch)
+                loss, metrics = (
+                    contrastive_loss(model, heads, batch) if stage == "clip" else answer_loss(model, batch, heads)
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
@@ -602,4 +731,37 @@ def data_rate_main(args) -> int:
     folder = language_model_folder()
     for stage in STAGES:
         print(f"{stage}: {data_rate(stage, folder, args.samples):.0f} samples per CPU-second (one data worker)")
+    return 0
+
+
+def training_speed(lm_folder: Path, layers: int | None, batch_size: int, precision: str, steps: int = 3) -> float:
+    """Samples per second of ``tune`` steps (tower, projector and LoRA trained) on one fixed batch, after a warm-up."""
+    config = make_config("cpu", lm_layers=layers)
+    model = build_model(lm_folder, config.vision, config.adapter, layers, config.seed)
+    data = StageData("tune", config.seed, lm_folder)
+    batch = collate([data[index] for index in range(batch_size)], pad_id=model.config.pad_token_id)
+    optimizer = torch.optim.AdamW(trainable_groups(model, "tune", config, None))
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    model.train()
+    seconds = []
+    for _ in range(steps + 1):
+        began = time.perf_counter()
+        with autocast:
+            loss, _ = answer_loss(model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        seconds.append(time.perf_counter() - began)
+    return batch_size * steps / sum(seconds[1:])
+
+
+def speed_main(args) -> int:
+    folder = language_model_folder()
+    print("| SmolLM2 layers | batch | precision | samples/s |")
+    print("|---|---|---|---|")
+    for layers in [int(text) for text in args.layers.split(",")]:
+        for batch_size in [int(text) for text in args.batch.split(",")]:
+            for precision in ("fp32", "bf16"):
+                rate = training_speed(folder, layers, batch_size, precision, args.steps)
+                print(f"| {layers} | {batch_size} | {precision} | {rate:.2f} |", flush=True)
     return 0

@@ -332,7 +332,7 @@ def _relative_gap(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).abs().max() / scale).item()
 
 
-# -- inside a vLLM engine (tests/vllm/vllm_job.py, through LLM.apply_model) ---------------------
+# -- inside a vLLM engine (tests/vllm_plugin/vllm_job.py, through LLM.apply_model) ---------------------
 # Module-level functions, so that vLLM's worker processes can unpickle them by name.
 
 

@@ -672,14 +672,12 @@ def kept_per_row(records, batch_size: int) -> torch.Tensor:
     return kept
 
 
-# -- the vLLM plug-in's tests (tests/vllm/) ----------------------------------------------------
+# -- the vLLM plug-in's tests (tests/vllm_plugin/) ---------------------------------------------
 # They run in the vLLM environment (`make vllm-test`) and are skipped wherever vLLM is not
 # installed (the main environment, `make test`). Their hook and fixture live here rather than
-# in a tests/vllm/conftest.py: a second module named `conftest` would replace this one in
+# in a tests/vllm_plugin/conftest.py: a second module named `conftest` would replace this one in
 # sys.modules, and every `from conftest import ...` made after it would find the wrong file.
-# tests/vllm has no __init__.py on purpose (a package named vllm would shadow vLLM), so it is
-# itself a namespace package named vllm, with no origin, when vLLM is absent.
-VLLM_TESTS = Path(__file__).parent / "vllm"
+VLLM_TESTS = Path(__file__).parent / "vllm_plugin"
 _VLLM_SPEC = importlib.util.find_spec("vllm")
 VLLM_INSTALLED = _VLLM_SPEC is not None and _VLLM_SPEC.origin is not None
 
@@ -695,9 +693,11 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def demo_vllm_folder(tmp_path_factory) -> Path:
-    from flashvlm.integrations.vllm.demo import export_demo_model
+    from scene_llava import FOLDER
 
-    return export_demo_model(tmp_path_factory.mktemp("demo-vllm") / "model")
+    from flashvlm.integrations.vllm.demo import export_for_vllm
+
+    return export_for_vllm(FOLDER, tmp_path_factory.mktemp("demo-vllm") / "model")
 
 
 def pytest_terminal_summary(terminalreporter):

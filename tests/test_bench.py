@@ -11,7 +11,7 @@ from conftest import build_tiny_llava, llava_batch, tiny_llava_config
 
 import flashvlm.patch
 from flashvlm import prune
-from flashvlm.bench.flops import bipartite_diversity_flops, decoder_prefill_flops, kv_cache_bytes, prefill_flops
+from flashvlm.bench.flops import bipartite_diversity_flops, decoder_prefill_flops, kv_cache_bytes
 from flashvlm.bench.memory import peak_memory_bytes
 from flashvlm.bench.models import (
     SHIPPED_CONFIGS,
@@ -19,6 +19,7 @@ from flashvlm.bench.models import (
     describe_shape,
     load_config,
     parse_scale,
+    prefill_flops,
     scale_config,
 )
 from flashvlm.bench.report import update_markdown_section

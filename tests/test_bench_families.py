@@ -8,13 +8,13 @@ import pytest
 import torch
 
 import flashvlm
-from flashvlm.bench.flops import prefill_flops
 from flashvlm.bench.models import (
     SHIPPED_CONFIGS,
     VIDEO_FRAMES,
     build_model,
     family_of,
     load_config,
+    prefill_flops,
     scale_config,
     synthetic_inputs,
 )
@@ -90,7 +90,7 @@ def test_a_new_family_prunes_at_its_real_token_count(name):
     assert seen == [20 + 32]
 
 
-#: Configs of the families added with issue 13's tiles, split images and video, one CLI run each.
+#: Configs of the tiled, split-image and video families, one CLI run each.
 TILED_AND_VIDEO_CONFIGS = ["internvl3-8b", "internvl3.5-8b", "smolvlm2-2.2b", "llava-next-video-7b"]
 
 

@@ -59,14 +59,16 @@ def test_generate_with_two_images_and_a_ratio_budget(tiny_llava_folder, sample_i
 
 
 def test_an_image_placeholder_in_the_prompt_keeps_the_chat_template(capsys):
-    from flashvlm.demo import MODEL_DIR
+    from scene_llava import FOLDER as SCENE_LLAVA
 
-    image = MODEL_DIR.parent / "examples" / "attribute.png"
+    from flashvlm.demo import EXAMPLES_DIR
+
+    image = EXAMPLES_DIR / "attribute.png"
     answers = []
     prompts = ("what color is the square ?", "<image> what color is the square ?")
     for prompt in (*prompts, "USER: <image>\nwhat color is the square ? ASSISTANT:"):
         for method in ("flashvlm", "flashvlm:question"):
-            argv = ["generate", "--model", str(MODEL_DIR), "--device", "cpu", "--image", str(image)]
+            argv = ["generate", "--model", str(SCENE_LLAVA), "--device", "cpu", "--image", str(image)]
             assert main([*argv, "--prompt", prompt, "--method", method, "--max-new-tokens", "3"]) == 0
             answers.append(capsys.readouterr().out.splitlines()[0])
     assert answers == ["answer: red"] * 6
@@ -116,11 +118,11 @@ def test_a_prompt_already_in_the_chat_format_is_used_as_given():
 
 def test_a_prompt_never_carries_a_second_bos_token():
     from PIL import Image
+    from scene_llava import FOLDER as SCENE_LLAVA
 
-    from flashvlm.demo import MODEL_DIR
     from flashvlm.loading import chat_prompt, load_model
 
-    _, processor = load_model(str(MODEL_DIR), "cpu")  # its tokenizer adds <s> itself
+    _, processor = load_model(str(SCENE_LLAVA), "cpu")  # its tokenizer adds <s> itself
     image = Image.new("RGB", (32, 32))
 
     def leading_ids(prompt: str) -> list[int]:

@@ -1,4 +1,4 @@
-"""Issue 11's command-line defects, one regression test each: bad input is one line and exit 2,
+"""Command-line defects, one regression test each: bad input is one line and exit 2,
 found before any model loads, and a full disk loses nothing written before."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import stat
 import pytest
 import torch
 from PIL import Image
+from scene_llava import FOLDER as SCENE_LLAVA
 
 from flashvlm.cli import bench, demo, generate, main
-from flashvlm.demo import MODEL_DIR
 from flashvlm.eval import DatasetError, evaluate, load_dataset
 from flashvlm.files import write_text_atomic
 from flashvlm.loading import load_model
@@ -111,7 +111,7 @@ def test_demo_on_a_full_disk_keeps_the_earlier_figure(tmp_path, monkeypatch, cap
     Image.new("RGB", (4, 4), (1, 2, 3)).save(out)
     before = out.read_bytes()
     full_disk_for(monkeypatch, "demo.png")
-    assert main(["demo", "--out", str(out), "--device", "cpu", "--max-new-tokens", "1"]) == 2
+    assert main(["demo", "--out", str(out), "--device", "cpu", "--max-new-tokens", "1", "--example", "attribute"]) == 2
     assert f"cannot write {out}: No space left on device" in error_line(capsys.readouterr().err)
     assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["demo.png"]
 
@@ -185,7 +185,7 @@ def test_a_symbolic_link_to_nowhere_is_refused_before_loading(tmp_path, no_model
 
 def test_a_processor_that_cannot_load_is_explained_in_full(tmp_path, sample_image_file, capsys):
     folder = tmp_path / "model"
-    shutil.copytree(MODEL_DIR, folder)
+    shutil.copytree(SCENE_LLAVA, folder)
     (folder / "tokenizer.json").unlink()
     argv = ["generate", "--model", str(folder), "--image", str(sample_image_file), "--prompt", "what?"]
     assert main([*argv, "--device", "cpu"]) == 2

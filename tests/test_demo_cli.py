@@ -11,27 +11,37 @@ from flashvlm.cli import main
 from flashvlm.vis import draw_kept_tokens, model_view
 
 
-def test_demo_runs_end_to_end(tmp_path, capsys):
+def test_demo_answers_every_shipped_example_unpruned_with_flashvlm_and_a_baseline(tmp_path, capsys):
+    from flashvlm.cli.demo import shipped_examples
+
     out = tmp_path / "figure" / "demo.png"
     assert main(["demo", "--out", str(out), "--device", "cpu"]) == 0
-    printed = capsys.readouterr().out
-    assert "full:" in printed and "pruned:" in printed and "28 visual tokens" in printed
-    with Image.open(out) as figure:
-        assert figure.size[0] > 2 * 224
+    printed = capsys.readouterr().out.splitlines()
+    examples = shipped_examples()
+    for method in ("all 256 tokens", "flashvlm, 28 tokens (11%)", "vispruner, 28 tokens (11%)"):
+        lines = [line for line in printed if line.strip().startswith(method)]
+        assert len(lines) == len(examples) and all(" right " in line or " wrong " in line for line in lines)
+    assert printed[-1].startswith("note: the shipped demo model")  # its answers are not evidence: said so
+    with Image.open(out) as figure:  # one row of three panels per example
+        assert figure.size[0] > 3 * 448 and figure.size[1] > len(examples) * 448
 
 
 def test_demo_on_a_user_image(tmp_path, capsys, sample_image_file):
     out = tmp_path / "mine.png"
     args = ["demo", "--image", str(sample_image_file), "--prompt", "is there a red circle ?", "--budget", "14"]
-    assert main([*args, "--method", "flashvlm", "--out", str(out), "--device", "cpu"]) == 0
-    assert "14 visual tokens" in capsys.readouterr().out
+    assert main([*args, "--method", "flashvlm", "--baseline", "none", "--out", str(out), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "flashvlm, 14 tokens (5%)" in printed and "vispruner" not in printed
+    assert " right " not in printed and " wrong " not in printed  # no expected answer to mark
     assert out.is_file()
 
 
 def test_demo_with_a_question_guided_method(tmp_path, capsys):
     out = tmp_path / "question.png"
-    assert main(["demo", "--method", "flashvlm:question", "--out", str(out), "--device", "cpu"]) == 0
-    assert "28 visual tokens (10.9%, flashvlm:question)" in capsys.readouterr().out
+    args = ["demo", "--example", "attribute", "--method", "flashvlm:question", "--baseline", "pool"]
+    assert main([*args, "--out", str(out), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "flashvlm:question, 28 tokens (11%)" in printed and "pool, 28 tokens (11%)" in printed
 
 
 @pytest.mark.parametrize(
@@ -42,6 +52,7 @@ def test_demo_with_a_question_guided_method(tmp_path, capsys):
         (["--image", "no-such-image.png"], "--prompt"),
         (["--example", "nope"], "unknown example"),
         (["--method", "nope"], "unknown method"),
+        (["--baseline", "nope"], "unknown method"),
         (["--out", "figure.jpg"], ".png"),
         (["--model", "./no-such-model"], "no model folder"),
     ],

@@ -1,4 +1,4 @@
-"""The demo models: the shipped tiny LLaVA, SmolLM2 from the wheel, and the LLaVA recipe end to end at smoke scale."""
+"""The demo model: the shipped parts, SmolLM2 from the wheel, the LLaVA recipe end to end at smoke scale; the tiny test LLaVA."""
 
 from __future__ import annotations
 
@@ -9,17 +9,30 @@ from functools import partial
 import pytest
 import torch
 from agreement import SelectionRecorder, alone_as_in_batch
+from scene_llava import FOLDER as SCENE_LLAVA
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 import flashvlm
 from demo.scenes import answer_words, split_example
-from demo.train import STAGES, StageData, answer_loss, collate, make_config, multimodal_logits, pixel_tensor, train
-from flashvlm.demo import MODEL_DIR
+from demo.train import (
+    STAGES,
+    GroundingWords,
+    StageData,
+    answer_loss,
+    collate,
+    make_config,
+    multimodal_logits,
+    pixel_tensor,
+    projected_tokens,
+    train,
+)
 from flashvlm.demo.language_model import language_model_folder
 from flashvlm.demo.model import (
     GRID,
     PARTS_CONFIG,
     PARTS_FILE,
+    SHIPPED_PARTS,
+    assemble,
     build_model,
     build_processor,
     demo_model_folder,
@@ -31,8 +44,8 @@ from flashvlm.loading import chat_prompt
 
 @pytest.fixture(scope="module")
 def shipped():
-    model = LlavaForConditionalGeneration.from_pretrained(MODEL_DIR).eval()
-    processor = AutoProcessor.from_pretrained(MODEL_DIR)
+    model = LlavaForConditionalGeneration.from_pretrained(SCENE_LLAVA).eval()
+    processor = AutoProcessor.from_pretrained(SCENE_LLAVA)
     return model, processor
 
 
@@ -46,19 +59,18 @@ def scene_inputs(processor, count: int = 2):
     )
 
 
-def test_shipped_folder_is_a_llava_with_processor(shipped):
+def test_tiny_llava_is_a_llava_with_processor(shipped):
     model, processor = shipped
-    files = {path.name for path in MODEL_DIR.iterdir()}
+    files = {path.name for path in SCENE_LLAVA.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "processor_config.json"} <= files
-    assert (MODEL_DIR / "model.safetensors").stat().st_size <= 30 * 2**20
+    assert (SCENE_LLAVA / "model.safetensors").stat().st_size <= 30 * 2**20
     assert model.config.vision_feature_layer == -2
     assert (
         chat_prompt(processor, "what color is the circle ?") == "USER: <image>\nwhat color is the circle ? ASSISTANT:"
     )
-    assert demo_model_folder() == str(MODEL_DIR)  # until the SmolLM2 model's trained parts ship
 
 
-def test_prune_runs_on_the_shipped_model(shipped):
+def test_prune_runs_on_the_tiny_llava(shipped):
     model, processor = shipped
     inputs = scene_inputs(processor)
     with torch.no_grad(), flashvlm.prune(model, 28) as pruner:
@@ -97,6 +109,17 @@ def test_a_missing_wheel_says_how_to_install_it(monkeypatch, tmp_path):
         language_model.language_model_folder(cache=tmp_path)
 
 
+def test_a_missing_extra_is_named_in_one_line(monkeypatch, tmp_path):
+    import importlib.util
+
+    from flashvlm.demo.model import assemble
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a))
+    with pytest.raises(FlashVLMError, match=r"assembling the demo model needs peft: pip install 'flashvlm\[demo\]'"):
+        assemble(SHIPPED_PARTS, folder=tmp_path / "model", verbose=False)
+
+
 def test_processor_speaks_chatml_with_one_added_image_token(lm_folder):
     processor = build_processor(lm_folder)
     question = "what color is the square ?"
@@ -115,11 +138,29 @@ def test_training_forward_matches_the_model_forward(lm_folder):
     scored = batch["attention_mask"].bool()
     with torch.no_grad():
         # The training path skips the last vision layer and the unscored positions; that must change nothing.
-        ours = multimodal_logits(model, batch, scored)
+        ours = multimodal_logits(model, batch, scored, projected_tokens(model, batch["pixel_values"]))
         reference = model(**batch).logits[scored]
     torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4)
     loss, _ = answer_loss(model, batch)
     assert torch.isfinite(loss)
+
+
+def test_grounding_labels_mark_the_patches_an_attribute_covers(lm_folder):
+    words = GroundingWords(build_processor(lm_folder).tokenizer)
+    example = split_example(0, "validation", 0)
+    labels = words.labels(example.objects)  # (N, W)
+    assert labels.shape == (GRID * GRID, len(words.ids)) and len(set(words.ids)) == len(words.ids)
+    attributes = len(words.attribute)
+    assert not labels[:, attributes:].any()  # template and question words: negative everywhere
+    color = list(words.attribute).index(example.objects[0].color)
+    assert 0 < labels[:, color].sum() < GRID * GRID / 4
+    model = build_model(lm_folder, make_config("smoke").vision, lm_layers=2)
+    data = StageData("tune", 0, lm_folder, grounding=True)
+    batch = collate([data[0], data[1]], pad_id=model.config.pad_token_id)
+    from demo.train import GroundingHead
+
+    loss, metrics = answer_loss(model, batch, GroundingHead(words.ids, 1.0))
+    assert torch.isfinite(loss) and {"answer", "grounding", "cosine_gap"} <= set(metrics)
 
 
 def test_fast_pixels_match_the_processor(lm_folder):
@@ -165,11 +206,21 @@ def test_only_the_trained_parts_are_stored(smoke_run):
     assert (out / "parts" / PARTS_FILE).stat().st_size < 2 * 2**20
 
 
-@pytest.fixture(scope="module")
-def assembled(smoke_run):
-    out, _ = smoke_run
-    model = LlavaForConditionalGeneration.from_pretrained(out / "model", dtype=torch.float32).eval()
-    return model, AutoProcessor.from_pretrained(out / "model")
+def test_the_shipped_parts_are_small_and_describe_a_truncated_smollm2():
+    description = json.loads((SHIPPED_PARTS / PARTS_CONFIG).read_text())
+    assert description["lm_layers"] == 4 and description["adapter"]["rank"] == 16
+    assert all(path.stat().st_size < 15 * 2**20 for path in SHIPPED_PARTS.iterdir())
+
+
+@pytest.fixture(scope="module", params=["smoke run", "shipped"])
+def assembled(request, tmp_path_factory, lm_folder):
+    """The smoke run's assembled folder, and the shipped parts assembled as `flashvlm demo` does."""
+    if request.param == "shipped":
+        folder = assemble(SHIPPED_PARTS, folder=tmp_path_factory.mktemp("shipped") / "model", verbose=False)
+    else:
+        folder = request.getfixturevalue("smoke_run")[0] / "model"
+    model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    return model, AutoProcessor.from_pretrained(folder)
 
 
 def test_assembled_folder_is_a_stock_llava_without_lora(assembled):

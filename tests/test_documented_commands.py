@@ -54,12 +54,11 @@ INLINE_COMMAND = re.compile(
     r"(?:flashvlm |make |python3? |\.venv(?:-vllm)?/bin/|bash |pip install |vllm serve )"
 )
 #: Engines installed only in their own environments; a module that needs one at import time
-#: has its parse check run there (tests/vllm/) rather than here.
+#: has its parse check run there (tests/vllm_plugin/) rather than here.
 OPTIONAL_ENGINES = {"vllm", "lmms_eval"}
 
 #: Commands deliberately not checked, by a pattern over the command text, with the reason.
 UNCHECKED = {
-    r"^python -m flashvlm\.demo\.\*$": "history: docs/demo.md names the commands its older numbers came from",
     r"^python -m vllm\.entrypoints\.openai\.api_server ARGS$": (
         "vLLM's own server module, with vllm serve's arguments; our part (--hf-overrides) is checked on "
         "the vllm serve lines"

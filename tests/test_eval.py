@@ -236,10 +236,27 @@ def test_compare_writes_table_csv_plot_and_predictions(tiny_llava_folder, datase
     assert "skipped" in capsys.readouterr().err
 
 
-def test_compare_finds_the_question_through_a_lowercasing_tokenizer(tmp_path, capsys):
-    from flashvlm.demo import MODEL_DIR
+def test_compare_without_matplotlib_writes_the_rest_and_names_the_extra(
+    tiny_llava_folder, dataset_file, tmp_path, capsys, monkeypatch
+):
+    import flashvlm.cli.compare as compare
 
-    image = MODEL_DIR.parent / "examples" / "attribute.png"
+    monkeypatch.setattr(compare, "plotting_available", lambda: False)
+    out = tmp_path / "out"
+    argv = ["compare", "--model", str(tiny_llava_folder), "--data", str(dataset_file), "--methods", "flashvlm",
+            "--budgets", "16", "--out", str(out), "--max-new-tokens", "1", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    assert {path.name for path in out.iterdir()} >= {"compare.csv", "compare.md", "predictions.jsonl"}
+    assert not (out / "accuracy_vs_budget.png").exists()
+    assert "pip install 'flashvlm[plot]'" in capsys.readouterr().err
+
+
+def test_compare_finds_the_question_through_a_lowercasing_tokenizer(tmp_path, capsys):
+    from scene_llava import FOLDER as SCENE_LLAVA
+
+    from flashvlm.demo import EXAMPLES_DIR
+
+    image = EXAMPLES_DIR / "attribute.png"
     rows = tmp_path / "rows.jsonl"
     rows.write_text(
         json.dumps({"id": "q", "image": str(image), "question": "What COLOR is the square ?", "answer": "red"})
@@ -247,7 +264,7 @@ def test_compare_finds_the_question_through_a_lowercasing_tokenizer(tmp_path, ca
     argv = [
         "compare",
         "--model",
-        str(MODEL_DIR),
+        str(SCENE_LLAVA),
         "--device",
         "cpu",
         "--data",

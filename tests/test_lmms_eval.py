@@ -159,16 +159,17 @@ def test_demo_benchmark_lmms_eval_equals_flashvlm_compare(tmp_path):
     reports the accuracies ``flashvlm compare`` reports on the same rows."""
     import csv
 
+    from scene_llava import FOLDER as SCENE_LLAVA
+
     from demo.data import export_split
     from flashvlm.cli import main as flashvlm_main
-    from flashvlm.demo import MODEL_DIR
 
     data = export_split("test", tmp_path / "data", size=12)
     tasks = write_task(data, tmp_path / "tasks", "demo_test", max_new_tokens=MAX_NEW_TOKENS).parent
     budgets = (28, 14)  # 11 % and 5.6 % of the demo model's 256 tokens
     out = tmp_path / "compare"
     assert flashvlm_main([
-        "compare", "--model", str(MODEL_DIR), "--device", "cpu", "--data", str(data), "--methods", "flashvlm",
+        "compare", "--model", str(SCENE_LLAVA), "--device", "cpu", "--data", str(data), "--methods", "flashvlm",
         "--budgets", ",".join(map(str, budgets)), "--batch-size", "4", "--out", str(out), "--no-progress",
         "--prompt-suffix", "", "--max-new-tokens", str(MAX_NEW_TOKENS),
     ]) == 0  # fmt: skip
@@ -179,7 +180,7 @@ def test_demo_benchmark_lmms_eval_equals_flashvlm_compare(tmp_path):
     for budget in budgets:
         results = simple_evaluate(
             model=MODEL_ID,
-            model_args=f"pretrained={MODEL_DIR},method=flashvlm,budget={budget},device=cpu",
+            model_args=f"pretrained={SCENE_LLAVA},method=flashvlm,budget={budget},device=cpu",
             tasks=["demo_test"],
             batch_size=4,
             task_manager=TaskManager(include_path=str(tasks), include_defaults=False),

@@ -21,8 +21,8 @@ LOCKS = ROOT / "locks"
 
 #: Which lock holds which part of pyproject.toml: "" is the core dependencies, others are extras.
 LOCKED_PARTS = {
-    "base.txt": ("", "test", "demo", "smolvlm"),
-    "eval.txt": ("", "test", "demo", "smolvlm", "eval"),
+    "base.txt": ("", "test", "demo", "smolvlm", "plot"),
+    "eval.txt": ("", "test", "demo", "smolvlm", "plot", "eval"),
     "vllm.txt": ("", "test", "vllm"),
 }
 #: Locks of the main .venv (CPU torch, never torchvision); vllm.txt is its own environment.
@@ -95,3 +95,33 @@ def test_cpu_torch_and_no_torchvision():
     for lock_name in MAIN_LOCKS:
         pins = read_lock(lock_name)
         assert not {"torchvision", "torchaudio"} & set(pins), f"locks/{lock_name} must not hold torchvision/torchaudio"
+
+
+def test_the_core_runs_prune_without_any_extra():
+    """``pip install flashvlm`` brings what ``flashvlm.prune`` imports; the heavier parts are extras.
+
+    Every flashvlm module that importing ``flashvlm.patch`` loads is read for its imports
+    (transformers itself may load an optional package such as accelerate when it is there).
+    """
+    import ast
+    import subprocess
+    import sys
+
+    extras = {"matplotlib", "peft", "gguf", "accelerate", "vllm", "datasets", "lmms_eval", "num2words", "evaluate"}
+    script = (
+        "import sys, flashvlm.patch\n"
+        "print(' '.join(m.__file__ for n, m in sys.modules.items() if n.startswith('flashvlm') and m.__file__))"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    files = result.stdout.split()
+    assert any(file.endswith("patch.py") for file in files)
+    imported = set()
+    for file in files:
+        for node in ast.walk(ast.parse(Path(file).read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.split(".")[0])
+    assert not extras & imported
+    core = {canonicalize_name(requirement.name) for requirement in declared("")}
+    assert core == {"torch", "transformers", "safetensors", "pillow", "numpy", "tqdm"}

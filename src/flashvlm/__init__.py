@@ -20,6 +20,7 @@ _PUBLIC_FROM = {
     "adapter_for": "adapters",
     "supported_architectures": "adapters",
     "Pruner": "patch",
+    "PruneOptions": "patch",
     "apply": "patch",
     "prune": "patch",
     "remove": "patch",
@@ -34,7 +35,7 @@ _PUBLIC_FROM = {
 
 if TYPE_CHECKING:
     from .adapters import adapter_for, supported_architectures
-    from .patch import Pruner, apply, prune, remove
+    from .patch import PruneOptions, Pruner, apply, prune, remove
     from .selection import (
         FlashVLM,
         Selection,
@@ -63,6 +64,7 @@ __all__ = [
     "FlashVLM",
     "FlashVLMError",
     "MethodUnavailableError",
+    "PruneOptions",
     "Pruner",
     "Selection",
     "SelectionInputs",

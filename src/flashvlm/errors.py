@@ -49,3 +49,12 @@ class QuestionNotFoundError(FlashVLMError):
         super().__init__(
             f"{where or f'batch row {row}'}: question {question[:60]!r} does not appear in its prompt: {advice}"
         )
+
+
+def require_extra(extra: str, *modules: str, purpose: str) -> None:
+    """Refuse in one line when an optional package is missing, naming the extra that installs it."""
+    import importlib.util
+
+    missing = [module for module in modules if importlib.util.find_spec(module) is None]
+    if missing:
+        raise FlashVLMError(f"{purpose} needs {', '.join(missing)}: pip install 'flashvlm[{extra}]'")

@@ -17,15 +17,18 @@ import inspect
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from .adapters import PrunedInputs, adapter_for
+from .adapters import NEWLINES, VIDEO_BUDGETS, PrunedInputs, adapter_for
 from .errors import FlashVLMError
 from .selection import Budget, TokenSelector, get_method, validate_budget
+from .selection.base import check_choice
 from .timing import synchronize
 
 _ATTRIBUTE = "_flashvlm_pruner"
@@ -90,12 +93,41 @@ class _CallState(threading.local):
     pruned_forward: bool = False
 
 
-class Pruner:
-    """A method and budget attached to one model. Create with :func:`apply` or :func:`prune`."""
+@dataclass(frozen=True)
+class PruneOptions:
+    """What a pruner is told, validated once when made: budget, method and its parameters, and the settings.
 
-    def __init__(
-        self,
-        model: nn.Module,
+    ``budget`` counts tokens per image; for videos, ``video_budget`` says whether it counts
+    per frame (``"per_frame"``, the default) or per video, with the frames selected jointly
+    (``"per_video"``). ``newlines`` says which LLaVA-NeXT/OneVision row newlines (outside
+    the budget) stay: those of rows that keep a token (``"kept_rows"``, the default) or
+    every row's (``"every_row"``: an image's token count then follows from its size, as in
+    the vLLM plug-in). ``tokenizer`` (the model's tokenizer or processor) lets a method with
+    ``text_tokens="question"`` (e.g. ``"flashvlm:question"``) find the ``question=`` passed to
+    ``generate``/``forward`` in the prompt. ``timed=True`` records
+    ``pruner.last_selection_seconds``, at the cost of a device synchronisation before and
+    after each pruning (the CLI, eval and bench turn it on). ``params`` are the method's.
+    """
+
+    budget: Budget
+    method: str | TokenSelector = "flashvlm"
+    params: Mapping[str, Any] = field(default_factory=dict)
+    video_budget: str = "per_frame"
+    newlines: str = "kept_rows"
+    tokenizer: Any = None
+    timed: bool = False
+    #: The method instance, made from ``method`` and ``params``.
+    selector: TokenSelector = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "budget", validate_budget(self.budget))
+        check_choice("video_budget", self.video_budget, VIDEO_BUDGETS)
+        check_choice("newlines", self.newlines, NEWLINES)
+        object.__setattr__(self, "selector", get_method(self.method, **self.params))
+
+    @classmethod
+    def of(
+        cls,
         budget: Budget,
         method: str | TokenSelector = "flashvlm",
         *,
@@ -104,15 +136,32 @@ class Pruner:
         tokenizer=None,
         timed: bool = False,
         **params,
+    ) -> PruneOptions:
+        """The options as :func:`apply` and :func:`prune` take them: the method's parameters as keywords."""
+        return cls(budget, method, params, video_budget, newlines, tokenizer, timed)
+
+
+class Pruner:
+    """A method and budget attached to one model. Create with :func:`apply` or :func:`prune`.
+
+    ``Pruner(model, options)`` takes a :class:`PruneOptions`; ``Pruner(model, budget, method,
+    **settings)`` makes them as :meth:`PruneOptions.of` does.
+    """
+
+    def __init__(
+        self, model: nn.Module, options: PruneOptions | Budget, method: str | TokenSelector = "flashvlm", **settings
     ) -> None:
+        if not isinstance(options, PruneOptions):
+            options = PruneOptions.of(options, method, **settings)
         model = unwrap_compiled(model)
         self.model = model
-        self.adapter = adapter_for(model, video_budget=video_budget, tokenizer=tokenizer, newlines=newlines)
-        self.budget = validate_budget(budget)
-        self.selector = get_method(method, **params)
-        #: Whether to time each pruning: two device synchronisations per call, so off by
-        #: default (the CLI, eval and bench turn it on).
-        self.timed = timed
+        self.options = options
+        self.adapter = adapter_for(
+            model, video_budget=options.video_budget, tokenizer=options.tokenizer, newlines=options.newlines
+        )
+        self.budget = options.budget
+        self.selector = options.selector
+        self.timed = options.timed
         self._forward_parameters = list(inspect.signature(model.forward).parameters)
         self._hooks = []
         self._had_own_generate = False
@@ -263,33 +312,13 @@ class Pruner:
         return output
 
 
-def apply(
-    model: nn.Module,
-    budget: Budget,
-    method: str | TokenSelector = "flashvlm",
-    *,
-    video_budget: str = "per_frame",
-    newlines: str = "kept_rows",
-    tokenizer=None,
-    timed: bool = False,
-    **params,
-) -> Pruner:
+def apply(model: nn.Module, budget: Budget, method: str | TokenSelector = "flashvlm", **settings) -> Pruner:
     """Attach a method to ``model`` until :func:`remove` is called. Returns the :class:`Pruner`.
 
-    ``budget`` counts tokens per image; for videos, ``video_budget`` says whether it counts
-    per frame (``"per_frame"``, the default) or per video, with the frames selected jointly
-    (``"per_video"``). ``newlines`` says which LLaVA-NeXT/OneVision row newlines (outside
-    the budget) stay: those of rows that keep a token (``"kept_rows"``, the default) or
-    every row's (``"every_row"``: an image's token count then follows from its size, as in
-    the vLLM plug-in). ``tokenizer`` (the model's tokenizer or processor) lets a method with
-    ``text_tokens="question"`` (e.g. ``"flashvlm:question"``) find the ``question=`` passed to
-    ``generate``/``forward`` in the prompt. ``timed=True`` records
-    ``pruner.last_selection_seconds`` (at the cost of a device synchronisation before and
-    after each pruning). ``params`` are the method's parameters.
+    ``settings`` are :meth:`PruneOptions.of`'s keywords (``video_budget``, ``newlines``,
+    ``tokenizer``, ``timed``) and the method's parameters; :class:`PruneOptions` says what each means.
     """
-    return Pruner(
-        model, budget, method, video_budget=video_budget, newlines=newlines, tokenizer=tokenizer, timed=timed, **params
-    ).attach()
+    return Pruner(model, PruneOptions.of(budget, method, **settings)).attach()
 
 
 #: Names a KV cache is passed under: transformers 5 renamed ``past_key_values`` to ``cache``.
@@ -313,21 +342,9 @@ def remove(model: nn.Module) -> None:
 
 
 @contextmanager
-def prune(
-    model: nn.Module,
-    budget: Budget,
-    method: str | TokenSelector = "flashvlm",
-    *,
-    video_budget: str = "per_frame",
-    newlines: str = "kept_rows",
-    tokenizer=None,
-    timed: bool = False,
-    **params,
-):
+def prune(model: nn.Module, budget: Budget, method: str | TokenSelector = "flashvlm", **settings):
     """``with flashvlm.prune(model, budget=64): model.generate(...)``; restored on exit (see :func:`apply`)."""
-    pruner = apply(
-        model, budget, method, video_budget=video_budget, newlines=newlines, tokenizer=tokenizer, timed=timed, **params
-    )
+    pruner = apply(model, budget, method, **settings)
     try:
         yield pruner
     finally:

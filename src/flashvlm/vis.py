@@ -77,3 +77,17 @@ def side_by_side(panels: Sequence[tuple[Image.Image, str]], bar: int = 22) -> Im
         draw.text((x + 6, 5), label, fill=(240, 240, 240))
         x += panel.size[0] + 8
     return figure
+
+
+def stacked(rows: Sequence[tuple[Image.Image, str]], bar: int = 22) -> Image.Image:
+    """Figures top to bottom, each under a one-line title on a dark bar (left-aligned, padded to the widest)."""
+    width = max(row.size[0] for row, _ in rows)
+    height = sum(row.size[1] + bar for row, _ in rows) + 8 * (len(rows) - 1)
+    figure = Image.new("RGB", (width, height), LABEL_BAR)
+    draw = ImageDraw.Draw(figure)
+    y = 0
+    for row, title in rows:
+        draw.text((6, y + 5), title, fill=(255, 230, 0))
+        figure.paste(row, (0, y + bar))
+        y += row.size[1] + bar + 8
+    return figure

@@ -33,9 +33,10 @@ ADAPTERS: list[type[ModelAdapter]] = [
     QwenVLAdapter,
     Qwen3VLAdapter,
     Gemma3Adapter,
+    InternVLAdapter,
+    Idefics3Adapter,
+    LlavaNextVideoAdapter,
 ]
-# InternVL, SmolVLM/Idefics3 and LLaVA-NeXT-Video (issue 13).
-ADAPTERS += [InternVLAdapter, Idefics3Adapter, LlavaNextVideoAdapter]
 
 
 def supported_architectures() -> list[str]:

@@ -26,6 +26,7 @@ from transformers.models.gemma3.modeling_gemma3 import create_masks_for_vision_m
 from ..saliency import received_attention
 from .base import FamilySupport, ImageSelection, ModelAdapter, TokenRegion, VisualItem
 from .sequence import prompt_tensors
+from .shared import needs_projected, needs_query_key
 from .taps import tap_vision_layer
 
 
@@ -61,11 +62,11 @@ class Gemma3Adapter(ModelAdapter):
 
     def visual_items(self, model_kwargs: dict[str, Any], needs: frozenset[str]) -> list[VisualItem]:
         tower = self.core.vision_tower
-        need_qk = bool(needs & {"saliency", "cls_attention", "keys"})
+        need_qk = needs_query_key(needs)
         with tap_vision_layer(self.saliency_layer, capture_qk=need_qk, stop_after=False) as tap:
             output = tower(pixel_values=model_kwargs["pixel_values"].to(tower.dtype))
         stack = VisualItem("image", self.pooled(output.last_hidden_state))  # (I, T, C)
-        if needs & {"projected", "lm_attention"}:
+        if needs_projected(needs):
             stack.tokens = self.project(stack.features)  # (I, T, D)
         if need_qk:
             attention = self.saliency_layer.self_attn

@@ -34,8 +34,8 @@ import torch
 from ..errors import FlashVLMError
 from ..saliency import received_attention
 from .base import FamilySupport, ModelAdapter, VisualItem
-from .internvl import image_of_views, refuse_per_video
 from .sequence import placeholder_runs
+from .shared import image_of_views, needs_query_key, refuse_per_video
 from .taps import tap_vision_layer, this_thread_only
 
 
@@ -80,7 +80,7 @@ class Idefics3Adapter(ModelAdapter):
     def encode_sub_images(self, model_kwargs: dict[str, Any], needs: frozenset[str]) -> VisualItem:
         """The model's own image encoding of every real sub-image, row-major: features
         (R, m, s*s*C), tokens (R, m, D), and saliency (R, m) and keys (R, m, C) if asked."""
-        need_qk = bool(needs & {"saliency", "cls_attention", "keys"})
+        need_qk = needs_query_key(needs)
         captured: dict[str, torch.Tensor] = {}
         # The tower is called with the patch mask the model derives from pixel_attention_mask.
         mask_hook = self.core.vision_model.register_forward_pre_hook(

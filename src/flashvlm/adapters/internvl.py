@@ -34,9 +34,9 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..errors import FlashVLMError, UnsupportedModelError
 from ..saliency import query_row_attention
-from .base import FamilySupport, ImageSelection, ModelAdapter, TokenRegion, VisualItem
-from .llava import square_grid
+from .base import FamilySupport, ModelAdapter, VisualItem
 from .sequence import placeholder_runs
+from .shared import image_of_views, needs_projected, needs_query_key, refuse_per_video
 from .taps import resolve_hidden_state_layer, run_until_tap, tap_vision_layer, this_thread_only
 
 
@@ -90,7 +90,7 @@ class InternVLAdapter(ModelAdapter):
         feature_layer, _ = self.feature_settings(model_kwargs)
         layer_index = resolve_hidden_state_layer(feature_layer, len(self.vision_layers))
         attention = self.vision_layers[layer_index].attention
-        need_qk = bool(needs & {"saliency", "cls_attention", "keys"})
+        need_qk = needs_query_key(needs)
         captured: dict[str, torch.Tensor] = {}
         handles = []
         if need_qk:  # the q/k norms' outputs are the vectors the layer attends with
@@ -119,7 +119,7 @@ class InternVLAdapter(ModelAdapter):
 
     def visual_items(self, model_kwargs: dict[str, Any], needs: frozenset[str]) -> list[VisualItem]:
         stack = self.encode_tiles(model_kwargs["pixel_values"], model_kwargs, needs)
-        if needs & {"projected", "lm_attention"}:
+        if needs_projected(needs):
             stack.tokens = self.project(stack.features)  # (P, m, D)
         num_tiles, per_tile = stack.features.shape[:2]
         input_ids = model_kwargs["input_ids"]
@@ -139,32 +139,3 @@ class InternVLAdapter(ModelAdapter):
     def encoder_output(self, kind: str, items: list[VisualItem]) -> BaseModelOutputWithPooling:
         # The model scatters one tensor into the placeholders: every kept token, image after image.
         return BaseModelOutputWithPooling(pooler_output=torch.cat([item.sent for item in items])[None])
-
-
-def image_of_views(stack: VisualItem, first: int, num_views: int, tile_grids: bool = False) -> VisualItem:
-    """One image from ``num_views`` consecutive views of a (V, m, ...) stack, sharing one budget:
-    a single view is one raster; several are the tiles, then the global view, which the
-    processors put last. The tiles are selected jointly (their layout is not in the model's
-    inputs, so together they form no known raster), or, with ``tile_grids`` (for a method
-    that needs the grid), each tile is its own square raster with its share of the budget."""
-    item = stack.map(lambda tensor: tensor[first : first + num_views].flatten(0, 1))
-    per_view = stack.features.shape[1]
-    grid = square_grid(per_view)
-    positions = torch.arange(num_views * per_view, device=stack.features.device)
-    if num_views == 1:
-        regions = [TokenRegion(positions, grid)]
-    elif tile_grids:
-        regions = [TokenRegion(view, grid) for view in positions.split(per_view)]
-    else:
-        regions = [TokenRegion(positions[:-per_view]), TokenRegion(positions[-per_view:], grid)]
-    item.units = [ImageSelection.of("image", regions)]
-    return item
-
-
-def refuse_per_video(model, video_budget: str) -> None:
-    """Families whose processors send video frames as images can only budget per frame."""
-    if video_budget == "per_video":
-        raise FlashVLMError(
-            f"video_budget='per_video' is not available for {type(model).__name__}: its processor sends video "
-            "frames as separate images, so each frame gets the budget (use video_budget='per_frame')"
-        )

@@ -12,6 +12,7 @@ import torch
 from ..errors import UnsupportedModelError
 from ..saliency import query_row_attention, received_attention, release_cls_attention
 from .base import FamilySupport, ImageSelection, ModelAdapter, TokenRegion, VisualItem
+from .shared import needs_projected, needs_query_key, square_grid
 from .taps import resolve_hidden_state_layer, run_until_tap, tap_vision_layer
 
 
@@ -64,7 +65,7 @@ class LlavaAdapter(ModelAdapter):
         """A :class:`VisualItem` over a stack of tower inputs (P, 3, H, W): features (P, n, C),
         and saliency (P, n) and keys (P, n, C_k) where ``needs`` asks for them."""
         feature_layer, strategy = self._feature_settings(model_kwargs)
-        need_qk = bool(needs & {"saliency", "cls_attention", "keys"})
+        need_qk = needs_query_key(needs)
         features, queries, keys = self.encode_images(pixel_values, feature_layer, strategy, need_qk)
         stack = VisualItem("image", features)
         if not need_qk:
@@ -88,7 +89,7 @@ class LlavaAdapter(ModelAdapter):
     def visual_items(self, model_kwargs: dict[str, Any], needs: frozenset[str]) -> list[VisualItem]:
         stack = self.encode_patches(model_kwargs["pixel_values"], model_kwargs, needs)
         # FastV-style scoring needs the projected tokens too, to build the unpruned sequence.
-        if needs & {"projected", "lm_attention"}:
+        if needs_projected(needs):
             stack.tokens = self.project(stack.features)  # (I, N, D)
         num_tokens = stack.features.shape[1]
         grid = square_grid(num_tokens) if self._feature_settings(model_kwargs)[1] == "default" else None
@@ -99,9 +100,3 @@ class LlavaAdapter(ModelAdapter):
             item.units = [ImageSelection.of("image", [TokenRegion(positions, grid)])]
             items.append(item)
         return items
-
-
-def square_grid(num_tokens: int) -> tuple[int, int] | None:
-    """(side, side) when ``num_tokens`` fill a square raster, else None."""
-    side = int(round(num_tokens**0.5))
-    return (side, side) if side * side == num_tokens else None

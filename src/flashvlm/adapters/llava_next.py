@@ -32,8 +32,9 @@ from transformers.models.llava_next.modeling_llava_next import image_size_to_num
 
 from ..errors import FlashVLMError
 from .base import FamilySupport, ImageSelection, TokenRegion, VisualItem
-from .llava import LlavaAdapter, square_grid
+from .llava import LlavaAdapter
 from .sequence import require_argument
+from .shared import square_grid
 
 
 class LlavaNextAdapter(LlavaAdapter):

@@ -22,8 +22,9 @@ from typing import Any
 import torch
 
 from .base import FamilySupport, VisualItem
-from .llava import LlavaAdapter, square_grid
+from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
+from .shared import needs_projected, square_grid
 
 
 class LlavaNextVideoAdapter(LlavaNextAdapter):
@@ -55,7 +56,7 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
             stack.saliency = self.pool_like_resampler(stack.saliency[..., None].float()).squeeze(-1)
         if stack.keys is not None:
             stack.keys = self.pool_like_resampler(stack.keys)
-        if needs & {"projected", "lm_attention"}:
+        if needs_projected(needs):
             stack.tokens = self.project(stack.features)  # (V*F, m, D)
         per_frame = stack.features.shape[1]
         grid = square_grid(per_frame)

@@ -24,6 +24,7 @@ import torch
 from ..saliency import segmented_received_attention
 from .base import FamilySupport, ImageSelection, ModelAdapter, TokenRegion, VisualItem
 from .sequence import compact_sequences, prompt_tensors, require_argument
+from .shared import needs_query_key
 from .taps import this_thread_only
 
 
@@ -137,7 +138,7 @@ class QwenVLAdapter(ModelAdapter):
     def visual_items(self, model_kwargs: dict[str, Any], needs: frozenset[str]) -> list[VisualItem]:
         """Every image, then every video: one unit per image; per video one unit per temporal
         slice ("per_frame") or one for all of it ("per_video")."""
-        need_saliency = bool(needs & {"saliency", "cls_attention", "keys"})
+        need_saliency = needs_query_key(needs)
         items = []
         for kind, pixels_name, grid_name in (
             ("image", "pixel_values", "image_grid_thw"),

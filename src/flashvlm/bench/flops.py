@@ -228,26 +228,6 @@ def llava_next_video_vision_flops(config, visual_tokens: int, pruned: bool, proj
     return vision, batch * llava_projector_flops(config, projected)
 
 
-def prefill_flops(
-    config, text_tokens: int, visual_tokens: int, kept_tokens: int, batch: int, projected_tokens: int | None = None
-) -> PrefillFlops:
-    """FLOPs of a prefill with ``kept_tokens`` of each image's ``visual_tokens`` in the LM.
-
-    ``kept_tokens == visual_tokens`` is the unpruned model. ``projected_tokens`` is how
-    many rows go through the projector (all N for methods that score projected tokens,
-    K otherwise; default K). The vision side is the family's (``Family.vision_flops``).
-    Sliding-window layers (Gemma 3) are counted as full causal attention, which they are
-    for prompts within the window.
-    """
-    from .models import family_of
-
-    pruned = kept_tokens < visual_tokens
-    projected = kept_tokens if projected_tokens is None else projected_tokens
-    language_model = decoder_prefill_flops(config.text_config, text_tokens + kept_tokens, batch)
-    vision, projector = family_of(config).vision_flops(config, visual_tokens, pruned, projected, batch)
-    return PrefillFlops(vision, projector, language_model)
-
-
 def bipartite_diversity_flops(
     num_candidates: int,
     num_keep: int,

@@ -591,6 +591,24 @@ def family_of(config) -> Family:
     return FAMILIES[config.model_type]
 
 
+def prefill_flops(
+    config, text_tokens: int, visual_tokens: int, kept_tokens: int, batch: int, projected_tokens: int | None = None
+) -> flops.PrefillFlops:
+    """FLOPs of a prefill with ``kept_tokens`` of each image's ``visual_tokens`` in the LM.
+
+    ``kept_tokens == visual_tokens`` is the unpruned model. ``projected_tokens`` is how
+    many rows go through the projector (all N for methods that score projected tokens,
+    K otherwise; default K). The vision side is the family's (``Family.vision_flops``).
+    Sliding-window layers (Gemma 3) are counted as full causal attention, which they are
+    for prompts within the window.
+    """
+    pruned = kept_tokens < visual_tokens
+    projected = kept_tokens if projected_tokens is None else projected_tokens
+    language_model = flops.decoder_prefill_flops(config.text_config, text_tokens + kept_tokens, batch)
+    vision, projector = family_of(config).vision_flops(config, visual_tokens, pruned, projected, batch)
+    return flops.PrefillFlops(vision, projector, language_model)
+
+
 def synthetic_inputs(config, batch: int, text_tokens: int, seed: int = 0) -> SyntheticInputs:
     """Prompt of ``text_tokens`` text tokens around one image per row, with random pixels."""
     return family_of(config).make_inputs(config, batch, text_tokens, seed)

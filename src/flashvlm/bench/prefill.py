@@ -34,9 +34,9 @@ from ..errors import FlashVLMError, MethodUnavailableError, UnsupportedModelErro
 from ..patch import apply
 from ..selection import Budget, get_method
 from ..timing import PrefillTimer, stamped_calls, synchronize
-from .flops import kv_cache_bytes, prefill_flops
+from .flops import kv_cache_bytes
 from .memory import peak_memory_bytes
-from .models import SyntheticInputs
+from .models import SyntheticInputs, prefill_flops
 
 
 def vision_module(model: torch.nn.Module) -> torch.nn.Module:

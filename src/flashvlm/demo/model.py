@@ -2,7 +2,9 @@
 
 A stock ``LlavaForConditionalGeneration``: a small CLIP ViT (224 px, 14 px patches -> 256
 tokens plus CLS, features from layer -2), LLaVA's 2-layer MLP projector, and
-SmolLM2-135M-Instruct as the language model with one added ``<image>`` token. Only what
+SmolLM2-135M-Instruct as the language model with one added ``<image>`` token: its real
+embedding table, final norm and tied head, and all of its 30 layers or only the first few
+(the shipped model keeps 4, what this project's CPU could train). Only what
 training changes is stored (:data:`PARTS_FILE`: vision tower, projector and a LoRA adapter of
 the language model; :data:`PARTS_CONFIG` says their shapes), a few MB. :func:`assemble` puts
 them together with the language model from :mod:`.language_model` into an ordinary
@@ -43,7 +45,7 @@ END_OF_TURN = "<|im_end|>"
 
 PARTS_FILE = "parts.safetensors"
 PARTS_CONFIG = "parts.json"
-#: The parts of a trained demo model, where the wheel ships them (absent until a GPU run's are committed).
+#: The shipped demo model's trained parts.
 SHIPPED_PARTS = Path(__file__).parent / "smollm2"
 
 
@@ -110,7 +112,7 @@ def build_processor(lm_folder: Path):
 
 
 def build_config(lm_folder: Path, vision: VisionSize, lm_layers: int | None = None):
-    """The LlavaConfig: the tower, the projector and SmolLM2's config (``lm_layers`` truncates it, for tests)."""
+    """The LlavaConfig: the tower, the projector and SmolLM2's config (``lm_layers``: keep only its first layers)."""
     from transformers import AutoConfig, CLIPVisionConfig, LlavaConfig
 
     text = AutoConfig.from_pretrained(lm_folder)
@@ -231,6 +233,7 @@ def assemble(parts: Path, folder: Path | None = None, verbose: bool = True) -> P
 
     from safetensors.torch import load_file
 
+    from ..errors import require_extra
     from .language_model import cache_root, folder_size, language_model_folder
 
     parts = Path(parts)
@@ -239,6 +242,7 @@ def assemble(parts: Path, folder: Path | None = None, verbose: bool = True) -> P
         folder = cache_root() / f"demo-llava-smollm2-{digest}"
         if (folder / "config.json").is_file():
             return folder
+    require_extra("demo", "peft", purpose="assembling the demo model")
     began = time.perf_counter()
     lm_folder = language_model_folder(verbose=verbose)
     description = json.loads((parts / PARTS_CONFIG).read_text())
@@ -270,14 +274,14 @@ def assemble(parts: Path, folder: Path | None = None, verbose: bool = True) -> P
 def demo_model_folder(model: str | None = None) -> str:
     """The folder ``flashvlm demo`` loads for ``--model``.
 
-    None: the shipped SmolLM2 demo model once its trained parts ship, else the older tiny
-    model in ``MODEL_DIR``; a folder holding :data:`PARTS_FILE` (a training run's output):
-    assembled; anything else (a model folder or hub id): as given.
+    None: the shipped demo model (its parts in :data:`SHIPPED_PARTS`, assembled on first
+    use); a folder holding :data:`PARTS_FILE` (a training run's output): assembled; anything
+    else (a model folder or hub id): as given.
     """
-    from . import MODEL_DIR
-
     if model is None:
-        return str(assemble(SHIPPED_PARTS)) if (SHIPPED_PARTS / PARTS_FILE).is_file() else str(MODEL_DIR)
+        if not (SHIPPED_PARTS / PARTS_FILE).is_file():
+            raise FileNotFoundError(f"the demo model's parts are missing from {SHIPPED_PARTS}; reinstall flashvlm")
+        return str(assemble(SHIPPED_PARTS))
     if (Path(model) / PARTS_FILE).is_file():
         return str(assemble(Path(model)))
     return model

@@ -114,8 +114,15 @@ def write_markdown(
     write_text_atomic(path, markdown_report(summaries, title, notes, bad_rows))
 
 
+def plotting_available() -> bool:
+    """Whether matplotlib, the ``plot`` extra, is installed."""
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None
+
+
 def plot_accuracy(summaries: Sequence[RunSummary], reference: RunSummary | None, path: str | os.PathLike) -> None:
-    """Accuracy against mean visual tokens kept per image, one line per method (PNG)."""
+    """Accuracy against mean visual tokens kept per image, one line per method (PNG; needs the ``plot`` extra)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, never a window

@@ -1,8 +1,8 @@
 """FlashVLM: text-guided visual token selection (Cai, Zhang et al., 2025).
 
-Steps 1-7 of docs/method.md. The defaults follow the authors' released LLaVA code;
+Steps 1-7 of docs/flashvlm.md. The defaults follow the authors' released LLaVA code;
 every constant is a named, validated field, and every place where the release differs
-from the paper, or where we deviate from the release, is a named option (docs/method.md
+from the paper, or where we deviate from the release, is a named option (docs/flashvlm.md
 gives each difference and its measured size).
 """
 

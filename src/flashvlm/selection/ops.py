@@ -1,7 +1,7 @@
 """Tensor building blocks shared by the selection methods (pure torch).
 
 Every function works on a batch: a leading ``B`` dimension of images that share a
-token count ``N``. Names follow docs/method.md; the diversity rules are in
+token count ``N``. Names follow docs/flashvlm.md; the diversity rules are in
 :mod:`flashvlm.selection.diversity`.
 """
 

@@ -1,4 +1,4 @@
-"""The shipped demo model as a folder vLLM loads: ``python -m flashvlm.integrations.vllm.demo DIR``.
+"""The demo model as a folder vLLM loads: ``python -m flashvlm.integrations.vllm.demo DIR``.
 
 transformers 5 saves a LLaVA's CLIP tower weights as ``vision_tower.embeddings.*`` (so does
 the demo checkpoint); vLLM 0.32's LLaVA expects ``vision_tower.vision_model.*``, as the
@@ -13,8 +13,6 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from ...demo import MODEL_DIR
-
 _TOWER = "vision_tower."
 _TOWER_MODEL = "vision_tower.vision_model."
 
@@ -28,7 +26,9 @@ def vllm_weight_name(name: str) -> str:
 
 def export_demo_model(destination: str | Path) -> Path:
     """Write the vLLM-loadable demo folder to ``destination`` (created; reused if complete)."""
-    return export_for_vllm(MODEL_DIR, destination)
+    from ...demo.model import demo_model_folder
+
+    return export_for_vllm(demo_model_folder(), destination)
 
 
 def export_for_vllm(source_folder: str | Path, destination: str | Path) -> Path:

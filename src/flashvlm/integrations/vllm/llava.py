@@ -22,14 +22,14 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from ...errors import FlashVLMError, UnsupportedModelError
 from ...saliency import query_row_attention, received_attention, release_cls_attention
 from ...selection import SelectionInputs
-from .encoder import (
+from .processing import PrunedInfoMixin, TextGuidedProcessorMixin
+from .pruned_model import (
     PrunedModelMixin,
     gather_tensor_parallel_channels,
     mean_over_tensor_parallel_heads,
     prompt_text_per_image,
     tap_qkv_projection,
 )
-from .processing import PrunedInfoMixin, TextGuidedProcessorMixin
 from .settings import settings_of
 
 

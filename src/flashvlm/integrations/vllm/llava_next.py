@@ -27,9 +27,9 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from ...adapters.base import ImageSelection, TokenRegion, region_budgets
 from ...selection import SelectionInputs
-from .encoder import prompt_text_per_image
 from .llava import LlavaTowerMixin
 from .processing import PrunedInfoMixin, TextGuidedProcessorMixin
+from .pruned_model import prompt_text_per_image
 
 
 class PrunedLlavaNextProcessingInfo(PrunedInfoMixin, LlavaNextProcessingInfo):

@@ -20,7 +20,7 @@ from functools import cached_property
 
 import torch
 
-from .encoder import TEXT_IDS_FIELD, pack_prompt_text
+from .pruned_model import TEXT_IDS_FIELD, pack_prompt_text
 from .settings import SERVED_REQUIREMENTS, PruningSettings, settings_of
 
 

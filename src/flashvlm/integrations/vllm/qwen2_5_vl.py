@@ -44,7 +44,8 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from ...errors import FlashVLMError, UnsupportedModelError
 from ...saliency import segmented_received_attention
 from ...selection import SelectionInputs
-from .encoder import (
+from .processing import PrunedInfoMixin, TextGuidedProcessorMixin
+from .pruned_model import (
     TEXT_IDS_FIELD,
     PrunedModelMixin,
     QKTap,
@@ -52,7 +53,6 @@ from .encoder import (
     mean_over_tensor_parallel_heads,
     prompt_text_per_image,
 )
-from .processing import PrunedInfoMixin, TextGuidedProcessorMixin
 from .settings import SERVED_REQUIREMENTS, settings_of
 
 #: What this path hands a method: Qwen's tower has no CLS token, so no CLS attention row.

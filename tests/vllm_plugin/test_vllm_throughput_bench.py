@@ -33,7 +33,7 @@ def test_the_script_starts_in_the_vllm_environment():
     assert "--budget" in done.stdout
 
 
-def test_the_documented_demo_command_runs_at_the_smallest_size(tmp_path):
+def test_the_documented_command_runs_at_the_smallest_size(tmp_path):
     (command,) = [c for c in THROUGHPUT_COMMANDS if c.document.name == "vllm.md" and not c.prose]
     rows_file, section_file = tmp_path / "rows.json", tmp_path / "section.md"
     env = vllm_environment(tmp_path / "cache")

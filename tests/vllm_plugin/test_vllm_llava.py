@@ -17,11 +17,12 @@ import numpy as np
 import pytest
 import torch
 from agreement import ForcedSelection, SelectionRecorder, reference_on_our_choice, rows_of
+from scene_llava import FOLDER as SCENE_LLAVA
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 from vllm_harness import run_stock_and_plugin
 
 import flashvlm
-from flashvlm.demo import EXAMPLES_DIR, MODEL_DIR
+from flashvlm.demo import EXAMPLES_DIR
 from flashvlm.loading import chat_prompt
 
 MAX_TOKENS = 6
@@ -41,8 +42,8 @@ def examples() -> list[dict]:
 
 @pytest.fixture(scope="module")
 def hf_model():
-    model = LlavaForConditionalGeneration.from_pretrained(MODEL_DIR).eval()
-    return model, AutoProcessor.from_pretrained(MODEL_DIR)
+    model = LlavaForConditionalGeneration.from_pretrained(SCENE_LLAVA).eval()
+    return model, AutoProcessor.from_pretrained(SCENE_LLAVA)
 
 
 def requests_for(processor, rows):

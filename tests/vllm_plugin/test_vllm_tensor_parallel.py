@@ -4,7 +4,7 @@ Opt-in (``make vllm-test-tp``; about 3 minutes on two cores): TP = 2 on a CPU ru
 worker processes, one core each (``VLLM_CPU_OMP_THREADS_BIND``), which doubles the cost of
 the demo model's engines, so CI's ``make vllm-test`` leaves it out. Each rank's vision
 tower holds half the heads: the saliency is the mean of the ranks' head means, VisionZip's
-keys are gathered across ranks (``encoder.py``), and the test checks that both collectives
+keys are gathered across ranks (``pruned_model.py``), and the test checks that both collectives
 make every rank keep what the unsharded model keeps: the ranks exactly the same tokens
 (their inputs are the collectives' results, identical on every rank), and rank 0 what
 transformers keeps as tests/agreement.py defines it.

@@ -41,7 +41,7 @@ def main(job_path: str, out_path: str) -> None:
     from PIL import Image
     from vllm import LLM, SamplingParams
 
-    from flashvlm.integrations.vllm.encoder import flashvlm_history
+    from flashvlm.integrations.vllm.pruned_model import flashvlm_history
 
     job = json.loads(open(job_path).read())
     with_logprobs = job.get("logprobs", False)

@@ -9,11 +9,12 @@ import json
 import pytest
 import torch
 from PIL import Image
+from scene_llava import FOLDER as SCENE_LLAVA
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 from vllm_harness import post_json, start_server, stop, wait_until_ready
 
 import flashvlm
-from flashvlm.demo import EXAMPLES_DIR, MODEL_DIR
+from flashvlm.demo import EXAMPLES_DIR
 from flashvlm.loading import chat_prompt
 
 BUDGET = 28
@@ -35,8 +36,8 @@ def offline_answer(example: dict) -> tuple[str, int]:
     vLLM's chat path tokenizes the rendered chat template without adding special tokens,
     and the demo's template writes no BOS, so neither does the reference.
     """
-    model = LlavaForConditionalGeneration.from_pretrained(MODEL_DIR).eval()
-    processor = AutoProcessor.from_pretrained(MODEL_DIR)
+    model = LlavaForConditionalGeneration.from_pretrained(SCENE_LLAVA).eval()
+    processor = AutoProcessor.from_pretrained(SCENE_LLAVA)
     image = Image.open(example["image"]).convert("RGB")
     inputs = processor(
         images=image, text=chat_prompt(processor, example["question"]), return_tensors="pt", add_special_tokens=False
