@@ -212,6 +212,8 @@ def test_ctrl_c_while_the_command_starts_is_one_line(interrupt):
     script = "\n".join(
         [
             "import os, signal, sys",
+            # A process started in the background inherits SIGINT ignored; Ctrl-C in a terminal is not.
+            "signal.signal(signal.SIGINT, signal.default_int_handler)",
             "class InterruptTorch:",
             "    def find_spec(self, name, path=None, target=None):",
             "        if name == 'torch':",
