@@ -210,3 +210,14 @@ def test_training_sends_gradients_to_the_tower_and_projector_through_the_kept_to
 def test_inference_keeps_the_vision_side_out_of_the_graph():
     gradients = vision_side_gradients(TINY_CASES[0], training=False)
     assert gradients and all(grad is None for grad in gradients.values())
+
+
+def test_one_options_object_is_validated_once_and_drives_the_pruner(model):
+    options = flashvlm.PruneOptions.of(8, "flashvlm", text_weight=0.3)
+    assert options.budget == 8 and options.selector.text_weight == 0.3
+    with pytest.raises(FlashVLMError, match="video_budget"):
+        flashvlm.PruneOptions.of(8, video_budget="per_minute")
+    with pytest.raises(FlashVLMError, match="budget"):
+        flashvlm.PruneOptions(0)
+    pruner = flashvlm.Pruner(model, options)
+    assert pruner.options is options and pruner.budget == 8 and pruner.selector is options.selector
