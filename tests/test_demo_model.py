@@ -116,7 +116,9 @@ def test_a_missing_extra_is_named_in_one_line(monkeypatch, tmp_path):
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a))
-    with pytest.raises(FlashVLMError, match=r"assembling the demo model needs peft: pip install 'flashvlm\[demo\]'"):
+    with pytest.raises(
+        FlashVLMError, match=r'assembling the demo model needs the peft package: pip install "flashvlm\[demo\]"'
+    ):
         assemble(SHIPPED_PARTS, folder=tmp_path / "model", verbose=False)
 
 

@@ -248,7 +248,7 @@ def test_compare_without_matplotlib_writes_the_rest_and_names_the_extra(
     assert main(argv) == 0
     assert {path.name for path in out.iterdir()} >= {"compare.csv", "compare.md", "predictions.jsonl"}
     assert not (out / "accuracy_vs_budget.png").exists()
-    assert "pip install 'flashvlm[plot]'" in capsys.readouterr().err
+    assert 'needs the matplotlib package: pip install "flashvlm[plot]"' in capsys.readouterr().err
 
 
 def test_compare_finds_the_question_through_a_lowercasing_tokenizer(tmp_path, capsys):

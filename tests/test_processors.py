@@ -7,6 +7,7 @@ built locally) and loaded back through ``flashvlm.loading.load_model``, as a use
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -128,12 +129,10 @@ def test_a_family_folder_refuses_videos_in_one_line(name, family_folder):
 
 
 def test_a_smolvlm_folder_without_num2words_names_what_to_install(family_folder, monkeypatch):
-    import flashvlm.loading
-
     folder = family_folder("smolvlm")
-    real_find_spec = flashvlm.loading.find_spec
+    real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(
-        flashvlm.loading, "find_spec", lambda package: None if package == "num2words" else real_find_spec(package)
+        importlib.util, "find_spec", lambda package, *a: None if package == "num2words" else real_find_spec(package, *a)
     )
     with pytest.raises(FlashVLMError) as caught:
         load_model(folder, device="cpu")

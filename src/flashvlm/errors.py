@@ -51,10 +51,9 @@ class QuestionNotFoundError(FlashVLMError):
         )
 
 
-def require_extra(extra: str, *modules: str, purpose: str) -> None:
+def require_extra(extra: str, package: str, purpose: str) -> None:
     """Refuse in one line when an optional package is missing, naming the extra that installs it."""
     import importlib.util
 
-    missing = [module for module in modules if importlib.util.find_spec(module) is None]
-    if missing:
-        raise FlashVLMError(f"{purpose} needs {', '.join(missing)}: pip install 'flashvlm[{extra}]'")
+    if importlib.util.find_spec(package) is None:
+        raise FlashVLMError(f'{purpose} needs the {package} package: pip install "flashvlm[{extra}]"')

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .adapters import supported_architectures
-from .errors import FlashVLMError, UnsupportedModelError
+from .errors import FlashVLMError, UnsupportedModelError, require_extra
 
 #: The placeholder a prompt may carry where an image goes (LLaVA's; other processors have their own).
 IMAGE_PLACEHOLDER = "<image>"
@@ -244,11 +243,8 @@ def load_processor(name_or_path: str, config):
 
     processor_class = PROCESSOR_MAPPING.get(type(config), None)
     package, extra = PROCESSOR_EXTRAS.get(getattr(processor_class, "__name__", None), (None, None))
-    if package is not None and find_spec(package) is None:
-        raise FlashVLMError(
-            f"the processor of {name_or_path} ({processor_class.__name__}) needs the {package} package: "
-            f'pip install "flashvlm[{extra}]"'
-        )
+    if package is not None:
+        require_extra(extra, package, purpose=f"the processor of {name_or_path} ({processor_class.__name__})")
     if processor_class is not None and needs_torchvision(processor_class):
         loader = without_video_processor(processor_class)
     else:

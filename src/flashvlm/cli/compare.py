@@ -304,7 +304,7 @@ def _write_outputs(out: Path, runs, examples, done: JournalContents, summaries, 
     if not plotting_available():
         del writers["accuracy_vs_budget.png"]
         print(
-            "flashvlm compare: note: accuracy_vs_budget.png needs matplotlib: pip install 'flashvlm[plot]'",
+            'flashvlm compare: note: accuracy_vs_budget.png needs the matplotlib package: pip install "flashvlm[plot]"',
             file=sys.stderr,
         )
     failures: list[OSError] = []

@@ -123,23 +123,20 @@ def _generate(model, processor, inputs, max_new_tokens: int, **pruning) -> tuple
     return answer, timer
 
 
-def _answer(model, processor, question: Question, method: str, budget, max_new_tokens: int) -> tuple[Answer, int]:
-    """One method's answer to one question (``none``: unpruned), after a one-token warm-up; and the tower's pixel size."""
-    inputs = processor(images=[question.image], text=chat_prompt(processor, question.text), return_tensors="pt")
-    inputs = inputs.to(model.device)
-    size = int(inputs["pixel_values"].shape[-1])
+def _answer(model, processor, question: Question, inputs, method: str, budget, max_new_tokens: int) -> Answer:
+    """One method's answer to one question's ``inputs`` (``none``: unpruned), after a one-token warm-up."""
     if method == "none":
         _generate(model, processor, inputs, 1)  # first calls pay one-off costs, not prefill
         text, timer = _generate(model, processor, inputs, max_new_tokens)
         tokens = int((inputs["input_ids"] == model.config.image_token_id).sum())
-        return Answer("none", text, tokens, tokens, 1000 * timer.prefill_seconds, None, None, None), size
+        return Answer("none", text, tokens, tokens, 1000 * timer.prefill_seconds, None, None, None)
     # The question lets a method with text_tokens="question" (flashvlm:question) find the user's words.
     user_words = chat_question(processor, question.text)
     with prune(model, budget, method, tokenizer=processor, timed=True) as pruner:
         _generate(model, processor, inputs, 1, question=user_words)
         text, timer = _generate(model, processor, inputs, max_new_tokens, question=user_words)
     selection = pruner.last.images[0]
-    answer = Answer(
+    return Answer(
         method,
         text,
         selection.num_kept,
@@ -149,7 +146,6 @@ def _answer(model, processor, question: Question, method: str, budget, max_new_t
         selection.keep_indices.tolist(),
         selection.grid_shape,
     )
-    return answer, size
 
 
 def _mark(answer: Answer, expected: str | None) -> str:
@@ -211,12 +207,11 @@ def run(args: argparse.Namespace) -> int:
     model, processor = load_model(demo_model_folder(args.model), args.device, args.dtype)
     rows = []
     for question in questions:
-        answers = []
-        for method in methods:
-            answer, size = _answer(model, processor, question, method, budget, args.max_new_tokens)
-            answers.append(answer)
+        prompt = chat_prompt(processor, question.text)
+        inputs = processor(images=[question.image], text=prompt, return_tensors="pt").to(model.device)
+        answers = [_answer(model, processor, question, inputs, m, budget, args.max_new_tokens) for m in methods]
         _print(question, answers)
-        rows.append(_figure(question, answers, size))
+        rows.append(_figure(question, answers, int(inputs["pixel_values"].shape[-1])))
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(out, "wb") as file:
         stacked(rows).save(file, format="PNG")
