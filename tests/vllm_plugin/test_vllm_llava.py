@@ -11,17 +11,17 @@ exactly against transformers run on the tokens vLLM kept.
 from __future__ import annotations
 
 import json
-from functools import partial
 
 import numpy as np
 import pytest
-import torch
-from agreement import ForcedSelection, SelectionRecorder, reference_on_our_choice, rows_of
+from agreement import rows_of
 from scene_llava import FOLDER as SCENE_LLAVA
 from transformers import AutoProcessor, LlavaForConditionalGeneration
+from transformers_reference import transformers_on_vllm_choice as on_vllm_choice
+from transformers_reference import transformers_reference
+from transformers_reference import without_eos as ids_without_eos
 from vllm_harness import run_stock_and_plugin
 
-import flashvlm
 from flashvlm.demo import EXAMPLES_DIR
 from flashvlm.loading import chat_prompt
 
@@ -53,59 +53,30 @@ def requests_for(processor, rows):
 def hf_reference(
     hf_model, request: dict, budget, method: str = "flashvlm", forced: list | None = None, **prune_options
 ) -> dict:
-    """Greedy tokens (EOS dropped), kept indices, prompt length and the method's recorded calls
-    (``rows``) of transformers + flashvlm for one request (``budget`` None: unpruned;
-    ``forced``: the kept indices of each call, replayed; ``prune_options`` go to ``flashvlm.prune``)."""
-    from PIL import Image
-
+    """:func:`transformers_reference.transformers_reference` on the scene LLaVA."""
     model, processor = hf_model
-    images = [Image.open(path).convert("RGB") for path in request["images"]]
-    inputs = processor(images=images, text=request["prompt"], return_tensors="pt")
-    settings = {
-        "do_sample": False,
-        "max_new_tokens": MAX_TOKENS,
-        "output_logits": True,
-        "return_dict_in_generate": True,
-    }
-    with torch.no_grad():
-        rows = []
-        if budget is None:
-            generated, kept, length = model.generate(**inputs, **settings), None, inputs["input_ids"].shape[1]
-        else:
-            with flashvlm.prune(model, budget=budget, method=method, **prune_options) as pruner:
-                selector = pruner.selector if forced is None else ForcedSelection(pruner.selector, forced)
-                pruner.selector = recorder = SelectionRecorder(selector)
-                generated = model.generate(**inputs, **settings)
-            kept = [image.keep_indices.tolist() for image in pruner.last.images]
-            length = pruner.last.pruned_length
-            rows = recorder.rows()
-    new_ids = without_eos(generated.sequences[0, inputs["input_ids"].shape[1] :].tolist())
-    logprobs = [
-        torch.log_softmax(step[0].float(), dim=-1)[token].item() for step, token in zip(generated.logits, new_ids)
-    ]
-    return {"output_ids": new_ids, "logprobs": logprobs, "kept": kept, "prompt_length": length, "rows": rows}
+    return transformers_reference(
+        model, processor, request, budget, method, max_tokens=MAX_TOKENS, eos_id=EOS_ID, forced=forced, **prune_options
+    )
 
 
 def transformers_on_vllm_choice(
     hf_model, vllm_rows: list, request: dict, budget, method: str = "flashvlm", every: bool = True, **prune_options
 ) -> dict | None:
-    """:func:`hf_reference` for a request vLLM served, its selections checked against vLLM's
-    recorded ``vllm_rows`` as tests/agreement.py says (``every``: False when they hold a whole
-    batch's). On near-tie swaps transformers runs again on vLLM's kept indices, so the kept
-    indices, greedy tokens and prompt length returned are what vLLM's must be. None where a
-    merging method's near-tie cannot be replayed."""
+    """:func:`transformers_reference.transformers_on_vllm_choice` on the scene LLaVA."""
+    model, processor = hf_model
     label = f"vLLM {method} at {budget} vs transformers: {request['prompt'][-40:]!r}"
-    run = partial(hf_reference, hf_model, request, budget, method, **prune_options)
-    return reference_on_our_choice(vllm_rows, lambda forced: run(forced=forced), method, label, every)
+    options = dict(max_tokens=MAX_TOKENS, eos_id=EOS_ID, **prune_options)
+    return on_vllm_choice(model, processor, vllm_rows, request, budget, method, every, label, **options)
+
+
+def without_eos(ids: list[int]) -> list[int]:
+    return ids_without_eos(ids, EOS_ID)
 
 
 def recorded_rows(selections: dict, engine: str, index: int, worker: int = 0) -> list:
     """The rows of every method call ``engine`` made during its call ``index`` (on ``worker``)."""
     return rows_of(selections[engine][index][worker])
-
-
-def without_eos(ids: list[int]) -> list[int]:
-    return ids[: ids.index(EOS_ID)] if EOS_ID in ids else ids
 
 
 @pytest.fixture(scope="module")

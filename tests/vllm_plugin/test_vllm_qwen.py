@@ -14,16 +14,16 @@ log-probabilities move as soon as one kept token sits at a wrong (t, h, w).
 from __future__ import annotations
 
 import json
-from functools import partial
 
 import numpy as np
 import pytest
 import torch
-from agreement import ForcedSelection, SelectionRecorder, reference_on_our_choice, rows_of
+from agreement import rows_of
 from conftest import tiny_processor
+from transformers_reference import transformers_on_vllm_choice as on_vllm_choice
+from transformers_reference import transformers_reference
+from transformers_reference import without_eos as ids_without_eos
 from vllm_harness import run_stock_and_plugin
-
-import flashvlm
 
 MAX_TOKENS = 5
 FULL_BUDGET = 1.0  # a ratio: every token of any image
@@ -139,51 +139,24 @@ def qwen(tmp_path_factory):
 
 
 def hf_reference(qwen, request: dict, budget, method: str = "flashvlm", forced: list | None = None) -> dict:
-    """Greedy tokens (EOS dropped), their log-probabilities, the kept indices and the method's
-    recorded calls (``rows``) of transformers + flashvlm for one request (``forced``: the kept
-    indices of each call, replayed)."""
-    from PIL import Image
-
+    """:func:`transformers_reference.transformers_reference` on the tiny Qwen2.5-VL."""
     model, processor = qwen["model"], qwen["processor"]
-    images = [Image.open(path).convert("RGB") for path in request["images"]]
-    inputs = processor(images=images, text=request["prompt"], return_tensors="pt")
-    settings = {
-        "do_sample": False,
-        "max_new_tokens": MAX_TOKENS,
-        "output_logits": True,
-        "return_dict_in_generate": True,
-    }
-    with torch.no_grad():
-        rows = []
-        if budget is None:
-            generated, kept = model.generate(**inputs, **settings), None
-        else:
-            with flashvlm.prune(model, budget=budget, method=method) as pruner:
-                selector = pruner.selector if forced is None else ForcedSelection(pruner.selector, forced)
-                pruner.selector = recorder = SelectionRecorder(selector)
-                generated = model.generate(**inputs, **settings)
-            kept = [image.keep_indices.tolist() for image in pruner.last.images]
-            rows = recorder.rows()
-    output_ids = generated.sequences[0, inputs["input_ids"].shape[1] :].tolist()
-    logprobs = [
-        torch.log_softmax(step[0].float(), dim=-1)[token].item() for step, token in zip(generated.logits, output_ids)
-    ]
-    length = len(without_eos(output_ids))
-    return {"output_ids": output_ids[:length], "logprobs": logprobs[:length], "kept": kept, "rows": rows}
+    return transformers_reference(
+        model, processor, request, budget, method, max_tokens=MAX_TOKENS, eos_id=EOS_ID, forced=forced
+    )
 
 
 def transformers_on_vllm_choice(
     qwen, vllm_rows: list, request: dict, budget, method: str = "flashvlm", every: bool = True
 ) -> dict | None:
-    """:func:`hf_reference` checked against vLLM's recorded selections as tests/agreement.py
-    says; on near-tie swaps run again on vLLM's kept indices (None: a merging method's)."""
+    """:func:`transformers_reference.transformers_on_vllm_choice` on the tiny Qwen2.5-VL."""
     label = f"vLLM Qwen2.5-VL {method} at {budget} vs transformers: {request['prompt'][-40:]!r}"
-    run = partial(hf_reference, qwen, request, budget, method)
-    return reference_on_our_choice(vllm_rows, lambda forced: run(forced=forced), method, label, every)
+    options = dict(max_tokens=MAX_TOKENS, eos_id=EOS_ID)
+    return on_vllm_choice(qwen["model"], qwen["processor"], vllm_rows, request, budget, method, every, label, **options)
 
 
 def without_eos(ids: list[int]) -> list[int]:
-    return ids[: ids.index(EOS_ID)] if EOS_ID in ids else ids
+    return ids_without_eos(ids, EOS_ID)
 
 
 @pytest.fixture(scope="module")
