@@ -6,6 +6,17 @@ import argparse
 import sys
 
 
+def counts(text: str) -> list[int]:
+    """A comma-separated list of integers >= 1 (argparse names the option and exits 2 otherwise)."""
+    try:
+        values = [int(word) for word in text.split(",") if word.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, comma-separated; got {text!r}")
+    return values
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import curves, data, diagnose, report, train
 
@@ -31,8 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     curves.add_arguments(curve)
     curve.set_defaults(run=curves.main)
     speed = commands.add_parser("speed", help="training samples per second by SmolLM2 depth, batch and precision")
-    speed.add_argument("--layers", default="2,4,8,30", help="comma-separated SmolLM2 depths (default 2,4,8,30)")
-    speed.add_argument("--batch", default="8,16", help="comma-separated batch sizes (default 8,16)")
+    speed.add_argument(
+        "--layers", default="2,4,8,30", type=counts, help="comma-separated SmolLM2 depths, 1-30 (default 2,4,8,30)"
+    )
+    speed.add_argument("--batch", default="8,16", type=counts, help="comma-separated batch sizes (default 8,16)")
     speed.add_argument("--steps", type=int, default=3, help="timed steps per setting, after one warm-up")
     speed.set_defaults(run=train.speed_main)
     rate = commands.add_parser("data-rate", help="training samples per second one CPU process prepares, per stage")

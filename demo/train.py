@@ -756,11 +756,15 @@ def training_speed(lm_folder: Path, layers: int | None, batch_size: int, precisi
 
 
 def speed_main(args) -> int:
+    if max(args.layers) > 30:
+        raise ValueError(f"--layers: SmolLM2 has 30 layers; got {max(args.layers)}")
+    if args.steps < 1:
+        raise ValueError(f"--steps must be >= 1; got {args.steps}")
     folder = language_model_folder()
     print("| SmolLM2 layers | batch | precision | samples/s |")
     print("|---|---|---|---|")
-    for layers in [int(text) for text in args.layers.split(",")]:
-        for batch_size in [int(text) for text in args.batch.split(",")]:
+    for layers in args.layers:
+        for batch_size in args.batch:
             for precision in ("fp32", "bf16"):
                 rate = training_speed(folder, layers, batch_size, precision, args.steps)
                 print(f"| {layers} | {batch_size} | {precision} | {rate:.2f} |", flush=True)

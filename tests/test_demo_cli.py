@@ -109,3 +109,20 @@ def test_evaluate_command_reports_accuracy_and_hit_rates(tmp_path):
     results = json.loads(out.read_text())["results"]
     assert set(results) == {"1.0", "14"} and set(results["14"]["attribute_hit_rate"]) == {"queried", "others"}
     assert workbench(["train", "--out", str(tmp_path / "run"), "--stages", "clip,lm"]) == 2
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["speed", "--layers", "a"], "expected integers >= 1"),
+        (["speed", "--layers", "40"], "SmolLM2 has 30 layers"),
+        (["speed", "--steps", "0"], "--steps must be >= 1"),
+        (["curves", "no-such-run"], "no training log"),
+    ],
+)
+def test_workbench_bad_input_exits_2_naming_the_value(argv, message, capsys):
+    try:
+        status = workbench(argv)
+    except SystemExit as exit:  # argparse's own refusal of a malformed value
+        status = exit.code
+    assert status == 2 and message in capsys.readouterr().err
