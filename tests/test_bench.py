@@ -36,6 +36,7 @@ REAL_PARAMETERS = {
     "llava-1.5-7b": 7.06,
     "llava-1.5-13b": 13.35,
     "llava-next-7b": 7.57,
+    "llava-onevision-7b": 8.03,
     "qwen2.5-vl-7b": 8.29,
     "qwen3-vl-8b": 8.77,
     "gemma-3-4b": 4.30,

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import flashvlm
+from flashvlm.bench.families.llava_next_video import VIDEO_FRAMES
 from flashvlm.bench.models import (
     SHIPPED_CONFIGS,
-    VIDEO_FRAMES,
     build_model,
     family_of,
     load_config,
@@ -88,6 +88,18 @@ def test_a_new_family_prunes_at_its_real_token_count(name):
         hook.remove()
     assert pruner.last.images[0].num_tokens == inputs.visual_tokens_per_image
     assert seen == [20 + 32]
+
+
+def test_onevision_inputs_hold_the_token_count_the_model_computes():
+    # Base view, 2 x 2 crops and a newline per raster row: the model refuses a prompt whose
+    # placeholders differ from the features its own unpadding and newline rule make.
+    config = scale_config(load_config("llava-onevision-7b"), SMALLEST)
+    model = build_model(config, torch.device("cpu"), torch.float32)
+    inputs = synthetic_inputs(config, batch=1, text_tokens=20, seed=0)
+    with flashvlm.prune(model, 32) as pruner, torch.no_grad():
+        model(**inputs.model_kwargs)
+    assert inputs.visual_tokens_per_image == 27 * 27 + 54 * 54 + 54
+    assert pruner.last.images[0].num_tokens == 27 * 27 + 54 * 54  # newlines stay outside the budget
 
 
 #: Configs of the tiled, split-image and video families, one CLI run each.

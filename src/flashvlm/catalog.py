@@ -2,7 +2,8 @@
 
 README's "Supported models" comes from each adapter's :class:`~flashvlm.adapters.base.FamilySupport`;
 docs/methods.md's methods x families table from what each method ``requires`` and what
-each family ``lacks``. ``python -m flashvlm.catalog`` rewrites both sections;
+each family ``lacks``; docs/vllm.md's served classes from the plug-in's ``ARCHITECTURES``.
+``python -m flashvlm.catalog`` rewrites every section;
 ``tests/test_catalog.py`` fails when they are stale.
 """
 
@@ -14,11 +15,13 @@ from pathlib import Path
 
 from .adapters import ADAPTERS
 from .bench.report import update_markdown_section
+from .integrations.vllm import ARCHITECTURES
 from .selection import available_methods, get_method
 
 #: (file, section) of each generated table, relative to the repository root.
 SUPPORTED_MODELS = ("README.md", "supported-models")
 METHODS_BY_FAMILY = ("docs/methods.md", "methods-by-family")
+VLLM_CLASSES = ("docs/vllm.md", "served-classes")
 
 
 def supported_models_table() -> str:
@@ -63,14 +66,31 @@ def methods_by_family_table() -> str:
     return "\n".join(lines)
 
 
+def vllm_classes_table() -> str:
+    """Markdown: every Hugging Face class ``flashvlm.prune`` serves, and the plug-in's class
+    for it in vLLM, or that the switch is refused there at start-up."""
+    lines = ["| Hugging Face class | family | vLLM plug-in |", "|---|---|---|"]
+    for adapter in ADAPTERS:
+        for name in adapter.architectures:
+            served = ARCHITECTURES.get(name)
+            cell = f"`{served.replace(':', '.')}`" if served else "refused at start-up: no vLLM class yet"
+            lines.append(f"| `{name}` | {adapter.support.name} | {cell} |")
+    return "\n".join(lines)
+
+
 def generated_sections() -> dict[tuple[str, str], str]:
-    return {SUPPORTED_MODELS: supported_models_table(), METHODS_BY_FAMILY: methods_by_family_table()}
+    return {
+        SUPPORTED_MODELS: supported_models_table(),
+        METHODS_BY_FAMILY: methods_by_family_table(),
+        VLLM_CLASSES: vllm_classes_table(),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m flashvlm.catalog",
-        description="Regenerate the README's supported-models table and docs/methods.md's methods x families table.",
+        description="Regenerate the tables the docs generate from the code: README's supported models, "
+        "docs/methods.md's methods x families, docs/vllm.md's served classes.",
     )
     parser.add_argument("root", nargs="?", default=".", help="the repository folder (default: .)")
     root = Path(parser.parse_args(argv).root)

@@ -290,7 +290,7 @@ def test_methods_that_read_a_cls_row_are_refused_at_start_up(method):
     from types import SimpleNamespace
 
     from flashvlm.errors import MethodUnavailableError
-    from flashvlm.integrations.vllm.qwen2_5_vl import QWEN_SERVED_REQUIREMENTS
+    from flashvlm.integrations.vllm.qwen_vl import QWEN_SERVED_REQUIREMENTS
     from flashvlm.integrations.vllm.settings import settings_of
 
     config = SimpleNamespace(flashvlm={"method": method, "budget": 8})

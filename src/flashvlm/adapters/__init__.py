@@ -39,6 +39,13 @@ ADAPTERS: list[type[ModelAdapter]] = [
 ]
 
 
+def family_name(adapter: type[ModelAdapter]) -> str:
+    """A family's name: the module of its adapter, and of its vLLM class
+    (``integrations/vllm/<name>.py``), its bench record (``bench/families/<name>.py``) and its
+    test case (``tests/families/<name>.py``)."""
+    return adapter.__module__.rsplit(".", 1)[1]
+
+
 def supported_architectures() -> list[str]:
     """Hugging Face class names that flashvlm can prune."""
     return [name for adapter in ADAPTERS for name in adapter.architectures]
@@ -70,5 +77,6 @@ __all__ = [
     "TokenRegion",
     "VisualItem",
     "adapter_for",
+    "family_name",
     "supported_architectures",
 ]

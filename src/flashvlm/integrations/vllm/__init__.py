@@ -24,7 +24,7 @@ from .settings import CONFIG_KEY, SERVED_REQUIREMENTS, PruningSettings, parse_se
 ARCHITECTURES = {
     "LlavaForConditionalGeneration": "flashvlm.integrations.vllm.llava:PrunedLlava",
     "LlavaNextForConditionalGeneration": "flashvlm.integrations.vllm.llava_next:PrunedLlavaNext",
-    "Qwen2_5_VLForConditionalGeneration": "flashvlm.integrations.vllm.qwen2_5_vl:PrunedQwen2_5_VL",
+    "Qwen2_5_VLForConditionalGeneration": "flashvlm.integrations.vllm.qwen_vl:PrunedQwen2_5_VL",
 }
 
 
