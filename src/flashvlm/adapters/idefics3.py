@@ -36,7 +36,7 @@ from ..saliency import received_attention
 from .base import FamilySupport, ModelAdapter, VisualItem
 from .sequence import placeholder_runs
 from .shared import image_of_views, needs_query_key, refuse_per_video
-from .taps import tap_vision_layer, this_thread_only
+from .taps import capture, tap_vision_layer
 
 
 class Idefics3Adapter(ModelAdapter):
@@ -81,24 +81,19 @@ class Idefics3Adapter(ModelAdapter):
         """The model's own image encoding of every real sub-image, row-major: features
         (R, m, s*s*C), tokens (R, m, D), and saliency (R, m) and keys (R, m, C) if asked."""
         need_qk = needs_query_key(needs)
-        captured: dict[str, torch.Tensor] = {}
         # The tower is called with the patch mask the model derives from pixel_attention_mask.
-        mask_hook = self.core.vision_model.register_forward_pre_hook(
-            this_thread_only(lambda _m, _a, kwargs: captured.update(patch_mask=kwargs["patch_attention_mask"])),
-            with_kwargs=True,
-        )
-        try:
-            with tap_vision_layer(self.saliency_layer, capture_qk=need_qk, stop_after=False) as tap:
-                output = self.core.get_image_features(
-                    model_kwargs["pixel_values"], model_kwargs.get("pixel_attention_mask"), return_dict=True
-                )
-        finally:
-            mask_hook.remove()
+        with (
+            capture(keyword_inputs_of=self.core.vision_model) as captured,
+            tap_vision_layer(self.saliency_layer, capture_qk=need_qk, stop_after=False) as tap,
+        ):
+            output = self.core.get_image_features(
+                model_kwargs["pixel_values"], model_kwargs.get("pixel_attention_mask"), return_dict=True
+            )
         features = self.core.connector.pixel_shuffle(output.last_hidden_state, self.scale_factor)
         tokens = torch.cat(output.pooler_output).view(*features.shape[:2], -1)
         stack = VisualItem("image", features, tokens)
         if need_qk:
-            patch_mask = captured["patch_mask"].flatten(1)  # (R, n) real patches
+            patch_mask = captured["patch_attention_mask"].flatten(1)  # (R, n) real patches
             attention = self.saliency_layer.self_attn
             saliency = received_attention(tap.queries, tap.keys, self.key_heads, attention.scale, key_mask=patch_mask)
             stack.saliency = self.group_mean(saliency[..., None]).squeeze(-1)

@@ -37,7 +37,7 @@ from ..saliency import query_row_attention
 from .base import FamilySupport, ModelAdapter, VisualItem
 from .sequence import placeholder_runs
 from .shared import image_of_views, needs_projected, needs_query_key, refuse_per_video
-from .taps import resolve_hidden_state_layer, run_until_tap, tap_vision_layer, this_thread_only
+from .taps import capture, resolve_hidden_state_layer, run_until_tap, tap_vision_layer
 
 
 class InternVLAdapter(ModelAdapter):
@@ -91,21 +91,14 @@ class InternVLAdapter(ModelAdapter):
         layer_index = resolve_hidden_state_layer(feature_layer, len(self.vision_layers))
         attention = self.vision_layers[layer_index].attention
         need_qk = needs_query_key(needs)
-        captured: dict[str, torch.Tensor] = {}
-        handles = []
-        if need_qk:  # the q/k norms' outputs are the vectors the layer attends with
-            for name in ("q_norm", "k_norm"):
-                hook = getattr(attention, name).register_forward_hook(
-                    this_thread_only(lambda _m, _a, out, name=name: captured.update({name: out}))
-                )
-                handles.append(hook)
+        # The q/k norms' outputs are the vectors the layer attends with.
+        norms = {"q_norm": attention.q_norm, "k_norm": attention.k_norm} if need_qk else {}
         tower = self.core.vision_tower
-        try:
-            with tap_vision_layer(self.vision_layers[layer_index], capture_qk=False, stop_after=True) as tap:
-                run_until_tap(tower, pixel_values.to(tower.dtype))
-        finally:
-            for handle in handles:
-                handle.remove()
+        with (
+            capture(norms) as captured,
+            tap_vision_layer(self.vision_layers[layer_index], capture_qk=False, stop_after=True) as tap,
+        ):
+            run_until_tap(tower, pixel_values.to(tower.dtype))
         hidden = tap.output  # (P, 1 + n, C)
         if feature_layer == -1:  # the model reads the tower's last_hidden_state, after its final norm
             hidden = tower.layernorm(hidden)

@@ -25,7 +25,7 @@ from ..saliency import segmented_received_attention
 from .base import FamilySupport, ImageSelection, ModelAdapter, TokenRegion, VisualItem
 from .sequence import compact_sequences, prompt_tensors, require_argument
 from .shared import needs_query_key
-from .taps import this_thread_only
+from .taps import capture
 
 
 class QwenVLAdapter(ModelAdapter):
@@ -85,18 +85,9 @@ class QwenVLAdapter(ModelAdapter):
         group) when asked for; with the tower's other per-token outputs in ``side_outputs``.
         """
         attention = self.saliency_attention
-        captured: dict[str, Any] = {}
-        handles = []
-        if need_saliency:
-            keep_kwargs = this_thread_only(lambda _m, _args, kwargs: captured.update(kwargs))
-            handles.append(attention.register_forward_pre_hook(keep_kwargs, with_kwargs=True))
-            keep_qkv = this_thread_only(lambda _m, _a, out: captured.update(qkv=out))
-            handles.append(attention.qkv.register_forward_hook(keep_qkv))
-        try:
+        qkv = {"qkv": attention.qkv} if need_saliency else {}
+        with capture(qkv, keyword_inputs_of=attention if need_saliency else None) as captured:
             output = self.tower(pixel_values.type(self.tower.dtype), grid_thw=grid_thw)
-        finally:
-            for handle in handles:
-                handle.remove()
         hidden = output.last_hidden_state  # (S, C), merge groups in the tower's (window) order
         group = self.merge_size**2
         num_merged = hidden.shape[0] // group

@@ -12,9 +12,10 @@ from __future__ import annotations
 import copy
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -37,6 +38,27 @@ def this_thread_only(hook):
         return None
 
     return guarded
+
+
+@contextmanager
+def capture(
+    outputs: Mapping[str, nn.Module] | None = None, keyword_inputs_of: nn.Module | None = None
+) -> Iterator[dict[str, Any]]:
+    """During the block, one dict holding the output of each module of ``outputs`` under its
+    name, and the keyword arguments ``keyword_inputs_of`` is called with (this thread's forwards only)."""
+    captured: dict[str, Any] = {}
+    handles = [
+        module.register_forward_hook(this_thread_only(lambda _m, _a, out, name=name: captured.update({name: out})))
+        for name, module in (outputs or {}).items()
+    ]
+    if keyword_inputs_of is not None:
+        keep_kwargs = this_thread_only(lambda _m, _args, kwargs: captured.update(kwargs))
+        handles.append(keyword_inputs_of.register_forward_pre_hook(keep_kwargs, with_kwargs=True))
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 class _StopForward(Exception):
