@@ -7,11 +7,13 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import build_tiny_llava, llava_batch, tiny_llava_config
 
 import flashvlm.patch
 from flashvlm import prune
 from flashvlm.bench.flops import bipartite_diversity_flops, decoder_prefill_flops, kv_cache_bytes
+from flashvlm.bench.measures import coverage_radius, jaccard_agreement
 from flashvlm.bench.memory import peak_memory_bytes
 from flashvlm.bench.models import (
     SHIPPED_CONFIGS,
@@ -23,11 +25,16 @@ from flashvlm.bench.models import (
     scale_config,
 )
 from flashvlm.bench.report import update_markdown_section
-from flashvlm.bench.selection import fit_exponent, selection_inputs, tower_saliency_overhead
+from flashvlm.bench.selection import (
+    ROUND_BY_ROUND_RULE,
+    bench_method,
+    fit_exponent,
+    selection_inputs,
+    tower_saliency_overhead,
+)
 from flashvlm.cli import main
 from flashvlm.errors import FlashVLMError, MethodUnavailableError, UnsupportedModelError
 from flashvlm.selection import available_methods, get_method
-from flashvlm.selection.diversity import coverage_radius
 from flashvlm.selection.ops import unit_rows
 from flashvlm.timing import stamped_calls
 
@@ -180,6 +187,36 @@ def test_diversity_flops_are_quadratic_on_the_matrix_and_cubic_round_by_round():
     assert math.log2(matrix[1] / matrix[0]) == pytest.approx(2.0, abs=0.05)
     assert math.log2(rounds[1] / rounds[0]) == pytest.approx(3.0, abs=0.1)
     assert rounds[0] > 10 * matrix[0]
+
+
+def test_coverage_radius_is_the_farthest_token_from_the_kept_set():
+    features = F.normalize(torch.randn(2, 50, 8, generator=torch.Generator().manual_seed(11)), dim=-1)
+    generator = torch.Generator().manual_seed(12)
+    keep = torch.stack([torch.randperm(50, generator=generator)[:7] for _ in range(2)])
+    cosine = features @ features.transpose(-1, -2)  # (B, N, N)
+    expected = torch.stack([(1 - cosine[b][:, keep[b]].amax(dim=-1)).amax() for b in range(2)])
+    torch.testing.assert_close(coverage_radius(features, keep), expected)
+    assert coverage_radius(features, torch.arange(50).expand(2, -1)).abs().max() < 1e-6
+    antipodes = torch.tensor([[[1.0, 0.0], [-1.0, 0.0]]])
+    torch.testing.assert_close(coverage_radius(antipodes, torch.tensor([[0]])), torch.tensor([2.0]))
+
+
+def test_jaccard_agreement_of_kept_sets():
+    keep = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]])
+    reference = torch.tensor([[3, 2, 1, 0], [6, 7, 8, 9]])
+    torch.testing.assert_close(jaccard_agreement(keep, reference, 10), torch.tensor([1.0, 2 / 6]))
+    empty = torch.zeros(1, 0, dtype=torch.long)
+    torch.testing.assert_close(jaccard_agreement(empty, empty, 10), torch.tensor([1.0]))
+
+
+def test_rounds_suffix_swaps_only_the_bipartite_diversity_rule():
+    release, round_by_round = bench_method("flashvlm:release")
+    assert not round_by_round and release.diversity == "bipartite"
+    rounds, round_by_round = bench_method("flashvlm:release@rounds")
+    assert round_by_round and rounds == get_method("flashvlm:release", diversity=ROUND_BY_ROUND_RULE)
+    for name in ("vispruner@rounds", "flashvlm:max_min_diversity@rounds"):
+        with pytest.raises(FlashVLMError, match="@rounds needs a method whose diversity is 'bipartite'"):
+            bench_method(name)
 
 
 def test_fit_exponent_recovers_a_power_law():

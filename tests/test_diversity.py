@@ -1,5 +1,5 @@
 """The diversity rules: bipartite removal kept bit for bit equal to the released loop, ties
-included, and the measures of a kept set (coverage radius, Jaccard agreement)."""
+included, and the registry of rules by name."""
 
 from __future__ import annotations
 
@@ -9,12 +9,15 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flashvlm.selection import diversity
+from flashvlm.bench.selection import ROUND_BY_ROUND_RULE
+from flashvlm.errors import FlashVLMError
+from flashvlm.selection import diversity, get_method
 from flashvlm.selection.diversity import (
+    DIVERSITY_RULES,
+    bipartite_by_rounds,
     bipartite_diverse_subset,
-    coverage_radius,
-    jaccard_agreement,
-    round_by_round_bipartite,
+    diverse_subset,
+    register_diversity_rule,
 )
 
 
@@ -108,32 +111,40 @@ def test_unlisted_neighbours_and_long_lists_fall_back_exactly(monkeypatch):
 
 
 @pytest.mark.parametrize("fraction", [None, 0.25, 1.0])
-def test_round_by_round_reference_keeps_the_same_indices(fraction):
+def test_round_by_round_reference_keeps_the_same_indices(fraction, monkeypatch):
+    """The bench's round-by-round rule, chosen by name as ``@rounds`` methods choose it,
+    never builds the similarity matrix the bipartite rule builds, and keeps its indices."""
     features = tie_prone_features(5, 2, 400, 24, 0.2, False, torch.float32)
     candidates = candidate_lists(5, 2, 400, 380)
-    fast = bipartite_diverse_subset(features, candidates, 30, removal_fraction=fraction)
+    matrix_runs = []
+    on_matrix = diversity._bipartite_on_similarity_matrix
+    monkeypatch.setattr(
+        diversity, "_bipartite_on_similarity_matrix", lambda *args: matrix_runs.append(1) or on_matrix(*args)
+    )
     assert diversity.uses_similarity_matrix(380, None)
-    with round_by_round_bipartite():
-        assert not diversity.uses_similarity_matrix(380, None)
-        reference = bipartite_diverse_subset(features, candidates, 30, removal_fraction=fraction)
-    assert diversity.uses_similarity_matrix(380, None)
+    fast = diverse_subset("bipartite", features, candidates, 30, removal_fraction=fraction)
+    assert len(matrix_runs) == 1
+    reference = diverse_subset(ROUND_BY_ROUND_RULE, features, candidates, 30, removal_fraction=fraction)
+    assert len(matrix_runs) == 1
+    assert torch.equal(diverse_subset("bipartite", features, candidates, 30, removal_fraction=fraction), fast)
+    assert len(matrix_runs) == 2
     assert torch.equal(fast, reference)
 
 
-def test_coverage_radius_is_the_farthest_token_from_the_kept_set():
-    features = tie_prone_features(11, 2, 50, 8, 0.0, False, torch.float32)
-    keep = candidate_lists(11, 2, 50, 7)
-    cosine = features @ features.transpose(-1, -2)  # (B, N, N)
-    expected = torch.stack([(1 - cosine[b][:, keep[b]].amax(dim=-1)).amax() for b in range(2)])
-    torch.testing.assert_close(coverage_radius(features, keep), expected)
-    assert coverage_radius(features, torch.arange(50).expand(2, -1)).abs().max() < 1e-6
-    antipodes = torch.tensor([[[1.0, 0.0], [-1.0, 0.0]]])
-    torch.testing.assert_close(coverage_radius(antipodes, torch.tensor([[0]])), torch.tensor([2.0]))
+def test_a_registered_rule_is_a_flashvlm_diversity_choice():
+    def first_candidates(unit_features, candidates, num_keep, **bipartite_options):
+        return candidates[:, :num_keep]
 
-
-def test_jaccard_agreement_of_kept_sets():
-    keep = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]])
-    reference = torch.tensor([[3, 2, 1, 0], [6, 7, 8, 9]])
-    torch.testing.assert_close(jaccard_agreement(keep, reference, 10), torch.tensor([1.0, 2 / 6]))
-    empty = torch.zeros(1, 0, dtype=torch.long)
-    torch.testing.assert_close(jaccard_agreement(empty, empty, 10), torch.tensor([1.0]))
+    with pytest.raises(FlashVLMError, match="diversity must be one of"):
+        get_method("flashvlm", diversity="first_candidates")
+    try:
+        assert register_diversity_rule("first_candidates", first_candidates) is first_candidates
+        register_diversity_rule("first_candidates", first_candidates)  # the same rule again: no error
+        selector = get_method("flashvlm", diversity="first_candidates")
+        ranking = torch.arange(10).expand(2, -1)
+        keep = diversity.important_and_diverse(ranking, torch.ones(2, 10, 4), 6, 0.5, selector.diversity)
+        assert torch.equal(keep, torch.arange(6).expand(2, -1))
+    finally:
+        del DIVERSITY_RULES["first_candidates"]
+    with pytest.raises(FlashVLMError, match="already registered"):
+        register_diversity_rule("bipartite", bipartite_by_rounds)

@@ -17,7 +17,7 @@ import inspect
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -237,16 +237,24 @@ class Pruner:
         """
         model_kwargs = dict(model_kwargs)
         questions = model_kwargs.pop(QUESTION_ARGUMENT, None)
-        if self.timed:
-            device = next(self.model.parameters()).device
-            synchronize(device)
-            start = time.perf_counter()
-        pruned = self.adapter.prune_inputs(model_kwargs, self.selector, self.budget, questions)
-        if self.timed:
-            synchronize(device)
-            self.last_selection_seconds = time.perf_counter() - start
+        with self._selection_clock():
+            pruned = self.adapter.prune_inputs(model_kwargs, self.selector, self.budget, questions)
         self.last = pruned
         return pruned
+
+    @contextmanager
+    def _selection_clock(self) -> Iterator[None]:
+        """When ``timed``, records the block's device-synchronised seconds as this thread's
+        ``last_selection_seconds``; otherwise adds no synchronisation."""
+        if not self.timed:
+            yield
+            return
+        device = next(self.model.parameters()).device
+        synchronize(device)
+        start = time.perf_counter()
+        yield
+        synchronize(device)
+        self.last_selection_seconds = time.perf_counter() - start
 
     def _forget_last(self) -> None:
         self.last = None

@@ -133,8 +133,11 @@ def bipartite_diversity_flops(
 def flashvlm_diversity_flops(
     selector, num_tokens: int, num_keep: int, width: int, round_by_round: bool = False
 ) -> tuple[float, int] | None:
-    """The diversity step's (FLOPs, rounds) for a FlashVLM-like selector, or None for other methods."""
-    if getattr(selector, "diversity", None) != "bipartite":
+    """The diversity step's (FLOPs, rounds) for a FlashVLM-like selector, or None for other methods.
+
+    ``round_by_round``: the selector runs the bench's round-by-round rule in place of "bipartite".
+    """
+    if not round_by_round and getattr(selector, "diversity", None) != "bipartite":
         return None
     num_important = int(selector.important_ratio * num_keep)
     return bipartite_diversity_flops(

@@ -14,6 +14,8 @@ with ``flashvlm:release``.
 A method name ending in ``@rounds`` runs the method with the bipartite diversity step
 computed round by round, as the release does and as flashvlm did before its similarity
 matrix: the side-by-side reference for that speed-up (the kept tokens must not change).
+The bench registers that way as a diversity rule of its own and sets the method's
+``diversity`` option to it.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ import math
 import statistics
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from functools import partial
 
 import torch
@@ -32,15 +33,11 @@ from ..adapters import adapter_for
 from ..errors import FlashVLMError, MethodUnavailableError, UnsupportedModelError
 from ..saliency import query_row_attention
 from ..selection import SelectionInputs, TokenSelector, get_method
-from ..selection.diversity import (
-    MAX_MATRIX_CANDIDATES,
-    coverage_radius,
-    jaccard_agreement,
-    round_by_round_bipartite,
-)
+from ..selection.diversity import MAX_MATRIX_CANDIDATES, bipartite_by_rounds, register_diversity_rule
 from ..selection.ops import unit_rows
 from ..timing import synchronize
 from .flops import decoder_prefill_flops, flashvlm_diversity_flops
+from .measures import coverage_radius, jaccard_agreement
 from .memory import peak_memory_bytes
 from .models import build_model, family_of, scale_config
 from .prefill import vision_module
@@ -49,6 +46,9 @@ from .prefill import vision_module
 DEFAULT_TOKEN_COUNTS = (576, 2_880, 10_000, 50_000)
 #: Suffix of a method name: the same method, its bipartite step computed round by round.
 ROUND_BY_ROUND_SUFFIX = "@rounds"
+#: The diversity rule an ``@rounds`` method runs: bipartite removal without the similarity matrix.
+ROUND_BY_ROUND_RULE = "bipartite_by_rounds"
+register_diversity_rule(ROUND_BY_ROUND_RULE, bipartite_by_rounds)
 #: The method whose kept set every method's is compared with (Jaccard).
 REFERENCE_METHOD = "flashvlm:release"
 #: A call predicted to take this many times ``max_seconds`` is not made (extrapolated instead).
@@ -63,9 +63,19 @@ def _reference_is_cheap(num_tokens: int, num_keep: int) -> bool:
 
 
 def bench_method(name: str) -> tuple[TokenSelector, bool]:
-    """The selector for ``NAME[:PRESET][@rounds]`` and whether its bipartite step runs round by round."""
-    round_by_round = name.endswith(ROUND_BY_ROUND_SUFFIX)
-    return get_method(name.removesuffix(ROUND_BY_ROUND_SUFFIX)), round_by_round
+    """The selector for ``NAME[:PRESET][@rounds]`` and whether its bipartite step runs round by round.
+
+    ``@rounds`` needs a method whose ``diversity`` option is "bipartite" (flashvlm and its
+    presets); it sets that option to :data:`ROUND_BY_ROUND_RULE`.
+    """
+    selector = get_method(name.removesuffix(ROUND_BY_ROUND_SUFFIX))
+    if not name.endswith(ROUND_BY_ROUND_SUFFIX):
+        return selector, False
+    diversity = getattr(selector, "diversity", None)
+    if diversity != "bipartite":
+        has = f"its diversity is {diversity!r}" if diversity else "it has no diversity option"
+        raise FlashVLMError(f"{name}: {ROUND_BY_ROUND_SUFFIX} needs a method whose diversity is 'bipartite'; {has}")
+    return get_method(selector, diversity=ROUND_BY_ROUND_RULE), True
 
 
 def selection_inputs(
@@ -186,14 +196,11 @@ def selection_scaling(
         """The kept indices of ``name`` at this N, computed once per (method, N)."""
         key = (name, inputs.num_tokens)
         if key not in kept_sets:
-            selector, round_by_round = bench_method(name)
-            with round_by_round_bipartite() if round_by_round else nullcontext():
-                kept_sets[key] = selector(inputs, num_keep).indices
+            kept_sets[key] = bench_method(name)[0](inputs, num_keep).indices
         return kept_sets[key]
 
     for method_name in methods:
         selector, round_by_round = bench_method(method_name)
-        mode = round_by_round_bipartite if round_by_round else nullcontext
         measured_n, measured_s = [], []
         stop_reason = None
         last_measured_row: dict = {}
@@ -240,10 +247,9 @@ def selection_scaling(
             progress(f"{method_name} N={num_tokens}")
             inputs, unit_features, unit_projected = inputs_for(num_tokens)
             try:
-                with mode():
-                    start = time.perf_counter()
-                    keep = selector(inputs, num_keep).indices  # (1, K)
-                    first_call = time.perf_counter() - start
+                start = time.perf_counter()
+                keep = selector(inputs, num_keep).indices  # (1, K)
+                first_call = time.perf_counter() - start
             except MethodUnavailableError as error:
                 skipped.append(f"{method_name}: {error}")
                 break
@@ -256,17 +262,16 @@ def selection_scaling(
             if round_by_round:
                 matrix_path = kept_by(method_name.removesuffix(ROUND_BY_ROUND_SUFFIX), inputs, num_keep)
                 row["identical_to_matrix_path"] = torch.equal(keep, matrix_path)
-            with mode():
-                if first_call > max_seconds:
-                    seconds, note = first_call, f"one call took {first_call:.1f} s > --max-seconds {max_seconds:g}"
-                    stop_reason = f"not run: N={num_tokens} already took {first_call:.1f} s; extrapolated"
-                else:
-                    work = partial(selector, inputs, num_keep)
-                    seconds = median_seconds(work, repeats, max(0, warmup - 1), device)
-                    note = None
-                memory = None
-                if measure_memory and stop_reason is None:
-                    memory = peak_memory_bytes(partial(selector, inputs, num_keep), device)
+            if first_call > max_seconds:
+                seconds, note = first_call, f"one call took {first_call:.1f} s > --max-seconds {max_seconds:g}"
+                stop_reason = f"not run: N={num_tokens} already took {first_call:.1f} s; extrapolated"
+            else:
+                work = partial(selector, inputs, num_keep)
+                seconds = median_seconds(work, repeats, max(0, warmup - 1), device)
+                note = None
+            memory = None
+            if measure_memory and stop_reason is None:
+                memory = peak_memory_bytes(partial(selector, inputs, num_keep), device)
             measured_n.append(num_tokens)
             measured_s.append(seconds)
             last_measured_row = {

@@ -51,8 +51,9 @@ def add_parser(subparsers) -> None:
         "--methods",
         nargs="+",
         default=None,
-        help="methods (NAME or NAME:PRESET; a trailing @rounds runs the bipartite step round by round, as "
-        "released); default: all, plus flashvlm's release, fast_diversity and @rounds variants",
+        help="methods (NAME or NAME:PRESET; a trailing @rounds runs a method whose diversity is 'bipartite', "
+        "such as flashvlm, with that step round by round, as released); default: all, plus flashvlm's release, "
+        "fast_diversity and @rounds variants",
     )
     parser.add_argument(
         "--tokens",

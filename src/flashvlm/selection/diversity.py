@@ -1,11 +1,11 @@
-"""FlashVLM's diversity rules (steps 5-7 of the method) and how to measure a kept set.
+"""FlashVLM's diversity rules (steps 5-7 of the method).
 
 The rules choose ``num_keep`` mutually dissimilar tokens among ``candidates``:
 - ``bipartite``: the released iterative bipartite removal (FlashVLM, VisPruner), with
   its coarser options ``removal_fraction`` and ``block_size``;
 - ``max_min``: greedy farthest-point selection (DivPrune's rule);
 - ``kmeans``: one representative per spherical k-means cluster.
-:func:`coverage_radius` and :func:`jaccard_agreement` measure what a rule kept.
+:data:`DIVERSITY_RULES` holds them by name; :func:`register_diversity_rule` adds one.
 
 Every function works on a batch: unit rows ``unit_features`` (B, N, C) and candidate
 token indices (B, R) in priority order; images in a batch share R.
@@ -14,17 +14,13 @@ token indices (B, R) in priority order; images in a batch share R.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
+from ..errors import FlashVLMError
 from .ops import gather_tokens, max_cosine_to_set, unit_rows
-
-#: Rules for choosing a diverse subset, by name (FlashVLM's ``diversity`` option).
-DIVERSITY_RULES = ("bipartite", "max_min", "kmeans")
 
 #: Rounds on lists of at most this many places gather and multiply their features exactly
 #: as the release does. The similarity matrix serves longer lists only: a matmul gives an
@@ -37,21 +33,6 @@ NEIGHBOURS_LISTED = 16
 #: Whole-list bipartite removal keeps an R x R similarity matrix per image up to this many
 #: candidates (600 MB in float32); longer lists re-multiply every round, in chunks.
 MAX_MATRIX_CANDIDATES = 12_288
-
-_ROUND_BY_ROUND = ContextVar("flashvlm_bipartite_round_by_round", default=False)
-
-
-@contextmanager
-def round_by_round_bipartite() -> Iterator[None]:
-    """Inside this block, whole-list bipartite removal re-multiplies the remaining features
-    every round, as the release does: O(rounds * R^2 * C). The kept indices are the same;
-    it exists so that ``flashvlm bench-selection`` can time the two side by side.
-    """
-    token = _ROUND_BY_ROUND.set(True)
-    try:
-        yield
-    finally:
-        _ROUND_BY_ROUND.reset(token)
 
 
 def removal_count(remaining: int, num_keep: int, removal_step: int, removal_fraction: float | None) -> int:
@@ -66,7 +47,7 @@ def uses_similarity_matrix(num_candidates: int, block_size: int | None) -> bool:
     """Whether :func:`bipartite_diverse_subset` runs on one similarity matrix for these settings
     (lists short enough to be multiplied as released in every round do not need one)."""
     fits = DIRECT_ROUND_PLACES < num_candidates <= MAX_MATRIX_CANDIDATES
-    return block_size is None and fits and not _ROUND_BY_ROUND.get()
+    return block_size is None and fits
 
 
 def bipartite_diverse_subset(
@@ -115,6 +96,24 @@ def bipartite_diverse_subset(
         return _bipartite_on_similarity_matrix(
             unit_features, candidates, num_keep, removal_step, stable, removal_fraction
         )
+    return bipartite_by_rounds(unit_features, candidates, num_keep, removal_step, stable, removal_fraction, block_size)
+
+
+def bipartite_by_rounds(
+    unit_features: torch.Tensor,
+    candidates: torch.Tensor,
+    num_keep: int,
+    removal_step: int = 8,
+    stable: bool = True,
+    removal_fraction: float | None = None,
+    block_size: int | None = None,
+) -> torch.Tensor:
+    """:func:`bipartite_diverse_subset` with no similarity matrix: every round multiplies the
+    features it compares, as the release does (O(rounds R^2 C) time for whole lists).
+    The same arguments, and the same kept indices.
+    """
+    if num_keep <= 0:
+        return candidates[:, :0]
     while True:
         num_drop = removal_count(candidates.shape[1], num_keep, removal_step, removal_fraction)
         if num_drop <= 0:
@@ -260,19 +259,41 @@ def kmeans_diverse_subset(
     return candidates.gather(1, chosen)
 
 
+#: A diversity rule: ``rule(unit_features, candidates, num_keep, **bipartite_options)`` ->
+#: (B, num_keep) indices; the options are FlashVLM's (removal_step, stable, removal_fraction,
+#: block_size), and a rule takes those it uses.
+DiversityRule = Callable[..., torch.Tensor]
+
+
+def _without_bipartite_options(rule: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]) -> DiversityRule:
+    def call(unit_features: torch.Tensor, candidates: torch.Tensor, num_keep: int, **_bipartite_options):
+        return rule(unit_features, candidates, num_keep)
+
+    return call
+
+
+#: Rules for choosing a diverse subset, by name (FlashVLM's ``diversity`` option).
+DIVERSITY_RULES: dict[str, DiversityRule] = {
+    "bipartite": bipartite_diverse_subset,
+    "max_min": _without_bipartite_options(max_min_diverse_subset),
+    "kmeans": _without_bipartite_options(kmeans_diverse_subset),
+}
+
+
+def register_diversity_rule(name: str, rule: DiversityRule) -> DiversityRule:
+    """Make ``rule`` a choice of FlashVLM's ``diversity`` option, by ``name``. A name another
+    rule holds raises :class:`FlashVLMError`."""
+    if DIVERSITY_RULES.setdefault(name, rule) is not rule:
+        raise FlashVLMError(f"diversity rule {name!r} is already registered")
+    return rule
+
+
 def diverse_subset(
     rule: str, unit_features: torch.Tensor, candidates: torch.Tensor, num_keep: int, **bipartite_options
 ) -> torch.Tensor:
-    """``num_keep`` diverse members of ``candidates`` (B, R) by one of :data:`DIVERSITY_RULES`.
-
-    ``bipartite_options`` (removal_step, stable, removal_fraction, block_size) go to
-    :func:`bipartite_diverse_subset`.
-    """
-    if rule == "bipartite":
-        return bipartite_diverse_subset(unit_features, candidates, num_keep, **bipartite_options)
-    if rule == "max_min":
-        return max_min_diverse_subset(unit_features, candidates, num_keep)
-    return kmeans_diverse_subset(unit_features, candidates, num_keep)
+    """``num_keep`` diverse members of ``candidates`` (B, R) by the rule of that name in
+    :data:`DIVERSITY_RULES`."""
+    return DIVERSITY_RULES[rule](unit_features, candidates, num_keep, **bipartite_options)
 
 
 def important_and_diverse(
@@ -291,26 +312,3 @@ def important_and_diverse(
     important, rest = ranking[:, :num_important], ranking[:, num_important:]
     diverse = diverse_subset(rule, unit_features, rest, num_keep - num_important, **bipartite_options)
     return torch.cat([important, diverse], dim=1)
-
-
-def coverage_radius(unit_features: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Largest cosine distance from any token to its nearest kept token, (B,).
-
-    unit_features: (B, N, C) unit rows; keep: (B, K) indices. The kept set is a delta-cover
-    of the image's tokens for every delta at least this radius (the paper's claim for the
-    diversity step). 0 when everything is kept; up to 2.
-    """
-    nearest_kept = max_cosine_to_set(unit_features, gather_tokens(unit_features, keep))  # (B, N)
-    return (1.0 - nearest_kept.float()).amax(dim=-1).clamp(min=0.0)
-
-
-def jaccard_agreement(keep: torch.Tensor, reference: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """|keep & reference| / |keep | reference| of two kept sets per image, (B,); 1 when both are empty.
-
-    keep: (B, K), reference: (B, K'), indices below ``num_tokens``.
-    """
-    kept = torch.zeros(keep.shape[0], num_tokens, dtype=torch.bool, device=keep.device)
-    kept.scatter_(1, keep, True)
-    referenced = torch.zeros_like(kept).scatter_(1, reference.to(keep.device), True)
-    union = (kept | referenced).sum(dim=-1)
-    return torch.where(union > 0, (kept & referenced).sum(dim=-1) / union.clamp(min=1), 1.0)

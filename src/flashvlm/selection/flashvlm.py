@@ -167,9 +167,10 @@ class FlashVLM(TokenSelector):
     #: Bipartite redundancy within blocks of this many consecutive list places (even,
     #: >= 2): O(R * block) time and memory per round; None compares whole lists (released).
     diversity_block: int | None = None
-    #: Diversity step on the rest: "bipartite" (released), "max_min" (DivPrune-style) or
-    #: "kmeans" (one representative per spherical k-means cluster, 10 Lloyd steps).
-    diversity: Literal["bipartite", "max_min", "kmeans"] = "bipartite"
+    #: Diversity step on the rest: "bipartite" (released), "max_min" (DivPrune-style),
+    #: "kmeans" (one representative per spherical k-means cluster, 10 Lloyd steps), or a
+    #: rule added with :func:`flashvlm.selection.diversity.register_diversity_rule`.
+    diversity: str = "bipartite"
     #: Features the diversity step compares: "vision" (LLaVA release) or "projected" (Qwen release).
     diversity_space: Literal["vision", "projected"] = "vision"
     #: Text norm gate: "off" (default), "on" (scale by raw embedding length), or
@@ -213,7 +214,7 @@ class FlashVLM(TokenSelector):
             raise FlashVLMError(f"diversity_block must be None or an even integer >= 2; got {block!r}")
         check_choice("aggregation", self.aggregation, ("softmax", "max", "mean"))
         check_choice("sharpening", self.sharpening, ("release", "softmax"))
-        check_choice("diversity", self.diversity, DIVERSITY_RULES)
+        check_choice("diversity", self.diversity, tuple(DIVERSITY_RULES))
         check_choice("diversity_space", self.diversity_space, ("vision", "projected"))
         check_choice("text_norm_gate", self.text_norm_gate, ("off", "on", "after_normalization"))
         check_choice("score_dtype", self.score_dtype, ("float32", "model"))
