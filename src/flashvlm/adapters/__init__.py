@@ -5,16 +5,8 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from .base import (
-    NEWLINES,
-    TEXT_TOKENS,
-    VIDEO_BUDGETS,
-    ImageSelection,
-    ModelAdapter,
-    PrunedInputs,
-    TokenRegion,
-    VisualItem,
-)
+from ..pipeline import NEWLINES, TEXT_TOKENS, VIDEO_BUDGETS, ImageSelection, TokenRegion, VisualItem
+from .base import ModelAdapter, PrunedInputs
 from .gemma3 import Gemma3Adapter
 from .idefics3 import Idefics3Adapter
 from .internvl import InternVLAdapter

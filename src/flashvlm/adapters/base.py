@@ -23,8 +23,7 @@ Sequence surgery lives in :mod:`.sequence`, the vision/LM taps in :mod:`.taps`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -32,7 +31,18 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..errors import FlashVLMError
-from ..selection import Budget, SelectionInputs, TokenSelector, resolve_budget
+from ..pipeline import (
+    NEWLINES,
+    TEXT_TOKENS,
+    VIDEO_BUDGETS,
+    GuidingText,
+    ImageSelection,
+    VisualItem,
+    keep_tokens,
+    select_regions,
+    video_units,
+)
+from ..selection import Budget, TokenSelector
 from ..selection.base import check_choice
 from .sequence import (
     pad_token_id,
@@ -43,104 +53,6 @@ from .sequence import (
     text_embeddings,
 )
 from .taps import run_until_tap, tap_last_token_attention
-
-#: Which prompt tokens guide a text-guided method (its ``text_tokens``): the whole prompt
-#: but the visual placeholders (the LLaVA release's default), only the user's question, or
-#: only the text before the first visual placeholder (the Qwen release).
-TEXT_TOKENS = ("prompt", "question", "before_image")
-
-#: How a video's budget is counted: the budget applies to each frame separately, or to the
-#: whole video with its frames selected jointly (a frame with more relevant tokens keeps more).
-VIDEO_BUDGETS = ("per_frame", "per_video")
-
-#: Which newline tokens (LLaVA-NeXT/OneVision raster rows; outside the budget) stay: the
-#: newline of each row that keeps a token, or every row's. With "every_row" an image's
-#: token count follows from its size alone, as vLLM needs (it fixes each image's
-#: placeholder count before the encoder runs; see docs/vllm.md).
-NEWLINES = ("kept_rows", "every_row")
-
-
-@dataclass
-class TokenRegion:
-    """Tokens of one item that a method selects among together: a view, a frame, a video."""
-
-    positions: torch.Tensor  # (N,) long: the item's tokens of this region, ascending
-    grid_shape: tuple[int, int] | None = None  # (rows, cols) when the region is a raster
-    budget: Budget | None = None  # what the method keeps of it (the unit's budget, or its share)
-    chosen: torch.Tensor | None = None  # (K,) after selection: kept places among ``positions``
-    merged: torch.Tensor | None = None  # (K, C) after selection: a merging method's features
-
-
-@dataclass
-class ImageSelection:
-    """One budget unit (an image, a video frame or a whole video) and what was kept of it.
-
-    ``keep_indices`` index the unit's selectable tokens in the order the language model
-    receives them; tokens outside the budget (LLaVA-NeXT/OneVision newline tokens) are
-    not counted in ``num_tokens``. A unit of several regions (an AnyRes image's base view
-    and crops) shares its budget among them in proportion to their sizes.
-    """
-
-    batch_index: int  # row of the batch the unit belongs to
-    num_tokens: int  # N: selectable visual tokens the unit had
-    keep_indices: torch.Tensor  # (K,) kept token positions, ascending
-    grid_shape: tuple[int, int] | None = None  # (rows, cols) of the token raster
-    kind: str = "image"  # "image", "frame" (per-frame video budget) or "video"
-    regions: list[TokenRegion] = field(default_factory=list, repr=False)
-
-    @classmethod
-    def of(cls, kind: str, regions: list[TokenRegion]) -> ImageSelection:
-        """A unit over ``regions``, before selection (nothing kept yet)."""
-        grid = regions[0].grid_shape if len(regions) == 1 else None
-        num_tokens = sum(region.positions.numel() for region in regions)
-        return cls(0, num_tokens, torch.zeros(0, dtype=torch.long), grid, kind, regions)
-
-    @property
-    def num_kept(self) -> int:
-        return int(self.keep_indices.numel())
-
-
-#: Per-token fields of a :class:`VisualItem` that are sliced, packed and pruned together.
-TOKEN_FIELDS = ("features", "tokens", "saliency", "keys", "lm_attention")
-
-
-@dataclass
-class VisualItem:
-    """One image or video as the language model receives it, and what a method may read of it.
-
-    Per-token tensors share their leading dimensions: (L, ...) over the item's L
-    placeholder tokens in the language model's order. (A family may use the same record
-    for a stack of tower inputs, (P, n, ...), before arranging it into items.)
-    """
-
-    kind: str  # "image" or "video": which placeholder and encoder output it fills
-    features: torch.Tensor  # (L, C) vision features the projector consumes (zeros outside the budget)
-    tokens: torch.Tensor | None = None  # (L, D) projected; None: only the kept rows get projected
-    saliency: torch.Tensor | None = None  # (L,) float32 encoder saliency
-    keys: torch.Tensor | None = None  # (L, C_k) attention keys of the saliency layer
-    lm_attention: torch.Tensor | None = None  # (L,) the last prompt token's attention in the LM
-    #: Further per-token outputs the model consumes, pruned with the same keep mask
-    #: (Qwen3-VL's DeepStack features: name -> (L, D)).
-    side_outputs: dict[str, torch.Tensor] = field(default_factory=dict)
-    #: Tokens outside the budget (LLaVA-NeXT newlines): (L,) bool, kept when a token of
-    #: the same ``row_of`` is kept.
-    is_newline: torch.Tensor | None = None
-    row_of: torch.Tensor | None = None  # (L,) long: the raster row a token belongs to; -1 for none
-    units: list[ImageSelection] = field(default_factory=list)  # the budget units, in order
-    batch_index: int = 0  # row of the batch whose prompt holds the item
-    keep: torch.Tensor | None = None  # (L,) bool, after selection: the tokens that stay
-    sent: torch.Tensor | None = None  # (K', D), after selection: the tokens the language model gets
-    sent_side_outputs: dict[str, torch.Tensor] = field(default_factory=dict)  # after selection: name -> (K', D)
-
-    @property
-    def length(self) -> int:
-        return self.features.shape[-2]
-
-    def map(self, function: Callable[[torch.Tensor], torch.Tensor]) -> VisualItem:
-        """A copy with ``function`` applied to every per-token tensor present."""
-        changed = {name: function(getattr(self, name)) for name in TOKEN_FIELDS if getattr(self, name) is not None}
-        changed["side_outputs"] = {name: function(value) for name, value in self.side_outputs.items()}
-        return replace(self, **changed)
 
 
 @dataclass(frozen=True)
@@ -233,12 +145,7 @@ class ModelAdapter(ABC):
         """Budget units of one video of ``num_frames`` frames of ``per_frame`` tokens: one unit
         per frame laid out as ``frame_grid`` (``video_budget="per_frame"``), or one for the
         whole video (laid out as ``video_grid``, if it has a 2-D layout)."""
-        positions = torch.arange(num_frames * per_frame, device=device)  # (T * per_frame,)
-        if self.video_budget == "per_frame":
-            return [
-                ImageSelection.of("frame", [TokenRegion(frame, frame_grid)]) for frame in positions.split(per_frame)
-            ]
-        return [ImageSelection.of("video", [TokenRegion(positions, video_grid)])]
+        return video_units(num_frames, per_frame, frame_grid, device, self.video_budget, video_grid)
 
     # -- the hooks a family overrides ---------------------------------------------------------
     @abstractmethod
@@ -304,9 +211,9 @@ class ModelAdapter(ABC):
             if "lm_attention" in needs:
                 self._score_in_language_model(by_kind, model_kwargs, selector.lm_attention_layer)
             text = self.prompt_text(input_ids, attention_mask, selector, questions)
-            self._select(items, selector, budget, text)
+            select_regions(items, selector, budget, text, self.saliency_kind, self.key_heads)
             for item in items:
-                self._keep_tokens(item)
+                keep_tokens(item, self.project, self.newlines)
 
         # Existing padding goes too: rows are re-padded to the longest pruned row.
         keep = attention_mask.bool() & ~torch.isin(input_ids, torch.tensor(placeholder_ids, device=input_ids.device))
@@ -325,15 +232,14 @@ class ModelAdapter(ABC):
 
     def prompt_text(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, selector: TokenSelector, questions
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    ) -> GuidingText | None:
         """Embeddings (B, L_text, D) and mask (B, L_text) of the text that guides ``selector``:
         every prompt token that is neither padding nor a visual placeholder, wherever the
         images sit, or (``text_tokens="question"``) only the question's tokens; and, packed
         the same way, which of them precede the row's first visual placeholder (B, L_text;
-        only for ``text_tokens="before_image"``, else None). (None, None, None) when the
-        method needs no text."""
+        only for ``text_tokens="before_image"``, else None). None when the method needs no text."""
         if "text" not in selector.requires:
-            return None, None, None
+            return None
         placeholder_ids = torch.tensor(list(self.token_ids.values()), device=input_ids.device)
         is_placeholder = torch.isin(input_ids, placeholder_ids)
         is_text = attention_mask.bool() & ~is_placeholder
@@ -350,12 +256,12 @@ class ModelAdapter(ABC):
             is_text &= question_token_mask(self.tokenizer, input_ids, attention_mask, rows, placeholder_ids)
         text_embeds, text_mask = text_embeddings(self.model.get_input_embeddings(), input_ids, is_text)
         if text_tokens != "before_image":
-            return text_embeds, text_mask, None
+            return GuidingText(text_embeds, text_mask)
         # Packing keeps each row's text in order, so the tokens before the first image are
         # the first (is_text & before-image).sum() places of its packed row.
         before_count = (is_text & (is_placeholder.cumsum(dim=1) == 0)).sum(dim=1)  # (B,)
         text_before_image = torch.arange(text_mask.shape[1], device=input_ids.device)[None, :] < before_count[:, None]
-        return text_embeds, text_mask, text_before_image
+        return GuidingText(text_embeds, text_mask, text_before_image)
 
     def _score_in_language_model(self, by_kind: dict[str, list[VisualItem]], model_kwargs: dict, layer: int) -> None:
         """Fill every item's ``lm_attention``: one pass over the unpruned prompt, every token
@@ -367,88 +273,6 @@ class ModelAdapter(ABC):
         for kind, items in by_kind.items():
             for item, item_scores in zip(items, scores[self.token_ids[kind]].split([item.length for item in items])):
                 item.lm_attention = item_scores
-
-    def _select(self, items: list[VisualItem], selector: TokenSelector, budget: Budget, text) -> None:
-        """Run ``selector`` on every region, batching regions that share a token count, budget
-        and raster (so grid-aware methods keep their grid); fills each unit's ``keep_indices``
-        and each region's ``chosen`` positions and replacement ``merged`` features."""
-        text_embeds, text_mask, text_before_image = text
-        groups: dict[tuple[int, Budget, tuple[int, int] | None], list[tuple[VisualItem, TokenRegion]]] = {}
-        for item in items:
-            for unit in item.units:
-                for region, share in zip(unit.regions, region_budgets(unit, budget, selector.keeps_all)):
-                    region.budget = share
-                    region.chosen = torch.zeros(0, dtype=torch.long, device=region.positions.device)
-                    if not (isinstance(share, int) and share == 0):
-                        key = (region.positions.numel(), share, region.grid_shape)
-                        groups.setdefault(key, []).append((item, region))
-        for (_, share, grid_shape), members in groups.items():
-
-            def stacked(name: str, members=members) -> torch.Tensor | None:
-                if getattr(members[0][0], name) is None:
-                    return None
-                return torch.stack([getattr(item, name)[region.positions] for item, region in members])
-
-            inputs = SelectionInputs(
-                features=stacked("features"),
-                saliency=stacked("saliency"),
-                saliency_kind=self.saliency_kind,
-                projected=stacked("tokens"),
-                keys=stacked("keys"),
-                key_heads=self.key_heads,
-                grid_shape=grid_shape,
-                lm_attention=stacked("lm_attention"),
-            )
-            if text_embeds is not None:
-                rows = torch.tensor([item.batch_index for item, _ in members], device=text_embeds.device)
-                inputs.text_embeds, inputs.text_mask = text_embeds[rows], text_mask[rows]
-                if text_before_image is not None:
-                    inputs.text_before_image = text_before_image[rows]
-            selection = selector(inputs, share)
-            for row, (_, region) in enumerate(members):
-                region.chosen = selection.indices[row]
-                region.merged = None if selection.features is None else selection.features[row]
-        for item in items:
-            for unit in item.units:
-                offsets = torch.tensor([0, *[r.positions.numel() for r in unit.regions]]).cumsum(0)
-                unit.keep_indices = torch.cat(
-                    [region.chosen.cpu() + offset for region, offset in zip(unit.regions, offsets.tolist())]
-                )
-
-    def _keep_tokens(self, item: VisualItem) -> None:
-        """Fill ``item.keep`` (L,) and ``item.sent`` (K', D) from its regions' choices."""
-        device = item.features.device
-        keep = torch.zeros(item.length, dtype=torch.bool, device=device)
-        merged_at, merged = [], []
-        for unit in item.units:
-            for region in unit.regions:
-                chosen = region.positions[region.chosen.to(region.positions.device)]
-                keep[chosen] = True
-                if region.merged is not None:
-                    merged_at.append(chosen)
-                    merged.append(region.merged)
-        if item.is_newline is not None and self.newlines == "every_row":
-            keep |= item.is_newline
-        elif item.is_newline is not None:
-            # A row's newline stays when the row keeps a token, so the LM still sees where it ends.
-            rows_kept = item.row_of[keep & ~item.is_newline]
-            keep |= item.is_newline & torch.isin(item.row_of, rows_kept)
-        if item.tokens is None:
-            # Project only what stays: merged features replace the originals at their positions.
-            features = item.features
-            if merged:
-                features = features.clone()
-                features[torch.cat(merged_at)] = torch.cat(merged).to(features.dtype)
-            item.sent = self.project(features[keep])
-        else:
-            tokens = item.tokens
-            if merged:
-                tokens = tokens.clone()
-                for positions, features in zip(merged_at, merged):
-                    tokens[positions] = self.project(features).to(tokens.dtype)
-            item.sent = tokens[keep]
-        item.keep = keep
-        item.sent_side_outputs = {name: value[keep] for name, value in item.side_outputs.items()}
 
     # -- the language-model tap ----------------------------------------------------------------
     def visual_token_attention(
@@ -494,22 +318,3 @@ class ModelAdapter(ABC):
         with tap_last_token_attention(self.decoder_layers[layer - 1].self_attn, attention_mask) as tap:
             run_until_tap(self.language_model, use_cache=False, **decoder_kwargs)
         return {token_id: tap.attention[is_placeholder] for token_id, is_placeholder in placeholders.items()}
-
-
-def region_budgets(unit: ImageSelection, budget: Budget, keeps_all: bool) -> list[Budget]:
-    """The budget of each region of ``unit``: the whole budget for a single region, or, for
-    the views of one image, ``K`` split in proportion to their token counts (the last view
-    takes the rest). A method that keeps every token gets each region whole: a small ``K``
-    split in proportion may round a region's share to 0, which would drop it."""
-    if keeps_all:
-        return [region.positions.numel() for region in unit.regions]
-    if len(unit.regions) == 1:
-        return [budget]
-    num_keep = resolve_budget(budget, unit.num_tokens)
-    shares, assigned = [], 0
-    for place, region in enumerate(unit.regions):
-        last = place == len(unit.regions) - 1
-        share = num_keep - assigned if last else round(num_keep * region.positions.numel() / unit.num_tokens)
-        shares.append(share)
-        assigned += share
-    return shares

@@ -23,8 +23,9 @@ from typing import Any
 import torch
 from transformers.models.gemma3.modeling_gemma3 import create_masks_for_vision_model, get_block_sequence_ids_for_mask
 
+from ..pipeline import ImageSelection, TokenRegion, VisualItem
 from ..saliency import received_attention
-from .base import FamilySupport, ImageSelection, ModelAdapter, TokenRegion, VisualItem
+from .base import FamilySupport, ModelAdapter
 from .sequence import prompt_tensors
 from .shared import needs_projected, needs_query_key
 from .taps import tap_vision_layer

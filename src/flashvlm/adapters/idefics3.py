@@ -32,8 +32,9 @@ from typing import Any
 import torch
 
 from ..errors import FlashVLMError
+from ..pipeline import VisualItem
 from ..saliency import received_attention
-from .base import FamilySupport, ModelAdapter, VisualItem
+from .base import FamilySupport, ModelAdapter
 from .sequence import placeholder_runs
 from .shared import image_of_views, needs_query_key, refuse_per_video
 from .taps import capture, tap_vision_layer

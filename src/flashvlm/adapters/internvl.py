@@ -33,8 +33,9 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..errors import FlashVLMError, UnsupportedModelError
+from ..pipeline import VisualItem
 from ..saliency import query_row_attention
-from .base import FamilySupport, ModelAdapter, VisualItem
+from .base import FamilySupport, ModelAdapter
 from .sequence import placeholder_runs
 from .shared import image_of_views, needs_projected, needs_query_key, refuse_per_video
 from .taps import capture, resolve_hidden_state_layer, run_until_tap, tap_vision_layer

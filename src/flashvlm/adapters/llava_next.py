@@ -31,7 +31,8 @@ import torch
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 from ..errors import FlashVLMError
-from .base import FamilySupport, ImageSelection, TokenRegion, VisualItem
+from ..pipeline import ImageSelection, TokenRegion, VisualItem
+from .base import FamilySupport
 from .llava import LlavaAdapter
 from .sequence import require_argument
 from .shared import square_grid

@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from .base import FamilySupport, VisualItem
+from ..pipeline import VisualItem
+from .base import FamilySupport
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 from .shared import needs_projected, square_grid

@@ -24,7 +24,8 @@ from typing import Any
 import torch
 
 from ..errors import FlashVLMError
-from .base import FamilySupport, VisualItem
+from ..pipeline import VisualItem
+from .base import FamilySupport
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter, side_channels, split_side_channels
 

@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 
-from .base import FamilySupport, VisualItem
+from ..pipeline import VisualItem
+from .base import FamilySupport
 from .qwen_vl import QwenVLAdapter
 
 

@@ -21,8 +21,9 @@ from typing import Any
 
 import torch
 
+from ..pipeline import ImageSelection, TokenRegion, VisualItem
 from ..saliency import segmented_received_attention
-from .base import FamilySupport, ImageSelection, ModelAdapter, TokenRegion, VisualItem
+from .base import FamilySupport, ModelAdapter
 from .sequence import compact_sequences, prompt_tensors, require_argument
 from .shared import needs_query_key
 from .taps import capture

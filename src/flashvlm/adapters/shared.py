@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import FlashVLMError
-from .base import ImageSelection, TokenRegion, VisualItem
+from ..pipeline import ImageSelection, TokenRegion, VisualItem
 
 #: Requirements met from one vision layer's queries and keys (a hook on that layer).
 QUERY_KEY_NEEDS = frozenset({"saliency", "cls_attention", "keys"})

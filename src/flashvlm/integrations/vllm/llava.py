@@ -20,8 +20,8 @@ from vllm.model_executor.models.llava import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from ...errors import FlashVLMError, UnsupportedModelError
+from ...pipeline import ImageSelection, TokenRegion, VisualItem
 from ...saliency import query_row_attention, received_attention, release_cls_attention
-from ...selection import SelectionInputs
 from .processing import PrunedInfoMixin, TextGuidedProcessorMixin
 from .pruned_model import (
     PrunedModelMixin,
@@ -150,24 +150,18 @@ class PrunedLlava(LlavaTowerMixin, LlavaForConditionalGeneration):
         projector = self.multi_modal_projector
         projected = projector(features) if "projected" in needs else None  # (I, N, D)
 
+        num_tokens = features.shape[1]
+        positions = torch.arange(num_tokens, device=features.device)
         kept_tokens = []
         for image in range(len(pixel_values)):
-            one = slice(image, image + 1)
-            inputs = SelectionInputs(
-                features=features[one],
-                saliency=tower.saliency[one],
-                saliency_kind=tower.saliency_kind,
-                projected=None if projected is None else projected[one],
-                keys=None if tower.keys is None else tower.keys[one],
-                key_heads=tower.key_heads,
-                grid_shape=tower.grid_shape,
+            item = VisualItem(
+                "image",
+                features[image],
+                tokens=None if projected is None else projected[image],
+                saliency=tower.saliency[image],
+                keys=None if tower.keys is None else tower.keys[image],
+                units=[ImageSelection.of("image", [TokenRegion(positions, tower.grid_shape)])],
             )
-            selection = self.select_image(inputs, texts[image])
-            indices = selection.indices[0]
-            if selection.features is not None:
-                kept_tokens.append(projector(selection.features[0]))
-            elif projected is not None:
-                kept_tokens.append(projected[image, indices])
-            else:
-                kept_tokens.append(projector(features[image, indices]))  # project only the kept rows
+            kept = self.keep_image_tokens(item, texts[image], tower.saliency_kind, tower.key_heads, projector)
+            kept_tokens.append(kept)
         return tuple(kept_tokens)  # one (K, D) per image

@@ -10,7 +10,7 @@ keeps a token, so its count depends on the selection; here **every row's newline
 (``flashvlm.prune(..., newlines="every_row")`` in transformers), and an image takes
 ``K + rows`` placeholders, ``rows`` following from its size. The budget counts the real
 patch tokens of the base view and the crops together, and is split between them as the HF
-adapter splits it (:func:`flashvlm.adapters.base.region_budgets`).
+adapter splits it: the selection is the shared pipeline's (:mod:`flashvlm.pipeline`).
 """
 
 from __future__ import annotations
@@ -25,8 +25,7 @@ from vllm.model_executor.models.llava_next import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from ...adapters.base import ImageSelection, TokenRegion, region_budgets
-from ...selection import SelectionInputs
+from ...pipeline import ImageSelection, TokenRegion, VisualItem
 from .llava import LlavaTowerMixin
 from .processing import PrunedInfoMixin, TextGuidedProcessorMixin
 from .pruned_model import prompt_text_per_image
@@ -118,44 +117,30 @@ class PrunedLlavaNext(LlavaTowerMixin, LlavaNextForConditionalGeneration):
             first_view += count
             source = self.anyres_layout(image_sizes[image]).to(projected.device)  # (L,)
             is_newline = source < 0
-            real = source[~is_newline]  # (N,) the image's patch tokens in the language model's order
-            tokens = projected[views].flatten(0, 1)  # ((1 + P) * n, D)
-            features = tower.features[views].flatten(0, 1)[real]  # (N, C)
-            saliency = tower.saliency[views].flatten(0, 1)[real]  # (N,)
-            keys = None if tower.keys is None else tower.keys[views].flatten(0, 1)[real]  # (N, C_k)
+            from_views = source.clamp(min=0)
+
+            def in_sequence(per_view: torch.Tensor, views=views, from_views=from_views, is_newline=is_newline):
+                """(V, n, ...) of this image's views -> (L, ...) in sequence order, zeros at newlines."""
+                values = per_view[views].flatten(0, 1)[from_views]
+                return values.masked_fill(is_newline.view(-1, *[1] * (values.dim() - 1)), 0)
+
+            patch_places = (~is_newline).nonzero().squeeze(-1)  # (N,) where each patch token sits
             base_tokens = tower.features.shape[1]
             num_rows = int(is_newline.sum())
-            positions = torch.arange(real.numel(), device=real.device)
+            crop_tokens = patch_places.numel() - base_tokens
             regions = [
-                TokenRegion(positions[:base_tokens], tower.grid_shape),
-                TokenRegion(positions[base_tokens:], (num_rows, (real.numel() - base_tokens) // num_rows)),
+                TokenRegion(patch_places[:base_tokens], tower.grid_shape),
+                TokenRegion(patch_places[base_tokens:], (num_rows, crop_tokens // num_rows)),
             ]
-            settings = self.flashvlm
-            budgets = region_budgets(ImageSelection.of("image", regions), settings.budget, settings.selector.keeps_all)
-            view_inputs = [
-                SelectionInputs(
-                    features=features[region.positions][None],
-                    saliency=saliency[region.positions][None],
-                    saliency_kind=tower.saliency_kind,
-                    projected=tokens[real[region.positions]][None],  # given always, as the HF adapter does
-                    keys=None if keys is None else keys[region.positions][None],
-                    key_heads=tower.key_heads,
-                    grid_shape=region.grid_shape,
-                )
-                for region in regions
-            ]
-            selections = self.select_views(list(zip(view_inputs, budgets)), texts[image])
-
-            # Every row's newline stays (the placeholder count was fixed from the size).
-            sequence = self.anyres_sequence(source, tokens)  # (L, D)
-            keep = is_newline.clone()
-            patch_places = (~is_newline).nonzero().squeeze(-1)  # (N,) where each patch token sits in the sequence
-            for region, selection in zip(regions, selections):
-                if selection is None:
-                    continue
-                places = patch_places[region.positions[selection.indices[0]]]
-                keep[places] = True
-                if selection.features is not None:
-                    sequence[places] = projector(selection.features[0]).to(sequence.dtype)
-            kept_tokens.append(sequence[keep])
+            item = VisualItem(
+                "image",
+                in_sequence(tower.features),  # (L, C)
+                tokens=self.anyres_sequence(source, projected[views].flatten(0, 1)),  # (L, D), as vLLM merges it
+                saliency=in_sequence(tower.saliency),  # (L,)
+                keys=None if tower.keys is None else in_sequence(tower.keys),  # (L, C_k)
+                is_newline=is_newline,
+                units=[ImageSelection.of("image", regions)],
+            )
+            kept = self.keep_image_tokens(item, texts[image], tower.saliency_kind, tower.key_heads, projector)
+            kept_tokens.append(kept)
         return tuple(kept_tokens)  # one (K + rows, D) per image

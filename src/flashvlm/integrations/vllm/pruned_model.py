@@ -1,5 +1,6 @@
 """What every family's vLLM model shares: saliency from one vision layer's q/k, the prompt's
-text per image, the selection itself, and the record of what was kept.
+text per image, the selection (the shared pipeline, :mod:`flashvlm.pipeline`), and the
+record of what was kept.
 
 The vision towers keep vLLM's attention kernels: a forward hook on the feature layer's
 fused ``qkv_proj`` captures its queries and keys, from which :mod:`flashvlm.saliency`
@@ -9,13 +10,14 @@ computes the one row (CLS attention) or column sum (attention received) the meth
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ...selection import Budget, Selection, SelectionInputs
+from ...pipeline import GuidingText, VisualItem, keep_tokens, select_regions
 from .settings import PruningSettings
 
 #: Name of the per-image field that carries the prompt's text from the multimodal processor
@@ -140,37 +142,34 @@ class PrunedModelMixin:
             before_image = torch.arange(text_ids.numel(), device=embeds.device)[None, :] < text.before_image
         return embeds.unsqueeze(0), mask, before_image
 
-    def select_image(self, inputs: SelectionInputs, text: PromptText | None) -> Selection:
-        """Run the method on one image (B = 1) and record what it kept."""
-        (selection,) = self.select_views([(inputs, self.flashvlm.budget)], text)
-        return selection
-
-    def select_views(
-        self, views: list[tuple[SelectionInputs, Budget]], text: PromptText | None
-    ) -> list[Selection | None]:
-        """Run the method on each view of one image (B = 1 each) with that view's budget, and
-        record what the image kept: each view's indices, offset by the views before it (as
-        the HF adapters number an image's tokens). A view whose budget is 0 is not run (None)."""
+    def keep_image_tokens(
+        self,
+        item: VisualItem,
+        text: PromptText | None,
+        saliency_kind: str,
+        key_heads: int | None,
+        project: Callable[[torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """What the language model receives for one image, (K', D): the shared pipeline's
+        selection (:mod:`flashvlm.pipeline`) on the image alone, as the HF adapters run it,
+        with every raster row's newline kept (vLLM fixed the image's placeholder count from
+        its size). Records what the image kept."""
         settings = self.flashvlm
-        embedded = None
+        guide = None
         if "text" in settings.selector.requires:
             if text is None:
                 raise RuntimeError(f"the method reads the prompt, but the image came without {TEXT_IDS_FIELD}")
-            embedded = self.embed_text(text, settings.selector)
-        selections, kept, offset = [], [], 0
-        for inputs, budget in views:
-            selection = None
-            if not (isinstance(budget, int) and budget == 0):
-                if embedded is not None:
-                    inputs.text_embeds, inputs.text_mask, inputs.text_before_image = embedded
-                selection = settings.selector(inputs, budget)
-                kept += (selection.indices[0] + offset).tolist()
-            selections.append(selection)
-            offset += inputs.num_tokens
+            guide = GuidingText(*self.embed_text(text, settings.selector))
+        select_regions([item], settings.selector, settings.budget, guide, saliency_kind, key_heads)
+        keep_tokens(item, project, newlines="every_row")
+        kept, offset = [], 0
+        for unit in item.units:
+            kept += (unit.keep_indices + offset).tolist()
+            offset += unit.num_tokens
         self.flashvlm_history.append(
             KeptTokens(tuple(text.ids.tolist()) if text is not None else (), offset, tuple(kept))
         )
-        return selections
+        return item.sent
 
 
 def flashvlm_history(model: nn.Module) -> list[KeptTokens]:

@@ -42,8 +42,8 @@ from vllm.model_executor.models.qwen2_5_vl import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from ...errors import FlashVLMError, UnsupportedModelError
+from ...pipeline import ImageSelection, TokenRegion, VisualItem
 from ...saliency import segmented_received_attention
-from ...selection import SelectionInputs
 from .processing import PrunedInfoMixin, TextGuidedProcessorMixin
 from .pruned_model import (
     TEXT_IDS_FIELD,
@@ -273,27 +273,27 @@ class PrunedQwen2_5_VL(PrunedModelMixin, Qwen2_5_VLForConditionalGeneration):
             keys = gather_tensor_parallel_channels(tap.keys, attention)  # (S, C_k)
             keys = keys.view(num_merged, group, -1).mean(dim=1)[model_order]  # (M, C_k)
 
+        def merge(features: torch.Tensor) -> torch.Tensor:
+            """The merger on (K, m*m*C) merge groups -> (K, D): a merging method's tokens."""
+            return tower.merger(features.reshape(-1, hidden.shape[-1]))
+
         kept_rows = []
         start = 0
         for image, (t, h, w) in enumerate(grid_thw):
             rows, cols = h // tower.spatial_merge_size, w // tower.spatial_merge_size
             one = slice(start, start + t * rows * cols)
             start = one.stop
-            inputs = SelectionInputs(
-                features=features[one][None],
-                saliency=saliency[one][None],
-                saliency_kind="received",
-                projected=projected[one][None] if "projected" in needs else None,
-                keys=None if keys is None else keys[one][None],
-                key_heads=tower.num_heads,
-                grid_shape=(rows, cols) if t == 1 else None,
+            positions = torch.arange(one.stop - one.start, device=features.device)
+            item = VisualItem(
+                "image",
+                features[one],
+                tokens=projected[one],  # the tower merges every group before any selection
+                saliency=saliency[one],
+                keys=None if keys is None else keys[one],
+                units=[ImageSelection.of("image", [TokenRegion(positions, (rows, cols) if t == 1 else None)])],
             )
-            selection = self.select_image(inputs, texts[image])
-            indices = selection.indices[0]
-            if selection.features is not None:
-                tokens = tower.merger(selection.features[0].reshape(-1, hidden.shape[-1]))
-            else:
-                tokens = projected[one][indices]
+            tokens = self.keep_image_tokens(item, texts[image], "received", tower.num_heads, merge)
+            indices = item.keep.nonzero().squeeze(-1)
             offsets = torch.stack([indices // (rows * cols), indices % (rows * cols) // cols, indices % cols], dim=1)
             kept_rows.append(torch.cat([tokens, offsets.to(tokens.dtype)], dim=1))  # (K, D + 3)
         return tuple(kept_rows)
