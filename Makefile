@@ -40,8 +40,8 @@ $(VENV)/.eval-installed: $(VENV)/.installed locks/eval.txt locks/lmms-eval.txt
 eval-setup: $(VENV)/.eval-installed
 
 lint: setup
-	$(VENV)/bin/ruff check src tests demo
-	$(VENV)/bin/ruff format --check src tests demo
+	$(VENV)/bin/ruff check src tests lab
+	$(VENV)/bin/ruff format --check src tests lab
 
 test: eval-setup lint
 	$(PY) -m pytest -q
@@ -67,33 +67,33 @@ lock: $(UV)
 demo: setup
 	$(VENV)/bin/flashvlm demo
 
-# Regenerate docs/performance.md (and docs/bench/*.json). `performance` runs scaled shapes
+# Regenerate docs/performance.md (and docs/results/*.json). `performance` runs scaled shapes
 # that fit a CPU in a few minutes; `performance-gpu` the real 7B shapes in bf16 (one GPU).
 BENCH := $(VENV)/bin/flashvlm
 performance: setup
 	$(BENCH) bench-selection --model llava-1.5-7b --max-seconds 15 --repeats 3 --scale vision_layers=6 width=0.5 --threads 1 \
 		--methods flashvlm flashvlm@rounds flashvlm:release flashvlm:release@rounds flashvlm:fast_diversity \
 		flashvlm:max_min_diversity flashvlm:kmeans_diversity vispruner divprune \
-		--json docs/bench/selection-cpu.json --markdown docs/performance.md
+		--json docs/results/selection-cpu.json --markdown docs/performance.md
 	$(BENCH) bench --model llava-1.5-7b --scale lm_layers=1 vision_layers=2 --methods flashvlm flashvlm:fast_diversity \
-		--budgets 64 --repeats 3 --new-tokens 4 --threads 2 --json docs/bench/prefill-cpu-full-width.json --markdown docs/performance.md
+		--budgets 64 --repeats 3 --new-tokens 4 --threads 2 --json docs/results/prefill-cpu-full-width.json --markdown docs/performance.md
 	$(BENCH) bench --model llava-1.5-7b --scale cpu --budgets 64 128 192 --repeats 3 --new-tokens 8 --threads 2 \
-		--json docs/bench/prefill-cpu-scaled.json --markdown docs/performance.md
+		--json docs/results/prefill-cpu-scaled.json --markdown docs/performance.md
 	for model in internvl3-8b internvl3.5-8b smolvlm2-2.2b; do \
 		$(BENCH) bench --model $$model --scale cpu --methods flashvlm --budgets 64 128 192 --repeats 3 --warmup 1 \
-			--new-tokens 8 --threads 1 --json docs/bench/prefill-cpu-$$model-scaled.json --markdown docs/performance.md || exit 1; \
+			--new-tokens 8 --threads 1 --json docs/results/prefill-cpu-$$model-scaled.json --markdown docs/performance.md || exit 1; \
 	done
 	# A video's budget counts per frame (144 tokens at 336 px): 16 / 32 / 64 of them.
 	$(BENCH) bench --model llava-next-video-7b --scale cpu --methods flashvlm --budgets 16 32 64 --repeats 3 --warmup 1 \
-		--new-tokens 8 --threads 1 --json docs/bench/prefill-cpu-llava-next-video-7b-scaled.json --markdown docs/performance.md
+		--new-tokens 8 --threads 1 --json docs/results/prefill-cpu-llava-next-video-7b-scaled.json --markdown docs/performance.md
 
 performance-gpu: setup
 	$(BENCH) bench-selection --model llava-1.5-7b --device cuda --dtype bfloat16 --repeats 20 --warmup 3 --max-seconds 60 \
-		--json docs/bench/selection-gpu.json --markdown docs/performance.md
+		--json docs/results/selection-gpu.json --markdown docs/performance.md
 	for model in llava-1.5-7b llava-1.5-13b llava-next-7b qwen2.5-vl-7b internvl3-8b internvl3.5-8b smolvlm2-2.2b \
 		llava-next-video-7b; do \
 		$(BENCH) bench --model $$model --device cuda --dtype bfloat16 --budgets 64 128 192 --repeats 10 --warmup 3 \
-			--new-tokens 32 --json docs/bench/prefill-gpu-$$model.json --markdown docs/performance.md || exit 1; \
+			--new-tokens 32 --json docs/results/prefill-gpu-$$model.json --markdown docs/performance.md || exit 1; \
 	done
 
 clean:

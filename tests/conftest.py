@@ -695,7 +695,7 @@ def pytest_collection_modifyitems(config, items):
 def demo_vllm_folder(tmp_path_factory) -> Path:
     from scene_llava import FOLDER
 
-    from flashvlm.integrations.vllm.demo import export_for_vllm
+    from flashvlm.integrations.vllm.export import export_for_vllm
 
     return export_for_vllm(FOLDER, tmp_path_factory.mktemp("demo-vllm") / "model")
 

@@ -3,7 +3,7 @@
 Each function restates, operation by operation and in the dtype of the tensors it is
 given, what the authors' code computes, written for these tests (never the released
 code itself). The parity tests run them on the tensors an adapter hands a selector and
-compare kept indices exactly; ``benchmarks/release_agreement.py`` measures how far our
+compare kept indices exactly; ``lab/release_agreement.py`` measures how far our
 defaults are from them.
 
 - FlashVLM LLaVA: CaiKaitong/FlashVLM, ``llava/model/llava_arch.py`` ``encode_images``;

@@ -24,16 +24,17 @@ from flashvlm.bench.models import (
     prefill_flops,
     scale_config,
 )
-from flashvlm.bench.report import update_markdown_section
-from flashvlm.bench.selection import (
+from flashvlm.bench.selection_cost import (
     ROUND_BY_ROUND_RULE,
     bench_method,
     fit_exponent,
     selection_inputs,
     tower_saliency_overhead,
 )
+from flashvlm.bench.tables import PERFORMANCE_PREAMBLE
 from flashvlm.cli import main
 from flashvlm.errors import FlashVLMError, MethodUnavailableError, UnsupportedModelError
+from flashvlm.files import update_markdown_section
 from flashvlm.selection import available_methods, get_method
 from flashvlm.selection.ops import unit_rows
 from flashvlm.timing import stamped_calls
@@ -227,13 +228,13 @@ def test_fit_exponent_recovers_a_power_law():
 
 def test_markdown_sections_are_replaced_in_place(tmp_path):
     path = tmp_path / "performance.md"
-    update_markdown_section(path, "a", "first")
-    update_markdown_section(path, "b", "second")
-    update_markdown_section(path, "a", "third")
+    update_markdown_section(path, "a", "first", PERFORMANCE_PREAMBLE)
+    update_markdown_section(path, "b", "second", PERFORMANCE_PREAMBLE)
+    update_markdown_section(path, "a", "third", PERFORMANCE_PREAMBLE)
     text = path.read_text()
     assert text.startswith("# Performance")
     assert "third" in text and "first" not in text and "second" in text
-    assert text.index("bench:a:start") < text.index("bench:b:start")
+    assert text.index("generated:a:start") < text.index("generated:b:start")
 
 
 def test_bench_runs_end_to_end_and_writes_every_field(tiny_config_file, tmp_path, capsys):
@@ -281,7 +282,7 @@ def test_bench_runs_end_to_end_and_writes_every_field(tiny_config_file, tmp_path
     printed = capsys.readouterr().out
     assert "LM prefill ms" in printed and "measured/ideal" in printed
     text = markdown.read_text()
-    assert "<!-- bench:prefill-" in text and "| flashvlm |" in text and report["command"] in text
+    assert "<!-- generated:prefill-" in text and "| flashvlm |" in text and report["command"] in text
 
 
 def every_method_and_preset() -> list[str]:

@@ -21,7 +21,7 @@ CASES = EVERY_CASE
 def test_generated_tables_are_up_to_date(place, body):
     path, section = place
     text = (ROOT / path).read_text()
-    found = re.search(f"<!-- bench:{section}:start -->\n(.*?)\n<!-- bench:{section}:end -->", text, re.DOTALL)
+    found = re.search(f"<!-- generated:{section}:start -->\n(.*?)\n<!-- generated:{section}:end -->", text, re.DOTALL)
     assert found, f"{path} has no {section} section"
     assert found.group(1) == body, f"{path} is stale: run `python -m flashvlm.catalog`"
 

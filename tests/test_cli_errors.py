@@ -16,7 +16,7 @@ from PIL import Image
 from scene_llava import FOLDER as SCENE_LLAVA
 
 from flashvlm.cli import bench, demo, generate, main
-from flashvlm.eval import DatasetError, evaluate, load_dataset
+from flashvlm.eval import DatasetError, answer_questions, load_dataset
 from flashvlm.files import write_text_atomic
 from flashvlm.loading import load_model
 from flashvlm.selection import parse_budget
@@ -328,6 +328,6 @@ def test_the_reference_progress_bar_says_unpruned(tiny_llava_folder, image_folde
     path = image_folder / "rows.jsonl"
     path.write_bytes(row("a"))
     model, processor = load_model(str(tiny_llava_folder), device="cpu")
-    evaluate(model, processor, load_dataset(path).examples, "none", 1, max_new_tokens=1, progress=True)
+    answer_questions(model, processor, load_dataset(path).examples, "none", 1, max_new_tokens=1, progress=True)
     err = capsys.readouterr().err
     assert "none (unpruned)" in err and "none @" not in err

@@ -81,19 +81,19 @@ def error_line(err: str) -> str:
 
 def interrupt_after(monkeypatch, batches: int) -> None:
     """Ctrl-C after ``batches`` batches have finished (and been journaled)."""
-    real_evaluate = compare.evaluate
+    real_answer_questions = compare.answer_questions
     finished = []
 
-    def evaluate(*args, on_batch=None, **kwargs):
+    def answer_questions(*args, on_batch=None, **kwargs):
         def counted(rows):
             on_batch(rows)
             finished.append(len(rows))
             if len(finished) == batches:
                 raise KeyboardInterrupt
 
-        return real_evaluate(*args, on_batch=counted if on_batch else None, **kwargs)
+        return real_answer_questions(*args, on_batch=counted if on_batch else None, **kwargs)
 
-    monkeypatch.setattr(compare, "evaluate", evaluate)
+    monkeypatch.setattr(compare, "answer_questions", answer_questions)
 
 
 @pytest.fixture(scope="module")
@@ -124,9 +124,9 @@ def test_interrupted_run_keeps_every_finished_prediction_and_resume_gives_the_sa
         file.write('{"method": "flashvlm", "budget": "8", "id": "r4", "predic')
     monkeypatch.undo()
     evaluated = []
-    real_evaluate = compare.evaluate
+    real_answer_questions = compare.answer_questions
     monkeypatch.setattr(
-        compare, "evaluate", lambda model, processor, rows, *a, **k: evaluated.append(len(rows)) or real_evaluate(model, processor, rows, *a, **k)
+        compare, "answer_questions", lambda model, processor, rows, *a, **k: evaluated.append(len(rows)) or real_answer_questions(model, processor, rows, *a, **k)
     )  # fmt: skip
     assert main(compare_argv(out, "--resume")) == 0
     assert "resuming" in capsys.readouterr().err

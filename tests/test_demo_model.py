@@ -13,19 +13,6 @@ from scene_llava import FOLDER as SCENE_LLAVA
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 import flashvlm
-from demo.scenes import answer_words, split_example
-from demo.train import (
-    STAGES,
-    GroundingWords,
-    StageData,
-    answer_loss,
-    collate,
-    make_config,
-    multimodal_logits,
-    pixel_tensor,
-    projected_tokens,
-    train,
-)
 from flashvlm.demo.language_model import language_model_folder
 from flashvlm.demo.model import (
     GRID,
@@ -40,6 +27,19 @@ from flashvlm.demo.model import (
 )
 from flashvlm.errors import FlashVLMError
 from flashvlm.loading import chat_prompt
+from lab.scenes import answer_words, split_example
+from lab.train import (
+    STAGES,
+    GroundingWords,
+    StageData,
+    answer_loss,
+    collate,
+    make_config,
+    multimodal_logits,
+    pixel_tensor,
+    projected_tokens,
+    train,
+)
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +159,7 @@ def test_grounding_labels_mark_the_patches_an_attribute_covers(lm_folder):
     model = build_model(lm_folder, make_config("smoke").vision, lm_layers=2)
     data = StageData("tune", 0, lm_folder, grounding=True)
     batch = collate([data[0], data[1]], pad_id=model.config.pad_token_id)
-    from demo.train import GroundingHead
+    from lab.train import GroundingHead
 
     loss, metrics = answer_loss(model, batch, GroundingHead(words.ids, 1.0))
     assert torch.isfinite(loss) and {"answer", "grounding", "cosine_gap"} <= set(metrics)
@@ -288,14 +288,14 @@ def test_resume_continues_inside_a_stage(tmp_path, lm_folder):
 
 
 def test_first_token_scoring_agrees_with_one_generated_token(shipped, tmp_path):
-    from demo.data import export_split, split_examples
-    from flashvlm.eval import evaluate, load_dataset
+    from flashvlm.eval import answer_questions, load_dataset
     from flashvlm.eval.first_token import first_token_correct
+    from lab.splits import export_split, split_examples
 
     model, processor = shipped
     examples = load_dataset(export_split("validation", tmp_path, 12)).examples
     settings = dict(max_new_tokens=1, prompt_suffix="", progress=False)
-    generated = [row.correct for row in evaluate(model, processor, examples, "none", 1.0, **settings)]
+    generated = [row.correct for row in answer_questions(model, processor, examples, "none", 1.0, **settings)]
     rows = split_examples("validation", 12)
     scored = first_token_correct(
         model, processor, [e.render() for e in rows], [e.question for e in rows], [e.answer for e in rows], batch_size=5

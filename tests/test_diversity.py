@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flashvlm.bench.selection import ROUND_BY_ROUND_RULE
+from flashvlm.bench.selection_cost import ROUND_BY_ROUND_RULE
 from flashvlm.errors import FlashVLMError
 from flashvlm.selection import diversity, get_method
 from flashvlm.selection.diversity import (

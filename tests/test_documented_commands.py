@@ -46,7 +46,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 #: Where a first-party top-level package lives in this checkout (the workbench is not installed).
-FIRST_PARTY = {"flashvlm": REPO / "src" / "flashvlm", "demo": REPO / "demo"}
+FIRST_PARTY = {"flashvlm": REPO / "src" / "flashvlm", "lab": REPO / "lab"}
 PYTHONS = {"python", "python3", ".venv/bin/python", ".venv-vllm/bin/python"}
 #: How inline code in prose starts when it is a command.
 INLINE_COMMAND = re.compile(

@@ -12,10 +12,10 @@ from agreement import SWAPS, SelectionRecorder, check_same_selection, match_rows
 from PIL import Image
 
 import flashvlm
-import flashvlm.eval.run
+import flashvlm.eval.answers
 from flashvlm.cli import main
 from flashvlm.errors import FlashVLMError
-from flashvlm.eval import DatasetError, evaluate, load_dataset, normalize_answer, score_answer
+from flashvlm.eval import DatasetError, answer_questions, load_dataset, normalize_answer, score_answer
 from flashvlm.loading import load_model
 
 GOOD_ROWS = [
@@ -145,10 +145,10 @@ def test_a_prompt_the_chat_template_cannot_take_is_named_by_dataset_line_and_id(
     example = load_dataset(dataset_file).examples[1]
     example.question = "what is it ? ASSISTANT:"  # the chat format, with no place for its image
     with pytest.raises(FlashVLMError, match=r"^dataset line 2 \(id 'b'\): the prompt .* has 0 <image> for 1 image"):
-        evaluate(model, processor, [example], "flashvlm", 8, prompt_suffix="", progress=False)
+        answer_questions(model, processor, [example], "flashvlm", 8, prompt_suffix="", progress=False)
     example.question = "<image> or <image> ?"
     with pytest.raises(FlashVLMError, match=r"^dataset line 2 \(id 'b'\): the prompt .* has 2 <image> for 1 image"):
-        evaluate(model, processor, [example], "flashvlm", 8, prompt_suffix="", progress=False)
+        answer_questions(model, processor, [example], "flashvlm", 8, prompt_suffix="", progress=False)
 
 
 # -- evaluation -----------------------------------------------------------------------------
@@ -158,10 +158,14 @@ def test_evaluate_batches_rows_like_single_rows(tiny_llava_folder, dataset_file,
     model, processor = load_model(str(tiny_llava_folder), device="cpu")
     examples = load_dataset(dataset_file).examples
     recorder = recording_selector(monkeypatch)
-    batched = evaluate(model, processor, examples, "flashvlm", 12, batch_size=3, max_new_tokens=3, progress=False)
+    batched = answer_questions(
+        model, processor, examples, "flashvlm", 12, batch_size=3, max_new_tokens=3, progress=False
+    )
     batch_rows = recorder.rows()
     recorder.second_path()  # perturbed under FLASHVLM_TEST_PERTURBATION
-    single = evaluate(model, processor, examples, "flashvlm", 12, batch_size=1, max_new_tokens=3, progress=False)
+    single = answer_questions(
+        model, processor, examples, "flashvlm", 12, batch_size=1, max_new_tokens=3, progress=False
+    )
     # A batch and single rows agree to the last bits of the features (tests/agreement.py):
     # each example's answer and kept tokens compare exactly where its selections agree.
     single_rows = recorder.rows()
@@ -172,7 +176,7 @@ def test_evaluate_batches_rows_like_single_rows(tiny_llava_folder, dataset_file,
         swaps += row_swaps
         if row_swaps:
             swapped.add(owner)
-    SWAPS.append(("evaluate: a batch of 3 vs single rows", swaps, sum(len(row.kept) for row in single_rows)))
+    SWAPS.append(("answer_questions: a batch of 3 vs single rows", swaps, sum(len(row.kept) for row in single_rows)))
     for batch_row, single_row in zip(batched, single):
         if batch_row.id not in swapped:
             assert (batch_row.prediction, batch_row.kept_indices) == (single_row.prediction, single_row.kept_indices)
@@ -184,9 +188,9 @@ def test_evaluate_batches_rows_like_single_rows(tiny_llava_folder, dataset_file,
 
 
 def recording_selector(monkeypatch) -> SelectionRecorder:
-    """Make ``evaluate`` record its method's calls in the returned recorder (tests/agreement.py)."""
+    """Make ``answer_questions`` record its method's calls in the returned recorder (tests/agreement.py)."""
     recorder = SelectionRecorder(None)
-    real_prune = flashvlm.eval.run.prune
+    real_prune = flashvlm.eval.answers.prune
 
     @contextmanager
     def recording_prune(*args, **kwargs):
@@ -194,17 +198,19 @@ def recording_selector(monkeypatch) -> SelectionRecorder:
             recorder.selector, pruner.selector = pruner.selector, recorder
             yield pruner
 
-    monkeypatch.setattr(flashvlm.eval.run, "prune", recording_prune)
+    monkeypatch.setattr(flashvlm.eval.answers, "prune", recording_prune)
     return recorder
 
 
 def test_a_question_the_prompt_lacks_is_named_by_dataset_line_and_id(tiny_llava_folder, dataset_file, monkeypatch):
     # A chat format that loses the question (here: every prompt asks "how many shape ?").
-    monkeypatch.setattr("flashvlm.eval.run.chat_prompt", lambda *_args: "USER: <image>\nhow many shape ? ASSISTANT:")
+    monkeypatch.setattr(
+        "flashvlm.eval.answers.chat_prompt", lambda *_args: "USER: <image>\nhow many shape ? ASSISTANT:"
+    )
     model, processor = load_model(str(tiny_llava_folder), device="cpu")
     examples = load_dataset(dataset_file).examples[:2]  # lines 1 and 2; the second asks "how many shape ?"
     with pytest.raises(FlashVLMError) as caught:
-        evaluate(model, processor, examples[::-1], "flashvlm:question", 8, batch_size=2, progress=False)
+        answer_questions(model, processor, examples[::-1], "flashvlm:question", 8, batch_size=2, progress=False)
     message = str(caught.value)
     assert message.startswith("dataset line 1 (id 'a'): question 'what is the color of the circle ?' does not")
     assert "row 1" not in message and "\n" not in message

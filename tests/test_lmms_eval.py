@@ -161,8 +161,8 @@ def test_demo_benchmark_lmms_eval_equals_flashvlm_compare(tmp_path):
 
     from scene_llava import FOLDER as SCENE_LLAVA
 
-    from demo.data import export_split
     from flashvlm.cli import main as flashvlm_main
+    from lab.splits import export_split
 
     data = export_split("test", tmp_path / "data", size=12)
     tasks = write_task(data, tmp_path / "tasks", "demo_test", max_new_tokens=MAX_NEW_TOKENS).parent

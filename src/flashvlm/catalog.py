@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from .adapters import ADAPTERS
-from .bench.report import update_markdown_section
+from .files import update_markdown_section
 from .integrations.vllm import ARCHITECTURES
 from .selection import available_methods, get_method
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import secrets
 import stat
 import tempfile
@@ -93,3 +94,19 @@ def check_writable_folder(folder: str | os.PathLike) -> None:
             pass
     except OSError as error:
         raise type(error)(error.errno, f"cannot write in {folder}: {error.strerror}") from None
+
+
+def update_markdown_section(path: str | os.PathLike, section: str, body: str, preamble: str = "") -> None:
+    """Replace (or append) the block between ``<!-- generated:SECTION:start/end -->`` in ``path``
+    (a missing file starts as ``preamble``)."""
+    path = Path(path)
+    text = path.read_text() if path.exists() else preamble
+    start, end = f"<!-- generated:{section}:start -->", f"<!-- generated:{section}:end -->"
+    block = f"{start}\n{body.strip()}\n{end}"
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.DOTALL)
+    if pattern.search(text):
+        text = pattern.sub(lambda _match: block, text)
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, text)  # an interrupted write must not truncate the document

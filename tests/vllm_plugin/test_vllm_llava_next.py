@@ -40,7 +40,7 @@ from transformers import (
 from vllm_harness import run_stock_and_plugin
 
 from flashvlm.integrations.vllm import ARCHITECTURES
-from flashvlm.integrations.vllm.demo import export_for_vllm
+from flashvlm.integrations.vllm.export import export_for_vllm
 from flashvlm.loading import chat_prompt
 
 #: (height, width): two AnyRes layouts (2 x 1 and 1 x 2 crops, unpadded differently).

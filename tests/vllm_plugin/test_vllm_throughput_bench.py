@@ -14,7 +14,7 @@ import sys
 from test_documented_commands import ALL_COMMANDS, REPO, python_arguments, python_environment
 from vllm_harness import vllm_environment
 
-SCRIPT = "benchmarks/vllm_throughput.py"
+SCRIPT = "lab/vllm_throughput.py"
 THROUGHPUT_COMMANDS = [command for command in ALL_COMMANDS if SCRIPT in command.argv[1:2]]
 #: Appended to the documented arguments (argparse keeps the last value): one budget, two
 #: requests of two tokens, one batch. About 25 s on two shared cores with the engine in-process.

@@ -17,14 +17,15 @@ from ..bench.models import (
     synthetic_inputs,
 )
 from ..bench.prefill import UNSTEADY_SPREAD, run_prefill_benchmark
-from ..bench.report import (
+from ..bench.tables import (
+    PERFORMANCE_PREAMBLE,
     machine_description,
     prefill_header,
     prefill_table,
-    update_markdown_section,
     write_json,
 )
 from ..errors import FlashVLMError
+from ..files import update_markdown_section
 from ..loading import resolve_device, resolve_dtype
 from ..selection import available_methods, get_method
 from .common import budget_key, check_count, check_output_file, parse_budgets, without_repeats
@@ -217,7 +218,9 @@ def run(args: argparse.Namespace) -> int:
         scale_tag = "-".join(args.scale) if args.scale else "full"
         # A batch is its own section: a batch-16 run must not replace the batch-1 table.
         batch_tag = f"-batch{args.batch_size}" if args.batch_size > 1 else ""
-        update_markdown_section(args.markdown, f"prefill-{args.model}-{scale_tag}{batch_tag}", body)
+        update_markdown_section(
+            args.markdown, f"prefill-{args.model}-{scale_tag}{batch_tag}", body, PERFORMANCE_PREAMBLE
+        )
     return 0
 
 

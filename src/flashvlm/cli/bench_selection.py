@@ -8,16 +8,17 @@ import shlex
 import sys
 
 from ..bench.models import SHIPPED_CONFIGS, describe_shape, family_of, load_config, parse_scale, scale_config
-from ..bench.report import (
+from ..bench.selection_cost import DEFAULT_TOKEN_COUNTS, bench_method, selection_scaling, tower_saliency_overhead
+from ..bench.tables import (
+    PERFORMANCE_PREAMBLE,
     machine_description,
     machine_line,
     selection_table,
     tower_table,
-    update_markdown_section,
     write_json,
 )
-from ..bench.selection import DEFAULT_TOKEN_COUNTS, bench_method, selection_scaling, tower_saliency_overhead
 from ..errors import FlashVLMError, UnsupportedModelError
+from ..files import update_markdown_section
 from ..loading import resolve_device, resolve_dtype
 from ..selection import available_methods
 from .bench import add_common_bench_arguments, apply_common_settings
@@ -175,7 +176,9 @@ def run(args: argparse.Namespace) -> int:
                 tower_table(report["tower"], markdown=True),
             ]
         parts.append("\n".join(f"- skipped: {message}" for message in skipped))
-        update_markdown_section(args.markdown, f"selection-{args.model}-{device.type}", "\n\n".join(parts))
+        update_markdown_section(
+            args.markdown, f"selection-{args.model}-{device.type}", "\n\n".join(parts), PERFORMANCE_PREAMBLE
+        )
     return 0
 
 

@@ -18,7 +18,7 @@ from ..eval import (
     BAD_ROW_POLICIES,
     SHORT_ANSWER_PROMPT,
     RunSummary,
-    evaluate,
+    answer_questions,
     load_dataset,
     markdown_report,
     plot_accuracy,
@@ -216,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
     if any(pending.values()):
         model, processor = load_model(args.model, args.device, dtype)
         # One untimed batch first, so one-off start-up costs are charged to no method.
-        evaluate(model, processor, examples[: args.batch_size], REFERENCE, 1, max_new_tokens=1, progress=False)
+        answer_questions(model, processor, examples[: args.batch_size], REFERENCE, 1, max_new_tokens=1, progress=False)
     if not resuming:  # only now, with the model loaded and run once, does an earlier run give way
         out.mkdir(exist_ok=True)
         for name in (JOURNAL_FILE, *OUTPUT_FILES):
@@ -260,7 +260,7 @@ def _run_pending(args, model, processor, runs, pending: dict, journal: RunJourna
                     continue
                 label = "none (unpruned)" if method == REFERENCE else f"{method} @ {text}"
                 try:
-                    evaluate(
+                    answer_questions(
                         model, processor, todo, method, budget, batch_size=args.batch_size,
                         max_new_tokens=args.max_new_tokens, prompt_suffix=args.prompt_suffix,
                         progress=not args.no_progress, label=label,

@@ -1,4 +1,4 @@
-"""What ``flashvlm demo`` needs: the demo model and example scenes (the workbench that makes them is ``demo/``).
+"""What ``flashvlm demo`` needs: the demo model and example scenes (the workbench that makes them is ``lab/``).
 
 - :mod:`flashvlm.demo.model`: the demo VLM, LLaVA-1.5's architecture around SmolLM2-135M-Instruct's
   embeddings and first layers, assembled on first use from its trained parts (vision tower,

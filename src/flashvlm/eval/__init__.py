@@ -1,13 +1,15 @@
 """Evaluation: datasets of (image, question, answer) rows, lmms-eval-style scoring,
 batched generation with a method attached, and reports.
 
-    from flashvlm.eval import evaluate, load_dataset
+    from flashvlm.eval import answer_questions, load_dataset
     dataset = load_dataset("vqa.jsonl")
-    results = evaluate(model, processor, dataset.examples, "flashvlm", budget=64)
+    results = answer_questions(model, processor, dataset.examples, "flashvlm", budget=64)
 """
 
-from .data import BAD_ROW_POLICIES, BadRow, Dataset, DatasetError, Example, load_dataset
-from .report import (
+from .answers import SHORT_ANSWER_PROMPT, RowResult, answer_questions
+from .dataset import BAD_ROW_POLICIES, BadRow, Dataset, DatasetError, Example, load_dataset
+from .scoring import SCORING_RULES, normalize_answer, score_answer
+from .summary import (
     RunSummary,
     markdown_report,
     markdown_table,
@@ -18,8 +20,6 @@ from .report import (
     write_csv,
     write_markdown,
 )
-from .run import SHORT_ANSWER_PROMPT, RowResult, evaluate
-from .scoring import SCORING_RULES, normalize_answer, score_answer
 
 __all__ = [
     "BAD_ROW_POLICIES",
@@ -31,7 +31,7 @@ __all__ = [
     "Example",
     "RowResult",
     "RunSummary",
-    "evaluate",
+    "answer_questions",
     "load_dataset",
     "markdown_report",
     "markdown_table",

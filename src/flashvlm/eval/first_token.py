@@ -2,7 +2,7 @@
 
 One forward per batch and no decoding loop, so a training run can score a few hundred
 validation questions every checkpoint. For single-word answers it agrees with
-:func:`flashvlm.eval.evaluate` (which generates and compares normalised text) whenever
+:func:`flashvlm.eval.answer_questions` (which generates and compares normalised text) whenever
 the model ends its answer after the word; use that for reported numbers. Inside
 ``flashvlm.prune(model, ...)`` it scores the pruned model.
 """

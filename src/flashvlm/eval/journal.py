@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import FlashVLMError
-from .run import RowResult
+from .answers import RowResult
 
 RunKey = tuple[str, str]  # (method as written, budget as written)
 

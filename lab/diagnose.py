@@ -1,6 +1,6 @@
 """Why text relevance does or does not find the queried object: numbers to read, not to train on.
 
-    python -m demo diagnose --model runs/gpu/model --size 64
+    python -m lab diagnose --model runs/gpu/model --size 64
 
 Prints, over validation questions:
 - the norm of projected visual tokens against the norm of word embeddings, and the mean
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from flashvlm.demo.model import demo_model_folder
 from flashvlm.loading import chat_prompt, load_model
 
-from .data import example_row, object_tokens, split_examples, target_indices
+from .splits import example_row, object_tokens, split_examples, target_indices
 from .train import vision_hidden_states
 
 

@@ -4,8 +4,8 @@
 # goes on top with --no-deps, and transformers is taken from a wheel in .whl/ when one is
 # there (the version the locks pin; the figures should come from the version the suite tests).
 #
-#   OUT=out/gpu bash benchmarks/gpu_reference.sh [STEP ...]     # on a GPU machine
-#   FLASHVLM_GPU_DRY=1 OUT=out/gpu-dry bash benchmarks/gpu_reference.sh   # CPU rehearsal, scaled
+#   OUT=out/gpu bash lab/gpu_reference.sh [STEP ...]     # on a GPU machine
+#   FLASHVLM_GPU_DRY=1 OUT=out/gpu-dry bash lab/gpu_reference.sh   # CPU rehearsal, scaled
 #
 # Steps (default: all, in this order): llava-prefill, selection, qwen-prefill, profile,
 # llava-batch (batch 16, where the GPU is busy enough for fewer tokens to pay).
@@ -82,7 +82,7 @@ wanted qwen-prefill && step "${limits[2]}" "${flashvlm[@]}" bench --model qwen2.
     --methods flashvlm visionzip:received divprune --budgets 64 128 192 --new-tokens 16 \
     --json "$OUT/prefill-gpu-qwen2.5-vl-7b.json" --markdown "$OUT/performance.md"
 # Where the selection spends its time at N = 576: kernel launches, host syncs, top ops.
-wanted profile && step 60 "$PYTHON" benchmarks/selection_profile.py "${device[@]}" --out "$OUT/selection-profile.txt"
+wanted profile && step 60 "$PYTHON" lab/selection_profile.py "${device[@]}" --out "$OUT/selection-profile.txt"
 wanted llava-batch && step "${limits[0]}" "${flashvlm[@]}" bench --model llava-1.5-7b "${device[@]}" "${scale[@]}" \
     --repeats 5 --warmup 2 --batch-size 16 --methods flashvlm visionzip --budgets 64 --new-tokens 4 \
     --json "$OUT/prefill-gpu-llava-1.5-7b-batch16.json" --markdown "$OUT/performance.md"

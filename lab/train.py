@@ -1,7 +1,7 @@
 """Train the demo VLM the LLaVA-1.5 way around SmolLM2-135M-Instruct, in three stages, from one command.
 
-    python -m demo train --preset gpu --out runs/gpu      # one H100/H200, bf16, about 7 minutes
-    python -m demo train --preset smoke --out runs/smoke  # seconds on a CPU: the whole path, tiny
+    python -m lab train --preset gpu --out runs/gpu      # one H100/H200, bf16, about 7 minutes
+    python -m lab train --preset smoke --out runs/smoke  # seconds on a CPU: the whole path, tiny
 
 Stages (each resumes from ``OUT/state.pt``; finished stages are skipped):
 
@@ -519,7 +519,7 @@ def monitor(model, processor, size: int, seed: int) -> dict[str, float]:
     """First-token accuracy per family on the first ``size`` validation questions."""
     from flashvlm.eval.first_token import first_token_correct
 
-    from .data import split_examples
+    from .splits import split_examples
 
     examples = split_examples("validation", size, seed)
     was_training = model.training
@@ -644,10 +644,10 @@ class Trainer:
 
 def train(config: TrainConfig, out: Path, stages: tuple[str, ...] = STAGES, device: str = "auto") -> dict:
     """Run (or resume) the stages; once all are done, write ``out/parts``, ``out/model`` and ``out/metrics.json``."""
-    from flashvlm.eval import evaluate, load_dataset, summarize
+    from flashvlm.eval import answer_questions, load_dataset, summarize
     from flashvlm.loading import load_model
 
-    from .data import export_split
+    from .splits import export_split
 
     began = time.perf_counter()
     torch_device = (
@@ -667,7 +667,9 @@ def train(config: TrainConfig, out: Path, stages: tuple[str, ...] = STAGES, devi
     folder = assemble(out / "parts", folder=out / "model")
     model, processor = load_model(str(folder), device=str(torch_device), dtype="auto")
     examples = load_dataset(export_split("validation", out / "validation", config.eval_size, config.seed)).examples
-    results = evaluate(model, processor, examples, "none", 1.0, batch_size=32, max_new_tokens=4, prompt_suffix="")
+    results = answer_questions(
+        model, processor, examples, "none", 1.0, batch_size=32, max_new_tokens=4, prompt_suffix=""
+    )
     summary = summarize("none", "all", results)
     validation = {**summary.family_accuracy, "overall": summary.accuracy}
     metrics = {"validation": validation, "wall_seconds": round(time.perf_counter() - began, 1)}

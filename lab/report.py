@@ -1,13 +1,13 @@
 """The demo benchmark through ``flashvlm.eval``: one model's accuracy, and the fidelity table.
 
-    python -m demo evaluate --split validation --budgets 1.0,56,28,14
-    python -m demo report --out docs/demo-report.md
+    python -m lab evaluate --split validation --budgets 1.0,56,28,14
+    python -m lab report --out docs/demo-report.md
 
 ``evaluate`` answers a split with one method at some budgets and prints accuracy per
 family (and the attribute hit rates when pruned). ``report`` exports the test split (JSONL + PNG, into a temporary folder unless ``--data`` names an
 export), answers every question with the unpruned model (``none``) and with every
 registered method at 56, 28 and 14 of the 256 tokens (LLaVA-1.5's 128, 64 and 32 of 576
-as ratios), through :func:`flashvlm.eval.evaluate`, the same path ``flashvlm compare``
+as ratios), through :func:`flashvlm.eval.answer_questions`, the same path ``flashvlm compare``
 takes, and writes a Markdown table: accuracy overall and per question family (absolute
 and as % of unpruned) and, for attribute questions, how often the queried object keeps at
 least one token against the other objects of the scene. A selection that is text-guided
@@ -24,13 +24,13 @@ from pathlib import Path
 
 from flashvlm.demo.model import demo_model_folder
 from flashvlm.errors import FlashVLMError, MethodUnavailableError
-from flashvlm.eval import RunSummary, evaluate, load_dataset, set_relative, summarize
-from flashvlm.eval.data import Example
+from flashvlm.eval import RunSummary, answer_questions, load_dataset, set_relative, summarize
+from flashvlm.eval.dataset import Example
 from flashvlm.loading import load_model
 from flashvlm.selection import available_methods, parse_budget
 
-from .data import export_split, hit_rates
 from .scenes import FAMILIES
+from .splits import export_split, hit_rates
 
 #: The budgets as tokens of the demo's 256: 22 %, 11 % and 5.6 % (LLaVA-1.5's 128, 64, 32 of 576).
 BUDGETS = (56, 28, 14)
@@ -43,12 +43,12 @@ def run_report(model, processor, examples: Sequence[Example], methods: Sequence[
     """Rows of (summary, queried hit rate, other hit rate), the unpruned reference first."""
     # The demo model was trained on the bare question: no short-answer suffix.
     settings = dict(batch_size=batch_size, max_new_tokens=3, prompt_suffix="", progress=progress)
-    reference = summarize("none", "all", evaluate(model, processor, examples, "none", 1.0, **settings))
+    reference = summarize("none", "all", answer_questions(model, processor, examples, "none", 1.0, **settings))
     rows = [(reference, None, None)]
     for method in methods:
         for budget in BUDGETS:
             try:
-                results = evaluate(model, processor, examples, method, budget, **settings)
+                results = answer_questions(model, processor, examples, method, budget, **settings)
             except MethodUnavailableError as error:
                 summary = RunSummary(method, str(budget), unavailable=str(error))
                 rows.append((summary, None, None))
@@ -136,7 +136,7 @@ def evaluate_main(args) -> int:
         model, processor, examples = _load(args, args.split, folder)
         for text, budget in zip(texts, budgets):
             method = "none" if budget == 1.0 else args.method
-            rows = evaluate(model, processor, examples, method, budget, **settings)
+            rows = answer_questions(model, processor, examples, method, budget, **settings)
             summary = summarize(method, text, rows)
             results[text] = {"accuracy": {**summary.family_accuracy, "overall": summary.accuracy}}
             if method != "none":
@@ -153,7 +153,7 @@ def report_main(args) -> int:
     with tempfile.TemporaryDirectory() as folder:
         model, processor, examples = _load(args, "test", folder)
         rows = run_report(model, processor, examples, methods, args.batch_size, not args.quiet)
-    command = "python -m demo report" + (f" --size {args.size}" if args.size != 400 else "")
+    command = "python -m lab report" + (f" --size {args.size}" if args.size != 400 else "")
     command += f" --seed {args.seed}" if args.seed else ""
     command += f" --methods {','.join(methods)}" if methods != DEFAULT_METHODS else ""
     text = markdown(rows, command, len(examples), args.seed)

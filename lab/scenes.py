@@ -57,7 +57,7 @@ class SceneObject:
 
 
 @dataclass
-class Example:
+class SceneQuestion:
     """One scene with one question about it."""
 
     objects: list[SceneObject]
@@ -204,7 +204,7 @@ def _clear(relation: str, a: SceneObject, b: SceneObject) -> bool:
 # -- questions ---------------------------------------------------------------------------
 
 
-def make_example(rng: random.Random, family: str, num_objects: int | None = None) -> Example:
+def make_example(rng: random.Random, family: str, num_objects: int | None = None) -> SceneQuestion:
     """One scene and one question of ``family``, drawn from ``rng``.
 
     Scenes are built around the question so that the answers are balanced: yes/no half
@@ -224,7 +224,7 @@ def _background(rng: random.Random) -> int:
     return rng.getrandbits(31)
 
 
-def _attribute(rng: random.Random, count: int) -> Example:
+def _attribute(rng: random.Random, count: int) -> SceneQuestion:
     ask_color = rng.random() < 0.5
     shape, color, size = _random_spec(rng)
     specs = [(shape, color, size)]
@@ -241,10 +241,10 @@ def _attribute(rng: random.Random, count: int) -> Example:
         question, answer = f"what color is the {shape} ?", color
     else:
         question, answer = f"what shape is the {color} object ?", shape
-    return Example(objects, _background(rng), question, answer, "attribute", target)
+    return SceneQuestion(objects, _background(rng), question, answer, "attribute", target)
 
 
-def _existence(rng: random.Random, count: int) -> Example:
+def _existence(rng: random.Random, count: int) -> SceneQuestion:
     present = rng.random() < 0.5
     shape, color, size = _random_spec(rng)
     if present:
@@ -262,10 +262,10 @@ def _existence(rng: random.Random, count: int) -> Example:
     matches = [i for i, o in enumerate(objects) if (o.shape, o.color) == (shape, color)]
     target = (matches[0] if len(matches) == 1 else matches) if matches else None
     question = f"is there a {color} {shape} ?"
-    return Example(objects, _background(rng), question, "yes" if matches else "no", "existence", target)
+    return SceneQuestion(objects, _background(rng), question, "yes" if matches else "no", "existence", target)
 
 
-def _counting(rng: random.Random, count: int) -> Example:
+def _counting(rng: random.Random, count: int) -> SceneQuestion:
     wanted = rng.randint(1, 3)
     by_color = rng.random() < 0.5
     shape, color = rng.choice(SHAPES), rng.choice(tuple(COLORS))
@@ -285,10 +285,10 @@ def _counting(rng: random.Random, count: int) -> Example:
     else:
         target = [i for i, o in enumerate(objects) if o.shape == shape]
         question = f"how many {PLURALS[shape]} are there ?"
-    return Example(objects, _background(rng), question, NUMBERS[len(target)], "counting", target)
+    return SceneQuestion(objects, _background(rng), question, NUMBERS[len(target)], "counting", target)
 
 
-def _relation(rng: random.Random, count: int) -> Example | None:
+def _relation(rng: random.Random, count: int) -> SceneQuestion | None:
     specs = [_random_spec(rng) for _ in range(count)]
     objects = _layout(rng, specs)
     keys = [(o.color, o.shape) for o in objects]
@@ -302,17 +302,17 @@ def _relation(rng: random.Random, count: int) -> Example | None:
     a, b = rng.choice(pairs)
     first, second = objects[a], objects[b]
     question = f"is the {first.color} {first.shape} {relation} the {second.color} {second.shape} ?"
-    return Example(objects, _background(rng), question, "yes" if truth else "no", "relation", [a, b])
+    return SceneQuestion(objects, _background(rng), question, "yes" if truth else "no", "relation", [a, b])
 
 
-def split_example(seed: int, split: str, index: int) -> Example:
+def split_example(seed: int, split: str, index: int) -> SceneQuestion:
     """Row ``index`` of a fixed evaluation split: the families take turns, so they are balanced."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; one of {', '.join(SPLITS)}")
     return make_example(example_rng(seed, split, index), FAMILIES[index % len(FAMILIES)])
 
 
-def scene_signature(example: Example) -> tuple:
+def scene_signature(example: SceneQuestion) -> tuple:
     """What makes two scenes the same picture (for disjointness checks)."""
     return example.background_seed, tuple(example.objects)
 

@@ -1,6 +1,6 @@
 """A training run's learning curves from its ``log.jsonl``: a Markdown table and a PNG.
 
-    python -m demo curves runs/cpu --out docs/demo-training.png
+    python -m lab curves runs/cpu --out docs/demo-training.png
 
 One row per checkpoint: stage, seconds into the stage, optimizer steps (times the stage's batch: samples), the answer (or
 caption) loss, the grounding term and its cosine gap, ``image_gain``, and in ``tune`` the

@@ -1,4 +1,4 @@
-"""``python -m demo COMMAND``: the workbench's one entry point (see ``python -m demo --help``)."""
+"""``python -m lab COMMAND``: the workbench's one entry point (see ``python -m lab --help``)."""
 
 from __future__ import annotations
 
@@ -18,13 +18,13 @@ def counts(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import curves, data, diagnose, report, train
+    from . import curves, diagnose, report, splits, train
 
-    parser = argparse.ArgumentParser(prog="python -m demo", description="The demo's benchmark, training and reports.")
+    parser = argparse.ArgumentParser(prog="python -m lab", description="The workbench: the demo's benchmark, training and reports.")
     commands = parser.add_subparsers(dest="command", required=True)
     export = commands.add_parser("export", help="write a benchmark split as JSONL + PNG")
-    data.add_arguments(export)
-    export.set_defaults(run=data.main)
+    splits.add_arguments(export)
+    export.set_defaults(run=splits.main)
     training = commands.add_parser("train", help="train the demo model (LLaVA recipe, resumable)")
     train.add_arguments(training)
     training.set_defaults(run=train.main)

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from demo.__main__ import main as workbench
 from flashvlm.cli import main
 from flashvlm.vis import draw_kept_tokens, model_view
+from lab.__main__ import main as workbench
 
 
 def test_demo_answers_every_shipped_example_unpruned_with_flashvlm_and_a_baseline(tmp_path, capsys):
@@ -85,7 +85,7 @@ def test_model_view_crops_to_the_square_the_encoder_sees():
 
 
 def test_report_table_has_every_method_budget_and_hit_rates(tmp_path, capsys):
-    from demo import report
+    from lab import report
 
     out = tmp_path / "report.md"
     args = ["report", "--size", "8", "--methods", "flashvlm,visionzip,random", "--quiet", "--out", str(out)]

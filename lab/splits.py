@@ -1,6 +1,6 @@
 """Benchmark splits as rows, their JSONL + PNG export, and the token hit-rate geometry.
 
-    python -m demo export --split test --out data/grounded-test
+    python -m lab export --split test --out data/grounded-test
 
 writes ``data/grounded-test/test.jsonl`` and ``data/grounded-test/images/*.png``. Each
 row is ``{"id", "image", "question", "answer", "family", "objects", "target"}``:
@@ -18,18 +18,18 @@ from pathlib import Path
 
 from flashvlm.demo.model import GRID, IMAGE_SIZE
 
-from .scenes import SPLITS, Example, split_example
+from .scenes import SPLITS, SceneQuestion, split_example
 
 #: Rows per split unless asked otherwise (train is unbounded; this is what gets exported).
 DEFAULT_SIZES = {"train": 2000, "validation": 400, "test": 400}
 
 
-def split_examples(split: str, size: int | None = None, seed: int = 0) -> list[Example]:
+def split_examples(split: str, size: int | None = None, seed: int = 0) -> list[SceneQuestion]:
     """The first ``size`` examples of a split (families take turns)."""
     return [split_example(seed, split, index) for index in range(size or DEFAULT_SIZES[split])]
 
 
-def example_row(example: Example, row_id: str, image: str) -> dict:
+def example_row(example: SceneQuestion, row_id: str, image: str) -> dict:
     return {
         "id": row_id,
         "image": image,
@@ -101,7 +101,7 @@ def main(args) -> int:
 def hit_rates(examples: Sequence, results: Sequence) -> tuple[float | None, float | None]:
     """For attribute questions: the share of queried objects, and of other objects, keeping a token.
 
-    ``examples`` are ``flashvlm.eval.Example`` rows of an export (objects and target in
+    ``examples`` are ``flashvlm.eval.SceneQuestion`` rows of an export (objects and target in
     ``extra``), ``results`` their ``flashvlm.eval.RowResult`` under one method and budget.
     A selection guided by the question keeps the queried object more often than the others.
     """

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from demo.data import export_split, object_hits, object_tokens, split_examples, target_indices
-from demo.scenes import (
+from flashvlm.demo.model import GRID, IMAGE_SIZE
+from flashvlm.eval import load_dataset
+from lab.scenes import (
     COLORS,
     FAMILIES,
     NUMBERS,
@@ -21,8 +22,7 @@ from demo.scenes import (
     scene_signature,
     split_example,
 )
-from flashvlm.demo.model import GRID, IMAGE_SIZE
-from flashvlm.eval import load_dataset
+from lab.splits import export_split, object_hits, object_tokens, split_examples, target_indices
 
 
 def test_examples_are_deterministic_by_seed():

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import re
 from pathlib import Path
 
 import torch
@@ -213,18 +212,3 @@ their real configs with random weights (they time the same as trained ones). Row
 marked SCALED ran with fewer or narrower layers than the real model, to fit a CPU:
 their speed-ups are indicative, not the reference.
 """
-
-
-def update_markdown_section(path: str | os.PathLike, section: str, body: str) -> None:
-    """Replace (or append) the block between ``<!-- bench:SECTION:start/end -->`` in ``path``."""
-    path = Path(path)
-    text = path.read_text() if path.exists() else PERFORMANCE_PREAMBLE
-    start, end = f"<!-- bench:{section}:start -->", f"<!-- bench:{section}:end -->"
-    block = f"{start}\n{body.strip()}\n{end}"
-    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.DOTALL)
-    if pattern.search(text):
-        text = pattern.sub(lambda _match: block, text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, text)  # an interrupted write must not truncate the document

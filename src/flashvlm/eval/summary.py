@@ -8,8 +8,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..files import atomic_write, write_text_atomic
-from .data import BadRow
-from .run import RowResult
+from .answers import RowResult
+from .dataset import BadRow
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The demo model as a folder vLLM loads: ``python -m flashvlm.integrations.vllm.demo DIR``.
+"""The demo model as a folder vLLM loads: ``python -m flashvlm.integrations.vllm.export DIR``.
 
 transformers 5 saves a LLaVA's CLIP tower weights as ``vision_tower.embeddings.*`` (so does
 the demo checkpoint); vLLM 0.32's LLaVA expects ``vision_tower.vision_model.*``, as the

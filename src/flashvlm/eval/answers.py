@@ -13,7 +13,7 @@ from ..loading import chat_prompt, load_image
 from ..patch import prune
 from ..selection import Budget, TokenSelector
 from ..timing import PrefillTimer
-from .data import Example
+from .dataset import Example
 from .scoring import score_answer
 
 #: What lmms-eval appends to short-answer VQA questions for LLaVA-1.5.
@@ -35,7 +35,7 @@ class RowResult:
     prefill_seconds: float  # language-model prefill, this row's share of its batch
 
 
-def evaluate(
+def answer_questions(
     model,
     processor,
     examples: Sequence[Example],

@@ -2,7 +2,7 @@
 newline under ``newlines="kept_rows"`` (the HF default) and keeps it under ``"every_row"``
 (what vLLM needs, see docs/vllm.md).
 
-    .venv/bin/python benchmarks/newline_rules.py [--method flashvlm] [--out FILE.json]
+    .venv/bin/python lab/newline_rules.py [--method flashvlm] [--out FILE.json]
 
 The model is the shipped demo model (LLaVA-1.5: its trained CLIP tower, projector and LM)
 put into LLaVA-NeXT's AnyRes form: pinpoints of 1 x 2, 2 x 1 and 2 x 2 tiles of 224 px, a

@@ -1,6 +1,6 @@
 """How often our defaults keep other tokens than the authors' releases, at LLaVA-1.5 shapes.
 
-    .venv/bin/python benchmarks/release_agreement.py [--seeds 3] [--kinds clustered,gaussian] [--out FILE.json]
+    .venv/bin/python lab/release_agreement.py [--seeds 3] [--kinds clustered,gaussian] [--out FILE.json]
 
 For each feature kind (``clustered``: tokens of a 24 x 24 grid drawn around the centre of
 their image region, fp16-rounded as a half-precision tower emits them; ``letterboxed``:

@@ -1,13 +1,13 @@
 """Throughput of vLLM with and without flashvlm, side by side in one run.
 
-    .venv-vllm/bin/python benchmarks/vllm_throughput.py --model scene-llava --budget 28 --requests 16
+    .venv-vllm/bin/python lab/vllm_throughput.py --model scene-llava --budget 28 --requests 16
 
 sends R requests at once (each a different image and question) to one engine per setting,
 unpruned first, and reports requests per second, time to first token, prompt tokens and the
 KV-cache blocks each request holds. Prefix caching and the processor cache are off, so every
 request pays its own encoder run and prefill. The same command is the GPU reference (pass
 ``--dtype bfloat16`` and a real model folder there). Research tooling, outside the wheel: the
-requests are scenes of the demo workbench's benchmark (``demo.scenes``, at the repository root).
+requests are scenes of the demo workbench's benchmark (``lab.scenes``, at the repository root).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from flashvlm.selection import parse_budget
 #: The small LLaVA the tests keep (2.75 M parameters trained on the demo's scenes): real weights, loads at once.
 SCENE_LLAVA = Path(__file__).resolve().parents[1] / "tests" / "scene_llava"
 
-# Run as a script, only benchmarks/ is on the path: the workbench package ``demo`` sits beside it.
+# Run as a script, only lab/ itself is on the path: the repository root makes the package ``lab`` importable.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
@@ -61,7 +61,7 @@ def synthetic_model_folder(name: str, scale: list[str], scratch: str) -> str:
     from flashvlm.bench.models import build_model, load_config, parse_scale, scale_config
 
     MODEL_DIR = SCENE_LLAVA
-    from flashvlm.integrations.vllm.demo import export_for_vllm
+    from flashvlm.integrations.vllm.export import export_for_vllm
 
     config = scale_config(load_config(name), parse_scale(scale))
     if config.model_type != "llava":
@@ -84,8 +84,8 @@ def demo_requests(model_path: str, count: int, seed: int = 0) -> list[dict]:
     """``count`` different scenes of the demo benchmark's test split, each with its question."""
     from transformers import AutoProcessor
 
-    from demo.scenes import split_example
     from flashvlm.loading import chat_prompt
+    from lab.scenes import split_example
 
     processor = AutoProcessor.from_pretrained(model_path)
     examples = [split_example(seed, "test", index) for index in range(count)]
@@ -158,9 +158,10 @@ def write_section(args, table: str) -> None:
     import platform
     import shlex
 
-    from flashvlm.bench.report import update_markdown_section
+    from flashvlm.bench.tables import PERFORMANCE_PREAMBLE
+    from flashvlm.files import update_markdown_section
 
-    command = " ".join([".venv-vllm/bin/python benchmarks/vllm_throughput.py", *map(shlex.quote, sys.argv[1:])])
+    command = " ".join([".venv-vllm/bin/python lab/vllm_throughput.py", *map(shlex.quote, sys.argv[1:])])
     shape = f"{args.model} (SCALED: {' '.join(args.scale)})" if args.scale else args.model
     body = (
         f"## vLLM plug-in: {shape}\n\n```bash\n{command}\n```\n\n"
@@ -168,7 +169,9 @@ def write_section(args, table: str) -> None:
         f"once, {args.max_tokens} tokens each, median of {args.repeats} batches, prefix and processor caches off.\n\n"
         f"{table}\n"
     )
-    update_markdown_section(args.markdown, f"vllm-{args.model}-{'-'.join(args.scale) or 'full'}", body)
+    update_markdown_section(
+        args.markdown, f"vllm-{args.model}-{'-'.join(args.scale) or 'full'}", body, PERFORMANCE_PREAMBLE
+    )
 
 
 def _vllm_version() -> str:
@@ -214,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         model_path = args.model
         if model_path == "scene-llava":
-            from flashvlm.integrations.vllm.demo import export_for_vllm
+            from flashvlm.integrations.vllm.export import export_for_vllm
 
             model_path = str(export_for_vllm(SCENE_LLAVA, f"{scratch}/scene-llava"))
         elif not Path(model_path).is_dir():

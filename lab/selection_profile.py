@@ -1,7 +1,7 @@
 """Where a method's selection spends its time at N = 576 (LLaVA-1.5-7B widths): kernel
 launches, host synchronisations and the top operators, from torch.profiler.
 
-    python benchmarks/selection_profile.py --device cuda --dtype bfloat16 --out profile.txt
+    python lab/selection_profile.py --device cuda --dtype bfloat16 --out profile.txt
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import argparse
 import torch
 
 from flashvlm import get_method
-from flashvlm.bench.selection import selection_inputs
+from flashvlm.bench.selection_cost import selection_inputs
 
 LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC")
 SYNCS = ("aten::item", "aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaDeviceSynchronize")
