@@ -20,7 +20,9 @@ def counts(text: str) -> list[int]:
 def build_parser() -> argparse.ArgumentParser:
     from . import curves, diagnose, report, splits, train
 
-    parser = argparse.ArgumentParser(prog="python -m lab", description="The workbench: the demo's benchmark, training and reports.")
+    parser = argparse.ArgumentParser(
+        prog="python -m lab", description="The workbench: the demo's benchmark, training and reports."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     export = commands.add_parser("export", help="write a benchmark split as JSONL + PNG")
     splits.add_arguments(export)

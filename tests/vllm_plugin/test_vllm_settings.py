@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from flashvlm import FlashVLM
-from flashvlm.errors import BudgetError, FlashVLMError, MethodUnavailableError
+from flashvlm.errors import BudgetError, FlashVLMError, MethodUnavailableError, UnsupportedModelError
+from flashvlm.integrations.vllm import RefuseUnservedArchitectures, unsupported_vllm
 from flashvlm.integrations.vllm.settings import parse_settings, settings_of
 
 
@@ -51,3 +54,21 @@ def test_bad_settings_name_the_override_and_the_bad_value(settings, error, words
 
 def test_no_key_means_stock_vllm():
     assert settings_of(object()) is None
+
+
+@pytest.mark.parametrize(("version", "served"), [("0.32.0", True), ("0.33.1", True), ("0.34.0", False), ("1.0", False)])
+def test_the_plugin_names_the_vllm_releases_it_serves(version, served):
+    reason = unsupported_vllm(version)
+    assert (reason is None) == served
+    if not served:
+        assert reason == f"flashvlm's vLLM plug-in serves vLLM 0.32.x, 0.33.x; this is vLLM {version}"
+
+
+def test_an_unserved_vllm_release_refuses_only_the_switch():
+    # register() on such a release wraps vLLM's architecture lookup with the reason.
+    lookup = RefuseUnservedArchitectures(lambda architectures, config: ("info", architectures[0]), "why")
+    stock = SimpleNamespace(hf_config=SimpleNamespace())
+    assert lookup(["LlavaForConditionalGeneration"], stock) == ("info", "LlavaForConditionalGeneration")
+    switched = SimpleNamespace(hf_config=SimpleNamespace(flashvlm={"budget": 64}))
+    with pytest.raises(UnsupportedModelError, match=r'^hf_overrides\["flashvlm"\]: why$'):
+        lookup(["LlavaForConditionalGeneration"], switched)

