@@ -10,20 +10,19 @@ from typing import ClassVar
 import pytest
 import torch
 from agreement import SelectionRecorder, alone_as_in_batch
-from conftest import (
+from families import ADAPTER_TEST_CASES, EVERY_CASE, case_named, tiny_model
+from families.llava import build_tiny_llava, llava_batch
+from families.llava_onevision import build_tiny_llava_onevision
+from families.qwen_vl import build_tiny_qwen2_5_vl
+from families.shared import (
     IMAGE_TOKEN_ID,
-    TINY_CASES,
     VIDEO_TOKEN_ID,
     anyres_batch,
-    build_tiny_llava_onevision,
-    build_tiny_qwen2_5_vl,
     kept_per_row,
     placeholder_counts,
     selectable_tokens_sent,
-    tiny_model,
     visual_placeholders,
 )
-from conftest_families import EVERY_CASE
 
 import flashvlm
 from flashvlm import FlashVLMError, MethodUnavailableError, TokenSelector
@@ -70,7 +69,7 @@ def test_none_keeps_every_view_whatever_the_budget(case):
     torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("case", TINY_CASES, ids=lambda case: case.name)
+@pytest.mark.parametrize("case", ADAPTER_TEST_CASES, ids=lambda case: case.name)
 def test_budget_k_sends_exactly_k_tokens_per_unit(case):
     model = tiny_model(case)
     inputs = case.make_inputs(model, 3, 0)
@@ -92,7 +91,7 @@ def test_budget_k_sends_exactly_k_tokens_per_unit(case):
             assert not bool((is_newline[1:] & is_newline[:-1]).any()), "a newline follows an emptied row"
 
 
-@pytest.mark.parametrize("case", [case for case in TINY_CASES if is_anyres(case)], ids=lambda case: case.name)
+@pytest.mark.parametrize("case", [case for case in ADAPTER_TEST_CASES if is_anyres(case)], ids=lambda case: case.name)
 def test_newlines_every_row_keeps_every_rows_newline_and_the_same_tokens(case):
     """``newlines="every_row"``: an image's length is K + its rows, known from its size (vLLM)."""
     model = tiny_model(case)
@@ -114,7 +113,7 @@ def test_newlines_every_row_keeps_every_rows_newline_and_the_same_tokens(case):
 
 
 def test_newlines_is_validated():
-    model = tiny_model(TINY_CASES[0])
+    model = tiny_model(case_named("llava"))
     with pytest.raises(FlashVLMError, match="newlines must be one of 'kept_rows', 'every_row'; got 'all'"):
         flashvlm.apply(model, budget=8, newlines="all")
 
@@ -144,7 +143,7 @@ def test_padded_batch_generates_like_single_rows(case):
     assert torch.equal(batched[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])
 
 
-@pytest.mark.parametrize("case", [case for case in TINY_CASES if case.video], ids=lambda case: case.name)
+@pytest.mark.parametrize("case", [case for case in ADAPTER_TEST_CASES if case.video], ids=lambda case: case.name)
 def test_video_budget_per_frame_or_per_video(case):
     model = tiny_model(case)
     inputs = case.make_inputs(model, 2, 0)
@@ -162,7 +161,7 @@ def test_video_budget_per_frame_or_per_video(case):
 
 
 def test_video_budget_is_validated():
-    model = tiny_model(TINY_CASES[0])
+    model = tiny_model(case_named("llava"))
     with pytest.raises(FlashVLMError, match="video_budget must be one of 'per_frame', 'per_video'; got 'frames'"):
         flashvlm.apply(model, budget=8, video_budget="frames")
 
@@ -179,7 +178,7 @@ def generate_positions(model, inputs: dict, steps: int = 3) -> list[torch.Tensor
     return seen
 
 
-@pytest.mark.parametrize("case", [case for case in TINY_CASES if is_qwen(case)], ids=lambda case: case.name)
+@pytest.mark.parametrize("case", [case for case in ADAPTER_TEST_CASES if is_qwen(case)], ids=lambda case: case.name)
 def test_qwen_kept_tokens_keep_their_unpruned_positions(case):
     model = tiny_model(case)
     inputs = case.make_inputs(model, 3, 0)
@@ -239,7 +238,7 @@ def test_segmented_received_attention_matches_a_dense_block_diagonal_reference()
 
 
 def test_qwen_images_never_attend_across_image_boundaries():
-    model = tiny_model(next(case for case in TINY_CASES if case.build is build_tiny_qwen2_5_vl))
+    model = tiny_model(next(case for case in ADAPTER_TEST_CASES if case.build is build_tiny_qwen2_5_vl))
     adapter = flashvlm.adapter_for(model)
     generator = torch.Generator().manual_seed(0)
     first, second = torch.randn(64, 24, generator=generator), torch.randn(24, 24, generator=generator)
@@ -257,7 +256,7 @@ def test_qwen_images_never_attend_across_image_boundaries():
 
 # -- LLaVA-OneVision: several images in one prompt get their base view only -------------------------
 def test_onevision_multi_image_prompt():
-    model = tiny_model(next(case for case in TINY_CASES if case.build is build_tiny_llava_onevision))
+    model = tiny_model(next(case for case in ADAPTER_TEST_CASES if case.build is build_tiny_llava_onevision))
     inputs = anyres_batch(model, batch_size=2, seed=0)
     # Both images in row 0's prompt: the model then encodes their base views only.
     both = dict(inputs, batch_num_images=torch.tensor([2]))
@@ -276,7 +275,7 @@ def test_onevision_multi_image_prompt():
 
 
 # -- errors ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("case", [case for case in TINY_CASES if not case.video], ids=lambda case: case.name)
+@pytest.mark.parametrize("case", [case for case in ADAPTER_TEST_CASES if not case.video], ids=lambda case: case.name)
 def test_placeholder_mismatch_is_a_clear_error(case):
     model = tiny_model(case)
     inputs = case.make_inputs(model, 2, 0)
@@ -297,7 +296,7 @@ class _NeedsClsRow(TokenSelector):
         return inputs.saliency.argsort(dim=-1, descending=True)[:, :num_keep]
 
 
-@pytest.mark.parametrize("case", [case for case in TINY_CASES if not case.video], ids=lambda case: case.name)
+@pytest.mark.parametrize("case", [case for case in ADAPTER_TEST_CASES if not case.video], ids=lambda case: case.name)
 def test_a_method_needing_a_cls_row_says_when_the_encoder_has_none(case):
     model = tiny_model(case)
     inputs = case.make_inputs(model, 1, 0)
@@ -322,7 +321,7 @@ class _RecordsText(TokenSelector):
         return torch.arange(num_keep).expand(inputs.batch_size, num_keep)
 
 
-@pytest.mark.parametrize("case", TINY_CASES, ids=lambda case: case.name)
+@pytest.mark.parametrize("case", ADAPTER_TEST_CASES, ids=lambda case: case.name)
 def test_the_whole_prompt_text_guides_every_unit(case):
     model = tiny_model(case)
     inputs = case.make_inputs(model, 2, 0)
@@ -355,7 +354,7 @@ class _UsesEverything(TokenSelector):
         return score.argsort(dim=-1, descending=True)[:, :num_keep]
 
 
-@pytest.mark.parametrize("case", TINY_CASES, ids=lambda case: case.name)
+@pytest.mark.parametrize("case", ADAPTER_TEST_CASES, ids=lambda case: case.name)
 def test_every_input_a_method_may_ask_for_is_served(case):
     model = tiny_model(case)
     inputs = case.make_inputs(model, 2, 0)
@@ -379,7 +378,7 @@ class _RecordsLmAttention(FastV):
         return super().select(inputs, num_keep)
 
 
-@pytest.mark.parametrize("case", TINY_CASES, ids=lambda case: case.name)
+@pytest.mark.parametrize("case", ADAPTER_TEST_CASES, ids=lambda case: case.name)
 def test_lm_attention_is_the_eager_attention_row_at_each_selectable_token(case):
     model = tiny_model(case)
     eager = case.build()
@@ -413,8 +412,6 @@ def test_lm_attention_is_the_eager_attention_row_at_each_selectable_token(case):
 
 
 def test_a_training_model_gets_gradients_through_the_vision_side():
-    from conftest import build_tiny_llava, llava_batch
-
     model = build_tiny_llava(seed=3).train()
     inputs = llava_batch(model, 2)
     with flashvlm.prune(model, budget=8, method="flashvlm"):

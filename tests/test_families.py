@@ -12,22 +12,16 @@ import copy
 
 import pytest
 import torch
-from conftest import IMAGE_TOKEN_ID, tiny_model
-from conftest_families import (
-    FAMILY_CASES,
-    GLOBAL_IMAGE_ID,
-    IDEFICS3_SPLITS,
-    TOKENS_PER_TILE,
-    build_tiny_idefics3,
-    build_tiny_internvl,
-    internvl_batch,
-    tiny_idefics3_processor,
-)
+from families import ADAPTER_TEST_FAMILIES, EVERY_CASE, tiny_model
+from families.idefics3 import GLOBAL_IMAGE_ID, IDEFICS3_SPLITS, build_tiny_idefics3, tiny_idefics3_processor
+from families.internvl import build_tiny_internvl, internvl_batch
+from families.shared import IMAGE_TOKEN_ID, TOKENS_PER_TILE
 
 import flashvlm
 from flashvlm import FlashVLMError
 from flashvlm.adapters import adapter_for
 
+FAMILY_CASES = [case for case in EVERY_CASE if case.family not in ADAPTER_TEST_FAMILIES]
 CASES = {case.name: case for case in FAMILY_CASES}
 PARAMS = pytest.mark.parametrize("case", FAMILY_CASES, ids=lambda case: case.name)
 

@@ -7,15 +7,8 @@ from functools import partial
 import pytest
 import torch
 from agreement import SelectionRecorder, alone_as_in_batch
-from conftest import (
-    IMAGE_TOKEN_ID,
-    NUM_PATCHES,
-    build_tiny_llava,
-    left_pad,
-    llava_batch,
-    llava_prompt,
-    random_pixels,
-)
+from families.llava import NUM_PATCHES, build_tiny_llava, llava_batch, llava_prompt
+from families.shared import IMAGE_TOKEN_ID, left_pad, random_pixels
 
 import flashvlm
 from flashvlm.adapters.llava import LlavaAdapter

@@ -17,13 +17,8 @@ from functools import partial
 import pytest
 import torch
 from agreement import SelectionRecorder, alone_as_in_batch
-from conftest import (
-    kept_per_row,
-    placeholder_counts,
-    selectable_tokens_sent,
-    tiny_model,
-)
-from conftest_families import EVERY_CASE
+from families import EVERY_CASE, tiny_model
+from families.shared import kept_per_row, placeholder_counts, selectable_tokens_sent
 
 import flashvlm
 from flashvlm.adapters import adapter_for

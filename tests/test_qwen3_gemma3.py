@@ -10,13 +10,11 @@ import copy
 
 import pytest
 import torch
-from conftest import IMAGE_TOKEN_ID, TINY_CASES, VIDEO_TOKEN_ID, tiny_model
+from families import ADAPTER_TEST_CASES, case_named, tiny_model
+from families.gemma3 import tiny_gemma3_processor
+from families.shared import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID
 
 import flashvlm
-
-
-def case_named(name: str):
-    return next(case for case in TINY_CASES if case.name == name)
 
 
 def prefill_arguments(model, inputs: dict, budget: int) -> tuple[dict, flashvlm.Pruner]:
@@ -95,7 +93,7 @@ def test_gemma3_saliency_is_pooled_like_the_patches():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("case", TINY_CASES, ids=lambda case: case.name)
+@pytest.mark.parametrize("case", ADAPTER_TEST_CASES, ids=lambda case: case.name)
 def test_half_precision_never_gives_nan(case, dtype):
     model = copy.deepcopy(tiny_model(case)).to(dtype)
     inputs = case.make_inputs(model, 2, 0)
@@ -115,7 +113,6 @@ def gemma3_chat(question: str) -> str:
 
 
 def test_gemma3_through_its_own_processor():
-    from conftest import tiny_gemma3_processor
     from PIL import Image
 
     model, processor = tiny_model(case_named("gemma3")), tiny_gemma3_processor()
