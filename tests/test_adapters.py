@@ -1,8 +1,10 @@
-"""Every adapter on its tiny model: identity at full budget, exact counts, batching, generate,
-and the family-specific contracts (AnyRes newlines, video budgets, Qwen M-RoPE positions)."""
+"""Every adapter on its tiny models: identity at full budget, exact counts, batching, generate,
+half precision, and what several families share (AnyRes newlines, video budgets, Qwen M-RoPE
+positions). Each family's own tests are in families/test_<family>.py."""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from functools import partial
 from typing import ClassVar
@@ -12,12 +14,9 @@ import torch
 from agreement import SelectionRecorder, alone_as_in_batch
 from families import ADAPTER_TEST_CASES, EVERY_CASE, case_named, tiny_model
 from families.llava import build_tiny_llava, llava_batch
-from families.llava_onevision import build_tiny_llava_onevision
-from families.qwen_vl import build_tiny_qwen2_5_vl
 from families.shared import (
     IMAGE_TOKEN_ID,
     VIDEO_TOKEN_ID,
-    anyres_batch,
     kept_per_row,
     placeholder_counts,
     selectable_tokens_sent,
@@ -27,7 +26,6 @@ from families.shared import (
 import flashvlm
 from flashvlm import FlashVLMError, MethodUnavailableError, TokenSelector
 from flashvlm.adapters import NEWLINES
-from flashvlm.saliency import received_attention, segmented_received_attention
 from flashvlm.selection.fastv import FastV
 
 
@@ -166,7 +164,17 @@ def test_video_budget_is_validated():
         flashvlm.apply(model, budget=8, video_budget="frames")
 
 
-# -- Qwen2-VL / Qwen2.5-VL: M-RoPE positions and packed saliency -----------------------------------
+@pytest.mark.parametrize("name", ["internvl", "smolvlm"])
+def test_families_that_send_frames_as_images_refuse_a_per_video_budget(name):
+    model = tiny_model(case_named(name))
+    with pytest.raises(
+        FlashVLMError, match="video_budget='per_video' is not available for .*use video_budget='per_frame'"
+    ):
+        flashvlm.apply(model, budget=4, video_budget="per_video")
+    assert not hasattr(model, "_flashvlm_pruner")
+
+
+# -- Qwen2-VL, Qwen2.5-VL and Qwen3-VL: M-RoPE positions ----------------------------------------
 def generate_positions(model, inputs: dict, steps: int = 3) -> list[torch.Tensor]:
     """The position_ids every forward of a greedy generate receives: prefill first."""
     seen = []
@@ -222,56 +230,21 @@ def test_qwen_kept_tokens_keep_their_unpruned_positions(case):
     )
 
 
-def test_segmented_received_attention_matches_a_dense_block_diagonal_reference():
-    generator = torch.Generator().manual_seed(0)
-    lengths = [5, 3, 5, 1, 5]
-    queries, keys = torch.randn(2, sum(lengths), 8, generator=generator).unbind(0)
-    cu_seqlens = torch.tensor([0, *lengths]).cumsum(0)
-    segment = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
-    heads = queries.view(-1, 2, 4).transpose(0, 1), keys.view(-1, 2, 4).transpose(0, 1)  # (H, S, d)
-    logits = heads[0] @ heads[1].transpose(-1, -2) * 0.5
-    logits = logits.masked_fill(segment[:, None] != segment[None, :], float("-inf"))
-    expected = torch.softmax(logits, dim=-1).sum(dim=1).mean(dim=0)
-    actual = segmented_received_attention(queries, keys, 2, cu_seqlens, chunk_size=4)
-    torch.testing.assert_close(actual, expected)
-    torch.testing.assert_close(received_attention(queries[None, :5], keys[None, :5], 2)[0], expected[:5])
-
-
-def test_qwen_images_never_attend_across_image_boundaries():
-    model = tiny_model(next(case for case in ADAPTER_TEST_CASES if case.build is build_tiny_qwen2_5_vl))
-    adapter = flashvlm.adapter_for(model)
-    generator = torch.Generator().manual_seed(0)
-    first, second = torch.randn(64, 24, generator=generator), torch.randn(24, 24, generator=generator)
-    with torch.no_grad():
-        alone = adapter.encode(first, torch.tensor([[1, 8, 8]]), True)
-        packed = adapter.encode(torch.cat([second, first]), torch.tensor([[1, 4, 6], [1, 8, 8]]), True)
-    for name in ("features", "tokens", "saliency", "keys"):
-        torch.testing.assert_close(getattr(packed, name)[6:], getattr(alone, name), atol=1e-5, rtol=0)
-    # Features come back in the merged tokens' order (undoing the window reordering): the
-    # merger on them gives the model's own merged tokens.
-    with torch.no_grad():
-        torch.testing.assert_close(adapter.project(packed.features), packed.tokens, atol=1e-5, rtol=0)
-    assert torch.allclose(alone.saliency.sum(), torch.tensor(64.0 / 4))  # a merge group averages 4 patch scores
-
-
-# -- LLaVA-OneVision: several images in one prompt get their base view only -------------------------
-def test_onevision_multi_image_prompt():
-    model = tiny_model(next(case for case in ADAPTER_TEST_CASES if case.build is build_tiny_llava_onevision))
-    inputs = anyres_batch(model, batch_size=2, seed=0)
-    # Both images in row 0's prompt: the model then encodes their base views only.
-    both = dict(inputs, batch_num_images=torch.tensor([2]))
-    base_tokens = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
-    ids = [1, 5] + [IMAGE_TOKEN_ID] * (base_tokens + 1) * 2 + [6, 7, 8]
-    both["input_ids"] = torch.tensor([ids])
-    both["attention_mask"] = torch.ones_like(both["input_ids"])
-    with torch.no_grad():
-        expected = model(**both).logits
-        with flashvlm.prune(model, budget=10_000):
-            torch.testing.assert_close(model(**both).logits, expected, atol=1e-5, rtol=0)
-        with flashvlm.prune(model, budget=7) as pruner:
-            pruned = pruner.prune_inputs(dict(both))
-    assert [record.num_tokens for record in pruned.images] == [base_tokens, base_tokens]
-    assert int(placeholder_counts(model, pruned.model_kwargs["input_ids"])[0]) == 2 * (7 + 1)
+# -- half precision -------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", ADAPTER_TEST_CASES, ids=lambda case: case.name)
+def test_half_precision_never_gives_nan(case, dtype):
+    model = copy.deepcopy(tiny_model(case)).to(dtype)
+    inputs = case.make_inputs(model, 2, 0)
+    inputs = {
+        name: value.to(dtype) if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+        for name, value in inputs.items()
+    }
+    budget = max(1, case.tokens_per_image // 2)
+    with flashvlm.prune(model, budget) as pruner, torch.no_grad():
+        logits = model(**inputs).logits
+    assert torch.isfinite(logits).all()
+    assert all(record.num_kept == budget for record in pruner.last.images)
 
 
 # -- errors ---------------------------------------------------------------------------------------

@@ -3,6 +3,8 @@ AnyRes and packed Qwen input layouts, chat templates, and checks on pruned promp
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from transformers import CLIPVisionConfig
 
@@ -400,3 +402,11 @@ def kept_per_row(records, batch_size: int) -> torch.Tensor:
     for record in records:
         kept[record.batch_index] += record.num_kept
     return kept
+
+
+def reference_attention(tower, pixel_values, layer: int, **tower_kwargs) -> torch.Tensor:
+    """(P, H, S, S) post-softmax attention of one tower layer, from an eager copy's own maps."""
+    eager = copy.deepcopy(tower)
+    eager.set_attn_implementation("eager")
+    with torch.no_grad():
+        return eager(pixel_values, output_attentions=True, **tower_kwargs).attentions[layer]
