@@ -1,8 +1,10 @@
-"""Every adapter on its tiny model: identity at full budget, exact counts, batching, generate,
-and the family-specific contracts (AnyRes newlines, video budgets, Qwen M-RoPE positions)."""
+"""Every adapter on its tiny models: identity at full budget, exact counts, batching, generate,
+half precision, and what several families share (AnyRes newlines, video budgets, Qwen M-RoPE
+positions). Each family's own tests are in families/test_<family>.py."""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from functools import partial
 from typing import ClassVar
@@ -10,25 +12,20 @@ from typing import ClassVar
 import pytest
 import torch
 from agreement import SelectionRecorder, alone_as_in_batch
-from conftest import (
+from families import ADAPTER_TEST_CASES, EVERY_CASE, case_named, tiny_model
+from families.llava import build_tiny_llava, llava_batch
+from families.shared import (
     IMAGE_TOKEN_ID,
-    TINY_CASES,
     VIDEO_TOKEN_ID,
-    anyres_batch,
-    build_tiny_llava_onevision,
-    build_tiny_qwen2_5_vl,
     kept_per_row,
     placeholder_counts,
     selectable_tokens_sent,
-    tiny_model,
     visual_placeholders,
 )
-from conftest_families import EVERY_CASE
 
 import flashvlm
 from flashvlm import FlashVLMError, MethodUnavailableError, TokenSelector
 from flashvlm.adapters import NEWLINES
-from flashvlm.saliency import received_attention, segmented_received_attention
 from flashvlm.selection.fastv import FastV
 
 
@@ -70,7 +67,7 @@ def test_none_keeps_every_view_whatever_the_budget(case):
     torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("case", TINY_CASES, ids=lambda case: case.name)
+@pytest.mark.parametrize("case", ADAPTER_TEST_CASES, ids=lambda case: case.name)
 def test_budget_k_sends_exactly_k_tokens_per_unit(case):
     model = tiny_model(case)
     inputs = case.make_inputs(model, 3, 0)
@@ -92,7 +89,7 @@ def test_budget_k_sends_exactly_k_tokens_per_unit(case):
             assert not bool((is_newline[1:] & is_newline[:-1]).any()), "a newline follows an emptied row"
 
 
-@pytest.mark.parametrize("case", [case for case in TINY_CASES if is_anyres(case)], ids=lambda case: case.name)
+@pytest.mark.parametrize("case", [case for case in ADAPTER_TEST_CASES if is_anyres(case)], ids=lambda case: case.name)
 def test_newlines_every_row_keeps_every_rows_newline_and_the_same_tokens(case):
     """``newlines="every_row"``: an image's length is K + its rows, known from its size (vLLM)."""
     model = tiny_model(case)
@@ -114,7 +111,7 @@ def test_newlines_every_row_keeps_every_rows_newline_and_the_same_tokens(case):
 
 
 def test_newlines_is_validated():
-    model = tiny_model(TINY_CASES[0])
+    model = tiny_model(case_named("llava"))
     with pytest.raises(FlashVLMError, match="newlines must be one of 'kept_rows', 'every_row'; got 'all'"):
         flashvlm.apply(model, budget=8, newlines="all")
 
@@ -144,7 +141,7 @@ def test_padded_batch_generates_like_single_rows(case):
     assert torch.equal(batched[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])
 
 
-@pytest.mark.parametrize("case", [case for case in TINY_CASES if case.video], ids=lambda case: case.name)
+@pytest.mark.parametrize("case", [case for case in ADAPTER_TEST_CASES if case.video], ids=lambda case: case.name)
 def test_video_budget_per_frame_or_per_video(case):
     model = tiny_model(case)
     inputs = case.make_inputs(model, 2, 0)
@@ -162,12 +159,22 @@ def test_video_budget_per_frame_or_per_video(case):
 
 
 def test_video_budget_is_validated():
-    model = tiny_model(TINY_CASES[0])
+    model = tiny_model(case_named("llava"))
     with pytest.raises(FlashVLMError, match="video_budget must be one of 'per_frame', 'per_video'; got 'frames'"):
         flashvlm.apply(model, budget=8, video_budget="frames")
 
 
-# -- Qwen2-VL / Qwen2.5-VL: M-RoPE positions and packed saliency -----------------------------------
+@pytest.mark.parametrize("name", ["internvl", "smolvlm"])
+def test_families_that_send_frames_as_images_refuse_a_per_video_budget(name):
+    model = tiny_model(case_named(name))
+    with pytest.raises(
+        FlashVLMError, match="video_budget='per_video' is not available for .*use video_budget='per_frame'"
+    ):
+        flashvlm.apply(model, budget=4, video_budget="per_video")
+    assert not hasattr(model, "_flashvlm_pruner")
+
+
+# -- Qwen2-VL, Qwen2.5-VL and Qwen3-VL: M-RoPE positions ----------------------------------------
 def generate_positions(model, inputs: dict, steps: int = 3) -> list[torch.Tensor]:
     """The position_ids every forward of a greedy generate receives: prefill first."""
     seen = []
@@ -179,7 +186,7 @@ def generate_positions(model, inputs: dict, steps: int = 3) -> list[torch.Tensor
     return seen
 
 
-@pytest.mark.parametrize("case", [case for case in TINY_CASES if is_qwen(case)], ids=lambda case: case.name)
+@pytest.mark.parametrize("case", [case for case in ADAPTER_TEST_CASES if is_qwen(case)], ids=lambda case: case.name)
 def test_qwen_kept_tokens_keep_their_unpruned_positions(case):
     model = tiny_model(case)
     inputs = case.make_inputs(model, 3, 0)
@@ -223,60 +230,25 @@ def test_qwen_kept_tokens_keep_their_unpruned_positions(case):
     )
 
 
-def test_segmented_received_attention_matches_a_dense_block_diagonal_reference():
-    generator = torch.Generator().manual_seed(0)
-    lengths = [5, 3, 5, 1, 5]
-    queries, keys = torch.randn(2, sum(lengths), 8, generator=generator).unbind(0)
-    cu_seqlens = torch.tensor([0, *lengths]).cumsum(0)
-    segment = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
-    heads = queries.view(-1, 2, 4).transpose(0, 1), keys.view(-1, 2, 4).transpose(0, 1)  # (H, S, d)
-    logits = heads[0] @ heads[1].transpose(-1, -2) * 0.5
-    logits = logits.masked_fill(segment[:, None] != segment[None, :], float("-inf"))
-    expected = torch.softmax(logits, dim=-1).sum(dim=1).mean(dim=0)
-    actual = segmented_received_attention(queries, keys, 2, cu_seqlens, chunk_size=4)
-    torch.testing.assert_close(actual, expected)
-    torch.testing.assert_close(received_attention(queries[None, :5], keys[None, :5], 2)[0], expected[:5])
-
-
-def test_qwen_images_never_attend_across_image_boundaries():
-    model = tiny_model(next(case for case in TINY_CASES if case.build is build_tiny_qwen2_5_vl))
-    adapter = flashvlm.adapter_for(model)
-    generator = torch.Generator().manual_seed(0)
-    first, second = torch.randn(64, 24, generator=generator), torch.randn(24, 24, generator=generator)
-    with torch.no_grad():
-        alone = adapter.encode(first, torch.tensor([[1, 8, 8]]), True)
-        packed = adapter.encode(torch.cat([second, first]), torch.tensor([[1, 4, 6], [1, 8, 8]]), True)
-    for name in ("features", "tokens", "saliency", "keys"):
-        torch.testing.assert_close(getattr(packed, name)[6:], getattr(alone, name), atol=1e-5, rtol=0)
-    # Features come back in the merged tokens' order (undoing the window reordering): the
-    # merger on them gives the model's own merged tokens.
-    with torch.no_grad():
-        torch.testing.assert_close(adapter.project(packed.features), packed.tokens, atol=1e-5, rtol=0)
-    assert torch.allclose(alone.saliency.sum(), torch.tensor(64.0 / 4))  # a merge group averages 4 patch scores
-
-
-# -- LLaVA-OneVision: several images in one prompt get their base view only -------------------------
-def test_onevision_multi_image_prompt():
-    model = tiny_model(next(case for case in TINY_CASES if case.build is build_tiny_llava_onevision))
-    inputs = anyres_batch(model, batch_size=2, seed=0)
-    # Both images in row 0's prompt: the model then encodes their base views only.
-    both = dict(inputs, batch_num_images=torch.tensor([2]))
-    base_tokens = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
-    ids = [1, 5] + [IMAGE_TOKEN_ID] * (base_tokens + 1) * 2 + [6, 7, 8]
-    both["input_ids"] = torch.tensor([ids])
-    both["attention_mask"] = torch.ones_like(both["input_ids"])
-    with torch.no_grad():
-        expected = model(**both).logits
-        with flashvlm.prune(model, budget=10_000):
-            torch.testing.assert_close(model(**both).logits, expected, atol=1e-5, rtol=0)
-        with flashvlm.prune(model, budget=7) as pruner:
-            pruned = pruner.prune_inputs(dict(both))
-    assert [record.num_tokens for record in pruned.images] == [base_tokens, base_tokens]
-    assert int(placeholder_counts(model, pruned.model_kwargs["input_ids"])[0]) == 2 * (7 + 1)
+# -- half precision -------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", ADAPTER_TEST_CASES, ids=lambda case: case.name)
+def test_half_precision_never_gives_nan(case, dtype):
+    model = copy.deepcopy(tiny_model(case)).to(dtype)
+    inputs = case.make_inputs(model, 2, 0)
+    inputs = {
+        name: value.to(dtype) if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+        for name, value in inputs.items()
+    }
+    budget = max(1, case.tokens_per_image // 2)
+    with flashvlm.prune(model, budget) as pruner, torch.no_grad():
+        logits = model(**inputs).logits
+    assert torch.isfinite(logits).all()
+    assert all(record.num_kept == budget for record in pruner.last.images)
 
 
 # -- errors ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("case", [case for case in TINY_CASES if not case.video], ids=lambda case: case.name)
+@pytest.mark.parametrize("case", [case for case in ADAPTER_TEST_CASES if not case.video], ids=lambda case: case.name)
 def test_placeholder_mismatch_is_a_clear_error(case):
     model = tiny_model(case)
     inputs = case.make_inputs(model, 2, 0)
@@ -297,7 +269,7 @@ class _NeedsClsRow(TokenSelector):
         return inputs.saliency.argsort(dim=-1, descending=True)[:, :num_keep]
 
 
-@pytest.mark.parametrize("case", [case for case in TINY_CASES if not case.video], ids=lambda case: case.name)
+@pytest.mark.parametrize("case", [case for case in ADAPTER_TEST_CASES if not case.video], ids=lambda case: case.name)
 def test_a_method_needing_a_cls_row_says_when_the_encoder_has_none(case):
     model = tiny_model(case)
     inputs = case.make_inputs(model, 1, 0)
@@ -322,7 +294,7 @@ class _RecordsText(TokenSelector):
         return torch.arange(num_keep).expand(inputs.batch_size, num_keep)
 
 
-@pytest.mark.parametrize("case", TINY_CASES, ids=lambda case: case.name)
+@pytest.mark.parametrize("case", ADAPTER_TEST_CASES, ids=lambda case: case.name)
 def test_the_whole_prompt_text_guides_every_unit(case):
     model = tiny_model(case)
     inputs = case.make_inputs(model, 2, 0)
@@ -355,7 +327,7 @@ class _UsesEverything(TokenSelector):
         return score.argsort(dim=-1, descending=True)[:, :num_keep]
 
 
-@pytest.mark.parametrize("case", TINY_CASES, ids=lambda case: case.name)
+@pytest.mark.parametrize("case", ADAPTER_TEST_CASES, ids=lambda case: case.name)
 def test_every_input_a_method_may_ask_for_is_served(case):
     model = tiny_model(case)
     inputs = case.make_inputs(model, 2, 0)
@@ -379,7 +351,7 @@ class _RecordsLmAttention(FastV):
         return super().select(inputs, num_keep)
 
 
-@pytest.mark.parametrize("case", TINY_CASES, ids=lambda case: case.name)
+@pytest.mark.parametrize("case", ADAPTER_TEST_CASES, ids=lambda case: case.name)
 def test_lm_attention_is_the_eager_attention_row_at_each_selectable_token(case):
     model = tiny_model(case)
     eager = case.build()
@@ -413,8 +385,6 @@ def test_lm_attention_is_the_eager_attention_row_at_each_selectable_token(case):
 
 
 def test_a_training_model_gets_gradients_through_the_vision_side():
-    from conftest import build_tiny_llava, llava_batch
-
     model = build_tiny_llava(seed=3).train()
     inputs = llava_batch(model, 2)
     with flashvlm.prune(model, budget=8, method="flashvlm"):

@@ -5,16 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import (
-    IMAGE_TOKEN_ID,
-    NUM_PATCHES,
-    build_tiny_llava,
-    left_pad,
-    llava_batch,
-    random_pixels,
-    tiny_llava_config,
-    tiny_vision_config,
-)
+from families.llava import NUM_PATCHES, build_tiny_llava, llava_batch, tiny_llava_config
+from families.shared import IMAGE_TOKEN_ID, left_pad, random_pixels, tiny_vision_config
 from releases import released_divprune, released_visionzip
 from transformers import LlavaForConditionalGeneration, SiglipVisionConfig
 

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import build_tiny_llava, llava_batch, tiny_llava_config
+from families.llava import build_tiny_llava, llava_batch, tiny_llava_config
 
 import flashvlm.patch
 from flashvlm import prune

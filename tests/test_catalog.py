@@ -6,8 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import tiny_model
-from conftest_families import EVERY_CASE
+from families import EVERY_CASE, tiny_model
 
 from flashvlm import adapter_for, supported_architectures
 from flashvlm.adapters import ADAPTERS

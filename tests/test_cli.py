@@ -75,18 +75,18 @@ def test_an_image_placeholder_in_the_prompt_keeps_the_chat_template(capsys):
 
 
 def test_the_chat_template_puts_each_image_where_its_placeholder_is():
-    from conftest import tiny_processor
-    from conftest_families import CHATML_TEMPLATE
+    from families.llava import tiny_llava_processor
+    from families.shared import CHATML_TEMPLATE
 
     from flashvlm.loading import chat_prompt
 
-    llava = tiny_processor()  # LLaVA-1.5's template writes every image first, as "<image>\n"
+    llava = tiny_llava_processor()  # LLaVA-1.5's template writes every image first, as "<image>\n"
     assert chat_prompt(llava, "<image> what is it ?") == chat_prompt(llava, "what is it ?")
     assert chat_prompt(llava, "what is it ?") == "USER: <image>\nwhat is it ? ASSISTANT:"
     assert chat_prompt(llava, "left <image>\n or right <image> ?", 2) == (
         "USER: left <image>\nor right <image>\n? ASSISTANT:"
     )
-    chatml = tiny_processor()
+    chatml = tiny_llava_processor()
     chatml.chat_template = CHATML_TEMPLATE.replace("{{ image_placeholder }}", "<|vision_start|><image><|vision_end|>")
     assert chat_prompt(chatml, "what is <image> it ?") == (
         "<|im_start|>user\nwhat is <|vision_start|><image><|vision_end|>it ?<|im_end|>\n<|im_start|>assistant\n"
@@ -94,12 +94,12 @@ def test_the_chat_template_puts_each_image_where_its_placeholder_is():
 
 
 def test_a_prompt_already_in_the_chat_format_is_used_as_given():
-    from conftest import tiny_processor
-    from conftest_families import CHATML_TEMPLATE
+    from families.llava import tiny_llava_processor
+    from families.shared import CHATML_TEMPLATE
 
     from flashvlm.loading import chat_prompt, chat_question
 
-    llava = tiny_processor()
+    llava = tiny_llava_processor()
     formatted = "USER: <image>\nwhat is it ? ASSISTANT:"
     assert chat_prompt(llava, formatted) == formatted  # the template was applied twice: "USER: USER: ..."
     assert chat_prompt(llava, "USER: <image> or <image> ? ASSISTANT: ", 2) == "USER: <image> or <image> ? ASSISTANT: "
@@ -109,7 +109,7 @@ def test_a_prompt_already_in_the_chat_format_is_used_as_given():
         chat_prompt(llava, "USER: what is it ? ASSISTANT:")
     with pytest.raises(FlashVLMError, match=r"starts a chat turn \('USER:'\) but does not end with .*'ASSISTANT:'"):
         chat_prompt(llava, "USER: <image>\nwhat is it ?")
-    chatml = tiny_processor()
+    chatml = tiny_llava_processor()
     chatml.chat_template = CHATML_TEMPLATE.replace("{{ image_placeholder }}", "<|vision_start|><image><|vision_end|>")
     formatted = "<|im_start|>user\n<|vision_start|><image><|vision_end|>what ?<|im_end|>\n<|im_start|>assistant\n"
     assert chat_prompt(chatml, formatted) == formatted

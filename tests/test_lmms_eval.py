@@ -21,7 +21,7 @@ import torch
 pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (make eval-setup installs it)")
 pytestmark = pytest.mark.lmms_eval
 
-from conftest import NUM_PATCHES  # noqa: E402
+from families.llava import NUM_PATCHES  # noqa: E402
 from lmms_eval.api.instance import Instance  # noqa: E402
 from lmms_eval.evaluator import simple_evaluate  # noqa: E402
 from lmms_eval.models import get_model  # noqa: E402

@@ -12,18 +12,14 @@ logits as that prompt alone, and nothing is NaN. A pair that cannot run raises
 
 from __future__ import annotations
 
+import copy
 from functools import partial
 
 import pytest
 import torch
 from agreement import SelectionRecorder, alone_as_in_batch
-from conftest import (
-    kept_per_row,
-    placeholder_counts,
-    selectable_tokens_sent,
-    tiny_model,
-)
-from conftest_families import EVERY_CASE
+from families import ADAPTER_TEST_FAMILIES, EVERY_CASE, tiny_model
+from families.shared import kept_per_row, placeholder_counts, selectable_tokens_sent
 
 import flashvlm
 from flashvlm.adapters import adapter_for
@@ -161,6 +157,21 @@ def test_pool_says_a_jointly_selected_video_has_no_grid(case):
     needs_grid = pytest.raises(MethodUnavailableError, match="needs grid")
     with flashvlm.prune(model, 4, "pool", video_budget="per_video") as pruner, needs_grid:
         pruner.prune_inputs(dict(inputs))
+
+
+@pytest.mark.parametrize(
+    "case", [case for case in CASES if case.family not in ADAPTER_TEST_FAMILIES], ids=lambda case: case.name
+)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_precision_never_gives_nan(case, dtype):
+    """A half-precision model given float32 pixels (test_adapters.py runs the other families,
+    their inputs cast)."""
+    model = copy.deepcopy(tiny_model(case)).to(dtype)
+    inputs = case.make_inputs(model, 2, 4)
+    with flashvlm.prune(model, budget=6) as pruner, torch.no_grad():
+        logits = model(**inputs).logits
+    assert torch.isfinite(logits).all()
+    assert all(record.num_kept == 6 for record in pruner.last.images)
 
 
 @pytest.mark.parametrize("method", METHODS)

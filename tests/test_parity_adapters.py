@@ -13,17 +13,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import (
-    IMAGE_TOKEN_ID,
-    NUM_PATCHES,
-    VIDEO_TOKEN_ID,
-    build_tiny_llava,
-    build_tiny_qwen2_5_vl,
-    llava_batch,
-    qwen_batch,
-    tiny_model,
-)
-from conftest_families import EVERY_CASE
+from families import EVERY_CASE, tiny_model
+from families.llava import NUM_PATCHES, build_tiny_llava, llava_batch
+from families.qwen_vl import build_tiny_qwen2_5_vl
+from families.shared import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, qwen_batch
 from releases import (
     released_clip_cls_attention,
     released_divprune,

@@ -8,7 +8,9 @@ import threading
 
 import pytest
 import torch
-from conftest import TINY_CASES, build_tiny_llava, llava_batch
+from families import ADAPTER_TEST_CASES, case_named
+from families.llava import build_tiny_llava, llava_batch
+from families.shared import IMAGE_TOKEN_ID
 
 import flashvlm
 from flashvlm.errors import FlashVLMError
@@ -22,8 +24,6 @@ def model():
 
 def text_only(inputs: dict) -> dict:
     """The batch's prompts with their image placeholders turned into ordinary text tokens."""
-    from conftest import IMAGE_TOKEN_ID
-
     input_ids = inputs["input_ids"].masked_fill(inputs["input_ids"] == IMAGE_TOKEN_ID, 9)
     return dict(input_ids=input_ids, attention_mask=inputs["attention_mask"])
 
@@ -199,7 +199,7 @@ def vision_side_gradients(case, training: bool) -> dict[str, torch.Tensor | None
     return {name: param.grad for name, param in model.named_parameters() if any(part in name for part in VISION_SIDE)}
 
 
-@pytest.mark.parametrize("case", [case for case in TINY_CASES if not case.video], ids=lambda case: case.name)
+@pytest.mark.parametrize("case", [case for case in ADAPTER_TEST_CASES if not case.video], ids=lambda case: case.name)
 def test_training_sends_gradients_to_the_tower_and_projector_through_the_kept_tokens(case):
     gradients = vision_side_gradients(case, training=True)
     assert gradients and all(grad is not None and bool(grad.abs().sum() > 0) for grad in gradients.values()), [
@@ -208,7 +208,7 @@ def test_training_sends_gradients_to_the_tower_and_projector_through_the_kept_to
 
 
 def test_inference_keeps_the_vision_side_out_of_the_graph():
-    gradients = vision_side_gradients(TINY_CASES[0], training=False)
+    gradients = vision_side_gradients(case_named("llava"), training=False)
     assert gradients and all(grad is None for grad in gradients.values())
 
 

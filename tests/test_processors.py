@@ -13,18 +13,16 @@ import json
 import pytest
 import torch
 import transformers
-from conftest import IMAGE_TOKEN_ID, VISION_END_ID, VISION_START_ID, tiny_model
-from conftest_families import (
-    EVERY_CASE,
-    INTERNVL_END_ID,
-    INTERNVL_START_ID,
+from families import case_named, tiny_model
+from families.idefics3 import (
     build_tiny_idefics3,
     idefics3_image_prompt,
     tiny_idefics3_processor,
-    tiny_internvl_processor,
-    tiny_qwen3_vl_processor,
     tiny_smolvlm_processor,
 )
+from families.internvl import INTERNVL_END_ID, INTERNVL_START_ID, tiny_internvl_processor
+from families.qwen3_vl import tiny_qwen3_vl_processor
+from families.shared import IMAGE_TOKEN_ID, VISION_END_ID, VISION_START_ID
 from PIL import Image
 
 import flashvlm
@@ -32,9 +30,8 @@ from flashvlm import FlashVLMError
 from flashvlm.adapters.sequence import pad_token_id
 from flashvlm.loading import chat_prompt, load_model
 
-CASES = {case.name: case for case in EVERY_CASE}
 #: family -> (its real processor built locally, the processor class, the prompt tokens it writes
-#: for one 40 x 70 px image: the layout the hand-built batches of conftest_families use).
+#: for one 40 x 70 px image: the layout the hand-built batches of families/ use).
 REAL_PROCESSORS = {
     # 2 tiles + the thumbnail, 16 tokens each, between <img> and </img>.
     "internvl": (
@@ -74,7 +71,7 @@ def family_folder(tmp_path_factory):
     def folder_of(name: str):
         if name not in folders:
             folder = folders[name] = tmp_path_factory.mktemp(f"real-{name}")
-            tiny_model(CASES[name]).save_pretrained(folder)
+            tiny_model(case_named(name)).save_pretrained(folder)
             REAL_PROCESSORS[name][0]().save_pretrained(folder)
             if name in VIDEO_PROCESSOR_TYPES:
                 config = json.loads((folder / "processor_config.json").read_text())
@@ -143,7 +140,7 @@ def test_a_smolvlm_folder_without_num2words_names_what_to_install(family_folder,
 
 @pytest.mark.parametrize("name", ["internvl", "smolvlm"])
 def test_pool_averages_each_tile_of_a_multi_tile_image_on_its_own_raster(name):
-    case = CASES[name]
+    case = case_named(name)
     model = tiny_model(case)
     inputs = case.make_inputs(model, 1, 0)  # one image: two tiles and the global view, 16 tokens each
     with flashvlm.prune(model, budget=12, method="pool") as pruner, torch.no_grad():

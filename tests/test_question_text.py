@@ -11,7 +11,9 @@ from typing import ClassVar
 
 import pytest
 import torch
-from conftest import IMAGE_TOKEN_ID, NUM_PATCHES, TINY_CASES, left_pad, random_pixels, tiny_model, tiny_processor
+from families import case_named, tiny_model
+from families.llava import NUM_PATCHES, tiny_llava_processor
+from families.shared import IMAGE_TOKEN_ID, left_pad, random_pixels
 
 import flashvlm
 from flashvlm import FlashVLMError, TokenSelector
@@ -118,7 +120,7 @@ def llava_chat_batch(processor, questions: list[str]) -> dict:
 
 
 def test_only_the_question_guides_the_selection_in_a_batch():
-    model, processor = tiny_model(TINY_CASES[0]), tiny_processor()
+    model, processor = tiny_model(case_named("llava")), tiny_llava_processor()
     questions = ["what is the color of the circle ?", "how many red square"]
     inputs = llava_chat_batch(processor, questions)
     _RecordsTextTokens.seen = []
@@ -137,7 +139,7 @@ def test_image_placeholders_in_the_question_are_not_words_to_find():
     # prompt each placeholder has become the template's image block and the visual tokens.
     from PIL import Image
 
-    model, processor = tiny_model(TINY_CASES[0]), tiny_processor()
+    model, processor = tiny_model(case_named("llava")), tiny_llava_processor()
     question = "what is <image> the color of the circle ?"
     text = chat_prompt(processor, question)
     inputs = processor(images=[Image.new("RGB", (32, 32), "red")], text=[text], return_tensors="pt")
@@ -148,7 +150,7 @@ def test_image_placeholders_in_the_question_are_not_words_to_find():
 
 
 def test_the_flashvlm_question_preset_runs_and_says_what_it_needs():
-    model, processor = tiny_model(TINY_CASES[0]), tiny_processor()
+    model, processor = tiny_model(case_named("llava")), tiny_llava_processor()
     question = "what is the color of the circle ?"
     inputs = llava_chat_batch(processor, [question])
     assert get_method("flashvlm:question").text_tokens == "question"

@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import (
+from families.llava_next import tiny_llava_next_processor
+from families.shared import (
     ANYRES_PINPOINTS,
     ANYRES_TILE,
     IMAGE_TOKEN_ID,
     PAD_TOKEN_ID,
     tiny_clip_config,
-    tiny_processor,
     tiny_text_config,
+    tiny_tokenizer,
 )
-from test_folders import family_processor
 from test_vllm_llava import (
     MAX_TOKENS,
     assert_same_answer,
@@ -83,12 +83,12 @@ def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("vllm-llava-next")
     hf_folder, llama_folder = root / "llava-next-hf", root / "llama"
     build_llava_next().save_pretrained(hf_folder)
-    family_processor("llava_next").save_pretrained(hf_folder)
+    tiny_llava_next_processor().save_pretrained(hf_folder)
     # transformers 5 names the tower's weights as vLLM 0.32 does not (see docs/vllm.md).
     next_folder = export_for_vllm(hf_folder, root / "llava-next")
     torch.manual_seed(0)
     LlamaForCausalLM(text_config()).eval().save_pretrained(llama_folder)
-    tiny_processor().tokenizer.save_pretrained(llama_folder)
+    tiny_tokenizer().save_pretrained(llama_folder)
     generator = torch.Generator().manual_seed(0)
     images = []
     for height, width in IMAGE_SIZES:

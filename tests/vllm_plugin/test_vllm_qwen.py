@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 from agreement import rows_of
-from conftest import tiny_processor
+from families.shared import tiny_tokenizer
 from transformers_reference import transformers_on_vllm_choice as on_vllm_choice
 from transformers_reference import transformers_reference
 from transformers_reference import without_eos as ids_without_eos
@@ -52,7 +52,7 @@ def tiny_qwen_folder(folder):
 
     from flashvlm._torchvision_compat import without_video_processor
 
-    tokenizer = tiny_processor().tokenizer
+    tokenizer = tiny_tokenizer()
     tokenizer.add_tokens(["<|video_pad|>"], special_tokens=True)
     # head_dim 32 is one vLLM's CPU attention serves; mrope_section splits its 16 frequencies.
     text = dict(

@@ -7,21 +7,15 @@ from functools import partial
 import pytest
 import torch
 from agreement import SelectionRecorder, alone_as_in_batch
-from conftest import (
-    IMAGE_TOKEN_ID,
-    NUM_PATCHES,
-    build_tiny_llava,
-    left_pad,
-    llava_batch,
-    llava_prompt,
-    random_pixels,
-)
 
 import flashvlm
 from flashvlm.adapters.llava import LlavaAdapter
 from flashvlm.errors import FlashVLMError, UnsupportedModelError
 from flashvlm.saliency import query_row_attention
 from flashvlm.timing import PrefillTimer
+
+from .llava import NUM_PATCHES, build_tiny_llava, llava_batch, llava_prompt
+from .shared import IMAGE_TOKEN_ID, left_pad, random_pixels
 
 
 def test_budget_at_least_n_gives_the_unpatched_logits(tiny_llava):
