@@ -48,10 +48,9 @@ def register() -> None:
     """The ``vllm.general_plugins`` entry point: register flashvlm's model classes, and refuse
     the switch on every other architecture (idempotent). On a vLLM release the plug-in does
     not serve, no class is registered and the switch is refused: stock vLLM stays usable."""
-    import vllm
-    from vllm import ModelRegistry
+    from vllm import ModelRegistry, __version__
 
-    unsupported = unsupported_vllm(vllm.__version__)
+    unsupported = unsupported_vllm(__version__)
     if unsupported is None:
         for architecture, model_class in ARCHITECTURES.items():
             ModelRegistry.register_model(architecture, model_class)

@@ -121,6 +121,7 @@ INVENTORY: tuple[VllmApi, ...] = (
     # -- __init__.py: the entry point, registration, the refusal of unserved architectures --
     VllmApi("vllm.plugins", "DEFAULT_PLUGINS_GROUP", value="vllm.general_plugins"),
     VllmApi("vllm.plugins", "load_general_plugins"),
+    VllmApi("vllm", "__version__"),
     VllmApi("vllm", "ModelRegistry"),
     VllmApi("vllm", "ModelRegistry.register_model", ("model_arch", "model_cls")),
     VllmApi("vllm", "ModelRegistry.inspect_model_cls", ("architectures", "model_config")),
