@@ -168,3 +168,27 @@ def test_registry_and_presets():
         get_method("flashvlm:nope")
     with pytest.raises(FlashVLMError, match="no parameter"):
         get_method("flashvlm", temperature=1.0)
+
+
+def test_the_selection_code_and_the_shared_pipeline_import_no_engine():
+    # Both engines drive them (the HF adapters and the vLLM classes), so neither may depend on one.
+    import ast
+    from pathlib import Path
+
+    import flashvlm
+
+    package = Path(flashvlm.__file__).parent
+    imported = {}
+    for path in [*sorted((package / "selection").glob("*.py")), package / "pipeline.py"]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module]
+            else:
+                continue
+            imported[path.name] = imported.get(path.name, set()) | {name.split(".")[0] for name in names}
+    assert "pipeline.py" in imported
+    assert {
+        name: found & {"transformers", "vllm"} for name, found in imported.items() if found & {"transformers", "vllm"}
+    } == {}
