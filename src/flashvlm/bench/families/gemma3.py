@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..flops import siglip_tower_flops
-from .shared import Family, SyntheticInputs, clip_shrink_layers, clip_shrink_width, prompt_rows
+from .shared import Family, SyntheticInputs, prompt_rows
 
 
 def gemma3_inputs(config, batch: int, text_tokens: int, seed: int = 0) -> SyntheticInputs:
@@ -35,6 +35,4 @@ RECORD = Family(
     ("gemma3",),
     gemma3_inputs,
     gemma3_vision_flops,
-    shrink_vision_layers=clip_shrink_layers,
-    shrink_vision_width=clip_shrink_width,
 )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..flops import patch_grid_side, siglip_tower_flops
-from .shared import Family, SyntheticInputs, clip_shrink_layers, clip_shrink_width, prompt_rows
+from .shared import Family, SyntheticInputs, prompt_rows
 
 #: Sub-images a side of the synthetic image: the processors resize an image's longest edge to
 #: 4 sub-image sides (1,536 px for SmolVLM2, 1,456 px for Idefics3), so a square image splits 4 x 4.
@@ -75,7 +75,5 @@ RECORD = Family(
     ("idefics3", "smolvlm"),
     idefics3_inputs,
     idefics3_vision_flops,
-    shrink_vision_layers=clip_shrink_layers,
-    shrink_vision_width=clip_shrink_width,
     feature_width=idefics3_feature_width,
 )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..flops import clip_tower_flops, patch_grid_side, square_size
-from .shared import Family, SyntheticInputs, clip_shrink_layers, clip_shrink_width, prompt_rows, vision_layers_run
+from .shared import Family, SyntheticInputs, prompt_rows, vision_layers_run
 
 #: Tiles a side of InternVL's synthetic image: a square image of 900 px or so is cut 2 x 2, plus the thumbnail.
 INTERNVL_TILE_GRID = 2
@@ -55,7 +55,5 @@ RECORD = Family(
     ("internvl",),
     internvl_inputs,
     internvl_vision_flops,
-    shrink_vision_layers=clip_shrink_layers,
-    shrink_vision_width=clip_shrink_width,
     feature_width=internvl_feature_width,
 )

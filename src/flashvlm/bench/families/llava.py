@@ -8,8 +8,6 @@ from ..flops import clip_tower_flops, patch_grid_side
 from .shared import (
     Family,
     SyntheticInputs,
-    clip_shrink_layers,
-    clip_shrink_width,
     llava_projector_flops,
     llava_prompt,
     vision_layers_run,
@@ -36,7 +34,5 @@ RECORD = Family(
     ("llava",),
     llava_inputs,
     llava_vision_flops,
-    shrink_vision_layers=clip_shrink_layers,
-    shrink_vision_width=clip_shrink_width,
     compares_tower=True,
 )

@@ -8,8 +8,6 @@ from ..flops import clip_tower_flops, patch_grid_side
 from .shared import (
     Family,
     SyntheticInputs,
-    clip_shrink_layers,
-    clip_shrink_width,
     llava_projector_flops,
     llava_prompt,
     vision_layers_run,
@@ -52,6 +50,4 @@ RECORD = Family(
     ("llava_next_video",),
     llava_next_video_inputs,
     llava_next_video_vision_flops,
-    shrink_vision_layers=clip_shrink_layers,
-    shrink_vision_width=clip_shrink_width,
 )

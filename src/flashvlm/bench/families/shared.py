@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import flops
+
 
 @dataclass
 class SyntheticInputs:
@@ -30,6 +32,37 @@ class SyntheticInputs:
         return dataclasses.replace(self, model_kwargs=moved)
 
 
+def shrink_width(sub_config, width: float, hidden_keys: tuple[str, ...], head_keys: tuple[str, ...]) -> None:
+    """Scale widths by ``width`` keeping the head size: heads scale, hidden = heads * head size."""
+    hidden = getattr(sub_config, hidden_keys[0])
+    heads_key = head_keys[0]
+    heads = getattr(sub_config, heads_key)
+    head_size = getattr(sub_config, "head_dim", None) or hidden // heads
+    new_heads = max(1, round(heads * width))
+    setattr(sub_config, heads_key, new_heads)
+    if len(head_keys) > 1 and getattr(sub_config, head_keys[1], None):
+        kv_heads = getattr(sub_config, head_keys[1])
+        group = max(1, heads // kv_heads)
+        setattr(sub_config, head_keys[1], max(1, new_heads // group))
+        if new_heads % getattr(sub_config, head_keys[1]):
+            setattr(sub_config, head_keys[1], new_heads)
+    for key in hidden_keys:
+        if key == hidden_keys[0]:
+            setattr(sub_config, key, new_heads * head_size)
+        elif getattr(sub_config, key, None):
+            setattr(sub_config, key, max(8, round(getattr(sub_config, key) * width / 8) * 8))
+    if getattr(sub_config, "head_dim", None):
+        sub_config.head_dim = head_size
+
+
+def clip_shrink_layers(vision, layers: int) -> None:
+    vision.num_hidden_layers = min(layers, vision.num_hidden_layers)
+
+
+def clip_shrink_width(vision, width: float) -> None:
+    shrink_width(vision, width, ("hidden_size", "intermediate_size"), ("num_attention_heads",))
+
+
 @dataclass
 class Family:
     """How the benchmark drives one model family (the configs of ``model_types``)."""
@@ -39,8 +72,9 @@ class Family:
     #: (config, visual tokens per image, pruned, rows projected, batch) -> (vision, projector) FLOPs
     vision_flops: Callable[..., tuple[float, float]]
     vision_layer_count: Callable = field(default=lambda vision: vision.num_hidden_layers)
-    shrink_vision_layers: Callable = field(default=None)
-    shrink_vision_width: Callable = field(default=None)
+    #: How ``--scale`` shrinks the tower (a CLIP/SigLIP-like config by default).
+    shrink_vision_layers: Callable = field(default=clip_shrink_layers)
+    shrink_vision_width: Callable = field(default=clip_shrink_width)
     link_widths: Callable = field(default=lambda config: None)
     #: Whether ``bench-selection``'s tower comparison serves it (it drives LLaVA-1.5's CLIP encoding).
     compares_tower: bool = False
@@ -86,37 +120,6 @@ def llava_prompt(
     return prompt_rows(generator, batch, text_tokens - 1, config.text_config.vocab_size, {placeholder}, block, (1,))
 
 
-def shrink_width(sub_config, width: float, hidden_keys: tuple[str, ...], head_keys: tuple[str, ...]) -> None:
-    """Scale widths by ``width`` keeping the head size: heads scale, hidden = heads * head size."""
-    hidden = getattr(sub_config, hidden_keys[0])
-    heads_key = head_keys[0]
-    heads = getattr(sub_config, heads_key)
-    head_size = getattr(sub_config, "head_dim", None) or hidden // heads
-    new_heads = max(1, round(heads * width))
-    setattr(sub_config, heads_key, new_heads)
-    if len(head_keys) > 1 and getattr(sub_config, head_keys[1], None):
-        kv_heads = getattr(sub_config, head_keys[1])
-        group = max(1, heads // kv_heads)
-        setattr(sub_config, head_keys[1], max(1, new_heads // group))
-        if new_heads % getattr(sub_config, head_keys[1]):
-            setattr(sub_config, head_keys[1], new_heads)
-    for key in hidden_keys:
-        if key == hidden_keys[0]:
-            setattr(sub_config, key, new_heads * head_size)
-        elif getattr(sub_config, key, None):
-            setattr(sub_config, key, max(8, round(getattr(sub_config, key) * width / 8) * 8))
-    if getattr(sub_config, "head_dim", None):
-        sub_config.head_dim = head_size
-
-
-def clip_shrink_layers(vision, layers: int) -> None:
-    vision.num_hidden_layers = min(layers, vision.num_hidden_layers)
-
-
-def clip_shrink_width(vision, width: float) -> None:
-    shrink_width(vision, width, ("hidden_size", "intermediate_size"), ("num_attention_heads",))
-
-
 def vision_layers_run(config, pruned: bool) -> int:
     """LLaVA runs the whole tower unpruned (hidden_states[-2] of a full forward); flashvlm stops at the feature layer."""
     layers = config.vision_config.num_hidden_layers
@@ -130,3 +133,30 @@ def llava_projector_flops(config, num_tokens: int) -> float:
     """LLaVA's two-layer MLP projector (vision hidden -> LM hidden -> LM hidden) on ``num_tokens`` rows."""
     vision, hidden = config.vision_config.hidden_size, config.text_config.hidden_size
     return float(2 * num_tokens * (vision * hidden + hidden * hidden))
+
+
+def anyres_square_inputs(config, batch: int, text_tokens: int, seed: int, grid: int) -> SyntheticInputs:
+    """One square AnyRes image of g x g tiles (LLaVA-NeXT, OneVision): the base view, then
+    the crops' raster with a newline per row."""
+    size = config.vision_config.image_size
+    resolution = grid * size
+    side = flops.patch_grid_side(config.vision_config)
+    image_tokens = side * side + (grid * side) ** 2 + grid * side  # base + crops + one newline per row
+    input_ids = llava_prompt(config, batch, text_tokens, image_tokens, seed)
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(batch, 1 + grid * grid, 3, size, size, generator=generator)  # (B, views, 3, H, W)
+    kwargs = dict(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        pixel_values=pixels,
+        image_sizes=torch.tensor([[resolution, resolution]] * batch),
+    )
+    layout = f"one {resolution} px image: base view + {grid} x {grid} crops"
+    return SyntheticInputs(kwargs, image_tokens, text_tokens, batch, config.image_token_id, layout)
+
+
+def anyres_views(config, visual_tokens: int) -> int:
+    """Tower inputs of an :func:`anyres_square_inputs` image of ``visual_tokens`` tokens: 1 + g x g."""
+    side = flops.patch_grid_side(config.vision_config)
+    grid = round(((visual_tokens - side * side) / side**2) ** 0.5)
+    return 1 + grid * grid
