@@ -23,6 +23,7 @@ from transformers_reference import without_eos as ids_without_eos
 from vllm_harness import run_stock_and_plugin
 
 from flashvlm.demo import EXAMPLES_DIR
+from flashvlm.integrations.vllm.vision_cache import MIB
 from flashvlm.loading import chat_prompt
 
 MAX_TOKENS = 6
@@ -33,6 +34,10 @@ BUDGETS = (256, 64, 28)  # 256: every token of the demo's 16 x 16 grid
 #: text, projected tokens, grid), run once each on the first example.
 OTHER_METHODS = ("flashvlm:release", "visionzip", "vispruner", "divprune", "cdpruner", "pool", "random")
 EOS_ID = 2
+#: Bytes of one image's entry in the vision cache: the scene LLaVA's 16 x 16 tokens, each with
+#: its features (128 float32) and projected token (192 float32; FlashVLM reads them), its
+#: saliency (float32) and its position (int64).
+ENTRY_BYTES = 256 * ((128 + 192) * 4 + 4 + 8)
 
 
 def examples() -> list[dict]:
@@ -93,12 +98,15 @@ def runs(hf_model, demo_vllm_folder, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("vllm-llava")
     job = {"model": str(demo_vllm_folder), "max_tokens": MAX_TOKENS, "logprobs": True}
     engines = [{"name": "off", "calls": one_by_one}]
+    # The two questions come one after another, so the second meets the caches the first filled.
+    then_two_questions = [*one_by_one, *[[request] for request in two_questions]]
     for budget in BUDGETS:
-        calls = one_by_one
-        if budget == BUDGETS[-1]:
-            # The two questions come one after another, so the second meets the caches the first filled.
-            calls = [*one_by_one, *[[request] for request in two_questions]]
+        calls = then_two_questions if budget == BUDGETS[-1] else one_by_one
         engines.append({"name": f"b{budget}", "hf_overrides": {"flashvlm": {"budget": budget}}, "calls": calls})
+    # The same calls with the vision cache off, and with room for one image only.
+    for name, megabytes in (("no reuse", 0), ("small cache", 1.5 * ENTRY_BYTES / MIB)):
+        overrides = {"flashvlm": {"budget": BUDGETS[-1], "vision_cache_mb": megabytes}}
+        engines.append({"name": name, "hf_overrides": overrides, "calls": then_two_questions})
     # The batch gets an engine of its own: with the one-by-one results in its encoder cache,
     # vLLM would rightly serve them from there instead of selecting again.
     engines.append({"name": "batch", "hf_overrides": {"flashvlm": {"budget": BUDGETS[-1]}}, "calls": [mixed]})
@@ -185,7 +193,7 @@ def test_two_questions_about_one_image_get_two_selections(runs, hf_model):
 
 def test_a_mixed_batch_equals_the_requests_one_by_one(runs, hf_model):
     # Every request of the batch against transformers, as the single requests are above (its
-    # tower ran on four images at once, so its features differ from theirs in the last bits).
+    # tower ran on its three images at once, so its features differ from theirs in the last bits).
     (batch,) = runs["batch"]
     singles = runs[f"b{BUDGETS[-1]}"][: len(runs["requests"])]
     assert len(batch["kept"]) == len(batch["outputs"]) == len(runs["mixed"])
@@ -218,3 +226,42 @@ def test_two_images_in_one_prompt_each_get_the_budget(runs, hf_model):
     assert [record[2] for record in call["kept"]] == reference["kept"]
     assert_same_answer(call, reference)
     assert only_output(call)["prompt_length"] == len(call["kept"][0][0]) + 2 * BUDGETS[-1]
+
+
+def test_questions_about_one_image_run_the_tower_once(runs):
+    # Images 0, 1 and 2 one by one, then image 0 twice more, each time with another question.
+    engine = f"b{BUDGETS[-1]}"
+    assert [call["tower"] for call in runs[engine]] == [[1], [1], [1], [], []]
+    vision = runs[engine][-1]["vision"]
+    assert (vision["tower_runs"], vision["images"], vision["images_encoded"]) == (3, 5, 3)
+    assert (vision["entries"], vision["bytes"], vision["evictions"]) == (3, 3 * ENTRY_BYTES, 0)
+    # Off, every request runs the tower.
+    assert [call["tower"] for call in runs["no reuse"]] == [[1]] * 5
+    assert runs["no reuse"][-1]["vision"]["capacity"] == runs["no reuse"][-1]["vision"]["entries"] == 0
+
+
+@pytest.mark.parametrize("engine", ["no reuse", "small cache"])
+def test_reused_tower_outputs_select_and_answer_exactly_as_a_new_tower_pass(runs, engine):
+    # One image per call: every tower pass has the same shapes, so the outputs are bit-identical.
+    reused = runs[f"b{BUDGETS[-1]}"]
+    assert [call["kept"] for call in runs[engine]] == [call["kept"] for call in reused]
+    assert [call["outputs"] for call in runs[engine]] == [call["outputs"] for call in reused]  # logprobs too
+
+
+def test_a_full_vision_cache_evicts_the_least_recently_used_image(runs):
+    # Room for one image: images 1 and 2 each evict the one before, so image 0's second
+    # question runs the tower again (and evicts image 2), and its third finds it.
+    calls = runs["small cache"]
+    assert [call["tower"] for call in calls] == [[1], [1], [1], [1], []]
+    vision = calls[-1]["vision"]
+    assert (vision["evictions"], vision["entries"], vision["bytes"]) == (3, 1, ENTRY_BYTES)
+    assert ENTRY_BYTES <= vision["capacity"] < 2 * ENTRY_BYTES
+
+
+def test_one_batch_runs_the_tower_once_over_its_distinct_images(runs):
+    # Four requests, three images (one asked two questions), all in one step.
+    (batch,) = runs["batch"]
+    assert batch["tower"] == [3]
+    assert (batch["vision"]["images"], batch["vision"]["images_encoded"]) == (4, 3)
+    (two_images,) = runs["two images"]
+    assert two_images["tower"] == [2]

@@ -121,10 +121,16 @@ def runs(folders, hf_model):
         {"name": "llama", "engine_args": llama, "calls": llama_calls},
     ]
     plugin_engines = [{"name": "off", **next_engine, "calls": one_by_one}]
+    # At SMALL, the first image is then asked the second question: its views' tower outputs are reused.
+    again = {"prompt": chat_prompt(processor, QUESTIONS[1]), "images": [folders["images"][0]]}
+    calls_at_small = [*one_by_one, [again]]
     for budget in BUDGETS:
         overrides = {"flashvlm": {"budget": budget}}
-        plugin_engines.append({"name": f"b{budget}", **next_engine, "hf_overrides": overrides, "calls": one_by_one})
+        calls = calls_at_small if budget == SMALL else one_by_one
+        plugin_engines.append({"name": f"b{budget}", **next_engine, "hf_overrides": overrides, "calls": calls})
     plugin_engines[-1]["apply"] = "llava_next_layout:layout_matches_vllm_merge"
+    no_reuse = {"flashvlm": {"budget": SMALL, "vision_cache_mb": 0}}
+    plugin_engines.append({"name": "no reuse", **next_engine, "hf_overrides": no_reuse, "calls": calls_at_small})
     # Both sizes in one batch, on an engine of its own (the others' encoder caches hold them).
     overrides = {"flashvlm": {"budget": SMALL}}
     plugin_engines.append({"name": "batch", **next_engine, "hf_overrides": overrides, "calls": [requests]})
@@ -197,7 +203,7 @@ def test_two_image_sizes_in_one_batch_equal_the_requests_one_by_one(runs, hf_mod
     # Each request of the batch against transformers, as the single requests are above (the
     # batch's views reach the tower together: its features differ from theirs in the last bits).
     (batch,) = runs["plugin"]["batch"]
-    singles = runs["plugin"][f"b{SMALL}"]
+    singles = runs["plugin"][f"b{SMALL}"][: len(runs["requests"])]
     batch_rows = recorded_rows(runs["plugin"]["selections"], "batch", 0)
     got = [
         {"output_ids": without_eos(o["output_ids"]), "prompt_length": len(o["prompt_ids"])} for o in batch["outputs"]
@@ -221,3 +227,13 @@ def test_another_architecture_stays_stock_with_the_plugin_and_refuses_the_switch
         f"it serves {', '.join(ARCHITECTURES)}"
     )
     assert expected in error, error
+
+
+def test_a_second_question_reuses_the_views_tower_outputs_with_the_same_result(runs):
+    reused, fresh = runs["plugin"][f"b{SMALL}"], runs["plugin"]["no reuse"]
+    views = [call["tower"] for call in fresh]
+    assert views[2] == views[0] and all(count > 1 for (count,) in views)  # base view + crops, in one pass
+    assert [call["tower"] for call in reused] == [*views[:2], []]
+    assert [call["kept"] for call in reused] == [call["kept"] for call in fresh]
+    assert [call["outputs"] for call in reused] == [call["outputs"] for call in fresh]
+    assert reused[-1]["kept"][0][0] != reused[0]["kept"][0][0]  # guided by the other question

@@ -174,9 +174,14 @@ def runs(qwen, tmp_path_factory):
         "engine_args": {"limit_mm_per_prompt": {"image": 2, "video": 0}},
     }
     engines = [{"name": "off", "calls": one_by_one}]
+    # At the smallest budget the second image is then asked the first question (its tower
+    # outputs are reused), and both images come again in one prompt (both reused).
+    again = [{"prompt": prompt(QUESTIONS[0]), "images": [images[1]]}]
     for budget in BUDGETS:
-        calls = [*one_by_one, [two_images]] if budget == BUDGETS[-1] else one_by_one
+        calls = [*one_by_one, again, [two_images]] if budget == BUDGETS[-1] else one_by_one
         engines.append({"name": f"b{budget}", "hf_overrides": {"flashvlm": {"budget": budget}}, "calls": calls})
+    no_reuse = {"flashvlm": {"budget": BUDGETS[-1], "vision_cache_mb": 0}}
+    engines.append({"name": "no reuse", "hf_overrides": no_reuse, "calls": [*one_by_one, again]})
     # Its own engine: with the one-by-one selections in its encoder cache, vLLM would serve them from there.
     engines.append({"name": "batch", "hf_overrides": {"flashvlm": {"budget": BUDGETS[-1]}}, "calls": [singles]})
     # Prefill in chunks of 16 tokens: each image's 24 slots are split between two steps.
@@ -296,3 +301,15 @@ def test_methods_that_read_a_cls_row_are_refused_at_start_up(method):
     config = SimpleNamespace(flashvlm={"method": method, "budget": 8})
     with pytest.raises(MethodUnavailableError, match=r"needs cls_attention \(the CLS token's attention row"):
         settings_of(config, QWEN_SERVED_REQUIREMENTS)
+
+
+def test_a_second_question_reuses_the_tower_outputs_with_the_same_result(runs):
+    reused, fresh = runs[f"b{BUDGETS[-1]}"], runs["no reuse"]
+    assert [call["tower"] for call in fresh] == [[1], [1], [1]]
+    assert [call["tower"] for call in reused] == [[1], [1], [], []]  # the two-image prompt too
+    assert [call["kept"] for call in reused[:3]] == [call["kept"] for call in fresh]
+    assert [call["outputs"] for call in reused[:3]] == [call["outputs"] for call in fresh]
+    vision = reused[-1]["vision"]
+    assert (vision["tower_runs"], vision["images"], vision["images_encoded"], vision["entries"]) == (2, 5, 2, 2)
+    (batch,) = runs["batch"]
+    assert batch["tower"] == [2]  # two images, one pass

@@ -9,7 +9,7 @@ import pytest
 from flashvlm import FlashVLM
 from flashvlm.errors import BudgetError, FlashVLMError, MethodUnavailableError, UnsupportedModelError
 from flashvlm.integrations.vllm import RefuseUnservedArchitectures, unsupported_vllm
-from flashvlm.integrations.vllm.settings import parse_settings, settings_of
+from flashvlm.integrations.vllm.settings import DEFAULT_VISION_CACHE_MB, parse_settings, settings_of
 
 
 def test_method_defaults_to_flashvlm_and_takes_presets_and_parameters():
@@ -23,6 +23,13 @@ def test_method_defaults_to_flashvlm_and_takes_presets_and_parameters():
 )
 def test_the_placeholder_count_is_the_resolved_budget(budget, num_tokens, expected):
     assert parse_settings({"budget": budget}).num_kept(num_tokens) == expected
+
+
+def test_the_vision_cache_size_is_a_setting_apart_from_the_methods_parameters():
+    assert parse_settings({"budget": 64}).vision_cache_mb == DEFAULT_VISION_CACHE_MB == 256
+    settings = parse_settings({"method": "flashvlm", "budget": 64, "vision_cache_mb": 0, "text_weight": 0.3})
+    assert (settings.vision_cache_mb, settings.selector.text_weight) == (0, 0.3)
+    assert parse_settings({"budget": 64, "vision_cache_mb": 0.5}).vision_cache_mb == 0.5
 
 
 def test_the_unpruned_method_keeps_every_placeholder():
@@ -40,6 +47,9 @@ def test_the_unpruned_method_keeps_every_placeholder():
         ({"method": "flashvlm:question", "budget": 8}, MethodUnavailableError, "text_tokens='question'"),
         ({"budget": 8, "text_tokens": "question"}, MethodUnavailableError, "does not hand the model"),
         (64, FlashVLMError, "must be a mapping"),
+        ({"budget": 8, "vision_cache_mb": -1}, FlashVLMError, "vision_cache_mb must be a number of MiB >= 0"),
+        ({"budget": 8, "vision_cache_mb": "256"}, FlashVLMError, "(0 turns the vision cache off); got '256'"),
+        ({"budget": 8, "vision_cache_mb": True}, FlashVLMError, "vision_cache_mb must be a number"),
     ],
 )
 def test_bad_settings_name_the_override_and_the_bad_value(settings, error, words):

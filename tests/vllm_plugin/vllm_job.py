@@ -10,7 +10,10 @@ Each call is one ``LLM.generate`` (a batch); engines are built one after another
 process. OUT.json maps each engine's name to its calls, each a list of
 ``{"prompt_ids", "output_ids", "kept"}``, where ``kept`` lists what the plug-in selected
 during that call (``[text_ids, num_tokens, keep_indices]`` per image, in encoder order;
-the first worker's, and ``"ranks_kept"`` has every worker's, for tensor parallelism).
+the first worker's, and ``"ranks_kept"`` has every worker's, for tensor parallelism),
+``"tower"`` the vision tower's passes during that call (inputs per pass: images, or AnyRes
+views), and ``"vision"`` the plug-in's vision-cache counters after it (None when stock), each
+the first worker's (``"ranks_tower"`` and ``"ranks_vision"`` have every worker's).
 A request without images is sent as text alone. An engine may name
 ``"apply": "module:function"``: after its calls, ``LLM.apply_model(function)`` runs, and its
 result (one per worker) is stored under ``"NAME applied"``. An engine with
@@ -42,6 +45,7 @@ def main(job_path: str, out_path: str) -> None:
     from vllm import LLM, SamplingParams
 
     from flashvlm.integrations.vllm.pruned_model import flashvlm_history
+    from flashvlm.integrations.vllm.vision_cache import count_tower_passes, flashvlm_vision_stats, take_tower_passes
 
     job = json.loads(open(job_path).read())
     with_logprobs = job.get("logprobs", False)
@@ -67,6 +71,7 @@ def main(job_path: str, out_path: str) -> None:
             continue
         llm = LLM(**arguments)
         llm.apply_model(start_recording)
+        llm.apply_model(count_tower_passes)
         seen = None  # records already reported, per worker
         calls = []
         recorded = selections[engine["name"]] = []
@@ -88,11 +93,16 @@ def main(job_path: str, out_path: str) -> None:
             kept = ranks_kept[0]
             per_worker = llm.apply_model(take_recorded_calls)
             recorded.append([[call_from_plain(plain) for plain in worker] for worker in per_worker])
+            ranks_tower, ranks_vision = llm.apply_model(take_tower_passes), llm.apply_model(flashvlm_vision_stats)
             calls.append(
                 {
                     "outputs": [output_record(o, with_logprobs) for o in outputs],
                     "kept": kept,
                     "ranks_kept": ranks_kept,
+                    "tower": ranks_tower[0],
+                    "ranks_tower": ranks_tower,
+                    "vision": ranks_vision[0],
+                    "ranks_vision": ranks_vision,
                 }
             )
         results[engine["name"]] = calls

@@ -69,6 +69,7 @@ def _family_model(module: str, cls: str, *, tower: str) -> list[VllmApi]:
         VllmApi(module, f"{cls}.vision_tower"),
         VllmApi(module, f"{cls}.multi_modal_projector"),
         VllmApi(module, f"{cls}.get_language_model"),
+        VllmApi(module, f"{cls}.load_weights", ("weights",)),
         VllmApi(module, f"{cls}.embed_multimodal"),
         VllmApi(module, f"{cls}._parse_and_validate_image_input"),
         VllmApi(module, f"{cls}._image_pixels_to_features", ("vision_tower", "pixel_values")),
@@ -143,11 +144,12 @@ INVENTORY: tuple[VllmApi, ...] = (
     VllmApi("vllm.multimodal", "MULTIMODAL_REGISTRY"),
     VllmApi("vllm.multimodal", "MULTIMODAL_REGISTRY.register_processor", ("processor", "info", "dummy_inputs")),
     VllmApi("vllm.multimodal.registry", "_ProcessorFactories.build_processor", ("ctx",), calls=("info", "processor")),
-    # -- pruned_model.py: tensor parallelism, text embeddings --
+    # -- pruned_model.py: tensor parallelism, text embeddings, the vision cache --
     VllmApi("vllm.distributed", "tensor_model_parallel_all_reduce", ("input_",)),
     VllmApi("vllm.distributed", "tensor_model_parallel_all_gather", ("input_", "dim")),
     VllmApi("vllm.model_executor.models.interfaces", "SupportsMultiModal.get_language_model"),
     VllmApi("vllm.model_executor.models.interfaces_base", "VllmModel.embed_input_ids", ("input_ids",)),
+    VllmApi("vllm.config.vllm", "VllmConfig.lora_config"),  # the vision cache is off with LoRA
     # -- llava.py: LLaVA-1.5, and the CLIP/SigLIP towers both LLaVA families tap --
     VllmApi(_LLAVA, "LlavaDummyInputsBuilder"),
     VllmApi(_LLAVA, "_build_llava_or_pixtral_hf_info", ("ctx",)),
@@ -199,6 +201,7 @@ INVENTORY: tuple[VllmApi, ...] = (
         VllmApi(_QWEN, f"Qwen2_5_VLForConditionalGeneration.{name}")
         for name in ("config", "visual", "use_data_parallel", "get_language_model", "embed_multimodal")
     ),
+    VllmApi(_QWEN, "Qwen2_5_VLForConditionalGeneration.load_weights", ("weights",)),
     VllmApi(_QWEN, "Qwen2_5_VLForConditionalGeneration.get_mrope_input_positions", ("input_tokens", "mm_features")),
     VllmApi(_QWEN, "Qwen2_5_VLForConditionalGeneration.iter_mm_grid_thw", ("mm_features",)),
     VllmApi(

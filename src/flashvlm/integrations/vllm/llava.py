@@ -31,6 +31,7 @@ from .pruned_model import (
     tap_qkv_projection,
 )
 from .settings import settings_of
+from .vision_cache import EncodedImage, rows
 
 
 class PrunedLlavaProcessingInfo(PrunedInfoMixin, LlavaProcessingInfo):
@@ -78,7 +79,7 @@ class LlavaTowerMixin(PrunedModelMixin):
         settings = settings_of(self.config)
         if settings is not None:
             self.check_flashvlm_config()
-        self.init_flashvlm(settings)
+        self.init_flashvlm(settings, vllm_config)
 
     def check_flashvlm_config(self) -> None:
         """Refuse, at start-up, towers and layer settings flashvlm does not select from."""
@@ -144,24 +145,36 @@ class PrunedLlava(LlavaTowerMixin, LlavaForConditionalGeneration):
     def embed_pruned(self, image_input, kwargs: dict) -> tuple[torch.Tensor, ...]:
         pixel_values = image_input["pixel_values"]  # (I, 3, H, W)
         texts = prompt_text_per_image(kwargs, len(pixel_values))
+        images = self.encode_images(
+            list(pixel_values),
+            [None] * len(pixel_values),
+            lambda chosen: self.encode_pixels(rows(pixel_values, chosen)),
+        )
+        projector = self.multi_modal_projector
+        return tuple(  # one (K, D) per image
+            self.keep_image_tokens(image.item, text, image.saliency_kind, image.key_heads, projector)
+            for image, text in zip(images, texts)
+        )
+
+    def encode_pixels(self, pixel_values: torch.Tensor) -> list[EncodedImage]:
+        """Each image of (I, 3, H, W) pixels before selection: one tower pass over all of them."""
         needs = self.flashvlm.selector.requires
         tower = self.encode_with_saliency(pixel_values, needs)
         features = tower.features  # (I, N, C)
-        projector = self.multi_modal_projector
-        projected = projector(features) if "projected" in needs else None  # (I, N, D)
-
-        num_tokens = features.shape[1]
-        positions = torch.arange(num_tokens, device=features.device)
-        kept_tokens = []
-        for image in range(len(pixel_values)):
-            item = VisualItem(
-                "image",
-                features[image],
-                tokens=None if projected is None else projected[image],
-                saliency=tower.saliency[image],
-                keys=None if tower.keys is None else tower.keys[image],
-                units=[ImageSelection.of("image", [TokenRegion(positions, tower.grid_shape)])],
+        projected = self.multi_modal_projector(features) if "projected" in needs else None  # (I, N, D)
+        positions = torch.arange(features.shape[1], device=features.device)
+        return [
+            EncodedImage(
+                VisualItem(
+                    "image",
+                    features[image],
+                    tokens=None if projected is None else projected[image],
+                    saliency=tower.saliency[image],
+                    keys=None if tower.keys is None else tower.keys[image],
+                    units=[ImageSelection.of("image", [TokenRegion(positions, tower.grid_shape)])],
+                ),
+                tower.saliency_kind,
+                tower.key_heads,
             )
-            kept = self.keep_image_tokens(item, texts[image], tower.saliency_kind, tower.key_heads, projector)
-            kept_tokens.append(kept)
-        return tuple(kept_tokens)  # one (K, D) per image
+            for image in range(len(pixel_values))
+        ]

@@ -29,6 +29,7 @@ from ...pipeline import ImageSelection, TokenRegion, VisualItem
 from .llava import LlavaTowerMixin
 from .processing import PrunedInfoMixin, TextGuidedProcessorMixin
 from .pruned_model import prompt_text_per_image
+from .vision_cache import EncodedImage
 
 
 class PrunedLlavaNextProcessingInfo(PrunedInfoMixin, LlavaNextProcessingInfo):
@@ -103,25 +104,37 @@ class PrunedLlavaNext(LlavaTowerMixin, LlavaNextForConditionalGeneration):
     def embed_pruned(self, image_input, kwargs: dict) -> tuple[torch.Tensor, ...]:
         image_sizes = image_input["image_sizes"]  # (I, 2) as (height, width)
         counts = self.views_per_image(image_sizes)
-        pixel_values = torch.cat([views[:count] for views, count in zip(image_input["pixel_values"], counts)])
+        views = [views[:count] for views, count in zip(image_input["pixel_values"], counts)]  # (1 + P, 3, h, w) each
         texts = prompt_text_per_image(kwargs, len(counts))
-        needs = self.flashvlm.selector.requires
-        tower = self.encode_with_saliency(pixel_values, needs)  # over every view: (V, n, ...)
+        images = self.encode_images(
+            views,
+            [tuple(size) for size in image_sizes.tolist()],
+            lambda chosen: self.encode_views([views[image] for image in chosen], image_sizes[chosen]),
+        )
         projector = self.multi_modal_projector
-        projected = projector(tower.features)  # (V, n, D): every kept token comes from here
+        return tuple(  # one (K + rows, D) per image
+            self.keep_image_tokens(image.item, text, image.saliency_kind, image.key_heads, projector)
+            for image, text in zip(images, texts)
+        )
 
-        kept_tokens = []
+    def encode_views(self, views: list[torch.Tensor], image_sizes: torch.Tensor) -> list[EncodedImage]:
+        """Each image before selection, from its views (base + crops) and its (height, width):
+        one tower pass over every view, then each image's tokens in vLLM's merge order."""
+        tower = self.encode_with_saliency(torch.cat(views), self.flashvlm.selector.requires)  # (V, n, ...)
+        projected = self.multi_modal_projector(tower.features)  # (V, n, D): every kept token comes from here
+
+        images = []
         first_view = 0
-        for image, count in enumerate(counts):
-            views = slice(first_view, first_view + count)
-            first_view += count
-            source = self.anyres_layout(image_sizes[image]).to(projected.device)  # (L,)
+        for image_size, image_views in zip(image_sizes, views):
+            in_image = slice(first_view, first_view + len(image_views))
+            first_view = in_image.stop
+            source = self.anyres_layout(image_size).to(projected.device)  # (L,)
             is_newline = source < 0
             from_views = source.clamp(min=0)
 
-            def in_sequence(per_view: torch.Tensor, views=views, from_views=from_views, is_newline=is_newline):
+            def in_sequence(per_view: torch.Tensor, in_image=in_image, from_views=from_views, is_newline=is_newline):
                 """(V, n, ...) of this image's views -> (L, ...) in sequence order, zeros at newlines."""
-                values = per_view[views].flatten(0, 1)[from_views]
+                values = per_view[in_image].flatten(0, 1)[from_views]
                 return values.masked_fill(is_newline.view(-1, *[1] * (values.dim() - 1)), 0)
 
             patch_places = (~is_newline).nonzero().squeeze(-1)  # (N,) where each patch token sits
@@ -135,12 +148,11 @@ class PrunedLlavaNext(LlavaTowerMixin, LlavaNextForConditionalGeneration):
             item = VisualItem(
                 "image",
                 in_sequence(tower.features),  # (L, C)
-                tokens=self.anyres_sequence(source, projected[views].flatten(0, 1)),  # (L, D), as vLLM merges it
+                tokens=self.anyres_sequence(source, projected[in_image].flatten(0, 1)),  # (L, D), as vLLM merges it
                 saliency=in_sequence(tower.saliency),  # (L,)
                 keys=None if tower.keys is None else in_sequence(tower.keys),  # (L, C_k)
                 is_newline=is_newline,
                 units=[ImageSelection.of("image", regions)],
             )
-            kept = self.keep_image_tokens(item, texts[image], tower.saliency_kind, tower.key_heads, projector)
-            kept_tokens.append(kept)
-        return tuple(kept_tokens)  # one (K + rows, D) per image
+            images.append(EncodedImage(item, tower.saliency_kind, tower.key_heads))
+        return images

@@ -1,6 +1,7 @@
 """What every family's vLLM model shares: saliency from one vision layer's q/k, the prompt's
-text per image, the selection (the shared pipeline, :mod:`flashvlm.pipeline`), and the
-record of what was kept.
+text per image, each image's tower output kept for its next question (``vision_cache.py``),
+the selection (the shared pipeline, :mod:`flashvlm.pipeline`), and the record of what was
+kept.
 
 The vision towers keep vLLM's attention kernels: a forward hook on the feature layer's
 fused ``qkv_proj`` captures its queries and keys, from which :mod:`flashvlm.saliency`
@@ -10,7 +11,7 @@ computes the one row (CLS attention) or column sum (attention received) the meth
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ from torch import nn
 
 from ...pipeline import GuidingText, VisualItem, keep_tokens, select_regions
 from .settings import PruningSettings
+from .vision_cache import MIB, EncodedImage, VisionCache, clear_vision_cache
 
 #: Name of the per-image field that carries the prompt's text from the multimodal processor
 #: to the encoder step (it is also a processor keyword argument, so it enters the
@@ -124,10 +126,34 @@ class PrunedModelMixin:
 
     flashvlm: PruningSettings | None
 
-    def init_flashvlm(self, settings: PruningSettings | None) -> None:
+    def init_flashvlm(self, settings: PruningSettings | None, vllm_config=None) -> None:
         self.flashvlm = settings
         #: The last images' selections, oldest first (read with ``LLM.apply_model``).
         self.flashvlm_history: deque[KeptTokens] = deque(maxlen=HISTORY_LENGTH)
+        #: Images' unpruned tower outputs by content (``vision_cache.py``). Off with LoRA: an
+        #: adapter may change the tower per request, and the key cannot see which one.
+        with_lora = getattr(vllm_config, "lora_config", None) is not None
+        megabytes = 0 if settings is None or with_lora else settings.vision_cache_mb
+        self.flashvlm_vision = VisionCache(int(megabytes * MIB))
+
+    def load_weights(self, weights):
+        """vLLM's, then the vision cache emptied: what it holds was computed with the old weights
+        (a reload, or a trainer's weight update through ``load_weights``)."""
+        loaded = super().load_weights(weights)
+        clear_vision_cache(self)
+        return loaded
+
+    def encode_images(
+        self,
+        tower_inputs: Sequence[torch.Tensor],
+        extras: Sequence[Hashable],
+        run_tower: Callable[[list[int]], list[EncodedImage]],
+    ) -> list[EncodedImage]:
+        """Each image's unpruned tower output, one tower pass over the images the vision cache
+        lacks: ``tower_inputs[i]`` is image ``i``'s tower input, ``extras[i]`` what else its
+        output depends on, and ``run_tower(indices)`` encodes those images. The selection then
+        runs per image (:meth:`keep_image_tokens`), with each request's text."""
+        return self.flashvlm_vision.encode(tower_inputs, extras, self.flashvlm.selector.requires, run_tower)
 
     def embed_text(self, text: PromptText, selector) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Input embeddings (1, L, D) of one image's prompt text, its mask (1, L), and which

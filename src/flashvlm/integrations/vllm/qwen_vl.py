@@ -54,6 +54,7 @@ from .pruned_model import (
     prompt_text_per_image,
 )
 from .settings import SERVED_REQUIREMENTS, settings_of
+from .vision_cache import EncodedImage
 
 #: What this path hands a method: Qwen's tower has no CLS token, so no CLS attention row.
 QWEN_SERVED_REQUIREMENTS = SERVED_REQUIREMENTS - {"cls_attention"}
@@ -159,7 +160,7 @@ class PrunedQwen2_5_VL(PrunedModelMixin, Qwen2_5_VLForConditionalGeneration):
                     f"pipeline_parallel_size={vllm_config.parallel_config.pipeline_parallel_size}: flashvlm corrects "
                     "the kept tokens' M-RoPE positions on the first stage only; Qwen2.5-VL is served with 1"
                 )
-        self.init_flashvlm(settings)
+        self.init_flashvlm(settings, vllm_config)
         full_attention_blocks = self.visual.fullatt_block_indexes
         last_full = max(full_attention_blocks) if full_attention_blocks else len(self.visual.blocks) - 1
         #: Saliency comes from the last full-attention block, as in the HF adapter (window
@@ -249,12 +250,38 @@ class PrunedQwen2_5_VL(PrunedModelMixin, Qwen2_5_VLForConditionalGeneration):
             raise FlashVLMError("flashvlm selects from pixels; precomputed image_embeds carry no encoder saliency")
         grid_thw = image_input["image_grid_thw"].tolist()
         texts = prompt_text_per_image(kwargs, len(grid_thw))
+        pixel_values = image_input["pixel_values"]  # (S, C): every image's patches
+        patches = pixel_values.split([t * h * w for t, h, w in grid_thw])  # (t*h*w, C) each
+
+        def run_tower(chosen: list[int]) -> list[EncodedImage]:
+            pixels = pixel_values if len(chosen) == len(patches) else torch.cat([patches[i] for i in chosen])
+            return self.encode_patches(pixels, [grid_thw[image] for image in chosen])
+
+        images = self.encode_images(patches, [tuple(grid) for grid in grid_thw], run_tower)
+        tower = self.visual
+
+        def merge(features: torch.Tensor) -> torch.Tensor:
+            """The merger on (K, m*m*C) merge groups -> (K, D): a merging method's tokens."""
+            return tower.merger(features.reshape(-1, features.shape[-1] // tower.spatial_merge_unit))
+
+        kept_rows = []
+        for image, text, (_, h, w) in zip(images, texts, grid_thw):
+            rows, cols = h // tower.spatial_merge_size, w // tower.spatial_merge_size
+            tokens = self.keep_image_tokens(image.item, text, image.saliency_kind, image.key_heads, merge)
+            indices = image.item.keep.nonzero().squeeze(-1)
+            offsets = torch.stack([indices // (rows * cols), indices % (rows * cols) // cols, indices % cols], dim=1)
+            kept_rows.append(torch.cat([tokens, offsets.to(tokens.dtype)], dim=1))  # (K, D + 3)
+        return tuple(kept_rows)
+
+    def encode_patches(self, pixel_values: torch.Tensor, grid_thw: list[list[int]]) -> list[EncodedImage]:
+        """Each image before selection, from the images' pixel patches (S, C) and their (t, h, w)
+        grids: one tower pass."""
         needs = self.flashvlm.selector.requires
         tower = self.visual
         attention = self.saliency_attention
         metadata = tower.prepare_encoder_metadata(grid_thw)
         with tap_rotated_queries_and_keys(attention) as tap, tap_merger_input(tower.merger) as merger_input:
-            projected = tower(image_input["pixel_values"], grid_thw=grid_thw, encoder_metadata=metadata)  # (M, D)
+            projected = tower(pixel_values, grid_thw=grid_thw, encoder_metadata=metadata)  # (M, D)
         # The tower runs merge groups window by window; reverse_indices restores each image's raster.
         model_order = metadata["reverse_indices"].to(projected.device)
         group = tower.spatial_merge_unit
@@ -273,13 +300,9 @@ class PrunedQwen2_5_VL(PrunedModelMixin, Qwen2_5_VLForConditionalGeneration):
             keys = gather_tensor_parallel_channels(tap.keys, attention)  # (S, C_k)
             keys = keys.view(num_merged, group, -1).mean(dim=1)[model_order]  # (M, C_k)
 
-        def merge(features: torch.Tensor) -> torch.Tensor:
-            """The merger on (K, m*m*C) merge groups -> (K, D): a merging method's tokens."""
-            return tower.merger(features.reshape(-1, hidden.shape[-1]))
-
-        kept_rows = []
+        images = []
         start = 0
-        for image, (t, h, w) in enumerate(grid_thw):
+        for t, h, w in grid_thw:
             rows, cols = h // tower.spatial_merge_size, w // tower.spatial_merge_size
             one = slice(start, start + t * rows * cols)
             start = one.stop
@@ -292,8 +315,5 @@ class PrunedQwen2_5_VL(PrunedModelMixin, Qwen2_5_VLForConditionalGeneration):
                 keys=None if keys is None else keys[one],
                 units=[ImageSelection.of("image", [TokenRegion(positions, (rows, cols) if t == 1 else None)])],
             )
-            tokens = self.keep_image_tokens(item, texts[image], "received", tower.num_heads, merge)
-            indices = item.keep.nonzero().squeeze(-1)
-            offsets = torch.stack([indices // (rows * cols), indices % (rows * cols) // cols, indices % cols], dim=1)
-            kept_rows.append(torch.cat([tokens, offsets.to(tokens.dtype)], dim=1))  # (K, D + 3)
-        return tuple(kept_rows)
+            images.append(EncodedImage(item, "received", tower.num_heads))
+        return images

@@ -7,6 +7,8 @@ imports vLLM.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -22,6 +24,12 @@ CONFIG_KEY = "flashvlm"
 #: count (decided before the encoder runs) leaves no room for.
 SERVED_REQUIREMENTS = frozenset({"saliency", "cls_attention", "text", "projected", "keys", "grid", "release_saliency"})
 
+#: The settings key of the worker's vision cache (``vision_cache.py``): MiB of images' unpruned
+#: tower outputs kept for their next question; 0 turns the cache off.
+VISION_CACHE_KEY = "vision_cache_mb"
+#: Its default: a few dozen LLaVA-1.5-7B images or about eight LLaVA-NeXT-7B ones in bfloat16.
+DEFAULT_VISION_CACHE_MB = 256
+
 
 @dataclass(frozen=True)
 class PruningSettings:
@@ -29,6 +37,8 @@ class PruningSettings:
 
     selector: TokenSelector
     budget: Budget
+    #: MiB of tower outputs the worker keeps per model (:data:`VISION_CACHE_KEY`); 0: off.
+    vision_cache_mb: float = DEFAULT_VISION_CACHE_MB
 
     def num_kept(self, num_tokens: int) -> int:
         """Placeholders an image of ``num_tokens`` visual tokens gets in the prompt."""
@@ -55,6 +65,7 @@ def parse_settings(value: object, served: frozenset[str] = SERVED_REQUIREMENTS) 
             'the settings need a "budget": visual tokens per image (an integer >= 1) or a ratio of them in (0, 1]'
         )
     budget = validate_budget(params.pop("budget"))
+    vision_cache_mb = validate_vision_cache_mb(params.pop(VISION_CACHE_KEY, DEFAULT_VISION_CACHE_MB))
     method = params.pop("method", "flashvlm")
     selector = get_method(method, **params)
     unserved = sorted(selector.requires - served)
@@ -69,7 +80,16 @@ def parse_settings(value: object, served: frozenset[str] = SERVED_REQUIREMENTS) 
             f"method {method!r} reads only the user's question (text_tokens='question'), which vLLM does not "
             "hand the model apart from the prompt; use text_tokens='prompt' (the default) or 'before_image'"
         )
-    return PruningSettings(selector, budget)
+    return PruningSettings(selector, budget, vision_cache_mb)
+
+
+def validate_vision_cache_mb(value: object) -> float:
+    """The vision cache's size in MiB (an int or float >= 0), or :class:`FlashVLMError`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+        raise FlashVLMError(
+            f"{VISION_CACHE_KEY} must be a number of MiB >= 0 (0 turns the vision cache off); got {value!r}"
+        )
+    return value
 
 
 def settings_of(hf_config: object, served: frozenset[str] = SERVED_REQUIREMENTS) -> PruningSettings | None:
