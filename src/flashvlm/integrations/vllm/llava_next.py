@@ -24,21 +24,15 @@ from vllm.model_executor.models.llava_next import (
     LlavaNextProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.parse import ImageProcessorItems
 
 from ...pipeline import ImageSelection, TokenRegion, VisualItem
 from .llava import LlavaTowerMixin
-from .processing import PrunedInfoMixin, TextGuidedProcessorMixin
+from .processing import PrunedInfoMixin, PrunedProcessorMixin
 from .pruned_model import prompt_text_per_image
 
 
 class PrunedLlavaNextProcessingInfo(PrunedInfoMixin, LlavaNextProcessingInfo):
-    def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
-        num_tokens = super().get_num_image_tokens(image_width=image_width, image_height=image_height)
-        if self.flashvlm is None:
-            return num_tokens
-        rows = self.flashvlm_newlines(image_width=image_width, image_height=image_height)
-        return self.flashvlm.num_kept(num_tokens - rows) + rows  # K patch tokens + every row's newline
-
     def flashvlm_newlines(self, *, image_width: int, image_height: int) -> int:
         """Newline tokens of an image: one per row of its unpadded crop raster (vLLM's count)."""
         vision_encoder_info = self.get_vision_encoder_info()
@@ -57,9 +51,14 @@ class PrunedLlavaNextProcessingInfo(PrunedInfoMixin, LlavaNextProcessingInfo):
         return newlines
 
 
-class PrunedLlavaNextMultiModalProcessor(TextGuidedProcessorMixin, LlavaNextMultiModalProcessor):
+class PrunedLlavaNextMultiModalProcessor(PrunedProcessorMixin, LlavaNextMultiModalProcessor):
     def flashvlm_placeholder_ids(self) -> frozenset[int]:
         return frozenset({self.info.get_hf_config().image_token_index})
+
+    def flashvlm_num_placeholders(self, settings, num_placeholders: int, mm_items, item_idx) -> int:
+        size = mm_items.get_items("image", ImageProcessorItems).get_image_size(item_idx)
+        rows = self.info.flashvlm_newlines(image_width=size.width, image_height=size.height)
+        return settings.num_kept(num_placeholders - rows) + rows  # K patch tokens + every row's newline
 
 
 @MULTIMODAL_REGISTRY.register_processor(
@@ -105,8 +104,8 @@ class PrunedLlavaNext(LlavaTowerMixin, LlavaNextForConditionalGeneration):
         counts = self.views_per_image(image_sizes)
         pixel_values = torch.cat([views[:count] for views, count in zip(image_input["pixel_values"], counts)])
         texts = prompt_text_per_image(kwargs, len(counts))
-        needs = self.flashvlm.selector.requires
-        tower = self.encode_with_saliency(pixel_values, needs)  # over every view: (V, n, ...)
+        settings = self.settings_per_image(kwargs, len(counts))
+        tower = self.encode_with_saliency(pixel_values, {image.selector.requires for image in settings})  # (V, n, ...)
         projector = self.multi_modal_projector
         projected = projector(tower.features)  # (V, n, D): every kept token comes from here
 
@@ -136,11 +135,13 @@ class PrunedLlavaNext(LlavaTowerMixin, LlavaNextForConditionalGeneration):
                 "image",
                 in_sequence(tower.features),  # (L, C)
                 tokens=self.anyres_sequence(source, projected[views].flatten(0, 1)),  # (L, D), as vLLM merges it
-                saliency=in_sequence(tower.saliency),  # (L,)
+                saliency=in_sequence(tower.saliency_for(settings[image].selector.requires)),  # (L,)
                 keys=None if tower.keys is None else in_sequence(tower.keys),  # (L, C_k)
                 is_newline=is_newline,
                 units=[ImageSelection.of("image", regions)],
             )
-            kept = self.keep_image_tokens(item, texts[image], tower.saliency_kind, tower.key_heads, projector)
+            kept = self.keep_image_tokens(
+                item, texts[image], settings[image], tower.saliency_kind, tower.key_heads, projector
+            )
             kept_tokens.append(kept)
         return tuple(kept_tokens)  # one (K + rows, D) per image

@@ -29,7 +29,6 @@ Videos are not pruned: with the switch on they are served as stock vLLM serves t
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import replace
 
 import numpy as np
 import torch
@@ -44,9 +43,8 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from ...errors import FlashVLMError, UnsupportedModelError
 from ...pipeline import ImageSelection, TokenRegion, VisualItem
 from ...saliency import segmented_received_attention
-from .processing import PrunedInfoMixin, TextGuidedProcessorMixin
+from .processing import PrunedInfoMixin, PrunedProcessorMixin
 from .pruned_model import (
-    TEXT_IDS_FIELD,
     PrunedModelMixin,
     QKTap,
     gather_tensor_parallel_channels,
@@ -65,6 +63,8 @@ POSITION_CHANNELS = 3
 class PrunedQwen2_5_VLProcessingInfo(PrunedInfoMixin, Qwen2_5_VLProcessingInfo):
     flashvlm_served = QWEN_SERVED_REQUIREMENTS
 
+    # The engine's count, from which vLLM sizes its encoder budget (get_mm_max_tokens_per_item);
+    # a prompt's placeholders are cut by the processor, with the request's own settings if any.
     def get_num_image_tokens(self, *, image_width, image_height, image_processor, mm_kwargs) -> int:
         num_tokens = super().get_num_image_tokens(
             image_width=image_width, image_height=image_height, image_processor=image_processor, mm_kwargs=mm_kwargs
@@ -72,7 +72,7 @@ class PrunedQwen2_5_VLProcessingInfo(PrunedInfoMixin, Qwen2_5_VLProcessingInfo):
         return num_tokens if self.flashvlm is None else self.flashvlm.num_kept(num_tokens)
 
 
-class PrunedQwen2_5_VLMultiModalProcessor(TextGuidedProcessorMixin, Qwen2_5_VLMultiModalProcessor):
+class PrunedQwen2_5_VLMultiModalProcessor(PrunedProcessorMixin, Qwen2_5_VLMultiModalProcessor):
     def flashvlm_placeholder_ids(self) -> frozenset[int]:
         config = self.info.get_hf_config()
         return frozenset({config.image_token_id, config.video_token_id})
@@ -80,23 +80,6 @@ class PrunedQwen2_5_VLMultiModalProcessor(TextGuidedProcessorMixin, Qwen2_5_VLMu
     def flashvlm_num_images(self, processed) -> int:
         # pixel_values holds every image's patches in one (S, C) tensor: count the grids.
         return len(processed.get("image_grid_thw", ()))
-
-    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
-        # vLLM keys its cached HF processors by these kwargs: the prompt's text would build one per prompt.
-        hf_processor_mm_kwargs = {k: v for k, v in hf_processor_mm_kwargs.items() if k != TEXT_IDS_FIELD}
-        updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
-        settings = self.info.flashvlm
-        if settings is None:
-            return updates
-
-        def with_kept_placeholders(update):
-            def replacement(item_idx: int):
-                placeholders = update.replacement(item_idx)  # N copies of the image token
-                return placeholders[: settings.num_kept(len(placeholders))]
-
-            return replace(update, replacement=replacement)
-
-        return [with_kept_placeholders(update) if update.modality == "image" else update for update in updates]
 
 
 @contextmanager
@@ -159,7 +142,7 @@ class PrunedQwen2_5_VL(PrunedModelMixin, Qwen2_5_VLForConditionalGeneration):
                     f"pipeline_parallel_size={vllm_config.parallel_config.pipeline_parallel_size}: flashvlm corrects "
                     "the kept tokens' M-RoPE positions on the first stage only; Qwen2.5-VL is served with 1"
                 )
-        self.init_flashvlm(settings)
+        self.init_flashvlm(settings, QWEN_SERVED_REQUIREMENTS)
         full_attention_blocks = self.visual.fullatt_block_indexes
         last_full = max(full_attention_blocks) if full_attention_blocks else len(self.visual.blocks) - 1
         #: Saliency comes from the last full-attention block, as in the HF adapter (window
@@ -249,7 +232,7 @@ class PrunedQwen2_5_VL(PrunedModelMixin, Qwen2_5_VLForConditionalGeneration):
             raise FlashVLMError("flashvlm selects from pixels; precomputed image_embeds carry no encoder saliency")
         grid_thw = image_input["image_grid_thw"].tolist()
         texts = prompt_text_per_image(kwargs, len(grid_thw))
-        needs = self.flashvlm.selector.requires
+        settings = self.settings_per_image(kwargs, len(grid_thw))
         tower = self.visual
         attention = self.saliency_attention
         metadata = tower.prepare_encoder_metadata(grid_thw)
@@ -269,7 +252,7 @@ class PrunedQwen2_5_VL(PrunedModelMixin, Qwen2_5_VLForConditionalGeneration):
         received = mean_over_tensor_parallel_heads(received, attention)
         saliency = received.view(num_merged, group).mean(dim=1)[model_order]  # (M,)
         keys = None
-        if "keys" in needs:
+        if any("keys" in image.selector.requires for image in settings):
             keys = gather_tensor_parallel_channels(tap.keys, attention)  # (S, C_k)
             keys = keys.view(num_merged, group, -1).mean(dim=1)[model_order]  # (M, C_k)
 
@@ -292,7 +275,7 @@ class PrunedQwen2_5_VL(PrunedModelMixin, Qwen2_5_VLForConditionalGeneration):
                 keys=None if keys is None else keys[one],
                 units=[ImageSelection.of("image", [TokenRegion(positions, (rows, cols) if t == 1 else None)])],
             )
-            tokens = self.keep_image_tokens(item, texts[image], "received", tower.num_heads, merge)
+            tokens = self.keep_image_tokens(item, texts[image], settings[image], "received", tower.num_heads, merge)
             indices = item.keep.nonzero().squeeze(-1)
             offsets = torch.stack([indices // (rows * cols), indices % (rows * cols) // cols, indices % cols], dim=1)
             kept_rows.append(torch.cat([tokens, offsets.to(tokens.dtype)], dim=1))  # (K, D + 3)
