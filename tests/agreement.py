@@ -113,6 +113,12 @@ class SelectionRecorder:
         self.calls.append(RecordedCall(snapshot(inputs), budget, selection.indices.detach().cpu()))
         return selection
 
+    def sharing(self, selector) -> SelectionRecorder:
+        """A recorder of another method whose calls go to this recorder's list (a vLLM request's own method)."""
+        other = SelectionRecorder(selector, self.perturbation)
+        other.generator, other.calls = self.generator, self.calls
+        return other
+
     def second_path(self) -> None:
         """Start recording the other path of a comparison: forget the calls so far, and from now
         on perturb the inputs when ``FLASHVLM_TEST_PERTURBATION`` is set (the paths' features
@@ -184,6 +190,15 @@ def replays_exactly(row: RecordedRow, method) -> bool:
     """Whether ``method`` keeps exactly the recorded indices on the recorded inputs."""
     call = row.call
     return torch.equal(method(call.inputs, call.budget).indices[row.index].cpu(), call.kept[row.index])
+
+
+def kept_under_perturbation(row: RecordedRow, method, scale: float, seed: int = 0) -> bool:
+    """Whether ``method`` keeps the recorded indices when the row's vision inputs are perturbed at
+    relative ``scale``: a selection that sits on no near-tie at that scale, so that a path whose
+    inputs differ far less (another engine's kernels) keeps the same tokens."""
+    call = row.call
+    inputs = perturbed(call.inputs, scale, torch.Generator().manual_seed(seed))
+    return torch.equal(method(inputs, call.budget).indices[row.index].cpu(), call.kept[row.index])
 
 
 def check_same_selection(
@@ -337,12 +352,20 @@ def _relative_gap(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def start_recording(model) -> bool:
-    """Wrap a pruned vLLM model's method in a recorder (False: the model is stock)."""
+    """Wrap a pruned vLLM model's method in a recorder, and each request's own method in one
+    that records into the same list (False: the model is stock)."""
     settings = getattr(model, "flashvlm", None)
     if settings is None:
         return False
     recorder = SelectionRecorder(settings.selector, perturbation_from_environment())
     model.flashvlm = dataclasses.replace(settings, selector=recorder)
+    request_settings = model.flashvlm_request_settings
+
+    def recorded_request_settings(text: str):
+        request = request_settings(text)
+        return dataclasses.replace(request, selector=recorder.sharing(request.selector))
+
+    model.flashvlm_request_settings = recorded_request_settings
     return True
 
 
@@ -353,7 +376,8 @@ def take_recorded_calls(model) -> list[dict]:
     recorder = getattr(getattr(model, "flashvlm", None), "selector", None)
     if not isinstance(recorder, SelectionRecorder):
         return []
-    calls, recorder.calls = recorder.calls, []
+    calls = list(recorder.calls)
+    recorder.calls.clear()  # in place: the requests' recorders share the list
     return [
         {
             "inputs": {field.name: getattr(call.inputs, field.name) for field in dataclasses.fields(call.inputs)},

@@ -62,6 +62,18 @@ def demo_vllm_folder(tmp_path_factory) -> Path:
     return export_for_vllm(FOLDER, tmp_path_factory.mktemp("demo-vllm") / "model")
 
 
+@pytest.fixture(scope="session")
+def tiny_qwen_vllm(tmp_path_factory) -> dict:
+    """The vLLM tests' tiny random Qwen2.5-VL (tests/vllm_plugin/tiny_qwen.py): its folder, and
+    the transformers model and processor loaded from it."""
+    from tiny_qwen import tiny_qwen_folder
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    folder = tiny_qwen_folder(tmp_path_factory.mktemp("qwen-vllm"))
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder).eval()
+    return {"folder": folder, "model": model, "processor": AutoProcessor.from_pretrained(folder)}
+
+
 def pytest_terminal_summary(terminalreporter):
     """How many kept tokens differed between two paths on a near-tie (tests/agreement.py)."""
     from agreement import SWAPS

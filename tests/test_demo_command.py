@@ -117,6 +117,9 @@ def test_evaluate_command_reports_accuracy_and_hit_rates(tmp_path):
         (["speed", "--layers", "a"], "expected integers >= 1"),
         (["speed", "--layers", "40"], "SmolLM2 has 30 layers"),
         (["speed", "--steps", "0"], "--steps must be >= 1"),
+        (["train", "--out", "unused", "--lm-layers", "31"], "--lm-layers: SmolLM2 has 30 layers; got 31"),
+        (["train", "--out", "unused", "--norm-weight", "-1"], "--norm-weight must be >= 0; got -1.0"),
+        (["train", "--out", "unused", "--curriculum-samples", "-5"], "--curriculum-samples must be >= 0; got -5"),
         (["curves", "no-such-run"], "no training log"),
     ],
 )

@@ -27,15 +27,17 @@ from flashvlm.demo.model import (
 )
 from flashvlm.errors import FlashVLMError
 from flashvlm.loading import chat_prompt
-from lab.scenes import answer_words, split_example
+from lab.scenes import COLORS, SHAPES, answer_words, patch_coverage, split_example
 from lab.train import (
     STAGES,
     GroundingWords,
+    NormTerm,
     StageData,
     answer_loss,
     collate,
     make_config,
     multimodal_logits,
+    patch_labels,
     pixel_tensor,
     projected_tokens,
     train,
@@ -99,6 +101,23 @@ def test_the_wheel_gives_a_plain_llama_folder(lm_folder):
         49152,
     )
     assert not hasattr(config, "quantization_config") and (lm_folder / "model.safetensors").is_file()
+
+
+def test_a_trimmed_gguf_is_the_full_model_first_layers(lm_folder, tmp_path):
+    from safetensors.torch import load_file
+
+    from flashvlm.demo.language_model import LANGUAGE_MODEL_NAME, convert_gguf, gguf_path
+    from lab.trim_gguf import trim_gguf
+
+    trim_gguf(gguf_path(), tmp_path / "two.gguf", layers=2)
+    convert_gguf(tmp_path / "two.gguf", tmp_path / LANGUAGE_MODEL_NAME, verbose=False)
+    trimmed = load_file(tmp_path / LANGUAGE_MODEL_NAME / "model.safetensors")
+    full = load_file(lm_folder / "model.safetensors")
+    assert set(trimmed) == {name for name in full if not name.startswith("model.layers.") or name.split(".")[2] in "01"}
+    for name, tensor in trimmed.items():
+        assert torch.equal(tensor, full[name]), name
+    with pytest.raises(ValueError, match="--layers must be in 1..30; got 31"):
+        trim_gguf(gguf_path(), tmp_path / "too-deep.gguf", layers=31)
 
 
 def test_a_missing_wheel_says_how_to_install_it(monkeypatch, tmp_path):
@@ -165,6 +184,51 @@ def test_grounding_labels_mark_the_patches_an_attribute_covers(lm_folder):
     assert torch.isfinite(loss) and {"answer", "grounding", "cosine_gap"} <= set(metrics)
 
 
+def test_patch_labels_name_the_object_that_covers_the_patch():
+    example = split_example(0, "validation", 1)
+    labels = patch_labels(example.objects)  # (N,) each, 0 = background
+    coverage = torch.stack([torch.from_numpy(patch_coverage(obj)) for obj in example.objects])  # (O, N)
+    assert torch.equal(labels["patch_shapes"] > 0, coverage.max(0).values >= 0.3)
+    for obj, shares in zip(example.objects, coverage):
+        mine = (shares >= 0.5) & (shares == coverage.max(0).values)
+        assert mine.any()
+        assert (labels["patch_colors"][mine] == list(COLORS).index(obj.color) + 1).all()
+        assert (labels["patch_shapes"][mine] == list(SHAPES).index(obj.shape) + 1).all()
+
+
+def test_norm_term_pulls_projected_tokens_to_the_word_embeddings_norm(lm_folder):
+    model = build_model(lm_folder, make_config("smoke").vision, lm_layers=2)
+    norm = NormTerm.of(model, 1.0)
+    assert norm.target == pytest.approx(model.get_input_embeddings().weight.float().norm(dim=-1).mean().item())
+    data = StageData("tune", 0, lm_folder)
+    batch = collate([data[0], data[1]], pad_id=model.config.pad_token_id)
+    _, metrics = answer_loss(model, batch, norm=norm)
+    assert "norm_ratio" in metrics
+    at_target = torch.randn(2, 5, 576)
+    at_target = at_target / at_target.norm(dim=-1, keepdim=True) * norm.target
+    from lab.train import norm_loss
+
+    assert norm_loss(norm, at_target)[0].item() == pytest.approx(0.0, abs=1e-6)
+    assert norm_loss(norm, 16 * at_target)[0].item() == pytest.approx(torch.tensor(16.0).log().square().item())
+
+
+def test_the_reading_curriculum_comes_first_and_leaves_the_stream_after_it(lm_folder):
+    plain, curriculum = StageData("tune", 0, lm_folder), StageData("tune", 0, lm_folder, curriculum_samples=40)
+    from lab.scenes import example_rng, make_example
+
+    for index in range(0, 40, 7):  # the curriculum's own scenes: one or two objects, attribute or existence
+        rng = example_rng(0, "tune", index)
+        example = make_example(rng, rng.choice(("attribute", "existence")), num_objects=rng.randint(1, 2))
+        assert example.family in ("attribute", "existence") and len(example.objects) <= 2
+        assert torch.equal(curriculum[index]["pixels"], pixel_tensor([example.render()])[0])
+    for index in (40, 41, 99):  # after it, sample i is what the plain stream gives at i (a resumed run agrees)
+        assert curriculum[index]["ids"] == plain[index]["ids"]
+        assert torch.equal(curriculum[index]["pixels"], plain[index]["pixels"])
+    assert (
+        StageData("align", 0, lm_folder, curriculum_samples=40)[0]["ids"] == StageData("align", 0, lm_folder)[0]["ids"]
+    )
+
+
 def test_fast_pixels_match_the_processor(lm_folder):
     image = split_example(0, "test", 3).render()
     expected = build_processor(lm_folder)(images=[image], text="<image>", return_tensors="pt")["pixel_values"]
@@ -192,7 +256,8 @@ def test_every_stage_trains_resumes_and_logs_image_gain(smoke_run):
     assert any(line.get("resumed") == "clip" for line in log)
     for line in log:
         if line.get("stage") in ("align", "tune"):
-            assert {"image_gain", "samples_per_second", "data_wait_share"} <= set(line)
+            assert {"image_gain", "samples_per_second", "data_wait_share", "norm_ratio"} <= set(line)
+    assert "patch_shape_acc" in next(line for line in log if line.get("stage") == "clip")
     assert "validation_first_token" in next(line for line in log if line.get("stage") == "tune")
     assert set(metrics["validation"]) == {"attribute", "existence", "counting", "relation", "overall"}
 

@@ -15,8 +15,9 @@ first rule in ``RULES`` that claims it:
   too) must resolve, names included.
 - ``make TARGET``: ``make -n TARGET``; ``bash SCRIPT``: the file, and ``bash -n``.
 - A heredoc Python snippet runs.
-- External tools (``vllm serve``, ``python -m lmms_eval``, ``pip install``): only our part in
-  them (the entry point, ``--model_args`` keys, ``--hf-overrides`` settings, extras, pins).
+- External tools (``vllm serve``, ``python -m lmms_eval``, ``pip install``, ``curl`` to a vLLM
+  server): only our part in them (the entry point, ``--model_args`` keys, ``--hf-overrides``
+  settings, a request's ``mm_processor_kwargs`` settings, extras, pins).
 - Shell lines (assignments, ``export``, loops): their block passes ``bash -n``.
 
 A command that no rule claims and that ``UNCHECKED`` does not name fails
@@ -585,6 +586,29 @@ def check_vllm_serve(command: Command, request) -> None:
     assert not problems, f"{command.where}: " + "; ".join(problems)
 
 
+def check_vllm_request(command: Command, request) -> None:
+    """A ``curl`` request to a vLLM server: its JSON body's ``mm_processor_kwargs["flashvlm"]``
+    are valid per-request settings over the settings of the ``vllm serve`` line before it."""
+    from flashvlm.integrations.vllm.settings import CONFIG_KEY, request_settings
+
+    body = option_value(command.argv, "-d") or option_value(command.argv, "--data")
+    assert body is not None, f"{command.where}: `{command.text}`: no -d JSON body (nothing of ours to check)"
+    settings = json.loads(body).get("mm_processor_kwargs", {}).get(CONFIG_KEY)
+    assert settings is not None, f"{command.where}: the request has no mm_processor_kwargs[{CONFIG_KEY!r}]"
+    servers = [
+        other
+        for other in ALL_COMMANDS
+        if other.document == command.document and other.line < command.line and other.argv[:2] == ["vllm", "serve"]
+    ]
+    assert servers, f"{command.where}: no `vllm serve` line before the request to take the engine's settings from"
+    server = max(servers, key=lambda other: other.line)
+    engine = json.loads(option_value(server.argv, "--hf-overrides"))[CONFIG_KEY]
+    request_settings(engine, settings)
+    assert "--trust-request-mm-kwargs" in server.argv, (
+        f"{server.where}: vLLM's server refuses a request's mm_processor_kwargs without --trust-request-mm-kwargs"
+    )
+
+
 def check_pip_install(command: Command, request) -> None:
     """``flashvlm[extra]`` names extras pyproject.toml has; another package pinned with ``==``
     is pinned at that version in a lock."""
@@ -625,6 +649,7 @@ RULES: list[tuple[str, Callable[[Command], bool], Callable]] = [
     ("make", lambda c: c.argv[:1] == ["make"], check_make),
     ("bash-script", lambda c: c.argv[:1] == ["bash"] and len(c.argv) > 1, check_bash_script),
     ("vllm-serve", lambda c: c.argv[:2] == ["vllm", "serve"], check_vllm_serve),
+    ("vllm-request", lambda c: c.argv[:1] == ["curl"] and "/v1/" in c.text, check_vllm_request),
     ("pip-install", lambda c: c.argv[:2] == ["pip", "install"], check_pip_install),
     ("shell", is_shell_syntax, check_shell),
 ]

@@ -1,7 +1,8 @@
 """The plug-in on the shipped demo model (LLaVA-1.5) against Hugging Face + flashvlm.
 
 One job builds every engine once: stock vLLM (plug-ins disabled) in one process, and in
-another the plug-in switched off, at full budget and at two budgets. The tests then compare
+another the plug-in switched off, at full budget and at two budgets; some of those engines
+then serve requests with settings of their own (``mm_processor_kwargs``). The tests then compare
 each selection with ``flashvlm.prune`` on the transformers model as tests/agreement.py
 defines it (same inputs within a tolerance, each side exactly what the method keeps on its
 own inputs, near-tie swaps counted), then kept indices, greedy tokens and prompt length
@@ -38,6 +39,22 @@ EOS_ID = 2
 #: its features (128 float32) and projected token (192 float32; FlashVLM reads them), its
 #: saliency (float32) and its position (int64).
 ENTRY_BYTES = 256 * ((128 + 192) * 4 + 4 + 8)
+#: The budget of the engine whose requests bring budgets of their own.
+ENGINE_BUDGET = 64
+#: Settings of three requests (the three examples): another budget, another method (the
+#: release's saliency beside the default's in one tower run), a method without text.
+REQUEST_SETTINGS = (
+    {"budget": 16},
+    {"budget": 40, "method": "flashvlm:release"},
+    {"budget": 20, "method": "divprune"},
+)
+#: Bad per-request settings and what the error names.
+BAD_REQUEST_SETTINGS = {
+    "budget 0": ({"budget": 0}, "BudgetError", "budget must be >= 1"),
+    "unknown method": ({"method": "nosuch"}, "FlashVLMError", "unknown method 'nosuch'"),
+    "unknown parameter": ({"nosuch": 1}, "FlashVLMError", "has no parameter(s) ['nosuch']"),
+    "unservable method": ({"method": "fastv"}, "MethodUnavailableError", "method 'fastv' needs lm_attention"),
+}
 
 
 def examples() -> list[dict]:
@@ -53,6 +70,11 @@ def hf_model():
 
 def requests_for(processor, rows):
     return [{"prompt": chat_prompt(processor, row["question"]), "images": [row["image"]]} for row in rows]
+
+
+def with_settings(request: dict, settings: dict, **flags) -> dict:
+    """``request`` with its own settings (``mm_processor_kwargs``)."""
+    return {**request, "mm_processor_kwargs": {"flashvlm": settings}, **flags}
 
 
 def hf_reference(
@@ -97,19 +119,38 @@ def runs(hf_model, demo_vllm_folder, tmp_path_factory):
     mixed = requests_for(processor, [*rows, {"image": rows[1]["image"], "question": rows[0]["question"]}])
     workdir = tmp_path_factory.mktemp("vllm-llava")
     job = {"model": str(demo_vllm_folder), "max_tokens": MAX_TOKENS, "logprobs": True}
-    engines = [{"name": "off", "calls": one_by_one}]
+    first = one_by_one[0][0]
+    # An engine started without the switch refuses a request's own settings.
+    engines = [{"name": "off", "calls": [*one_by_one, [with_settings(first, {"budget": 28}, expect_error=True)]]}]
     # The two questions come one after another, so the second meets the caches the first filled.
     then_two_questions = [*one_by_one, *[[request] for request in two_questions]]
     for budget in BUDGETS:
         calls = then_two_questions if budget == BUDGETS[-1] else one_by_one
+        if budget == ENGINE_BUDGET:
+            # The first example at another budget, twice (the second is served from the caches);
+            # bad settings, each refused; then each example with settings of its own.
+            bad = [
+                [with_settings(first, settings, expect_error=True)] for settings, *_ in BAD_REQUEST_SETTINGS.values()
+            ]
+            own = [[with_settings(request, settings)] for (request,), settings in zip(one_by_one, REQUEST_SETTINGS)]
+            calls = [*one_by_one, *[[with_settings(first, {"budget": BUDGETS[-1]})]] * 2, *bad, *own]
+            # Where each kind of call sits among the engine's calls.
+            starts = [len(one_by_one), len(one_by_one) + 2, len(calls) - len(own), len(calls)]
+            per_request = {kind: range(*starts[i : i + 2]) for i, kind in enumerate(("twice", "bad", "own"))}
         engines.append({"name": f"b{budget}", "hf_overrides": {"flashvlm": {"budget": budget}}, "calls": calls})
     # The same calls with the vision cache off, and with room for one image only.
     for name, megabytes in (("no reuse", 0), ("small cache", 1.5 * ENTRY_BYTES / MIB)):
         overrides = {"flashvlm": {"budget": BUDGETS[-1], "vision_cache_mb": megabytes}}
         engines.append({"name": name, "hf_overrides": overrides, "calls": then_two_questions})
     # The batch gets an engine of its own: with the one-by-one results in its encoder cache,
-    # vLLM would rightly serve them from there instead of selecting again.
-    engines.append({"name": "batch", "hf_overrides": {"flashvlm": {"budget": BUDGETS[-1]}}, "calls": [mixed]})
+    # vLLM would rightly serve them from there instead of selecting again. After it, the
+    # examples with their own settings and a request with the engine's, in one batch.
+    own_batch = [
+        *(with_settings(request, settings) for (request,), settings in zip(one_by_one, REQUEST_SETTINGS)),
+        two_questions[1],
+    ]
+    overrides = {"flashvlm": {"budget": BUDGETS[-1]}}
+    engines.append({"name": "batch", "hf_overrides": overrides, "calls": [mixed, own_batch]})
     two_images = {
         "prompt": chat_prompt(processor, rows[2]["question"], num_images=2),
         "images": [rows[0]["image"], rows[2]["image"]],
@@ -133,6 +174,8 @@ def runs(hf_model, demo_vllm_folder, tmp_path_factory):
         "requests": one_by_one,
         "two": two_questions,
         "mixed": mixed,
+        "own_batch": own_batch,
+        "per_request": per_request,
         "two_images": two_images,
     }
 
@@ -154,9 +197,9 @@ def only_output(call: dict) -> dict:
 
 def test_plugin_off_is_stock_vllm_and_equals_transformers(runs, hf_model):
     stock = [only_output(call) for call in runs["stock"]]
-    off = [only_output(call) for call in runs["off"]]
+    off = [only_output(call) for call in runs["off"][: len(stock)]]
     assert off == stock
-    assert all(call["kept"] == [] for call in runs["off"])
+    assert all(call["kept"] == [] for call in runs["off"][: len(stock)])
     for (request,), result in zip(runs["requests"], stock):
         assert result["output_ids"] == hf_reference(hf_model, request, None)["output_ids"]
 
@@ -194,7 +237,7 @@ def test_two_questions_about_one_image_get_two_selections(runs, hf_model):
 def test_a_mixed_batch_equals_the_requests_one_by_one(runs, hf_model):
     # Every request of the batch against transformers, as the single requests are above (its
     # tower ran on its three images at once, so its features differ from theirs in the last bits).
-    (batch,) = runs["batch"]
+    batch = runs["batch"][0]
     singles = runs[f"b{BUDGETS[-1]}"][: len(runs["requests"])]
     assert len(batch["kept"]) == len(batch["outputs"]) == len(runs["mixed"])
     batch_rows = recorded_rows(runs["selections"], "batch", 0)
@@ -226,6 +269,78 @@ def test_two_images_in_one_prompt_each_get_the_budget(runs, hf_model):
     assert [record[2] for record in call["kept"]] == reference["kept"]
     assert_same_answer(call, reference)
     assert only_output(call)["prompt_length"] == len(call["kept"][0][0]) + 2 * BUDGETS[-1]
+
+
+# -- settings per request (mm_processor_kwargs={"flashvlm": {...}}) ------------------------------
+
+
+def test_a_request_budget_overrides_the_engines(runs, hf_model):
+    engine = f"b{ENGINE_BUDGET}"
+    first = runs["per_request"]["twice"][0]
+    request = with_settings(runs["requests"][0][0], {"budget": BUDGETS[-1]})
+    call = runs[engine][first]
+    vllm_rows = recorded_rows(runs["selections"], engine, first)
+    reference = transformers_on_vllm_choice(hf_model, vllm_rows, request, BUDGETS[-1])
+    ((_, _, kept),) = call["kept"]
+    assert [kept] == reference["kept"] and len(kept) == BUDGETS[-1]
+    assert_same_answer(call, reference)
+    # The same image at the engine's budget (its first call) had other placeholders and tokens.
+    at_engine_budget = runs[engine][0]
+    assert len(at_engine_budget["kept"][0][2]) == ENGINE_BUDGET
+    lengths = [only_output(c)["prompt_length"] for c in (at_engine_budget, call)]
+    assert lengths == [reference["prompt_length"] - BUDGETS[-1] + ENGINE_BUDGET, reference["prompt_length"]]
+
+
+def test_the_same_image_and_settings_are_served_from_the_caches(runs):
+    first, again = (runs[f"b{ENGINE_BUDGET}"][index] for index in runs["per_request"]["twice"])
+    assert again["kept"] == []  # no selection ran: vLLM's caches had it
+    assert only_output(again) == only_output(first)
+
+
+def test_bad_request_settings_are_refused_in_one_line_naming_the_value(runs):
+    errors = [runs[f"b{ENGINE_BUDGET}"][index]["error"] for index in runs["per_request"]["bad"]]
+    for error, (_, error_type, words) in zip(errors, BAD_REQUEST_SETTINGS.values()):
+        assert error is not None and "\n" not in error, error
+        assert error.startswith(f'{error_type}: mm_processor_kwargs["flashvlm"]: ') and words in error, error
+    (refused,) = runs["off"][len(runs["requests"]) :]
+    assert refused["error"].startswith(
+        'FlashVLMError: mm_processor_kwargs["flashvlm"]: per-request settings need the engine'
+    )
+
+
+def test_requests_with_settings_of_their_own_keep_what_transformers_keeps(runs, hf_model):
+    # They come after the refused ones: the engine goes on serving.
+    engine = f"b{ENGINE_BUDGET}"
+    for index, (request,), settings in zip(runs["per_request"]["own"], runs["requests"], REQUEST_SETTINGS):
+        call = runs[engine][index]
+        vllm_rows = recorded_rows(runs["selections"], engine, index)
+        method = settings.get("method", "flashvlm")
+        reference = transformers_on_vllm_choice(hf_model, vllm_rows, request, settings["budget"], method)
+        ((_, _, kept),) = call["kept"]
+        assert [kept] == reference["kept"] and len(kept) == settings["budget"]
+        assert_same_answer(call, reference)
+        assert only_output(call)["prompt_length"] == reference["prompt_length"]
+
+
+def test_a_batch_of_requests_with_different_settings_equals_them_one_by_one(runs, hf_model):
+    # The examples with settings of their own and one request with the engine's, in one batch
+    # of another engine than the one that served them one by one (whose caches would serve them).
+    batch = runs["batch"][1]
+    singles = [runs[f"b{ENGINE_BUDGET}"][index] for index in runs["per_request"]["own"]]
+    assert len(batch["kept"]) == len(batch["outputs"]) == len(runs["own_batch"])
+    batch_rows = recorded_rows(runs["selections"], "batch", 1)
+    settings = [*REQUEST_SETTINGS, {"budget": BUDGETS[-1]}]
+    for request, output, own in zip(runs["own_batch"], batch["outputs"], settings):
+        method = own.get("method", "flashvlm")
+        reference = transformers_on_vllm_choice(hf_model, batch_rows, request, own["budget"], method, every=False)
+        assert_same_answer({"outputs": [output]}, reference)
+        assert len(output["prompt_ids"]) == reference["prompt_length"]
+        assert reference["kept"][0] in [record[2] for record in batch["kept"]]
+    lengths = [len(output["prompt_ids"]) for output in batch["outputs"]]
+    assert lengths[:3] == [only_output(call)["prompt_length"] for call in singles]
+
+
+# -- one vision pass per image (the vision cache) ---------------------------------------------
 
 
 def test_questions_about_one_image_run_the_tower_once(runs):
@@ -260,8 +375,13 @@ def test_a_full_vision_cache_evicts_the_least_recently_used_image(runs):
 
 def test_one_batch_runs_the_tower_once_over_its_distinct_images(runs):
     # Four requests, three images (one asked two questions), all in one step.
-    (batch,) = runs["batch"]
-    assert batch["tower"] == [3]
-    assert (batch["vision"]["images"], batch["vision"]["images_encoded"]) == (4, 3)
+    mixed, own = runs["batch"]
+    assert mixed["tower"] == [3]
+    assert (mixed["vision"]["images"], mixed["vision"]["images_encoded"]) == (4, 3)
     (two_images,) = runs["two images"]
     assert two_images["tower"] == [2]
+    # Then the three images again, with settings of their own, and the first one with the
+    # engine's: only the image whose method reads the release's saliency (which no entry
+    # holds) goes through the tower; the others' methods read what their entries hold.
+    assert own["tower"] == [1]
+    assert own["vision"]["images_encoded"] == 4

@@ -139,7 +139,10 @@ def runs(folders, hf_model):
         plugin_engines.append({"name": method, **next_engine, "hf_overrides": overrides, "calls": one_by_one[:1]})
     # A budget of 1 split over the views rounds the base view's share to 0: `none` must still send every view.
     keep_all = {"flashvlm": {"method": "none", "budget": 1}}
-    plugin_engines.append({"name": "none", **next_engine, "hf_overrides": keep_all, "calls": one_by_one[:1]})
+    # Then the other image with settings of its own: its K + rows placeholders follow the request's.
+    own = {**requests[1], "mm_processor_kwargs": {"flashvlm": {"method": "flashvlm", "budget": BUDGETS[-1]}}}
+    calls = [*one_by_one[:1], [own]]
+    plugin_engines.append({"name": "none", **next_engine, "hf_overrides": keep_all, "calls": calls})
     plugin_engines.append({"name": "llama", "engine_args": llama, "calls": llama_calls})
     refused = {"name": "llama refused", "engine_args": llama, "hf_overrides": overrides, "expect_error": True}
     plugin_engines.append({**refused, "calls": []})
@@ -188,10 +191,21 @@ def test_other_methods_keep_what_they_keep_in_transformers(runs, hf_model, metho
 
 
 def test_none_at_budget_one_sends_every_view_as_stock_vllm(runs):
-    (call,) = runs["plugin"]["none"]
+    call = runs["plugin"]["none"][0]
     ((_, num_tokens, kept),) = call["kept"]
     assert kept == list(range(num_tokens))
     assert only_output(call) == only_output(runs["stock"]["stock"][0])
+
+
+def test_a_request_with_settings_of_its_own_keeps_what_transformers_keeps(runs, hf_model):
+    # On the engine that keeps every token (method none): the request's method at its budget.
+    call = runs["plugin"]["none"][1]
+    vllm_rows = recorded_rows(runs["plugin"]["selections"], "none", 1)
+    reference = transformers_on_vllm_choice(hf_model, vllm_rows, runs["requests"][1], BUDGETS[-1], newlines="every_row")
+    (kept,) = call["kept"]
+    assert [kept[2]] == reference["kept"] and len(kept[2]) < kept[1]
+    assert_same_answer(call, reference)
+    assert only_output(call)["prompt_length"] == reference["prompt_length"]
 
 
 def test_the_anyres_layout_is_vllms_merge(runs):

@@ -1,8 +1,8 @@
 """The plug-in on a tiny random Qwen2.5-VL against Hugging Face + flashvlm.
 
-The model is built from a config here (window attention in blocks 0 and 2, full attention
-in block 1; a 2-layer Qwen2 decoder with M-RoPE) and saved with a processor built
-locally (the tiny word-level tokenizer of the other tests, Qwen2VLImageProcessorPil).
+The model (``tiny_qwen.py``) is built from a config (window attention in blocks 0 and 2,
+full attention in block 1; a 2-layer Qwen2 decoder with M-RoPE) and saved with a processor
+built locally (the tiny word-level tokenizer of the other tests, Qwen2VLImageProcessorPil).
 Images of two sizes give two merged grids (8 x 8 and 6 x 10), each spanning several
 attention windows. Each selection must agree with ``flashvlm.prune`` on the transformers
 model as tests/agreement.py defines it; then, against transformers run on the tokens vLLM
@@ -13,13 +13,10 @@ log-probabilities move as soon as one kept token sits at a wrong (t, h, w).
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
-import torch
 from agreement import rows_of
-from families.shared import tiny_tokenizer
+from tiny_qwen import EOS_ID, IMAGE_TOKEN_ID, QUESTIONS, image_files, prompt
 from transformers_reference import transformers_on_vllm_choice as on_vllm_choice
 from transformers_reference import transformers_reference
 from transformers_reference import without_eos as ids_without_eos
@@ -34,108 +31,11 @@ OTHER_METHODS = ("flashvlm:release", "flashvlm:release_qwen", "divprune", "cdpru
 CHUNK_TOKENS = 16  # fewer than an image's slots at budget 24
 #: log-probabilities of vLLM (its own kernels) and transformers agree this closely in float32.
 LOGPROB_TOLERANCE = 2e-3
-IMAGE_TOKEN_ID, VISION_START_ID, VISION_END_ID = 127, 123, 124  # "<image>", "'", "-" in the tiny vocabulary
-#: (width, height) in pixels: 2 x 2 pixel patches, 2 x 2 merge -> 8 x 8 and 6 x 10 merged tokens.
-IMAGE_SIZES = ((32, 32), (40, 24))
-QUESTIONS = ("what is the color of the shape ?", "how many red circle ?")
-EOS_ID = 2
-
-
-def tiny_qwen_folder(folder):
-    """A tiny Qwen2.5-VL folder vLLM can load: config, random weights, processor."""
-    from transformers import (
-        Qwen2_5_VLConfig,
-        Qwen2_5_VLForConditionalGeneration,
-        Qwen2_5_VLProcessor,
-        Qwen2VLImageProcessorPil,
-    )
-
-    from flashvlm._torchvision_compat import without_video_processor
-
-    tokenizer = tiny_tokenizer()
-    tokenizer.add_tokens(["<|video_pad|>"], special_tokens=True)
-    # head_dim 32 is one vLLM's CPU attention serves; mrope_section splits its 16 frequencies.
-    text = dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=512,
-        rope_parameters={"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 10000.0},
-        initializer_range=0.2,  # peaked logits: greedy decoding is far from ties
-        bos_token_id=1,
-        eos_token_id=EOS_ID,
-        pad_token_id=0,
-    )
-    vision = dict(
-        depth=3,
-        hidden_size=32,
-        intermediate_size=64,
-        out_hidden_size=64,
-        num_heads=4,
-        patch_size=2,
-        temporal_patch_size=2,
-        spatial_merge_size=2,
-        window_size=8,  # 2 x 2 merged tokens per window
-        fullatt_block_indexes=[1],
-        initializer_range=0.2,
-    )
-    config = Qwen2_5_VLConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=IMAGE_TOKEN_ID,
-        video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
-        vision_start_token_id=VISION_START_ID,
-        vision_end_token_id=VISION_END_ID,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    Qwen2_5_VLForConditionalGeneration(config).eval().save_pretrained(folder)
-    image_processor = Qwen2VLImageProcessorPil(
-        patch_size=2, merge_size=2, temporal_patch_size=2, size={"shortest_edge": 64, "longest_edge": 1024}
-    )
-    without_video_processor(Qwen2_5_VLProcessor)(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(
-        folder
-    )
-    # As a folder saved where torchvision is installed: vLLM's processor loads a video processor too.
-    config_file = folder / "processor_config.json"
-    processor_config = json.loads(config_file.read_text())
-    processor_config["video_processor"] = {
-        "video_processor_type": "Qwen2VLVideoProcessor",
-        "merge_size": 2,
-        "patch_size": 2,
-        "temporal_patch_size": 2,
-    }
-    config_file.write_text(json.dumps(processor_config))
-    return folder
-
-
-def prompt(question: str, num_images: int = 1) -> str:
-    return "user : " + "' <image> - " * num_images + question + " assistant :"
-
-
-def image_files(folder) -> list[str]:
-    from PIL import Image
-
-    generator = np.random.default_rng(0)
-    paths = []
-    for index, (width, height) in enumerate(IMAGE_SIZES):
-        pixels = generator.integers(0, 256, (height, width, 3), dtype=np.uint8)
-        path = folder / f"image{index}.png"
-        Image.fromarray(pixels).save(path)
-        paths.append(str(path))
-    return paths
 
 
 @pytest.fixture(scope="module")
-def qwen(tmp_path_factory):
-    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
-
-    folder = tiny_qwen_folder(tmp_path_factory.mktemp("qwen-vllm"))
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder).eval()
-    return {"folder": folder, "model": model, "processor": AutoProcessor.from_pretrained(folder)}
+def qwen(tiny_qwen_vllm):
+    return tiny_qwen_vllm
 
 
 def hf_reference(qwen, request: dict, budget, method: str = "flashvlm", forced: list | None = None) -> dict:
@@ -179,6 +79,8 @@ def runs(qwen, tmp_path_factory):
     again = [{"prompt": prompt(QUESTIONS[0]), "images": [images[1]]}]
     for budget in BUDGETS:
         calls = [*one_by_one, again, [two_images]] if budget == BUDGETS[-1] else one_by_one
+        if budget == BUDGETS[1]:  # then the first image with a budget of its own
+            calls = [*one_by_one, [{**singles[0], "mm_processor_kwargs": {"flashvlm": {"budget": BUDGETS[-1]}}}]]
         engines.append({"name": f"b{budget}", "hf_overrides": {"flashvlm": {"budget": budget}}, "calls": calls})
     no_reuse = {"flashvlm": {"budget": BUDGETS[-1], "vision_cache_mb": 0}}
     engines.append({"name": "no reuse", "hf_overrides": no_reuse, "calls": [*one_by_one, again]})
@@ -268,7 +170,7 @@ def test_a_batch_of_two_image_sizes_equals_the_requests_one_by_one(runs, qwen):
 
 
 def test_a_prefill_in_chunks_that_split_an_image_equals_one_prefill(runs):
-    whole = runs[f"b{BUDGETS[1]}"]
+    whole = runs[f"b{BUDGETS[1]}"][: len(runs["singles"])]
     assert [call["kept"] for call in runs["chunked"]] == [call["kept"] for call in whole]
     for chunked_call, whole_call in zip(runs["chunked"], whole):
         result, expected = only_output(chunked_call), only_output(whole_call)
@@ -303,6 +205,20 @@ def test_methods_that_read_a_cls_row_are_refused_at_start_up(method):
         settings_of(config, QWEN_SERVED_REQUIREMENTS)
 
 
+def test_a_request_budget_overrides_the_engines(runs, qwen):
+    # The engine at 24 serves the first image at 8: its own slots, the positions of 8 kept tokens.
+    engine = f"b{BUDGETS[1]}"
+    index = len(runs["singles"])
+    call = runs[engine][index]
+    vllm_rows = rows_of(runs["selections"][engine][index][0])
+    reference = transformers_on_vllm_choice(qwen, vllm_rows, runs["singles"][0], BUDGETS[-1])
+    ((_, _, kept),) = call["kept"]
+    assert [kept] == reference["kept"] and len(kept) == BUDGETS[-1]
+    result = only_output(call)
+    assert_matches(result, reference)
+    assert result["prompt_length"] == only_output(runs[engine][0])["prompt_length"] - BUDGETS[1] + BUDGETS[-1]
+
+
 def test_a_second_question_reuses_the_tower_outputs_with_the_same_result(runs):
     reused, fresh = runs[f"b{BUDGETS[-1]}"], runs["no reuse"]
     assert [call["tower"] for call in fresh] == [[1], [1], [1]]
@@ -313,3 +229,5 @@ def test_a_second_question_reuses_the_tower_outputs_with_the_same_result(runs):
     assert (vision["tower_runs"], vision["images"], vision["images_encoded"], vision["entries"]) == (2, 5, 2, 2)
     (batch,) = runs["batch"]
     assert batch["tower"] == [2]  # two images, one pass
+    # A request's own budget reads the same tower outputs (its method's needs are the engine's).
+    assert runs[f"b{BUDGETS[1]}"][-1]["tower"] == []

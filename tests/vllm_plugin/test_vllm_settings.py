@@ -1,7 +1,9 @@
-"""The switch's settings (no engine needed): methods, presets and parameters as in the Python API."""
+"""The switch's settings, the engine's and a request's own (no engine needed): methods, presets and
+parameters as in the Python API."""
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -9,7 +11,13 @@ import pytest
 from flashvlm import FlashVLM
 from flashvlm.errors import BudgetError, FlashVLMError, MethodUnavailableError, UnsupportedModelError
 from flashvlm.integrations.vllm import RefuseUnservedArchitectures, unsupported_vllm
-from flashvlm.integrations.vllm.settings import DEFAULT_VISION_CACHE_MB, parse_settings, settings_of
+from flashvlm.integrations.vllm.settings import (
+    DEFAULT_VISION_CACHE_MB,
+    parse_settings,
+    request_settings,
+    settings_from_json,
+    settings_of,
+)
 
 
 def test_method_defaults_to_flashvlm_and_takes_presets_and_parameters():
@@ -82,3 +90,74 @@ def test_an_unserved_vllm_release_refuses_only_the_switch():
     switched = SimpleNamespace(hf_config=SimpleNamespace(flashvlm={"budget": 64}))
     with pytest.raises(UnsupportedModelError, match=r'^hf_overrides\["flashvlm"\]: why$'):
         lookup(["LlavaForConditionalGeneration"], switched)
+
+
+# -- a request's own settings (mm_processor_kwargs={"flashvlm": {...}}) -------------------------
+
+ENGINE = {"method": "flashvlm", "budget": 64, "text_weight": 0.3}
+
+
+def test_a_request_overrides_the_engines_keys_and_keeps_the_rest():
+    text = request_settings(ENGINE, {"budget": 16})
+    assert json.loads(text) == {"method": "flashvlm", "budget": 16, "text_weight": 0.3}
+    settings = settings_from_json(text)
+    assert (settings.budget, settings.selector.text_weight) == (16, 0.3)
+
+
+def test_a_request_naming_another_method_keeps_only_the_engines_budget():
+    text = request_settings(ENGINE, {"method": "visionzip"})
+    assert json.loads(text) == {"method": "visionzip", "budget": 64}
+    assert settings_from_json(text).selector.name == "visionzip"
+    assert json.loads(request_settings(ENGINE, {"method": "flashvlm:release", "budget": 32})) == {
+        "method": "flashvlm:release",
+        "budget": 32,
+    }
+
+
+def test_a_request_that_comes_to_the_engines_settings_is_the_engines():
+    # None: no settings of its own, so it shares the engine's cache keys.
+    assert request_settings(ENGINE, {"budget": 64}) is None
+    assert request_settings(ENGINE, {}) is None
+
+
+def test_a_request_of_an_engine_with_a_vision_cache_size_is_parsed_as_usual():
+    engine = {**ENGINE, "vision_cache_mb": 0}
+    assert request_settings(engine, {"budget": 64}) is None
+    assert settings_from_json(request_settings(engine, {"budget": 16})).budget == 16
+
+
+def test_equal_settings_give_the_same_key():
+    assert request_settings(ENGINE, {"text_weight": 0.5, "budget": 8}) == request_settings(
+        ENGINE, {"budget": 8, "text_weight": 0.5}
+    )
+
+
+@pytest.mark.parametrize(
+    "settings, error, words",
+    [
+        ({"budget": 0}, BudgetError, "budget must be >= 1"),
+        ({"method": "nosuch"}, FlashVLMError, "unknown method 'nosuch'"),
+        ({"nosuch": 1}, FlashVLMError, "has no parameter(s) ['nosuch']"),
+        ({"method": "fastv"}, MethodUnavailableError, "needs lm_attention"),
+        ({"budget": object()}, FlashVLMError, "must be JSON values"),
+        (32, FlashVLMError, "must be a mapping"),
+        ({"vision_cache_mb": 0}, FlashVLMError, "vision_cache_mb is the engine's"),
+    ],
+)
+def test_bad_request_settings_name_the_request_and_the_bad_value(settings, error, words):
+    with pytest.raises(error) as raised:
+        request_settings(ENGINE, settings)
+    message = str(raised.value)
+    assert message.startswith('mm_processor_kwargs["flashvlm"]: ') and words in message and "\n" not in message
+
+
+def test_a_request_cannot_switch_pruning_on_in_a_stock_engine():
+    with pytest.raises(FlashVLMError, match=r"per-request settings need the engine started with hf_overrides"):
+        request_settings(None, {"budget": 16})
+
+
+def test_a_family_without_a_cls_row_refuses_a_request_method_that_reads_one():
+    from flashvlm.integrations.vllm.qwen_vl import QWEN_SERVED_REQUIREMENTS
+
+    with pytest.raises(MethodUnavailableError, match="needs cls_attention"):
+        request_settings(ENGINE, {"method": "vispruner"}, QWEN_SERVED_REQUIREMENTS)

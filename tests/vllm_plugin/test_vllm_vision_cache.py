@@ -54,27 +54,32 @@ class Tower:
 
 def encode(cache: VisionCache, tower: Tower, images: list[int], needs=frozenset({"saliency"})) -> list[EncodedImage]:
     tensors = [tower.images[index] for index in images]
-    return cache.encode(tensors, [None] * len(images), needs, lambda chosen: tower([images[i] for i in chosen]))
+    requires = [needs] * len(images)
+    return cache.encode(tensors, [None] * len(images), requires, lambda chosen: tower([images[i] for i in chosen]))
 
 
 def test_the_key_covers_bytes_dtype_shape_extras_and_computed_outputs():
     image = pixels(0)
     needs = frozenset({"saliency", "text"})
-    (key,) = content_keys([image], [None], needs)
-    assert content_keys([image.clone()], [None], needs) == [key]
-    assert content_keys([torch.stack([pixels(1), image])[1]], [None], needs) == [key]  # a view of a batch
-    assert content_keys([image], [None], frozenset({"saliency"})) == [key]  # the text is not part of it
+
+    def key(tensor, extra=None, requires=needs):
+        return content_keys([tensor], [extra], [requires])
+
+    (same,) = key(image)
+    assert key(image.clone()) == [same]
+    assert key(torch.stack([pixels(1), image])[1]) == [same]  # a view of a batch
+    assert key(image, requires=frozenset({"saliency"})) == [same]  # the text is not part of it
     changed = image.clone()
     changed[0, 0, 0] += 1e-7
     others = [
-        content_keys([changed], [None], needs),
-        content_keys([image.double()], [None], needs),
-        content_keys([image.reshape(3, 2, 8)], [None], needs),
-        content_keys([image], [(4, 4)], needs),  # e.g. another image size or grid
-        content_keys([image], [None], needs | {"keys"}),  # an entry computed with keys
-        content_keys([image], [None], needs | {"release_saliency"}),
+        key(changed),
+        key(image.double()),
+        key(image.reshape(3, 2, 8)),
+        key(image, (4, 4)),  # e.g. another image size or grid
+        key(image, requires=needs | {"keys"}),  # a method that reads keys
+        key(image, requires=needs | {"release_saliency"}),  # or the release's saliency
     ]
-    assert all(other != [key] for other in others)
+    assert all(other != [same] for other in others)
     assert len({other[0] for other in others}) == len(others)
 
 
@@ -142,6 +147,29 @@ def test_every_request_selects_on_its_own_copy():
     assert held.item.keep is None and held.item.units[0].regions[0].chosen is None
 
 
+def test_each_request_reads_the_saliency_its_method_reads():
+    # One pass computed both saliencies (requests of both kinds): each request gets its own.
+    standard, release = torch.rand(TOKENS), torch.rand(TOKENS)
+    (encoded,) = Tower([pixels(0)])([0])
+    encoded.item.saliency, encoded.release_saliency = standard, release
+    assert encoded.for_selection(frozenset({"saliency"})).item.saliency is standard
+    assert encoded.for_selection(frozenset({"release_saliency"})).item.saliency is release
+    assert encoded.item.saliency is standard  # the entry itself is unchanged
+    encoded.release_saliency = None  # a tower without a CLS row takes its own for both
+    assert encoded.for_selection(frozenset({"release_saliency"})).item.saliency is standard
+
+
+def test_requests_whose_methods_read_other_outputs_get_entries_of_their_own():
+    tower = Tower([pixels(0)] * 3)  # one image, three requests
+    cache = VisionCache(10 * ENTRY_BYTES)
+    tensors, extras = tower.images, [None] * 3
+    requires = [frozenset({"saliency"}), frozenset({"keys"}), frozenset({"saliency", "text"})]
+    cache.encode(tensors, extras, requires, tower)
+    assert tower.passes == [[0, 1]]  # the third reads what the first does
+    cache.encode(tensors[:1], extras[:1], [frozenset({"keys", "text"})], tower)
+    assert tower.passes == [[0, 1]] and cache.stats.entries == 2
+
+
 def test_rows_copies_only_a_subset():
     values = torch.arange(6).view(3, 2)
     assert rows(values, [0, 1, 2]) is values
@@ -172,10 +200,10 @@ def test_on_an_accelerator_the_first_call_holds_the_budget_for_vllms_profile():
 def test_the_model_sizes_its_cache_from_the_settings_and_turns_it_off_with_lora(overrides, lora, capacity):
     model = PrunedModelMixin()
     config = SimpleNamespace(lora_config=object() if lora else None)
-    model.init_flashvlm(parse_settings({"budget": 8, **overrides}), config)
+    model.init_flashvlm(parse_settings({"budget": 8, **overrides}), vllm_config=config)
     assert model.flashvlm_vision.stats.capacity == capacity
     stock = PrunedModelMixin()
-    stock.init_flashvlm(None, config)
+    stock.init_flashvlm(None, vllm_config=config)
     assert not stock.flashvlm_vision.enabled
 
 

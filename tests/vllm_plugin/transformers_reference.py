@@ -28,16 +28,19 @@ def transformers_reference(
     max_tokens: int,
     eos_id: int,
     forced: list | None = None,
+    add_special_tokens: bool = True,
     **prune_options,
 ) -> dict:
     """Greedy tokens (EOS and after dropped), their log-probabilities, kept indices, prompt
     length and the method's recorded calls (``rows``) for one request (``budget`` None:
-    unpruned; ``forced``: the kept indices of each call, replayed; ``prune_options`` go to
-    ``flashvlm.prune``)."""
+    unpruned; ``forced``: the kept indices of each call, replayed; ``add_special_tokens``
+    False as vLLM's chat path tokenizes; ``prune_options`` go to ``flashvlm.prune``)."""
     from PIL import Image
 
     images = [Image.open(path).convert("RGB") for path in request["images"]]
-    inputs = processor(images=images, text=request["prompt"], return_tensors="pt")
+    inputs = processor(
+        images=images, text=request["prompt"], return_tensors="pt", add_special_tokens=add_special_tokens
+    )
     settings = {
         "do_sample": False,
         "max_new_tokens": max_tokens,

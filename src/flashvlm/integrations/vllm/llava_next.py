@@ -24,22 +24,16 @@ from vllm.model_executor.models.llava_next import (
     LlavaNextProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.parse import ImageProcessorItems
 
 from ...pipeline import ImageSelection, TokenRegion, VisualItem
 from .llava import LlavaTowerMixin
-from .processing import PrunedInfoMixin, TextGuidedProcessorMixin
+from .processing import PrunedInfoMixin, PrunedProcessorMixin
 from .pruned_model import prompt_text_per_image
 from .vision_cache import EncodedImage
 
 
 class PrunedLlavaNextProcessingInfo(PrunedInfoMixin, LlavaNextProcessingInfo):
-    def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
-        num_tokens = super().get_num_image_tokens(image_width=image_width, image_height=image_height)
-        if self.flashvlm is None:
-            return num_tokens
-        rows = self.flashvlm_newlines(image_width=image_width, image_height=image_height)
-        return self.flashvlm.num_kept(num_tokens - rows) + rows  # K patch tokens + every row's newline
-
     def flashvlm_newlines(self, *, image_width: int, image_height: int) -> int:
         """Newline tokens of an image: one per row of its unpadded crop raster (vLLM's count)."""
         vision_encoder_info = self.get_vision_encoder_info()
@@ -58,9 +52,14 @@ class PrunedLlavaNextProcessingInfo(PrunedInfoMixin, LlavaNextProcessingInfo):
         return newlines
 
 
-class PrunedLlavaNextMultiModalProcessor(TextGuidedProcessorMixin, LlavaNextMultiModalProcessor):
+class PrunedLlavaNextMultiModalProcessor(PrunedProcessorMixin, LlavaNextMultiModalProcessor):
     def flashvlm_placeholder_ids(self) -> frozenset[int]:
         return frozenset({self.info.get_hf_config().image_token_index})
+
+    def flashvlm_num_placeholders(self, settings, num_placeholders: int, mm_items, item_idx) -> int:
+        size = mm_items.get_items("image", ImageProcessorItems).get_image_size(item_idx)
+        rows = self.info.flashvlm_newlines(image_width=size.width, image_height=size.height)
+        return settings.num_kept(num_placeholders - rows) + rows  # K patch tokens + every row's newline
 
 
 @MULTIMODAL_REGISTRY.register_processor(
@@ -106,21 +105,30 @@ class PrunedLlavaNext(LlavaTowerMixin, LlavaNextForConditionalGeneration):
         counts = self.views_per_image(image_sizes)
         views = [views[:count] for views, count in zip(image_input["pixel_values"], counts)]  # (1 + P, 3, h, w) each
         texts = prompt_text_per_image(kwargs, len(counts))
+        settings = self.settings_per_image(kwargs, len(counts))
         images = self.encode_images(
             views,
             [tuple(size) for size in image_sizes.tolist()],
-            lambda chosen: self.encode_views([views[image] for image in chosen], image_sizes[chosen]),
+            settings,
+            lambda chosen: self.encode_views(
+                [views[image] for image in chosen],
+                image_sizes[chosen],
+                {settings[image].selector.requires for image in chosen},
+            ),
         )
         projector = self.multi_modal_projector
         return tuple(  # one (K + rows, D) per image
-            self.keep_image_tokens(image.item, text, image.saliency_kind, image.key_heads, projector)
-            for image, text in zip(images, texts)
+            self.keep_image_tokens(image.item, text, own, image.saliency_kind, image.key_heads, projector)
+            for image, text, own in zip(images, texts, settings)
         )
 
-    def encode_views(self, views: list[torch.Tensor], image_sizes: torch.Tensor) -> list[EncodedImage]:
-        """Each image before selection, from its views (base + crops) and its (height, width):
-        one tower pass over every view, then each image's tokens in vLLM's merge order."""
-        tower = self.encode_with_saliency(torch.cat(views), self.flashvlm.selector.requires)  # (V, n, ...)
+    def encode_views(
+        self, views: list[torch.Tensor], image_sizes: torch.Tensor, requirements: set[frozenset[str]]
+    ) -> list[EncodedImage]:
+        """Each image before selection, from its views (base + crops) and its (height, width),
+        for methods of these ``requirements``: one tower pass over every view, then each
+        image's tokens in vLLM's merge order."""
+        tower = self.encode_with_saliency(torch.cat(views), requirements)  # (V, n, ...)
         projected = self.multi_modal_projector(tower.features)  # (V, n, D): every kept token comes from here
 
         images = []
@@ -149,10 +157,11 @@ class PrunedLlavaNext(LlavaTowerMixin, LlavaNextForConditionalGeneration):
                 "image",
                 in_sequence(tower.features),  # (L, C)
                 tokens=self.anyres_sequence(source, projected[in_image].flatten(0, 1)),  # (L, D), as vLLM merges it
-                saliency=in_sequence(tower.saliency),  # (L,)
+                saliency=None if tower.saliency is None else in_sequence(tower.saliency),  # (L,)
                 keys=None if tower.keys is None else in_sequence(tower.keys),  # (L, C_k)
                 is_newline=is_newline,
                 units=[ImageSelection.of("image", regions)],
             )
-            images.append(EncodedImage(item, tower.saliency_kind, tower.key_heads))
+            release = None if tower.release_saliency is None else in_sequence(tower.release_saliency)  # (L,)
+            images.append(EncodedImage(item, tower.saliency_kind, tower.key_heads, release))
         return images

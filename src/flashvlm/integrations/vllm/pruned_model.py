@@ -1,7 +1,7 @@
 """What every family's vLLM model shares: saliency from one vision layer's q/k, the prompt's
-text per image, each image's tower output kept for its next question (``vision_cache.py``),
-the selection (the shared pipeline, :mod:`flashvlm.pipeline`), and the record of what was
-kept.
+text and the request's settings per image, each image's tower output kept for its next
+question (``vision_cache.py``), the selection (the shared pipeline, :mod:`flashvlm.pipeline`),
+and the record of what was kept.
 
 The vision towers keep vLLM's attention kernels: a forward hook on the feature layer's
 fused ``qkv_proj`` captures its queries and keys, from which :mod:`flashvlm.saliency`
@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ...pipeline import GuidingText, VisualItem, keep_tokens, select_regions
-from .settings import PruningSettings
+from .settings import SERVED_REQUIREMENTS, PruningSettings, settings_from_json
 from .vision_cache import MIB, EncodedImage, VisionCache, clear_vision_cache
 
 #: Name of the per-image field that carries the prompt's text from the multimodal processor
@@ -27,6 +27,12 @@ from .vision_cache import MIB, EncodedImage, VisionCache, clear_vision_cache
 #: multimodal cache key): per image a (1 + L,) long tensor, the number of text tokens that
 #: come before the prompt's first visual placeholder, then the L text token ids in order.
 TEXT_IDS_FIELD = "flashvlm_text_ids"
+
+#: Name of the per-image field that carries a request's own settings (``mm_processor_kwargs=
+#: {"flashvlm": {...}}``) to the encoder step: per image a (B,) uint8 tensor, the UTF-8 bytes
+#: of the settings' canonical JSON (:func:`.settings.request_settings`). Images without it
+#: run with the engine's settings.
+SETTINGS_FIELD = "flashvlm_settings"
 
 #: How many images' selections a model remembers (see :attr:`PrunedModelMixin.flashvlm_history`).
 HISTORY_LENGTH = 4096
@@ -107,15 +113,28 @@ def pack_prompt_text(prompt: list[int], not_text: frozenset[int]) -> tuple[int, 
     return (first_visual, *(token for token in prompt if token not in not_text))
 
 
-def prompt_text_per_image(kwargs: dict, num_images: int) -> list[PromptText | None]:
-    """The ``TEXT_IDS_FIELD`` of each image, unpacked; None where absent."""
-    value = kwargs.get(TEXT_IDS_FIELD)
+def per_image_rows(kwargs: dict, field: str, num_images: int) -> list[torch.Tensor] | None:
+    """One row of a per-image field for each image (a batch stacks equal rows, lists others); None where absent."""
+    value = kwargs.get(field)
     if value is None:
-        return [None] * num_images
+        return None
     rows = list(value.unbind(0)) if isinstance(value, torch.Tensor) else list(value)
     if len(rows) != num_images:
-        raise RuntimeError(f"{TEXT_IDS_FIELD} has {len(rows)} rows for {num_images} images")
+        raise RuntimeError(f"{field} has {len(rows)} rows for {num_images} images")
+    return rows
+
+
+def prompt_text_per_image(kwargs: dict, num_images: int) -> list[PromptText | None]:
+    """The ``TEXT_IDS_FIELD`` of each image, unpacked; None where absent."""
+    rows = per_image_rows(kwargs, TEXT_IDS_FIELD, num_images)
+    if rows is None:
+        return [None] * num_images
     return [PromptText(row[1:], int(row[0])) for row in rows]
+
+
+def pack_settings(text: str) -> torch.Tensor:
+    """A request's settings JSON as one row of ``SETTINGS_FIELD``: (B,) uint8."""
+    return torch.tensor(list(text.encode()), dtype=torch.uint8)
 
 
 class PrunedModelMixin:
@@ -126,8 +145,12 @@ class PrunedModelMixin:
 
     flashvlm: PruningSettings | None
 
-    def init_flashvlm(self, settings: PruningSettings | None, vllm_config=None) -> None:
+    def init_flashvlm(
+        self, settings: PruningSettings | None, served: frozenset[str] = SERVED_REQUIREMENTS, vllm_config=None
+    ) -> None:
         self.flashvlm = settings
+        #: What the family hands a method: a request's settings are checked against it too.
+        self.flashvlm_served = served
         #: The last images' selections, oldest first (read with ``LLM.apply_model``).
         self.flashvlm_history: deque[KeptTokens] = deque(maxlen=HISTORY_LENGTH)
         #: Images' unpruned tower outputs by content (``vision_cache.py``). Off with LoRA: an
@@ -147,13 +170,27 @@ class PrunedModelMixin:
         self,
         tower_inputs: Sequence[torch.Tensor],
         extras: Sequence[Hashable],
+        settings: Sequence[PruningSettings],
         run_tower: Callable[[list[int]], list[EncodedImage]],
     ) -> list[EncodedImage]:
         """Each image's unpruned tower output, one tower pass over the images the vision cache
         lacks: ``tower_inputs[i]`` is image ``i``'s tower input, ``extras[i]`` what else its
-        output depends on, and ``run_tower(indices)`` encodes those images. The selection then
-        runs per image (:meth:`keep_image_tokens`), with each request's text."""
-        return self.flashvlm_vision.encode(tower_inputs, extras, self.flashvlm.selector.requires, run_tower)
+        output depends on, ``settings[i]`` its request's (what its method reads), and
+        ``run_tower(indices)`` encodes those images for their methods. The selection then runs
+        per image (:meth:`keep_image_tokens`), with each request's text and settings."""
+        requires = [image.selector.requires for image in settings]
+        return self.flashvlm_vision.encode(tower_inputs, extras, requires, run_tower)
+
+    def settings_per_image(self, kwargs: dict, num_images: int) -> list[PruningSettings]:
+        """Each image's settings: its request's own (``SETTINGS_FIELD``), else the engine's."""
+        rows = per_image_rows(kwargs, SETTINGS_FIELD, num_images)
+        if rows is None:
+            return [self.flashvlm] * num_images
+        return [self.flashvlm_request_settings(bytes(row.tolist()).decode()) for row in rows]
+
+    def flashvlm_request_settings(self, text: str) -> PruningSettings:
+        """A request's settings from their JSON, parsed and checked as the front end did (once per process)."""
+        return settings_from_json(text, self.flashvlm_served)
 
     def embed_text(self, text: PromptText, selector) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Input embeddings (1, L, D) of one image's prompt text, its mask (1, L), and which
@@ -172,15 +209,15 @@ class PrunedModelMixin:
         self,
         item: VisualItem,
         text: PromptText | None,
+        settings: PruningSettings,
         saliency_kind: str,
         key_heads: int | None,
         project: Callable[[torch.Tensor], torch.Tensor],
     ) -> torch.Tensor:
         """What the language model receives for one image, (K', D): the shared pipeline's
-        selection (:mod:`flashvlm.pipeline`) on the image alone, as the HF adapters run it,
-        with every raster row's newline kept (vLLM fixed the image's placeholder count from
-        its size). Records what the image kept."""
-        settings = self.flashvlm
+        selection (:mod:`flashvlm.pipeline`) with the image's ``settings``, on the image alone,
+        as the HF adapters run it, with every raster row's newline kept (vLLM fixed the image's
+        placeholder count from its size). Records what the image kept."""
         guide = None
         if "text" in settings.selector.requires:
             if text is None:

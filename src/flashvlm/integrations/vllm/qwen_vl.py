@@ -29,7 +29,6 @@ Videos are not pruned: with the switch on they are served as stock vLLM serves t
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import replace
 
 import numpy as np
 import torch
@@ -44,9 +43,8 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from ...errors import FlashVLMError, UnsupportedModelError
 from ...pipeline import ImageSelection, TokenRegion, VisualItem
 from ...saliency import segmented_received_attention
-from .processing import PrunedInfoMixin, TextGuidedProcessorMixin
+from .processing import PrunedInfoMixin, PrunedProcessorMixin
 from .pruned_model import (
-    TEXT_IDS_FIELD,
     PrunedModelMixin,
     QKTap,
     gather_tensor_parallel_channels,
@@ -66,6 +64,8 @@ POSITION_CHANNELS = 3
 class PrunedQwen2_5_VLProcessingInfo(PrunedInfoMixin, Qwen2_5_VLProcessingInfo):
     flashvlm_served = QWEN_SERVED_REQUIREMENTS
 
+    # The engine's count, from which vLLM sizes its encoder budget (get_mm_max_tokens_per_item);
+    # a prompt's placeholders are cut by the processor, with the request's own settings if any.
     def get_num_image_tokens(self, *, image_width, image_height, image_processor, mm_kwargs) -> int:
         num_tokens = super().get_num_image_tokens(
             image_width=image_width, image_height=image_height, image_processor=image_processor, mm_kwargs=mm_kwargs
@@ -73,7 +73,7 @@ class PrunedQwen2_5_VLProcessingInfo(PrunedInfoMixin, Qwen2_5_VLProcessingInfo):
         return num_tokens if self.flashvlm is None else self.flashvlm.num_kept(num_tokens)
 
 
-class PrunedQwen2_5_VLMultiModalProcessor(TextGuidedProcessorMixin, Qwen2_5_VLMultiModalProcessor):
+class PrunedQwen2_5_VLMultiModalProcessor(PrunedProcessorMixin, Qwen2_5_VLMultiModalProcessor):
     def flashvlm_placeholder_ids(self) -> frozenset[int]:
         config = self.info.get_hf_config()
         return frozenset({config.image_token_id, config.video_token_id})
@@ -81,23 +81,6 @@ class PrunedQwen2_5_VLMultiModalProcessor(TextGuidedProcessorMixin, Qwen2_5_VLMu
     def flashvlm_num_images(self, processed) -> int:
         # pixel_values holds every image's patches in one (S, C) tensor: count the grids.
         return len(processed.get("image_grid_thw", ()))
-
-    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
-        # vLLM keys its cached HF processors by these kwargs: the prompt's text would build one per prompt.
-        hf_processor_mm_kwargs = {k: v for k, v in hf_processor_mm_kwargs.items() if k != TEXT_IDS_FIELD}
-        updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
-        settings = self.info.flashvlm
-        if settings is None:
-            return updates
-
-        def with_kept_placeholders(update):
-            def replacement(item_idx: int):
-                placeholders = update.replacement(item_idx)  # N copies of the image token
-                return placeholders[: settings.num_kept(len(placeholders))]
-
-            return replace(update, replacement=replacement)
-
-        return [with_kept_placeholders(update) if update.modality == "image" else update for update in updates]
 
 
 @contextmanager
@@ -160,7 +143,7 @@ class PrunedQwen2_5_VL(PrunedModelMixin, Qwen2_5_VLForConditionalGeneration):
                     f"pipeline_parallel_size={vllm_config.parallel_config.pipeline_parallel_size}: flashvlm corrects "
                     "the kept tokens' M-RoPE positions on the first stage only; Qwen2.5-VL is served with 1"
                 )
-        self.init_flashvlm(settings, vllm_config)
+        self.init_flashvlm(settings, QWEN_SERVED_REQUIREMENTS, vllm_config)
         full_attention_blocks = self.visual.fullatt_block_indexes
         last_full = max(full_attention_blocks) if full_attention_blocks else len(self.visual.blocks) - 1
         #: Saliency comes from the last full-attention block, as in the HF adapter (window
@@ -250,14 +233,16 @@ class PrunedQwen2_5_VL(PrunedModelMixin, Qwen2_5_VLForConditionalGeneration):
             raise FlashVLMError("flashvlm selects from pixels; precomputed image_embeds carry no encoder saliency")
         grid_thw = image_input["image_grid_thw"].tolist()
         texts = prompt_text_per_image(kwargs, len(grid_thw))
+        settings = self.settings_per_image(kwargs, len(grid_thw))
         pixel_values = image_input["pixel_values"]  # (S, C): every image's patches
         patches = pixel_values.split([t * h * w for t, h, w in grid_thw])  # (t*h*w, C) each
 
         def run_tower(chosen: list[int]) -> list[EncodedImage]:
             pixels = pixel_values if len(chosen) == len(patches) else torch.cat([patches[i] for i in chosen])
-            return self.encode_patches(pixels, [grid_thw[image] for image in chosen])
+            requirements = {settings[image].selector.requires for image in chosen}
+            return self.encode_patches(pixels, [grid_thw[image] for image in chosen], requirements)
 
-        images = self.encode_images(patches, [tuple(grid) for grid in grid_thw], run_tower)
+        images = self.encode_images(patches, [tuple(grid) for grid in grid_thw], settings, run_tower)
         tower = self.visual
 
         def merge(features: torch.Tensor) -> torch.Tensor:
@@ -265,18 +250,19 @@ class PrunedQwen2_5_VL(PrunedModelMixin, Qwen2_5_VLForConditionalGeneration):
             return tower.merger(features.reshape(-1, features.shape[-1] // tower.spatial_merge_unit))
 
         kept_rows = []
-        for image, text, (_, h, w) in zip(images, texts, grid_thw):
+        for image, text, own, (_, h, w) in zip(images, texts, settings, grid_thw):
             rows, cols = h // tower.spatial_merge_size, w // tower.spatial_merge_size
-            tokens = self.keep_image_tokens(image.item, text, image.saliency_kind, image.key_heads, merge)
+            tokens = self.keep_image_tokens(image.item, text, own, image.saliency_kind, image.key_heads, merge)
             indices = image.item.keep.nonzero().squeeze(-1)
             offsets = torch.stack([indices // (rows * cols), indices % (rows * cols) // cols, indices % cols], dim=1)
             kept_rows.append(torch.cat([tokens, offsets.to(tokens.dtype)], dim=1))  # (K, D + 3)
         return tuple(kept_rows)
 
-    def encode_patches(self, pixel_values: torch.Tensor, grid_thw: list[list[int]]) -> list[EncodedImage]:
+    def encode_patches(
+        self, pixel_values: torch.Tensor, grid_thw: list[list[int]], requirements: set[frozenset[str]]
+    ) -> list[EncodedImage]:
         """Each image before selection, from the images' pixel patches (S, C) and their (t, h, w)
-        grids: one tower pass."""
-        needs = self.flashvlm.selector.requires
+        grids, for methods of these ``requirements``: one tower pass."""
         tower = self.visual
         attention = self.saliency_attention
         metadata = tower.prepare_encoder_metadata(grid_thw)
@@ -296,7 +282,7 @@ class PrunedQwen2_5_VL(PrunedModelMixin, Qwen2_5_VLForConditionalGeneration):
         received = mean_over_tensor_parallel_heads(received, attention)
         saliency = received.view(num_merged, group).mean(dim=1)[model_order]  # (M,)
         keys = None
-        if "keys" in needs:
+        if any("keys" in need for need in requirements):
             keys = gather_tensor_parallel_channels(tap.keys, attention)  # (S, C_k)
             keys = keys.view(num_merged, group, -1).mean(dim=1)[model_order]  # (M, C_k)
 

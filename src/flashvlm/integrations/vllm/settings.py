@@ -1,23 +1,31 @@
 """The user's switch: ``hf_overrides={"flashvlm": {"method": ..., "budget": ..., **params}}``.
 
 vLLM copies ``hf_overrides`` onto the model's Hugging Face config, so the settings travel
-to every process (front end, engine core, workers) with the config itself. Nothing here
-imports vLLM.
+to every process (front end, engine core, workers) with the config itself. A request may
+override them for itself with ``mm_processor_kwargs={"flashvlm": {...}}``
+(:func:`request_settings`). Nothing here imports vLLM.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 
 from ...errors import FlashVLMError, MethodUnavailableError
 from ...selection import Budget, TokenSelector, get_method, resolve_budget, validate_budget
 from ...selection.base import _REQUIREMENT_WORDS
 
-#: The key of ``hf_overrides`` (and so the attribute of the Hugging Face config) holding the settings.
+#: The key of ``hf_overrides`` (and so the attribute of the Hugging Face config) holding the
+#: settings, and of a request's ``mm_processor_kwargs`` holding its own.
 CONFIG_KEY = "flashvlm"
+#: How error messages name a request's settings.
+REQUEST_SETTINGS = f'mm_processor_kwargs["{CONFIG_KEY}"]'
+#: The method when the settings name none.
+DEFAULT_METHOD = "flashvlm"
 
 #: What the vLLM path hands a method. ``lm_attention`` is missing: it needs a partial
 #: language-model pass over the unpruned sequence, which vLLM's fixed placeholder
@@ -66,7 +74,7 @@ def parse_settings(value: object, served: frozenset[str] = SERVED_REQUIREMENTS) 
         )
     budget = validate_budget(params.pop("budget"))
     vision_cache_mb = validate_vision_cache_mb(params.pop(VISION_CACHE_KEY, DEFAULT_VISION_CACHE_MB))
-    method = params.pop("method", "flashvlm")
+    method = params.pop("method", DEFAULT_METHOD)
     selector = get_method(method, **params)
     unserved = sorted(selector.requires - served)
     if unserved:
@@ -102,7 +110,63 @@ def settings_of(hf_config: object, served: frozenset[str] = SERVED_REQUIREMENTS)
     value = getattr(hf_config, CONFIG_KEY, None)
     if value is None:
         return None
+    return parse_named_settings(value, served, f'hf_overrides["{CONFIG_KEY}"]')
+
+
+def parse_named_settings(value: object, served: frozenset[str], where: str) -> PruningSettings:
+    """:func:`parse_settings`, its error message prefixed by ``where`` the settings came from."""
     try:
         return parse_settings(value, served)
     except FlashVLMError as error:
-        raise type(error)(f'hf_overrides["{CONFIG_KEY}"]: {error}') from None
+        raise type(error)(f"{where}: {error}") from None
+
+
+def request_settings(
+    engine_value: object, request_value: object, served: frozenset[str] = SERVED_REQUIREMENTS
+) -> str | None:
+    """One request's settings (``mm_processor_kwargs={"flashvlm": {...}}``) over the engine's
+    (``engine_value``, its ``hf_overrides`` entry), as canonical JSON for :func:`settings_from_json`;
+    None when they come to the engine's own. :class:`FlashVLMError` naming the bad value.
+
+    The request's keys override the engine's. A request that names another method than the
+    engine's keeps the engine's budget (unless it gives its own) but none of the engine's
+    method parameters, which belong to the engine's method. Only an engine started with the
+    switch takes them: without it the model is stock vLLM, and stays so.
+    """
+    if engine_value is None:
+        raise FlashVLMError(
+            f'{REQUEST_SETTINGS}: per-request settings need the engine started with hf_overrides={{"{CONFIG_KEY}": '
+            '{"budget": ...}}; this one serves stock vLLM'
+        )
+    if not isinstance(request_value, Mapping):
+        raise FlashVLMError(
+            f'{REQUEST_SETTINGS}: the settings must be a mapping like {{"budget": 32, "method": "visionzip"}}; '
+            f"got {request_value!r}"
+        )
+    if VISION_CACHE_KEY in request_value:
+        raise FlashVLMError(
+            f"{REQUEST_SETTINGS}: {VISION_CACHE_KEY} is the engine's (each worker keeps one vision cache); "
+            f'set it in hf_overrides["{CONFIG_KEY}"]'
+        )
+    engine = dict(engine_value)
+    engine_method = engine.get("method", DEFAULT_METHOD)
+    base = engine if request_value.get("method", engine_method) == engine_method else {"budget": engine["budget"]}
+    merged = {**base, **request_value}
+    if merged == engine:
+        return None
+    try:
+        text = json.dumps(merged, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError):
+        raise FlashVLMError(
+            f"{REQUEST_SETTINGS}: the settings must be JSON values (numbers, strings, booleans, lists); "
+            f"got {request_value!r}"
+        ) from None
+    settings_from_json(text, served)
+    return text
+
+
+@lru_cache(maxsize=256)
+def settings_from_json(text: str, served: frozenset[str] = SERVED_REQUIREMENTS) -> PruningSettings:
+    """A request's settings from :func:`request_settings`' JSON, parsed once per process: the
+    front end validates them with it, and the workers read them back with it."""
+    return parse_named_settings(json.loads(text), served, REQUEST_SETTINGS)

@@ -43,16 +43,23 @@ MIB = 1 << 20
 @dataclass
 class EncodedImage:
     """One image's unpruned tower output, as the selection reads it: the item before selection
-    (per-token tensors, newlines, budget units and regions) and how its saliency was taken."""
+    (per-token tensors, newlines, budget units and regions) and how its saliency was taken.
+
+    ``item.saliency`` is the family's own saliency (None when only the release's was taken)
+    and ``release_saliency`` the release's CLS attention, for the methods that read it
+    (``release_saliency`` in their needs; None where the pass did not compute it):
+    :meth:`for_selection` hands each request the one its method reads.
+    """
 
     item: VisualItem
     saliency_kind: str  # "cls" or "received"
     key_heads: int | None
+    release_saliency: torch.Tensor | None = None
 
     def tensors(self) -> list[torch.Tensor]:
         item = self.item
         found = [getattr(item, name) for name in ("features", "tokens", "saliency", "keys", "lm_attention")]
-        found += [*item.side_outputs.values(), item.is_newline, item.row_of]
+        found += [*item.side_outputs.values(), item.is_newline, item.row_of, self.release_saliency]
         found += [region.positions for unit in item.units for region in unit.regions]
         return [tensor for tensor in found if tensor is not None]
 
@@ -81,11 +88,16 @@ class EncodedImage:
             sent=None,
             sent_side_outputs={},
         )
-        return replace(self, item=item)
+        release = None if self.release_saliency is None else function(self.release_saliency)
+        return replace(self, item=item, release_saliency=release)
 
-    def for_selection(self) -> EncodedImage:
-        """A copy whose item one request's selection may fill (the tensors are shared, read only)."""
-        return self.with_tensors(lambda tensor: tensor)
+    def for_selection(self, requires: frozenset[str]) -> EncodedImage:
+        """A copy whose item one request's selection may fill, with the saliency its method
+        (of needs ``requires``) reads; the tensors are shared, and read only."""
+        copy = self.with_tensors(lambda tensor: tensor)
+        if "release_saliency" in requires and self.release_saliency is not None:
+            copy.item.saliency = self.release_saliency
+        return copy
 
     def owning(self) -> EncodedImage:
         """A copy whose tensors own their memory: a view into a batch's tensor (one image of
@@ -105,18 +117,20 @@ def rows(values: torch.Tensor, chosen: list[int]) -> torch.Tensor:
     return values if len(chosen) == len(values) else values[chosen]
 
 
-def content_keys(tensors: Sequence[torch.Tensor], extras: Sequence[Hashable], needs: frozenset[str]) -> list[tuple]:
+def content_keys(
+    tensors: Sequence[torch.Tensor], extras: Sequence[Hashable], requires: Sequence[frozenset[str]]
+) -> list[tuple]:
     """One key per image: a digest of its tower input's bytes, their dtype and shape, the
-    image's ``extras`` (what else its tower output depends on), and the outputs computed for
-    ``needs``. One copy to the host for all images."""
+    image's ``extras`` (what else its tower output depends on), and which of the outputs only
+    some methods read its method needs (``requires``: its method's needs). One copy to the host
+    for all images."""
     flat = [tensor.detach().contiguous().reshape(-1).view(torch.uint8) for tensor in tensors]
-    host = torch.cat(flat).cpu().numpy() if flat else None
-    computed = tuple(sorted(needs & ENCODING_NEEDS))
+    host = (flat[0] if len(flat) == 1 else torch.cat(flat)).cpu().numpy() if flat else None
     keys, start = [], 0
-    for tensor, extra, raw in zip(tensors, extras, flat):
+    for tensor, extra, needs, raw in zip(tensors, extras, requires, flat):
         digest = _digest(host[start : start + raw.numel()])
         start += raw.numel()
-        keys.append((computed, str(tensor.dtype), tuple(tensor.shape), extra, digest))
+        keys.append((tuple(sorted(needs & ENCODING_NEEDS)), str(tensor.dtype), tuple(tensor.shape), extra, digest))
     return keys
 
 
@@ -163,22 +177,24 @@ class VisionCache:
         self,
         tensors: Sequence[torch.Tensor],
         extras: Sequence[Hashable],
-        needs: frozenset[str],
+        requires: Sequence[frozenset[str]],
         run_tower: Callable[[list[int]], list[EncodedImage]],
     ) -> list[EncodedImage]:
         """Each image's tower output, for one selection each.
 
-        ``tensors[i]`` is image ``i``'s tower input and ``extras[i]`` whatever else its output
-        depends on; ``run_tower(indices)`` runs the tower once over those images and returns
-        their outputs in that order. Images already here are not encoded again, and an image
-        that comes twice in one call is encoded once.
+        ``tensors[i]`` is image ``i``'s tower input, ``extras[i]`` whatever else its output
+        depends on, and ``requires[i]`` its method's needs; ``run_tower(indices)`` runs the
+        tower once over those images, for their methods, and returns their outputs in that
+        order. Images already here are not encoded again, and an image that comes twice in one
+        call (for methods of the same needs) is encoded once.
         """
         num_images = len(tensors)
         self.stats.images += num_images
         storing = self.hold_reserve(tensors[0].device if num_images else None)
         if not self.enabled:
-            return self.run(run_tower, list(range(num_images)))
-        keys = content_keys(tensors, extras, needs)
+            encoded = self.run(run_tower, list(range(num_images)))
+            return [image.for_selection(needs) for image, needs in zip(encoded, requires)]
+        keys = content_keys(tensors, extras, requires)
         found: dict[Hashable, EncodedImage] = {}
         missing: dict[Hashable, int] = {}  # key -> the first image that has it
         for index, key in enumerate(keys):
@@ -195,7 +211,7 @@ class VisionCache:
                     encoded = encoded.owning()
                     self.store(key, encoded)
                 found[key] = encoded
-        return [found[key].for_selection() for key in keys]
+        return [found[key].for_selection(needs) for key, needs in zip(keys, requires)]
 
     def run(self, run_tower: Callable[[list[int]], list[EncodedImage]], indices: list[int]) -> list[EncodedImage]:
         encoded = run_tower(indices)

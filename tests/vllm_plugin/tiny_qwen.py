@@ -1,0 +1,113 @@
+"""The tiny random Qwen2.5-VL the vLLM tests serve: built from a config (window attention in
+blocks 0 and 2, full attention in block 1; a 2-layer Qwen2 decoder with M-RoPE) and saved with a
+processor built locally (the tiny word-level tokenizer of the other tests,
+Qwen2VLImageProcessorPil) and a chat template for the OpenAI server."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+from families.shared import tiny_tokenizer
+
+IMAGE_TOKEN_ID, VISION_START_ID, VISION_END_ID = 127, 123, 124  # "<image>", "'", "-" in the tiny vocabulary
+#: (width, height) in pixels: 2 x 2 pixel patches, 2 x 2 merge -> 8 x 8 and 6 x 10 merged tokens.
+IMAGE_SIZES = ((32, 32), (40, 24))
+QUESTIONS = ("what is the color of the shape ?", "how many red circle ?")
+EOS_ID = 2
+#: The chat path's prompt, as :func:`prompt` writes it (vLLM's chat path adds no BOS).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }} :{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %} ' <image> -{% elif item['type'] == 'text' %} {{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endfor %}{% if add_generation_prompt %} assistant :{% endif %}"
+)
+
+
+def tiny_qwen_folder(folder):
+    """A tiny Qwen2.5-VL folder vLLM can load: config, random weights, processor."""
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessorPil,
+    )
+
+    from flashvlm._torchvision_compat import without_video_processor
+
+    tokenizer = tiny_tokenizer()
+    tokenizer.add_tokens(["<|video_pad|>"], special_tokens=True)
+    # head_dim 32 is one vLLM's CPU attention serves; mrope_section splits its 16 frequencies.
+    text = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=512,
+        rope_parameters={"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 10000.0},
+        initializer_range=0.2,  # peaked logits: greedy decoding is far from ties
+        bos_token_id=1,
+        eos_token_id=EOS_ID,
+        pad_token_id=0,
+    )
+    vision = dict(
+        depth=3,
+        hidden_size=32,
+        intermediate_size=64,
+        out_hidden_size=64,
+        num_heads=4,
+        patch_size=2,
+        temporal_patch_size=2,
+        spatial_merge_size=2,
+        window_size=8,  # 2 x 2 merged tokens per window
+        fullatt_block_indexes=[1],
+        initializer_range=0.2,
+    )
+    config = Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=IMAGE_TOKEN_ID,
+        video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
+        vision_start_token_id=VISION_START_ID,
+        vision_end_token_id=VISION_END_ID,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    Qwen2_5_VLForConditionalGeneration(config).eval().save_pretrained(folder)
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=2, merge_size=2, temporal_patch_size=2, size={"shortest_edge": 64, "longest_edge": 1024}
+    )
+    without_video_processor(Qwen2_5_VLProcessor)(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(
+        folder
+    )
+    # As a folder saved where torchvision is installed: vLLM's processor loads a video processor too.
+    config_file = folder / "processor_config.json"
+    processor_config = json.loads(config_file.read_text())
+    processor_config["video_processor"] = {
+        "video_processor_type": "Qwen2VLVideoProcessor",
+        "merge_size": 2,
+        "patch_size": 2,
+        "temporal_patch_size": 2,
+    }
+    config_file.write_text(json.dumps(processor_config))
+    (folder / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    return folder
+
+
+def prompt(question: str, num_images: int = 1) -> str:
+    return "user : " + "' <image> - " * num_images + question + " assistant :"
+
+
+def image_files(folder) -> list[str]:
+    from PIL import Image
+
+    generator = np.random.default_rng(0)
+    paths = []
+    for index, (width, height) in enumerate(IMAGE_SIZES):
+        pixels = generator.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        path = folder / f"image{index}.png"
+        Image.fromarray(pixels).save(path)
+        paths.append(str(path))
+    return paths
