@@ -10,7 +10,8 @@ keeps that, so a second question about an image runs the selection again but not
 - **Key**: a blake3 digest of the tower's input tensors' bytes (an image's pixels, or
   LLaVA-NeXT's views of it), with their dtype and shape, what else the family's tower reads
   (LLaVA-NeXT's image size, Qwen2.5-VL's patch grid), and which of the outputs that only some
-  methods need were computed (:data:`ENCODING_NEEDS`). The weights count as fixed: the
+  methods read its request's method reads (:data:`ENCODING_NEEDS`; with settings per request,
+  methods that read other outputs get entries of their own). The weights count as fixed: the
   model's ``load_weights`` empties the cache (:func:`clear_vision_cache`), and an engine
   with LoRA adapters, which can change the tower per request, runs with it off.
 - **Bound**: a byte budget (``vision_cache_mb``), least recently used first out. An entry's
@@ -34,7 +35,8 @@ import torch
 from ...pipeline import ImageSelection, TokenRegion, VisualItem
 
 #: Method needs that change what the tower pass computes: an entry computed without them
-#: lacks keys or projected tokens, or holds the other saliency. The key carries them.
+#: lacks keys or projected tokens, or the release's saliency. The key carries the ones an
+#: image's method has, so an entry always holds what the methods that find it read.
 ENCODING_NEEDS = frozenset({"keys", "projected", "release_saliency"})
 
 MIB = 1 << 20
