@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from flashvlm.demo.model import demo_model_folder
 from flashvlm.loading import chat_prompt, load_model
 
-from .scenes import COLORS, SHAPES, example_rng, make_example, patch_coverage
+from .scenes import COLORS, SHAPES, example_rng, make_example
 from .splits import example_row, object_tokens, split_examples, target_indices
-from .train import vision_hidden_states
+from .train import patch_classes, vision_hidden_states
 
 
 def diagnose(model, processor, size: int = 64, seed: int = 0, temperature: float = 0.05) -> dict:
@@ -60,12 +60,10 @@ def diagnose(model, processor, size: int = 64, seed: int = 0, temperature: float
         weights = torch.softmax(similarity / temperature, dim=-1).mean(dim=0)  # (L,) mean over image tokens
         for token, weight in zip(tokenizer.convert_ids_to_tokens(text_ids.tolist()), weights.tolist()):
             word_weight[token] += weight / size
-        shares = torch.stack([torch.from_numpy(patch_coverage(obj)) for obj in example.objects])  # (O, N)
-        best, owner = shares.max(dim=0)
-        for patch in torch.nonzero(best >= 0.5).flatten().tolist():
-            obj = example.objects[owner[patch]]
-            color_hits.append((unit[patch] @ color_words.T).argmax().item() == list(COLORS).index(obj.color))
-            shape_hits.append((unit[patch] @ shape_words.T).argmax().item() == list(SHAPES).index(obj.shape))
+        labels = patch_classes(example.objects, coverage=0.5)  # each patch's owner: colour, shape + 1; 0 elsewhere
+        on_object = labels["patch_shapes"] > 0
+        color_hits += ((unit @ color_words.T).argmax(-1) + 1 == labels["patch_colors"])[on_object].tolist()
+        shape_hits += ((unit @ shape_words.T).argmax(-1) + 1 == labels["patch_shapes"])[on_object].tolist()
         row = example_row(example, str(index), "")
         targets = target_indices(row)
         if example.family != "attribute" or not targets:

@@ -218,10 +218,18 @@ class StageData(torch.utils.data.Dataset):
     """Sample ``index`` of one stage's stream: a pure function of (seed, stage, index)."""
 
     def __init__(
-        self, stage: str, seed: int, lm_folder: Path, grounding: bool = False, curriculum_samples: int = 0
+        self,
+        stage: str,
+        seed: int,
+        lm_folder: Path,
+        grounding: bool = False,
+        curriculum_samples: int = 0,
+        with_patch_labels: bool = False,
     ) -> None:
         self.stage, self.seed = stage, seed
         self.curriculum_samples = curriculum_samples if stage == "tune" else 0
+        # Rendering each object's coverage mask costs as much as the scene: only when the term is on.
+        self.with_patch_labels = with_patch_labels and stage == "clip"
         self.tokenizer = build_tokenizer(lm_folder)
         self.image_id = self.tokenizer.convert_tokens_to_ids(self.tokenizer.image_token)
         self.words = word_ids()
@@ -246,7 +254,8 @@ class StageData(torch.utils.data.Dataset):
             example = make_example(rng, rng.choice(FAMILIES))
         pixels = pixel_tensor([example.render()])[0]  # (3, H, W)
         if self.stage == "clip":
-            return {"pixels": pixels, **self.phrases(example, rng), **patch_labels(example.objects)}
+            labels = patch_classes(example.objects) if self.with_patch_labels else {}
+            return {"pixels": pixels, **self.phrases(example, rng), **labels}
         question, answer = (
             (DESCRIBE, caption(example.objects)) if self.stage == "align" else (example.question, example.answer)
         )
@@ -271,7 +280,10 @@ class StageData(torch.utils.data.Dataset):
         return {"phrases": to_ids(words), "negative": to_ids(swapped)}
 
 
-def patch_labels(objects, coverage: float = 0.3) -> dict[str, torch.Tensor]:
+COLORS_INDEX = {color: index for index, color in enumerate(COLORS)}
+
+
+def patch_classes(objects, coverage: float = 0.3) -> dict[str, torch.Tensor]:
     """Each patch's colour and shape (index + 1; 0 = background): the object covering the most
     of it, if that is at least ``coverage`` of the patch. (N,) long each."""
     shares = torch.stack([torch.from_numpy(patch_coverage(obj)) for obj in objects])  # (O, N)
@@ -280,9 +292,6 @@ def patch_labels(objects, coverage: float = 0.3) -> dict[str, torch.Tensor]:
     colors = torch.tensor([COLORS_INDEX[obj.color] + 1 for obj in objects])[owner] * on_object
     shapes = torch.tensor([SHAPES.index(obj.shape) + 1 for obj in objects])[owner] * on_object
     return {"patch_colors": colors, "patch_shapes": shapes}
-
-
-COLORS_INDEX = {color: index for index, color in enumerate(COLORS)}
 
 
 def collate(samples: list[dict], pad_id: int = 0) -> dict:
@@ -321,13 +330,14 @@ def batches(
     lm_folder: Path,
     grounding: bool = False,
     curriculum_samples: int = 0,
+    with_patch_labels: bool = False,
 ):
     """Batches ``start_step .. plan.steps - 1`` of a stage, in order."""
     indices = [
         list(range(step * plan.batch_size, (step + 1) * plan.batch_size)) for step in range(start_step, plan.steps)
     ]
     loader = torch.utils.data.DataLoader(
-        StageData(stage, seed, lm_folder, grounding, curriculum_samples),
+        StageData(stage, seed, lm_folder, grounding, curriculum_samples, with_patch_labels),
         batch_sampler=indices,
         collate_fn=collate,
         num_workers=workers,
@@ -708,7 +718,15 @@ class Trainer:
         norm = NormTerm.of(model, config.norm_weight) if stage != "clip" and config.norm_weight > 0 else None
         loader = iter(
             batches(
-                stage, config.seed, plan, start, config.workers, self.lm_folder, grounding, config.curriculum_samples
+                stage,
+                config.seed,
+                plan,
+                start,
+                config.workers,
+                self.lm_folder,
+                grounding,
+                config.curriculum_samples,
+                with_patch_labels=config.patch_label_weight > 0,
             )
         )
         for step in range(start, plan.steps):

@@ -37,7 +37,7 @@ from lab.train import (
     collate,
     make_config,
     multimodal_logits,
-    patch_labels,
+    patch_classes,
     pixel_tensor,
     projected_tokens,
     train,
@@ -184,9 +184,15 @@ def test_grounding_labels_mark_the_patches_an_attribute_covers(lm_folder):
     assert torch.isfinite(loss) and {"answer", "grounding", "cosine_gap"} <= set(metrics)
 
 
-def test_patch_labels_name_the_object_that_covers_the_patch():
+def test_clip_samples_carry_patch_classes_only_when_the_term_is_on(lm_folder):
+    assert "patch_shapes" not in StageData("clip", 0, lm_folder)[0]  # their masks cost a render per object
+    with_term = StageData("clip", 0, lm_folder, with_patch_labels=True)[0]
+    assert with_term["patch_shapes"].shape == with_term["patch_colors"].shape == (GRID * GRID,)
+
+
+def test_patch_classes_name_the_object_that_covers_the_patch():
     example = split_example(0, "validation", 1)
-    labels = patch_labels(example.objects)  # (N,) each, 0 = background
+    labels = patch_classes(example.objects)  # (N,) each, 0 = background
     coverage = torch.stack([torch.from_numpy(patch_coverage(obj)) for obj in example.objects])  # (O, N)
     assert torch.equal(labels["patch_shapes"] > 0, coverage.max(0).values >= 0.3)
     for obj, shares in zip(example.objects, coverage):
