@@ -51,6 +51,7 @@ def trim_gguf(source: Path, out: Path, layers: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from flashvlm.demo.language_model import gguf_path
+    from flashvlm.errors import FlashVLMError
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, required=True, help="decoder layers to keep, from the first")
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     try:
         size = trim_gguf(gguf_path(), args.out, args.layers)
-    except ValueError as error:
+    except (ValueError, FlashVLMError) as error:  # a depth out of range, or no wheel to trim
         parser.exit(2, f"error: {error}\n")
     print(f"wrote {args.out}: {args.layers} layers, {size / 2**20:.1f} MiB")
     return 0

@@ -120,6 +120,23 @@ def test_a_trimmed_gguf_is_the_full_model_first_layers(lm_folder, tmp_path):
         trim_gguf(gguf_path(), tmp_path / "too-deep.gguf", layers=31)
 
 
+def test_trim_gguf_refuses_a_bad_depth_or_a_missing_wheel_in_one_line(tmp_path, monkeypatch, capsys):
+    from flashvlm.demo import language_model
+    from lab.trim_gguf import main
+
+    for argv, message in (
+        (["--layers", "0"], "error: --layers must be in 1..30; got 0"),
+        (["--layers", "2"], "error: the demo's language model SmolLM2-135M-Instruct.Q4_1.gguf was not found"),
+    ):
+        if argv[1] == "2":
+            monkeypatch.setattr(language_model, "GGUF_PACKAGE", "no_such_package")
+        with pytest.raises(SystemExit) as exit:
+            main([*argv, "--out", str(tmp_path / "out.gguf")])
+        error = capsys.readouterr().err
+        assert exit.value.code == 2 and error.startswith(message) and len(error.strip().splitlines()) == 1
+    assert not (tmp_path / "out.gguf").exists()
+
+
 def test_a_missing_wheel_says_how_to_install_it(monkeypatch, tmp_path):
     import flashvlm.demo.language_model as language_model
 
