@@ -64,14 +64,10 @@ def demo_vllm_folder(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_qwen_vllm(tmp_path_factory) -> dict:
-    """The vLLM tests' tiny random Qwen2.5-VL (tests/vllm_plugin/tiny_qwen.py): its folder, and
-    the transformers model and processor loaded from it."""
-    from tiny_qwen import tiny_qwen_folder
-    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+    """The tiny random Qwen2.5-VL the server, cache and settings tests serve (tests/vllm_plugin/tiny_qwen.py)."""
+    from tiny_qwen import tiny_qwen
 
-    folder = tiny_qwen_folder(tmp_path_factory.mktemp("qwen-vllm"))
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder).eval()
-    return {"folder": folder, "model": model, "processor": AutoProcessor.from_pretrained(folder)}
+    return tiny_qwen(tmp_path_factory.mktemp("qwen-vllm"), "Qwen2.5-VL")
 
 
 def pytest_terminal_summary(terminalreporter):

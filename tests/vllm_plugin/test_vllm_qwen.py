@@ -1,10 +1,12 @@
-"""The plug-in on a tiny random Qwen2.5-VL against Hugging Face + flashvlm.
+"""The plug-in on a tiny random Qwen2.5-VL and Qwen2-VL against Hugging Face + flashvlm.
 
-The model (``tiny_qwen.py``) is built from a config (window attention in blocks 0 and 2,
-full attention in block 1; a 2-layer Qwen2 decoder with M-RoPE) and saved with a processor
-built locally (the tiny word-level tokenizer of the other tests, Qwen2VLImageProcessorPil).
+Every test runs on both families. The models (``tiny_qwen.py``) are built from a config
+(Qwen2.5-VL: window attention in blocks 0 and 2, full attention in block 1; Qwen2-VL: full
+attention in all 3 blocks, in raster order; a 2-layer Qwen2 decoder with M-RoPE) and saved
+with a processor built locally (the tiny word-level tokenizer of the other tests,
+Qwen2VLImageProcessorPil).
 Images of two sizes give two merged grids (8 x 8 and 6 x 10), each spanning several
-attention windows. Each selection must agree with ``flashvlm.prune`` on the transformers
+attention windows (Qwen2.5-VL). Each selection must agree with ``flashvlm.prune`` on the transformers
 model as tests/agreement.py defines it; then, against transformers run on the tokens vLLM
 kept, the kept indices and greedy tokens must be equal and the generated tokens'
 log-probabilities agree within float32 noise: with a random model, greedy tokens alone say little about positions, while the
@@ -16,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from agreement import rows_of
-from tiny_qwen import EOS_ID, IMAGE_TOKEN_ID, QUESTIONS, image_files, prompt
+from tiny_qwen import EOS_ID, FAMILIES, IMAGE_TOKEN_ID, QUESTIONS, image_files, prompt, tiny_qwen
 from transformers_reference import transformers_on_vllm_choice as on_vllm_choice
 from transformers_reference import transformers_reference
 from transformers_reference import without_eos as ids_without_eos
@@ -33,13 +35,15 @@ CHUNK_TOKENS = 16  # fewer than an image's slots at budget 24
 LOGPROB_TOLERANCE = 2e-3
 
 
-@pytest.fixture(scope="module")
-def qwen(tiny_qwen_vllm):
-    return tiny_qwen_vllm
+@pytest.fixture(scope="module", params=FAMILIES)
+def qwen(request, tiny_qwen_vllm, tmp_path_factory):
+    if request.param == tiny_qwen_vllm["family"]:
+        return tiny_qwen_vllm  # the session's, which the other modules serve too
+    return tiny_qwen(tmp_path_factory.mktemp("qwen-vllm"), request.param)
 
 
 def hf_reference(qwen, request: dict, budget, method: str = "flashvlm", forced: list | None = None) -> dict:
-    """:func:`transformers_reference.transformers_reference` on the tiny Qwen2.5-VL."""
+    """:func:`transformers_reference.transformers_reference` on the tiny Qwen-VL."""
     model, processor = qwen["model"], qwen["processor"]
     return transformers_reference(
         model, processor, request, budget, method, max_tokens=MAX_TOKENS, eos_id=EOS_ID, forced=forced
@@ -49,8 +53,8 @@ def hf_reference(qwen, request: dict, budget, method: str = "flashvlm", forced: 
 def transformers_on_vllm_choice(
     qwen, vllm_rows: list, request: dict, budget, method: str = "flashvlm", every: bool = True
 ) -> dict | None:
-    """:func:`transformers_reference.transformers_on_vllm_choice` on the tiny Qwen2.5-VL."""
-    label = f"vLLM Qwen2.5-VL {method} at {budget} vs transformers: {request['prompt'][-40:]!r}"
+    """:func:`transformers_reference.transformers_on_vllm_choice` on the tiny Qwen-VL."""
+    label = f"vLLM {qwen['family']} {method} at {budget} vs transformers: {request['prompt'][-40:]!r}"
     options = dict(max_tokens=MAX_TOKENS, eos_id=EOS_ID)
     return on_vllm_choice(qwen["model"], qwen["processor"], vllm_rows, request, budget, method, every, label, **options)
 

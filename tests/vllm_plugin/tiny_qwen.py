@@ -1,7 +1,8 @@
-"""The tiny random Qwen2.5-VL the vLLM tests serve: built from a config (window attention in
-blocks 0 and 2, full attention in block 1; a 2-layer Qwen2 decoder with M-RoPE) and saved with a
-processor built locally (the tiny word-level tokenizer of the other tests,
-Qwen2VLImageProcessorPil) and a chat template for the OpenAI server."""
+"""The tiny random Qwen2.5-VL and Qwen2-VL the vLLM tests serve: built from a config (Qwen2.5-VL:
+window attention in blocks 0 and 2, full attention in block 1; Qwen2-VL: full attention in all
+3 blocks; a 2-layer Qwen2 decoder with M-RoPE) and saved with a processor built locally (the
+tiny word-level tokenizer of the other tests, Qwen2VLImageProcessorPil) and a chat template
+for the OpenAI server."""
 
 from __future__ import annotations
 
@@ -24,13 +25,20 @@ CHAT_TEMPLATE = (
 )
 
 
-def tiny_qwen_folder(folder):
-    """A tiny Qwen2.5-VL folder vLLM can load: config, random weights, processor."""
+#: The families :func:`tiny_qwen_folder` builds.
+FAMILIES = ("Qwen2.5-VL", "Qwen2-VL")
+
+
+def tiny_qwen_folder(folder, family: str = "Qwen2.5-VL"):
+    """A tiny Qwen2.5-VL (or Qwen2-VL) folder vLLM can load: config, random weights, processor."""
     from transformers import (
         Qwen2_5_VLConfig,
         Qwen2_5_VLForConditionalGeneration,
         Qwen2_5_VLProcessor,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
         Qwen2VLImageProcessorPil,
+        Qwen2VLProcessor,
     )
 
     from flashvlm._torchvision_compat import without_video_processor
@@ -52,20 +60,29 @@ def tiny_qwen_folder(folder):
         eos_token_id=EOS_ID,
         pad_token_id=0,
     )
-    vision = dict(
-        depth=3,
-        hidden_size=32,
-        intermediate_size=64,
-        out_hidden_size=64,
-        num_heads=4,
-        patch_size=2,
-        temporal_patch_size=2,
-        spatial_merge_size=2,
-        window_size=8,  # 2 x 2 merged tokens per window
-        fullatt_block_indexes=[1],
-        initializer_range=0.2,
-    )
-    config = Qwen2_5_VLConfig(
+    patches = dict(num_heads=4, patch_size=2, temporal_patch_size=2, spatial_merge_size=2, initializer_range=0.2)
+    if family == "Qwen2.5-VL":
+        vision = dict(
+            depth=3,
+            hidden_size=32,
+            intermediate_size=64,
+            out_hidden_size=64,
+            window_size=8,  # 2 x 2 merged tokens per window
+            fullatt_block_indexes=[1],
+            **patches,
+        )
+        config_class, model_class, processor_class = (
+            Qwen2_5_VLConfig,
+            Qwen2_5_VLForConditionalGeneration,
+            Qwen2_5_VLProcessor,
+        )
+    elif family == "Qwen2-VL":
+        # Qwen2-VL names the tower's width embed_dim and the merger's output hidden_size.
+        vision = dict(depth=3, embed_dim=32, mlp_ratio=2, hidden_size=64, **patches)
+        config_class, model_class, processor_class = Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+    else:
+        raise ValueError(f"unknown family {family!r}; one of {', '.join(FAMILIES)}")
+    config = config_class(
         text_config=text,
         vision_config=vision,
         image_token_id=IMAGE_TOKEN_ID,
@@ -75,11 +92,11 @@ def tiny_qwen_folder(folder):
         tie_word_embeddings=False,
     )
     torch.manual_seed(0)
-    Qwen2_5_VLForConditionalGeneration(config).eval().save_pretrained(folder)
+    model_class(config).eval().save_pretrained(folder)
     image_processor = Qwen2VLImageProcessorPil(
         patch_size=2, merge_size=2, temporal_patch_size=2, size={"shortest_edge": 64, "longest_edge": 1024}
     )
-    without_video_processor(Qwen2_5_VLProcessor)(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(
+    without_video_processor(processor_class)(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(
         folder
     )
     # As a folder saved where torchvision is installed: vLLM's processor loads a video processor too.
@@ -94,6 +111,15 @@ def tiny_qwen_folder(folder):
     config_file.write_text(json.dumps(processor_config))
     (folder / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     return folder
+
+
+def tiny_qwen(folder, family: str) -> dict:
+    """:func:`tiny_qwen_folder` in ``folder``, and the transformers model and processor loaded from it."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    tiny_qwen_folder(folder, family)
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    return {"folder": folder, "model": model, "processor": AutoProcessor.from_pretrained(folder), "family": family}
 
 
 def prompt(question: str, num_images: int = 1) -> str:

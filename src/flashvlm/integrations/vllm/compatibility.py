@@ -55,6 +55,7 @@ class VllmApi(NamedTuple):
 _LLAVA = "vllm.model_executor.models.llava"
 _LLAVA_NEXT = "vllm.model_executor.models.llava_next"
 _QWEN = "vllm.model_executor.models.qwen2_5_vl"
+_QWEN2 = "vllm.model_executor.models.qwen2_vl"
 _CLIP = "vllm.model_executor.models.clip"
 _SIGLIP = "vllm.model_executor.models.siglip"
 _PROCESSING = "vllm.multimodal.processing"
@@ -118,6 +119,51 @@ def _attention(module: str, prefix: str) -> list[VllmApi]:
             VllmApi(module, f"{prefix}Attention.{name}")
             for name in ("qkv_proj", "num_heads", "num_heads_per_partition", "scale", "tp_size")
         ),
+    ]
+
+
+def _qwen_vl(module: str, prefix: str, vision: str) -> list[VllmApi]:
+    """A Qwen-VL family: its processing and model classes (``{prefix}...``), down to the tower's
+    attention and merger (``{vision}...``) that ``PrunedQwenVLMixin`` taps."""
+    model = f"{prefix}ForConditionalGeneration"
+    return [
+        VllmApi(module, f"{prefix}DummyInputsBuilder"),
+        *_processing_info(
+            module, f"{prefix}ProcessingInfo", ("image_width", "image_height", "image_processor", "mm_kwargs")
+        ),
+        *_processor(module, f"{prefix}MultiModalProcessor"),
+        VllmApi(module, model),
+        VllmApi(module, f"{model}.__init__", ("vllm_config", "prefix")),
+        *(
+            VllmApi(module, f"{model}.{name}")
+            for name in ("config", "visual", "use_data_parallel", "get_language_model", "embed_multimodal")
+        ),
+        VllmApi(module, f"{model}.load_weights", ("weights",)),
+        VllmApi(module, f"{model}.get_mrope_input_positions", ("input_tokens", "mm_features")),
+        VllmApi(module, f"{model}.iter_mm_grid_thw", ("mm_features",)),
+        VllmApi(module, f"{model}.embed_input_ids", ("input_ids", "multimodal_embeddings", "is_multimodal")),
+        VllmApi(module, f"{model}.forward", ("input_ids", "positions", "intermediate_tensors", "inputs_embeds")),
+        VllmApi(module, f"{model}._parse_and_validate_multimodal_inputs"),
+        VllmApi(module, f"{model}._process_video_input", ("video_input",)),
+        *(VllmApi(module, f"{prefix}ImagePixelInputs.{name}") for name in ("type", "pixel_values", "image_grid_thw")),
+        *(
+            VllmApi(module, f"{vision}Transformer.{name}")
+            for name in ("blocks", "merger", "spatial_merge_size", "num_heads")
+        ),
+        VllmApi(module, f"{vision}Transformer.prepare_encoder_metadata", ("grid_thw",)),
+        VllmApi(module, f"{vision}Transformer.forward", ("x", "grid_thw", "encoder_metadata")),
+        VllmApi(module, f"{vision}Block.attn"),
+        *(
+            VllmApi(module, f"{vision}Attention.{name}")
+            for name in (
+                "apply_rotary_emb",
+                "num_attention_heads_per_partition",
+                "hidden_size_per_attention_head",
+                "tp_size",
+            )
+        ),
+        VllmApi(module, f"{vision}Attention.forward"),  # q and k stacked for apply_rotary_emb
+        VllmApi(module, f"{vision}PatchMerger.ln_q"),
     ]
 
 
@@ -189,59 +235,10 @@ INVENTORY: tuple[VllmApi, ...] = (
         "LlavaNextForConditionalGeneration._merge_image_patch_embeddings",
         ("image_size", "patch_embeddings", "strategy"),
     ),
-    # -- qwen_vl.py: Qwen2.5-VL --
-    VllmApi(_QWEN, "Qwen2_5_VLDummyInputsBuilder"),
-    *_processing_info(
-        _QWEN, "Qwen2_5_VLProcessingInfo", ("image_width", "image_height", "image_processor", "mm_kwargs")
-    ),
-    *_processor(_QWEN, "Qwen2_5_VLMultiModalProcessor"),
-    VllmApi(_QWEN, "Qwen2_5_VLForConditionalGeneration"),
-    VllmApi(_QWEN, "Qwen2_5_VLForConditionalGeneration.__init__", ("vllm_config", "prefix")),
-    *(
-        VllmApi(_QWEN, f"Qwen2_5_VLForConditionalGeneration.{name}")
-        for name in ("config", "visual", "use_data_parallel", "get_language_model", "embed_multimodal")
-    ),
-    VllmApi(_QWEN, "Qwen2_5_VLForConditionalGeneration.load_weights", ("weights",)),
-    VllmApi(_QWEN, "Qwen2_5_VLForConditionalGeneration.get_mrope_input_positions", ("input_tokens", "mm_features")),
-    VllmApi(_QWEN, "Qwen2_5_VLForConditionalGeneration.iter_mm_grid_thw", ("mm_features",)),
-    VllmApi(
-        _QWEN,
-        "Qwen2_5_VLForConditionalGeneration.embed_input_ids",
-        ("input_ids", "multimodal_embeddings", "is_multimodal"),
-    ),
-    VllmApi(
-        _QWEN,
-        "Qwen2_5_VLForConditionalGeneration.forward",
-        ("input_ids", "positions", "intermediate_tensors", "inputs_embeds"),
-    ),
-    VllmApi(_QWEN, "Qwen2_5_VLForConditionalGeneration._parse_and_validate_multimodal_inputs"),
-    VllmApi(_QWEN, "Qwen2_5_VLForConditionalGeneration._process_video_input", ("video_input",)),
-    *(VllmApi(_QWEN, f"Qwen2_5_VLImagePixelInputs.{name}") for name in ("type", "pixel_values", "image_grid_thw")),
-    *(
-        VllmApi(_QWEN, f"Qwen2_5_VisionTransformer.{name}")
-        for name in (
-            "fullatt_block_indexes",
-            "blocks",
-            "merger",
-            "spatial_merge_size",
-            "spatial_merge_unit",
-            "num_heads",
-        )
-    ),
-    VllmApi(_QWEN, "Qwen2_5_VisionTransformer.prepare_encoder_metadata", ("grid_thw",)),
-    VllmApi(_QWEN, "Qwen2_5_VisionTransformer.forward", ("x", "grid_thw", "encoder_metadata")),
-    VllmApi(_QWEN, "Qwen2_5_VisionBlock.attn"),
-    *(
-        VllmApi(_QWEN, f"Qwen2_5_VisionAttention.{name}")
-        for name in (
-            "apply_rotary_emb",
-            "num_attention_heads_per_partition",
-            "hidden_size_per_attention_head",
-            "tp_size",
-        )
-    ),
-    VllmApi(_QWEN, "Qwen2_5_VisionAttention.forward"),  # q and k stacked for apply_rotary_emb
-    VllmApi(_QWEN, "Qwen2_5_VisionPatchMerger.ln_q"),
+    # -- qwen_vl.py: Qwen2-VL and Qwen2.5-VL --
+    *_qwen_vl(_QWEN2, "Qwen2VL", "Qwen2Vision"),
+    *_qwen_vl(_QWEN, "Qwen2_5_VL", "Qwen2_5_Vision"),
+    VllmApi(_QWEN, "Qwen2_5_VisionTransformer.fullatt_block_indexes"),
     VllmApi("vllm.multimodal.inputs", "MultiModalFeatureSpec.mm_position"),
     VllmApi("vllm.multimodal.inputs", "MultiModalFeatureSpec.modality"),
     VllmApi("vllm.multimodal.inputs", "PlaceholderRange.offset"),

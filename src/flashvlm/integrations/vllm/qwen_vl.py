@@ -1,7 +1,12 @@
-"""Qwen2.5-VL in vLLM with flashvlm: packed window/full-attention ViT, 2x2 merger, M-RoPE positions.
+"""Qwen2-VL and Qwen2.5-VL in vLLM with flashvlm: packed ViT, 2x2 merger, M-RoPE positions.
 
-Registered under vLLM's own architecture name, ``Qwen2_5_VLForConditionalGeneration``;
-without the ``flashvlm`` key in ``hf_overrides`` every override below defers to vLLM's class.
+Registered under vLLM's own architecture names, ``Qwen2VLForConditionalGeneration`` and
+``Qwen2_5_VLForConditionalGeneration``; without the ``flashvlm`` key in ``hf_overrides``
+every override below defers to vLLM's class. The two towers differ in what the HF adapter
+(``flashvlm.adapters.qwen_vl``) already handles: Qwen2.5-VL's blocks attend within windows
+except its ``fullatt_block_indexes``, and it runs merge groups in window order; Qwen2-VL's
+blocks all attend to the whole image, in raster order. Saliency comes from the last
+full-attention block of either.
 
 Positions, as the HF adapter (``flashvlm.adapters.qwen_vl``) has them: a kept token keeps
 the (t, h, w) M-RoPE position it has in the unpruned prompt, the text after an image
@@ -38,6 +43,12 @@ from vllm.model_executor.models.qwen2_5_vl import (
     Qwen2_5_VLMultiModalProcessor,
     Qwen2_5_VLProcessingInfo,
 )
+from vllm.model_executor.models.qwen2_vl import (
+    Qwen2VLDummyInputsBuilder,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLMultiModalProcessor,
+    Qwen2VLProcessingInfo,
+)
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from ...errors import FlashVLMError, UnsupportedModelError
@@ -61,7 +72,7 @@ QWEN_SERVED_REQUIREMENTS = SERVED_REQUIREMENTS - {"cls_attention"}
 POSITION_CHANNELS = 3
 
 
-class PrunedQwen2_5_VLProcessingInfo(PrunedInfoMixin, Qwen2_5_VLProcessingInfo):
+class PrunedQwenVLInfoMixin(PrunedInfoMixin):
     flashvlm_served = QWEN_SERVED_REQUIREMENTS
 
     # The engine's count, from which vLLM sizes its encoder budget (get_mm_max_tokens_per_item);
@@ -73,7 +84,7 @@ class PrunedQwen2_5_VLProcessingInfo(PrunedInfoMixin, Qwen2_5_VLProcessingInfo):
         return num_tokens if self.flashvlm is None else self.flashvlm.num_kept(num_tokens)
 
 
-class PrunedQwen2_5_VLMultiModalProcessor(PrunedProcessorMixin, Qwen2_5_VLMultiModalProcessor):
+class PrunedQwenVLProcessorMixin(PrunedProcessorMixin):
     def flashvlm_placeholder_ids(self) -> frozenset[int]:
         config = self.info.get_hf_config()
         return frozenset({config.image_token_id, config.video_token_id})
@@ -85,7 +96,7 @@ class PrunedQwen2_5_VLMultiModalProcessor(PrunedProcessorMixin, Qwen2_5_VLMultiM
 
 @contextmanager
 def tap_rotated_queries_and_keys(attention):
-    """Capture the queries and keys a vLLM Qwen2.5-VL vision attention attends with.
+    """Capture the queries and keys a vLLM Qwen-VL vision attention attends with.
 
     Its ``apply_rotary_emb`` rotates q and k stacked as (2 * b, s, heads, d); with b = 1
     (the packed tower) its output is this rank's rotated q and k, each (s, heads * d).
@@ -118,10 +129,9 @@ def tap_merger_input(merger):
         handle.remove()
 
 
-@MULTIMODAL_REGISTRY.register_processor(
-    PrunedQwen2_5_VLMultiModalProcessor, info=PrunedQwen2_5_VLProcessingInfo, dummy_inputs=Qwen2_5_VLDummyInputsBuilder
-)
-class PrunedQwen2_5_VL(PrunedModelMixin, Qwen2_5_VLForConditionalGeneration):
+class PrunedQwenVLMixin(PrunedModelMixin):
+    """The selection, the M-RoPE positions and the start-up checks both Qwen towers share."""
+
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         settings = settings_of(self.config, QWEN_SERVED_REQUIREMENTS)
@@ -141,10 +151,10 @@ class PrunedQwen2_5_VL(PrunedModelMixin, Qwen2_5_VLForConditionalGeneration):
             if vllm_config.parallel_config.pipeline_parallel_size > 1:
                 raise UnsupportedModelError(
                     f"pipeline_parallel_size={vllm_config.parallel_config.pipeline_parallel_size}: flashvlm corrects "
-                    "the kept tokens' M-RoPE positions on the first stage only; Qwen2.5-VL is served with 1"
+                    "the kept tokens' M-RoPE positions on the first stage only; Qwen-VL is served with 1"
                 )
         self.init_flashvlm(settings, QWEN_SERVED_REQUIREMENTS, vllm_config)
-        full_attention_blocks = self.visual.fullatt_block_indexes
+        full_attention_blocks = getattr(self.visual, "fullatt_block_indexes", None)  # Qwen2.5-VL's only
         last_full = max(full_attention_blocks) if full_attention_blocks else len(self.visual.blocks) - 1
         #: Saliency comes from the last full-attention block, as in the HF adapter (window
         #: blocks see only their window).
@@ -221,7 +231,9 @@ class PrunedQwen2_5_VL(PrunedModelMixin, Qwen2_5_VLForConditionalGeneration):
         inputs_by_modality = self._parse_and_validate_multimodal_inputs(**kwargs)
         embeddings: tuple[torch.Tensor, ...] = ()
         for modality, item_input in inputs_by_modality.items():
-            if modality == "image":
+            if item_input is None:
+                continue
+            if modality in ("image", "images"):  # Qwen2.5-VL's key, Qwen2-VL's
                 embeddings += self.select_images(item_input, kwargs)
             else:
                 embeddings += tuple(self._process_video_input(item_input))
@@ -247,7 +259,7 @@ class PrunedQwen2_5_VL(PrunedModelMixin, Qwen2_5_VLForConditionalGeneration):
 
         def merge(features: torch.Tensor) -> torch.Tensor:
             """The merger on (K, m*m*C) merge groups -> (K, D): a merging method's tokens."""
-            return tower.merger(features.reshape(-1, features.shape[-1] // tower.spatial_merge_unit))
+            return tower.merger(features.reshape(-1, features.shape[-1] // tower.spatial_merge_size**2))
 
         kept_rows = []
         for image, text, own, (_, h, w) in zip(images, texts, settings, grid_thw):
@@ -268,11 +280,17 @@ class PrunedQwen2_5_VL(PrunedModelMixin, Qwen2_5_VLForConditionalGeneration):
         metadata = tower.prepare_encoder_metadata(grid_thw)
         with tap_rotated_queries_and_keys(attention) as tap, tap_merger_input(tower.merger) as merger_input:
             projected = tower(pixel_values, grid_thw=grid_thw, encoder_metadata=metadata)  # (M, D)
-        # The tower runs merge groups window by window; reverse_indices restores each image's raster.
-        model_order = metadata["reverse_indices"].to(projected.device)
-        group = tower.spatial_merge_unit
-        hidden = merger_input["hidden"]  # (S, 1, C), in window order
+        group = tower.spatial_merge_size**2
+        hidden = merger_input["hidden"]  # (S, 1, C), in the tower's order
         num_merged = hidden.shape[0] // group
+        # Qwen2.5-VL runs merge groups window by window, and reverse_indices restores each
+        # image's raster; Qwen2-VL runs them in raster order.
+        reverse_indices = metadata.get("reverse_indices")
+        model_order = (
+            torch.arange(num_merged, device=projected.device)
+            if reverse_indices is None
+            else reverse_indices.to(projected.device)
+        )
         features = hidden.reshape(num_merged, group * hidden.shape[-1])[model_order]  # (M, m*m*C)
         patches_per_image = [t * h * w for t, h, w in grid_thw]
         cu_seqlens = torch.tensor([0, *np.cumsum(patches_per_image)], device=tap.queries.device)
@@ -303,3 +321,33 @@ class PrunedQwen2_5_VL(PrunedModelMixin, Qwen2_5_VLForConditionalGeneration):
             )
             images.append(EncodedImage(item, "received", tower.num_heads))
         return images
+
+
+class PrunedQwen2_5_VLProcessingInfo(PrunedQwenVLInfoMixin, Qwen2_5_VLProcessingInfo):
+    pass
+
+
+class PrunedQwen2_5_VLMultiModalProcessor(PrunedQwenVLProcessorMixin, Qwen2_5_VLMultiModalProcessor):
+    pass
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    PrunedQwen2_5_VLMultiModalProcessor, info=PrunedQwen2_5_VLProcessingInfo, dummy_inputs=Qwen2_5_VLDummyInputsBuilder
+)
+class PrunedQwen2_5_VL(PrunedQwenVLMixin, Qwen2_5_VLForConditionalGeneration):
+    pass
+
+
+class PrunedQwen2VLProcessingInfo(PrunedQwenVLInfoMixin, Qwen2VLProcessingInfo):
+    pass
+
+
+class PrunedQwen2VLMultiModalProcessor(PrunedQwenVLProcessorMixin, Qwen2VLMultiModalProcessor):
+    pass
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    PrunedQwen2VLMultiModalProcessor, info=PrunedQwen2VLProcessingInfo, dummy_inputs=Qwen2VLDummyInputsBuilder
+)
+class PrunedQwen2VL(PrunedQwenVLMixin, Qwen2VLForConditionalGeneration):
+    pass
