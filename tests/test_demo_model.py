@@ -6,6 +6,7 @@ import dataclasses
 import json
 from functools import partial
 
+import numpy as np
 import pytest
 import torch
 from agreement import SelectionRecorder, alone_as_in_batch
@@ -205,6 +206,32 @@ def test_clip_samples_carry_patch_classes_only_when_the_term_is_on(lm_folder):
     assert "patch_shapes" not in StageData("clip", 0, lm_folder)[0]  # their masks cost a render per object
     with_term = StageData("clip", 0, lm_folder, with_patch_labels=True)[0]
     assert with_term["patch_shapes"].shape == with_term["patch_colors"].shape == (GRID * GRID,)
+
+
+def test_crowded_clip_scenes_hold_the_asked_number_of_objects_and_leave_other_stages_alone(lm_folder):
+    crowded = StageData("clip", 0, lm_folder, with_patch_labels=True, clip_objects=(8, 12))
+    for index in range(0, 30, 7):
+        sample = crowded[index]  # a phrase per object
+        assert 8 <= len(sample["phrases"]) <= 12
+        # Object patches: 26-37 in these samples, against 10-16 with the benchmark's 3-6 objects.
+        assert (sample["patch_shapes"] > 0).sum() >= 20
+    plain = StageData("tune", 0, lm_folder)[3]
+    assert StageData("tune", 0, lm_folder, clip_objects=(8, 12))[3]["ids"] == plain["ids"]
+
+
+def test_patch_coverage_drawn_under_the_box_equals_a_full_canvas():
+    from PIL import Image, ImageDraw
+
+    from lab.scenes import IMAGE_SIZE, _draw_shape, example_rng, make_example
+
+    for index in range(200):  # objects at every offset from the patch grid, near the borders too
+        rng = example_rng(0, "clip", index)
+        for obj in make_example(rng, "attribute", num_objects=12).objects:
+            mask = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
+            _draw_shape(ImageDraw.Draw(mask), obj.shape, obj.bbox, 255)
+            cells = IMAGE_SIZE // 14
+            full = (np.asarray(mask, dtype=np.float32).reshape(cells, 14, cells, 14) / 255.0).mean(axis=(1, 3))
+            assert np.array_equal(patch_coverage(obj), full.reshape(-1)), obj
 
 
 def test_patch_classes_name_the_object_that_covers_the_patch():

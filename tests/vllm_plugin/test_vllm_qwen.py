@@ -97,6 +97,11 @@ def runs(qwen, tmp_path_factory):
     for method in OTHER_METHODS:
         overrides = {"flashvlm": {"method": method, "budget": BUDGETS[-1]}}
         engines.append({"name": method, "hf_overrides": overrides, "calls": one_by_one[1:]})
+    # vLLM's own video pruning (EVS) beside flashvlm: refused when the model is built.
+    evs = {"video_pruning_rate": 0.5}
+    engines.append(
+        {"name": "evs", "hf_overrides": {"flashvlm": {"budget": 8}}, "engine_args": evs, "expect_error": True}
+    )
     stock, plugin = run_stock_and_plugin(job, [{"name": "stock", "calls": one_by_one}], engines, workdir)
     return {"stock": stock["stock"], **plugin, "singles": singles, "two_images": two_images}
 
@@ -207,6 +212,11 @@ def test_methods_that_read_a_cls_row_are_refused_at_start_up(method):
     config = SimpleNamespace(flashvlm={"method": method, "budget": 8})
     with pytest.raises(MethodUnavailableError, match=r"needs cls_attention \(the CLS token's attention row"):
         settings_of(config, QWEN_SERVED_REQUIREMENTS)
+
+
+def test_evs_video_pruning_beside_flashvlm_is_refused_at_start_up_in_one_line(runs):
+    error = runs["evs"]["error"]
+    assert error is not None and "video_pruning_rate=0.5: vLLM's EVS prunes videos" in error, error
 
 
 def test_a_request_budget_overrides_the_engines(runs, qwen):

@@ -249,6 +249,9 @@ INVENTORY: tuple[VllmApi, ...] = (
     VllmApi("vllm.config.compilation", "CompilationConfig.compile_mm_encoder"),
     VllmApi("vllm.config.compilation", "CompilationConfig.cudagraph_mm_encoder"),
     VllmApi("vllm.config.parallel", "ParallelConfig.pipeline_parallel_size"),
+    VllmApi("vllm.config.vllm", "VllmConfig.model_config"),
+    VllmApi("vllm.config.model", "ModelConfig.multimodal_config"),
+    VllmApi("vllm.config.multimodal", "MultiModalConfig.video_pruning_rate"),  # EVS, refused with flashvlm
     # Where the model runners call the overrides (V1: the CPU runner's base; V2: GPU's default).
     VllmApi(
         "vllm.v1.worker.gpu_model_runner", "GPUModelRunner._init_mrope_positions", calls=("get_mrope_input_positions",)

@@ -148,6 +148,13 @@ class PrunedQwenVLMixin(PrunedModelMixin):
                         f"{option}=True: flashvlm reads q/k inside the vision tower with hooks, which a compiled "
                         "or graph-captured tower does not run; leave the encoder eager (vLLM's default)"
                     )
+            evs_rate = vllm_config.model_config.multimodal_config.video_pruning_rate
+            if evs_rate:
+                raise UnsupportedModelError(
+                    f"video_pruning_rate={evs_rate}: vLLM's EVS prunes videos and lays out their M-RoPE positions "
+                    "its own way, which flashvlm's position layout does not compose with; serve with one or the "
+                    "other (with flashvlm on, videos are served unpruned)"
+                )
             if vllm_config.parallel_config.pipeline_parallel_size > 1:
                 raise UnsupportedModelError(
                     f"pipeline_parallel_size={vllm_config.parallel_config.pipeline_parallel_size}: flashvlm corrects "
