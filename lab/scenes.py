@@ -161,11 +161,18 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, bbox: tuple[int, int, int
 
 def patch_coverage(obj: SceneObject, patch: int = 14) -> np.ndarray:
     """The share of each patch that ``obj``'s shape covers: (IMAGE_SIZE // patch) ** 2 values in [0, 1], raster order."""
-    mask = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
-    _draw_shape(ImageDraw.Draw(mask), obj.shape, obj.bbox, 255)
     cells = IMAGE_SIZE // patch
-    array = np.asarray(mask, dtype=np.float32).reshape(cells, patch, cells, patch) / 255.0
-    return array.mean(axis=(1, 3)).reshape(-1)
+    # Drawn on the patches under the box only, shifted by whole pixels (which rasterizes the
+    # same pixels): a 224 px canvas per object cost as much as rendering the scene.
+    (x0, y0, x1, y1), share = obj.bbox, np.zeros((cells, cells), dtype=np.float32)
+    left, top = x0 // patch, y0 // patch
+    right, bottom = min(-(-x1 // patch), cells), min(-(-y1 // patch), cells)
+    mask = Image.new("L", ((right - left) * patch, (bottom - top) * patch), 0)
+    shifted = (x0 - left * patch, y0 - top * patch, x1 - left * patch, y1 - top * patch)
+    _draw_shape(ImageDraw.Draw(mask), obj.shape, shifted, 255)
+    array = np.asarray(mask, dtype=np.float32).reshape(bottom - top, patch, right - left, patch) / 255.0
+    share[top:bottom, left:right] = array.mean(axis=(1, 3))
+    return share.reshape(-1)
 
 
 # -- language ----------------------------------------------------------------------------

@@ -105,6 +105,9 @@ class TrainConfig:
     grounding_weight: float = 0.0
     #: Weight of the patch-label term in ``clip`` (0: none); see :func:`patch_label_loss`.
     patch_label_weight: float = 0.0
+    #: Objects per ``clip`` scene, (fewest, most); None: the benchmark's 3-6. Crowded scenes
+    #: hold about three times as many object patches for the patch-label term to teach.
+    clip_objects: tuple[int, int] | None = None
     #: Weight of the norm term in ``align`` and ``tune`` (0: none); see :func:`norm_loss`.
     norm_weight: float = 0.0
     #: The first ``tune`` samples are a reading curriculum: one or two objects, attribute and
@@ -124,16 +127,21 @@ PRESETS: dict[str, dict] = {
     # One H100/H200 in bf16: 75 + 120 + 210 s of training, then assembly and a 400-question
     # validation run, within 8 minutes. The step counts are ceilings; the seconds decide.
     "gpu": {},
-    # This project's 2-core CPU in bf16 autocast: SmolLM2's first 4 layers, a rank-16 LoRA and
-    # the grounding term; 10 + 15 + 93 minutes of training, then assembly and validation: 2 hours.
+    # This project's 2-core CPU in bf16 autocast: SmolLM2's first 4 layers, a rank-16 LoRA, the
+    # grounding and norm terms, a tower taught patch labels on crowded scenes and a reading
+    # curriculum; 15 + 12 + 80 minutes of training, then assembly and validation: under 2 hours.
     "cpu": dict(
         lm_layers=4,
         adapter=Adapter(rank=16, alpha=32),
         grounding_weight=1.0,
+        patch_label_weight=1.0,
+        clip_objects=(8, 12),
+        norm_weight=1.0,
+        curriculum_samples=10_000,
         align_adapter=True,
-        clip=StagePlan(100_000, 64, 1e-3, seconds=600),
-        align=StagePlan(100_000, 16, 1e-3, seconds=900),
-        tune=StagePlan(100_000, 16, 1e-3, seconds=5580),
+        clip=StagePlan(100_000, 32, 1e-3, seconds=900),
+        align=StagePlan(100_000, 16, 1e-3, seconds=720),
+        tune=StagePlan(100_000, 16, 1e-3, seconds=4800),
         tune_vision_lr_scale=0.3,
         checkpoint_seconds=300.0,
         monitor_size=64,
@@ -145,6 +153,7 @@ PRESETS: dict[str, dict] = {
         lm_layers=2,
         grounding_weight=1.0,
         patch_label_weight=1.0,
+        clip_objects=(8, 12),
         norm_weight=1.0,
         curriculum_samples=2,
         precision="fp32",
@@ -225,8 +234,10 @@ class StageData(torch.utils.data.Dataset):
         grounding: bool = False,
         curriculum_samples: int = 0,
         with_patch_labels: bool = False,
+        clip_objects: tuple[int, int] | None = None,
     ) -> None:
         self.stage, self.seed = stage, seed
+        self.clip_objects = clip_objects if stage == "clip" else None
         self.curriculum_samples = curriculum_samples if stage == "tune" else 0
         # Rendering each object's coverage mask costs as much as the scene: only when the term is on.
         self.with_patch_labels = with_patch_labels and stage == "clip"
@@ -250,6 +261,8 @@ class StageData(torch.utils.data.Dataset):
             # Reading first: with one or two objects, the image's mean already answers, so the
             # language model is rewarded for looking before it must find the queried object.
             example = make_example(rng, rng.choice(("attribute", "existence")), num_objects=rng.randint(1, 2))
+        elif self.clip_objects is not None:
+            example = make_example(rng, rng.choice(FAMILIES), num_objects=rng.randint(*self.clip_objects))
         else:
             example = make_example(rng, rng.choice(FAMILIES))
         pixels = pixel_tensor([example.render()])[0]  # (3, H, W)
@@ -331,13 +344,14 @@ def batches(
     grounding: bool = False,
     curriculum_samples: int = 0,
     with_patch_labels: bool = False,
+    clip_objects: tuple[int, int] | None = None,
 ):
     """Batches ``start_step .. plan.steps - 1`` of a stage, in order."""
     indices = [
         list(range(step * plan.batch_size, (step + 1) * plan.batch_size)) for step in range(start_step, plan.steps)
     ]
     loader = torch.utils.data.DataLoader(
-        StageData(stage, seed, lm_folder, grounding, curriculum_samples, with_patch_labels),
+        StageData(stage, seed, lm_folder, grounding, curriculum_samples, with_patch_labels, clip_objects),
         batch_sampler=indices,
         collate_fn=collate,
         num_workers=workers,
@@ -727,6 +741,7 @@ class Trainer:
                 grounding,
                 config.curriculum_samples,
                 with_patch_labels=config.patch_label_weight > 0,
+                clip_objects=config.clip_objects,
             )
         )
         for step in range(start, plan.steps):
@@ -826,6 +841,9 @@ def add_arguments(parser) -> None:
         parser.add_argument(f"--{stage}-lr", type=float, help=f"peak learning rate of stage {stage}")
     parser.add_argument("--lm-layers", type=int, help="SmolLM2 decoder layers kept, from the first (1-30)")
     parser.add_argument("--patch-label-weight", type=float, help="weight of the tower's patch-label term (0: none)")
+    parser.add_argument(
+        "--clip-objects", help="objects per clip-stage scene as FEWEST-MOST, e.g. 8-12 (default: the preset's)"
+    )
     parser.add_argument("--norm-weight", type=float, help="weight of the projected tokens' norm term (0: none)")
     parser.add_argument("--curriculum-samples", type=int, help="tune samples of one or two objects that come first")
     parser.add_argument("--checkpoint-seconds", type=float, help="seconds between checkpoints (and log lines)")
@@ -861,6 +879,8 @@ def config_from_arguments(args) -> tuple[TrainConfig, tuple[str, ...]]:
             overrides[name] = getattr(args, name)
     if overrides.get("lm_layers") is not None and not 1 <= overrides["lm_layers"] <= 30:
         raise ValueError(f"--lm-layers: SmolLM2 has 30 layers; got {overrides['lm_layers']}")
+    if args.clip_objects is not None:
+        overrides["clip_objects"] = parse_object_range(args.clip_objects)
     for name in ("patch_label_weight", "norm_weight", "curriculum_samples", "monitor_size", "eval_size"):
         if overrides.get(name, 0) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0; got {overrides[name]}")
@@ -868,6 +888,18 @@ def config_from_arguments(args) -> tuple[TrainConfig, tuple[str, ...]]:
     default_workers = max(1, (os.cpu_count() or 2) - 1) if uses_cuda else 0
     overrides["workers"] = args.workers if args.workers is not None else default_workers
     return dataclasses.replace(config, **overrides), stages
+
+
+def parse_object_range(text: str) -> tuple[int, int]:
+    """ "8-12" -> (8, 12); ValueError names the value and what is accepted."""
+    fewest, _, most = text.partition("-")
+    try:
+        low, high = int(fewest), int(most or fewest)
+    except ValueError:
+        low = high = -1
+    if not 1 <= low <= high <= 12:
+        raise ValueError(f"--clip-objects {text!r}: give FEWEST-MOST with 1 <= FEWEST <= MOST <= 12, e.g. 8-12")
+    return low, high
 
 
 def main(args) -> int:
