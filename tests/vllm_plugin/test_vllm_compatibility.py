@@ -140,9 +140,11 @@ def test_a_changed_release_is_reported(tmp_path):
         ["vllm.config.model", "ModelConfig.__post_init__"],
         ["vllm.model_executor.models.clip", "CLIPAttention.num_heads_per_partition"],
         ["vllm.model_executor.models.llava_next", "LlavaNextProcessingInfo._get_num_unpadded_features"],
-        # Qwen2.5-VL's info class inherits the method from Qwen2-VL's: both are reported.
+        # Qwen2.5-VL's and Qwen3-VL's info classes inherit the method from Qwen2-VL's: each is reported.
         ["vllm.model_executor.models.qwen2_vl", "Qwen2VLProcessingInfo.get_num_image_tokens"],
         ["vllm.model_executor.models.qwen2_5_vl", "Qwen2_5_VLProcessingInfo.get_num_image_tokens"],
+        ["vllm.model_executor.models.qwen3_vl", "Qwen3VLProcessingInfo.get_num_image_tokens"],
+        ["vllm.model_executor.models.qwen3_vl_moe", "Qwen3VLMoeProcessingInfo.get_num_image_tokens"],
     ], problems
     assert "no parameter image_processor (has self, *, image_width, image_height, processor, mm_kwargs)" in problems[-1]
 
@@ -194,10 +196,11 @@ def test_every_name_the_plugin_imports_from_vllm_is_in_the_inventory():
 #: Run in a subprocess (it imports vLLM's model modules): each plug-in class that subclasses a
 #: vLLM class, with the first vLLM class in its MRO and the flashvlm classes before it.
 PLUGIN_CLASSES = """
-import inspect, json
-import flashvlm.integrations.vllm.llava, flashvlm.integrations.vllm.llava_next, flashvlm.integrations.vllm.qwen_vl
+import importlib, inspect, json
+from flashvlm.integrations.vllm import ARCHITECTURES
 classes = []
-for module in (flashvlm.integrations.vllm.llava, flashvlm.integrations.vllm.llava_next, flashvlm.integrations.vllm.qwen_vl):
+for name in sorted({path.split(":")[0] for path in ARCHITECTURES.values()}):
+    module = importlib.import_module(name)
     for cls in vars(module).values():
         if inspect.isclass(cls) and cls.__module__ == module.__name__:
             vllm = [k for k in cls.__mro__ if k.__module__.split(".")[0] == "vllm"]
@@ -222,8 +225,10 @@ def plugin_classes() -> list[dict]:
     classes = json.loads(done.stdout.strip().splitlines()[-1])
     from flashvlm.integrations.vllm import ARCHITECTURES
 
-    # Each family: info, processor, model.
-    assert len(classes) == 3 * len(ARCHITECTURES), [c["name"] for c in classes]
+    # Every served architecture's model class, with its info and processor classes beside it.
+    names = [c["name"] for c in classes]
+    assert {path.split(":")[1] for path in ARCHITECTURES.values()} <= set(names), names
+    assert len(names) >= 2 * len(ARCHITECTURES), names
     return classes
 
 

@@ -1,8 +1,9 @@
-"""The tiny random Qwen2.5-VL and Qwen2-VL the vLLM tests serve: built from a config (Qwen2.5-VL:
-window attention in blocks 0 and 2, full attention in block 1; Qwen2-VL: full attention in all
-3 blocks; a 2-layer Qwen2 decoder with M-RoPE) and saved with a processor built locally (the
-tiny word-level tokenizer of the other tests, Qwen2VLImageProcessorPil) and a chat template
-for the OpenAI server."""
+"""The tiny random Qwen-VL models the vLLM tests serve: built from a config (Qwen2.5-VL: window
+attention in blocks 0 and 2, full attention in block 1; Qwen2-VL: full attention in all 3
+blocks; each with a 2-layer Qwen2 decoder with M-RoPE; Qwen3-VL: 3 blocks of full attention
+whose blocks 0 and 1 feed DeepStack, a 2-layer Qwen3 decoder with interleaved M-RoPE, dense or
+with 4 experts) and saved with a processor built locally (the tiny word-level tokenizer of
+the other tests, Qwen2VLImageProcessorPil) and a chat template for the OpenAI server."""
 
 from __future__ import annotations
 
@@ -26,11 +27,11 @@ CHAT_TEMPLATE = (
 
 
 #: The families :func:`tiny_qwen_folder` builds.
-FAMILIES = ("Qwen2.5-VL", "Qwen2-VL")
+FAMILIES = ("Qwen2.5-VL", "Qwen2-VL", "Qwen3-VL", "Qwen3-VL-MoE")
 
 
 def tiny_qwen_folder(folder, family: str = "Qwen2.5-VL"):
-    """A tiny Qwen2.5-VL (or Qwen2-VL) folder vLLM can load: config, random weights, processor."""
+    """A tiny Qwen-VL folder of ``family`` vLLM can load: config, random weights, processor."""
     from transformers import (
         Qwen2_5_VLConfig,
         Qwen2_5_VLForConditionalGeneration,
@@ -39,6 +40,11 @@ def tiny_qwen_folder(folder, family: str = "Qwen2.5-VL"):
         Qwen2VLForConditionalGeneration,
         Qwen2VLImageProcessorPil,
         Qwen2VLProcessor,
+        Qwen3VLConfig,
+        Qwen3VLForConditionalGeneration,
+        Qwen3VLMoeConfig,
+        Qwen3VLMoeForConditionalGeneration,
+        Qwen3VLProcessor,
     )
 
     from flashvlm._torchvision_compat import without_video_processor
@@ -80,6 +86,25 @@ def tiny_qwen_folder(folder, family: str = "Qwen2.5-VL"):
         # Qwen2-VL names the tower's width embed_dim and the merger's output hidden_size.
         vision = dict(depth=3, embed_dim=32, mlp_ratio=2, hidden_size=64, **patches)
         config_class, model_class, processor_class = Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+    elif family in ("Qwen3-VL", "Qwen3-VL-MoE"):
+        # Interleaved M-RoPE over head_dim 32; DeepStack adds blocks 0 and 1 after decoder layers 0 and 1.
+        text.update(head_dim=32, rope_parameters={**text["rope_parameters"], "mrope_interleaved": True})
+        vision = dict(
+            depth=3,
+            hidden_size=32,
+            intermediate_size=64,
+            out_hidden_size=64,
+            num_position_embeddings=16,
+            deepstack_visual_indexes=[0, 1],
+            **patches,
+        )
+        config_class, model_class, processor_class = Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
+        if family == "Qwen3-VL-MoE":
+            # moe_intermediate_size 16: no expert matrix is square (see released_expert_layout).
+            experts = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, decoder_sparse_step=1)
+            # vLLM reads norm_topk_prob, which the released configs carry (transformers' class always normalises).
+            text.update(experts, norm_topk_prob=True)
+            config_class, model_class = Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
     else:
         raise ValueError(f"unknown family {family!r}; one of {', '.join(FAMILIES)}")
     config = config_class(
@@ -93,6 +118,8 @@ def tiny_qwen_folder(folder, family: str = "Qwen2.5-VL"):
     )
     torch.manual_seed(0)
     model_class(config).eval().save_pretrained(folder)
+    if family == "Qwen3-VL-MoE":
+        released_expert_layout(folder / "model.safetensors")
     image_processor = Qwen2VLImageProcessorPil(
         patch_size=2, merge_size=2, temporal_patch_size=2, size={"shortest_edge": 64, "longest_edge": 1024}
     )
@@ -102,8 +129,9 @@ def tiny_qwen_folder(folder, family: str = "Qwen2.5-VL"):
     # As a folder saved where torchvision is installed: vLLM's processor loads a video processor too.
     config_file = folder / "processor_config.json"
     processor_config = json.loads(config_file.read_text())
+    video_processor_type = "Qwen3VLVideoProcessor" if family.startswith("Qwen3") else "Qwen2VLVideoProcessor"
     processor_config["video_processor"] = {
-        "video_processor_type": "Qwen2VLVideoProcessor",
+        "video_processor_type": video_processor_type,
         "merge_size": 2,
         "patch_size": 2,
         "temporal_patch_size": 2,
@@ -111,6 +139,20 @@ def tiny_qwen_folder(folder, family: str = "Qwen2.5-VL"):
     config_file.write_text(json.dumps(processor_config))
     (folder / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     return folder
+
+
+def released_expert_layout(path) -> None:
+    """Qwen3-VL-MoE's expert weights as the released checkpoints (and vLLM) lay them out:
+    ``gate_up_proj`` (E, H, 2I), ``down_proj`` (E, I, H). transformers keeps them transposed
+    inside and saves them so; on load it transposes only when the shapes differ, hence no square
+    expert matrix in the tiny model."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(path)
+    for name in weights:
+        if name.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
+            weights[name] = weights[name].transpose(1, 2).contiguous()
+    save_file(weights, path, metadata={"format": "pt"})
 
 
 def tiny_qwen(folder, family: str) -> dict:

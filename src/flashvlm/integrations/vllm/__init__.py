@@ -31,6 +31,8 @@ ARCHITECTURES = {
     "LlavaNextForConditionalGeneration": "flashvlm.integrations.vllm.llava_next:PrunedLlavaNext",
     "Qwen2VLForConditionalGeneration": "flashvlm.integrations.vllm.qwen_vl:PrunedQwen2VL",
     "Qwen2_5_VLForConditionalGeneration": "flashvlm.integrations.vllm.qwen_vl:PrunedQwen2_5_VL",
+    "Qwen3VLForConditionalGeneration": "flashvlm.integrations.vllm.qwen3_vl:PrunedQwen3VL",
+    "Qwen3VLMoeForConditionalGeneration": "flashvlm.integrations.vllm.qwen3_vl:PrunedQwen3VLMoe",
 }
 
 

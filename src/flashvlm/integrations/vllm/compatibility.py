@@ -56,6 +56,8 @@ _LLAVA = "vllm.model_executor.models.llava"
 _LLAVA_NEXT = "vllm.model_executor.models.llava_next"
 _QWEN = "vllm.model_executor.models.qwen2_5_vl"
 _QWEN2 = "vllm.model_executor.models.qwen2_vl"
+_QWEN3 = "vllm.model_executor.models.qwen3_vl"
+_QWEN3_MOE = "vllm.model_executor.models.qwen3_vl_moe"
 _CLIP = "vllm.model_executor.models.clip"
 _SIGLIP = "vllm.model_executor.models.siglip"
 _PROCESSING = "vllm.multimodal.processing"
@@ -86,7 +88,7 @@ def _processor(module: str, cls: str) -> list[VllmApi]:
         VllmApi(module, f"{cls}.__init__", ("info", "dummy_inputs")),
         VllmApi(module, f"{cls}.info"),
         VllmApi(module, f"{cls}.apply", ("inputs", "timing_ctx")),
-        VllmApi(module, f"{cls}._call_hf_processor", ("hf_data", "hf_kwargs")),
+        VllmApi(module, f"{cls}._apply_hf_processor_main", ("mm_items", "hf_kwargs")),
         VllmApi(module, f"{cls}._get_mm_fields_config", ("hf_inputs", "hf_processor_mm_kwargs")),
         VllmApi(module, f"{cls}._get_prompt_updates", ("mm_items", "hf_processor_mm_kwargs", "out_mm_kwargs")),
     ]
@@ -122,11 +124,24 @@ def _attention(module: str, prefix: str) -> list[VllmApi]:
     ]
 
 
-def _qwen_vl(module: str, prefix: str, vision: str) -> list[VllmApi]:
+def _qwen_vl(
+    module: str,
+    prefix: str,
+    vision: str,
+    *,
+    merger_norm: str = "ln_q",
+    metadata_grid: str = "grid_thw",
+    grid_walk: tuple[str, tuple[str, ...]] = ("iter_mm_grid_thw", ("mm_features",)),
+    own_inputs: bool = True,
+) -> list[VllmApi]:
     """A Qwen-VL family: its processing and model classes (``{prefix}...``), down to the tower's
-    attention and merger (``{vision}...``) that ``PrunedQwenVLMixin`` taps."""
+    attention and merger (``{vision}...``) that ``PrunedQwenVLMixin`` taps. ``merger_norm``: the
+    merger's first norm; ``metadata_grid``: the grids' parameter of the tower's
+    ``prepare_encoder_metadata`` (the plug-in passes it by position); ``grid_walk``: the model's method that walks the prompt's visual runs, and
+    its parameters; ``own_inputs``: the module defines its image inputs and attention (Qwen3-VL
+    reuses Qwen2.5-VL's)."""
     model = f"{prefix}ForConditionalGeneration"
-    return [
+    apis = [
         VllmApi(module, f"{prefix}DummyInputsBuilder"),
         *_processing_info(
             module, f"{prefix}ProcessingInfo", ("image_width", "image_height", "image_processor", "mm_kwargs")
@@ -140,31 +155,77 @@ def _qwen_vl(module: str, prefix: str, vision: str) -> list[VllmApi]:
         ),
         VllmApi(module, f"{model}.load_weights", ("weights",)),
         VllmApi(module, f"{model}.get_mrope_input_positions", ("input_tokens", "mm_features")),
-        VllmApi(module, f"{model}.iter_mm_grid_thw", ("mm_features",)),
+        VllmApi(module, f"{model}.{grid_walk[0]}", grid_walk[1]),
         VllmApi(module, f"{model}.embed_input_ids", ("input_ids", "multimodal_embeddings", "is_multimodal")),
         VllmApi(module, f"{model}.forward", ("input_ids", "positions", "intermediate_tensors", "inputs_embeds")),
         VllmApi(module, f"{model}._parse_and_validate_multimodal_inputs"),
         VllmApi(module, f"{model}._process_video_input", ("video_input",)),
-        *(VllmApi(module, f"{prefix}ImagePixelInputs.{name}") for name in ("type", "pixel_values", "image_grid_thw")),
         *(
             VllmApi(module, f"{vision}Transformer.{name}")
             for name in ("blocks", "merger", "spatial_merge_size", "num_heads")
         ),
-        VllmApi(module, f"{vision}Transformer.prepare_encoder_metadata", ("grid_thw",)),
+        VllmApi(module, f"{vision}Transformer.prepare_encoder_metadata", (metadata_grid,)),
         VllmApi(module, f"{vision}Transformer.forward", ("x", "grid_thw", "encoder_metadata")),
         VllmApi(module, f"{vision}Block.attn"),
-        *(
-            VllmApi(module, f"{vision}Attention.{name}")
-            for name in (
-                "apply_rotary_emb",
-                "num_attention_heads_per_partition",
-                "hidden_size_per_attention_head",
-                "tp_size",
-            )
-        ),
-        VllmApi(module, f"{vision}Attention.forward"),  # q and k stacked for apply_rotary_emb
-        VllmApi(module, f"{vision}PatchMerger.ln_q"),
+        VllmApi(module, f"{vision}PatchMerger.{merger_norm}"),
     ]
+    if own_inputs:
+        apis += [
+            *(
+                VllmApi(module, f"{prefix}ImagePixelInputs.{name}")
+                for name in ("type", "pixel_values", "image_grid_thw")
+            ),
+            *(
+                VllmApi(module, f"{vision}Attention.{name}")
+                for name in (
+                    "apply_rotary_emb",
+                    "num_attention_heads_per_partition",
+                    "hidden_size_per_attention_head",
+                    "tp_size",
+                )
+            ),
+            VllmApi(module, f"{vision}Attention.forward"),  # q and k stacked for apply_rotary_emb
+        ]
+    return apis
+
+
+#: What the plug-in uses of Qwen3-VL (its MoE class and info subclass these, in their own module).
+_QWEN3_APIS = [
+    *_qwen_vl(
+        _QWEN3,
+        "Qwen3VL",
+        "Qwen3_Vision",
+        merger_norm="norm",
+        metadata_grid="grid_thw_list",
+        grid_walk=(
+            "_iter_mm_grid_hw",
+            (
+                "input_tokens",
+                "mm_features",
+                "video_token_id",
+                "vision_start_token_id",
+                "vision_end_token_id",
+                "spatial_merge_size",
+            ),
+        ),
+        own_inputs=False,
+    ),
+    VllmApi(_QWEN3, "Qwen3VLForConditionalGeneration.visual_dim"),
+    VllmApi(_QWEN3, "Qwen3VLForConditionalGeneration.multiscale_dim"),
+    VllmApi(_QWEN3, "Qwen3_VisionBlock.forward"),  # Qwen2_5_VisionAttention, as Qwen2.5-VL's
+]
+
+
+def _as_subclasses(apis: list[VllmApi], module: str, classes: dict[str, str]) -> list[VllmApi]:
+    """``apis`` on the classes of ``module`` that subclass them (``classes``: base -> subclass):
+    what the plug-in uses of a base class it uses of the subclass as well."""
+    found = []
+    for api in apis:
+        owner, _, member = api.name.partition(".")
+        if owner in classes:
+            name = classes[owner] + (f".{member}" if member else "")
+            found.append(VllmApi(module, name, api.params, api.value, api.calls))
+    return found
 
 
 #: Every vLLM API the plug-in (src/flashvlm/integrations/vllm/) relies on.
@@ -182,9 +243,16 @@ INVENTORY: tuple[VllmApi, ...] = (
     VllmApi(_PROCESSING, "BaseProcessingInfo.ctx"),
     VllmApi(_PROCESSING, "InputProcessingContext.model_config"),
     VllmApi(_PROCESSING, "BaseMultiModalProcessor.apply", ("inputs", "timing_ctx")),
-    VllmApi(_PROCESSING, "BaseMultiModalProcessor._apply_hf_processor_main", calls=("_call_hf_processor",)),
-    VllmApi(_PROCESSING, "BaseMultiModalProcessor._apply_hf_processor", calls=("_get_mm_fields_config",)),
-    VllmApi(_PROCESSING, "BaseMultiModalProcessor._cached_apply_hf_processor", calls=("_get_mm_fields_config",)),
+    VllmApi(
+        _PROCESSING,
+        "BaseMultiModalProcessor._apply_hf_processor",
+        calls=("_apply_hf_processor_main", "_get_mm_fields_config"),
+    ),
+    VllmApi(
+        _PROCESSING,
+        "BaseMultiModalProcessor._cached_apply_hf_processor",
+        calls=("_apply_hf_processor_main", "_get_mm_fields_config"),
+    ),
     VllmApi(_PROCESSING, "BaseMultiModalProcessor._get_mm_prompt_updates", calls=("_get_prompt_updates",)),
     VllmApi(_PROCESSING, "PromptUpdate.modality"),
     VllmApi(_PROCESSING, "PromptReplacement.replacement"),
@@ -239,6 +307,16 @@ INVENTORY: tuple[VllmApi, ...] = (
     *_qwen_vl(_QWEN2, "Qwen2VL", "Qwen2Vision"),
     *_qwen_vl(_QWEN, "Qwen2_5_VL", "Qwen2_5_Vision"),
     VllmApi(_QWEN, "Qwen2_5_VisionTransformer.fullatt_block_indexes"),
+    # -- qwen3_vl.py: Qwen3-VL, dense and MoE (Qwen2.5-VL's attention and image inputs, DeepStack) --
+    *_QWEN3_APIS,
+    *_as_subclasses(
+        _QWEN3_APIS,
+        _QWEN3_MOE,
+        {
+            "Qwen3VLForConditionalGeneration": "Qwen3VLMoeForConditionalGeneration",
+            "Qwen3VLProcessingInfo": "Qwen3VLMoeProcessingInfo",
+        },
+    ),
     VllmApi("vllm.multimodal.inputs", "MultiModalFeatureSpec.mm_position"),
     VllmApi("vllm.multimodal.inputs", "MultiModalFeatureSpec.modality"),
     VllmApi("vllm.multimodal.inputs", "PlaceholderRange.offset"),

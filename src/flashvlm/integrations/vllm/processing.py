@@ -88,14 +88,15 @@ class PrunedProcessorMixin:
             kwargs[TEXT_IDS_FIELD] = pack_prompt_text(inputs.prompt, self.flashvlm_placeholder_ids())
         return super().apply(replace(inputs, hf_processor_mm_kwargs=kwargs), timing_ctx)
 
-    def _call_hf_processor(self, hf_data, hf_kwargs, *args, **kwargs):
+    def _apply_hf_processor_main(self, mm_items, hf_kwargs):
+        # Here rather than in _call_hf_processor: Qwen3-VL's processor calls the HF processor itself.
         hf_kwargs = dict(hf_kwargs)
         text_ids = hf_kwargs.pop(TEXT_IDS_FIELD, None)
         request = hf_kwargs.pop(CONFIG_KEY, None)
-        processed = super()._call_hf_processor(hf_data, hf_kwargs, *args, **kwargs)
+        processed = super()._apply_hf_processor_main(mm_items, hf_kwargs)
         needed = text_ids is not None or request is not None
         num_images = self.flashvlm_num_images(processed) if needed else 0
-        if num_images:  # (a prompt with videos only has no image to guide)
+        if num_images:  # (a prompt with videos only, or with every image cached, has none to guide)
             # Every image of a prompt has the same text and settings: one row each, (I, ...).
             if text_ids is not None:
                 processed[TEXT_IDS_FIELD] = torch.tensor(text_ids, dtype=torch.long).repeat(num_images, 1)
@@ -105,7 +106,7 @@ class PrunedProcessorMixin:
 
     def flashvlm_num_images(self, processed) -> int:
         """Images in the HF processor's output (one row of ``pixel_values`` each by default)."""
-        return len(processed["pixel_values"])
+        return len(processed.get("pixel_values", ()))
 
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
         fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))

@@ -115,14 +115,14 @@ def tap_rotated_queries_and_keys(attention):
 
 
 @contextmanager
-def tap_merger_input(merger):
+def tap_merger_input(norm):
     """Capture the tower's last hidden states (S, 1, C), as the merger receives them.
 
-    The hook sits on the merger's first norm: the merger's own ``__call__`` is vLLM's
-    compile wrapper, which calls ``forward`` directly and so runs no module hooks.
+    The hook sits on the merger's first norm (``norm``): the merger's own ``__call__`` is
+    vLLM's compile wrapper, which calls ``forward`` directly and so runs no module hooks.
     """
     captured = {}
-    handle = merger.ln_q.register_forward_pre_hook(lambda _module, args: captured.update(hidden=args[0]))
+    handle = norm.register_forward_pre_hook(lambda _module, args: captured.update(hidden=args[0]))
     try:
         yield captured
     finally:
@@ -130,7 +130,12 @@ def tap_merger_input(merger):
 
 
 class PrunedQwenVLMixin(PrunedModelMixin):
-    """The selection, the M-RoPE positions and the start-up checks both Qwen towers share."""
+    """The selection, the M-RoPE positions and the start-up checks the Qwen towers share.
+
+    A family sets what differs: the merger's first norm (:meth:`merger_norm`), the tower's
+    output split into tokens and side outputs (:meth:`split_tower_output`, Qwen3-VL's
+    DeepStack) and the prompt's visual runs (:meth:`visual_runs`, Qwen3-VL's frames).
+    """
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
@@ -180,27 +185,36 @@ class PrunedQwenVLMixin(PrunedModelMixin):
             return super().get_mrope_input_positions(input_tokens, mm_features)
         pieces = []
         next_position = 0  # the position the next text token takes
-        text_start = 0  # index in the prompt of the first token after the last visual item
-        features = sorted(mm_features, key=lambda feature: feature.mm_position.offset)
-        for feature, (offset, grid_t, grid_h, grid_w, t_factor) in zip(features, self.iter_mm_grid_thw(features)):
+        text_start = 0  # index in the prompt of the first token after the last visual run
+        for offset, length, modality, grid in self.visual_runs(input_tokens, mm_features):
             text_length = offset - text_start
             pieces.append(np.broadcast_to(np.arange(text_length), (3, text_length)) + next_position)
             first = next_position + text_length
-            grid = np.indices((grid_t, grid_h, grid_w)).reshape(3, -1)  # (3, t*h*w)
-            if t_factor != 1.0:
-                grid[0] = (grid[0] * t_factor).astype(np.int64)
-            slots = feature.mm_position.length
-            if feature.modality == "image":
-                pieces.append(np.full((3, slots), first))
+            if modality == "image":
+                pieces.append(np.full((3, length), first))
             else:  # videos are not pruned
                 pieces.append(grid + first)
             next_position = first + int(grid.max()) + 1  # after the unpruned item
-            text_start = offset + slots
+            text_start = offset + length
         tail = len(input_tokens) - text_start
         pieces.append(np.broadcast_to(np.arange(tail), (3, tail)) + next_position)
         positions = np.concatenate(pieces, axis=1).astype(np.int64)  # (3, L)
         end = next_position + tail
         return torch.from_numpy(positions), end - len(input_tokens)
+
+    def visual_runs(self, input_tokens, mm_features):
+        """The prompt's visual placeholder runs in order, each (offset, length, modality, grid):
+        ``grid`` (3, n) holds the run's unpruned (t, h, w) positions from its first."""
+        features = sorted(mm_features, key=lambda feature: feature.mm_position.offset)
+        for feature, (offset, grid_t, grid_h, grid_w, t_factor) in zip(features, self.iter_mm_grid_thw(features)):
+            grid = np.indices((grid_t, grid_h, grid_w)).reshape(3, -1)  # (3, t*h*w)
+            if t_factor != 1.0:
+                grid[0] = (grid[0] * t_factor).astype(np.int64)
+            yield offset, feature.mm_position.length, feature.modality, grid
+
+    def embedding_width(self) -> int:
+        """Channels of one visual row as vLLM's class hands it on (Qwen3-VL: with its DeepStack features)."""
+        return self.config.text_config.hidden_size
 
     def embed_input_ids(self, input_ids, multimodal_embeddings=None, *, is_multimodal=None):
         if self.flashvlm is None:
@@ -210,12 +224,12 @@ class PrunedQwenVLMixin(PrunedModelMixin):
             return super().embed_input_ids(input_ids, multimodal_embeddings, is_multimodal=is_multimodal)
         from vllm.multimodal.utils import copy_mm_embedding_modality
 
-        hidden = self.config.text_config.hidden_size
+        width = self.embedding_width()
         rows, offsets = [], []
         for item in multimodal_embeddings:
-            if item.shape[-1] == hidden + POSITION_CHANNELS:  # a pruned image's kept rows
-                rows.append(copy_mm_embedding_modality(item, item[:, :hidden]))
-                offsets.append(item[:, hidden:].round().long())
+            if item.shape[-1] == width + POSITION_CHANNELS:  # a pruned image's kept rows
+                rows.append(copy_mm_embedding_modality(item, item[:, :width]))
+                offsets.append(item[:, width:].round().long())
             else:  # a video's rows, at the positions vLLM gave them
                 rows.append(item)
                 offsets.append(torch.zeros(item.shape[0], POSITION_CHANNELS, dtype=torch.long, device=item.device))
@@ -247,7 +261,8 @@ class PrunedQwenVLMixin(PrunedModelMixin):
         return embeddings
 
     def select_images(self, image_input, kwargs) -> tuple[torch.Tensor, ...]:
-        """Each image's kept rows (K, D + 3): the merged tokens, then their (t, h, w) grid offsets."""
+        """Each image's kept rows (K, width + 3): the merged tokens (and their side outputs), then
+        their (t, h, w) grid offsets."""
         if image_input["type"] != "pixel_values":
             raise FlashVLMError("flashvlm selects from pixels; precomputed image_embeds carry no encoder saliency")
         grid_thw = image_input["image_grid_thw"].tolist()
@@ -274,7 +289,8 @@ class PrunedQwenVLMixin(PrunedModelMixin):
             tokens = self.keep_image_tokens(image.item, text, own, image.saliency_kind, image.key_heads, merge)
             indices = image.item.keep.nonzero().squeeze(-1)
             offsets = torch.stack([indices // (rows * cols), indices % (rows * cols) // cols, indices % cols], dim=1)
-            kept_rows.append(torch.cat([tokens, offsets.to(tokens.dtype)], dim=1))  # (K, D + 3)
+            side_outputs = list(image.item.sent_side_outputs.values())  # Qwen3-VL's DeepStack, (K, D) each
+            kept_rows.append(torch.cat([tokens, *side_outputs, offsets.to(tokens.dtype)], dim=1))  # (K, width + 3)
         return tuple(kept_rows)
 
     def encode_patches(
@@ -285,8 +301,9 @@ class PrunedQwenVLMixin(PrunedModelMixin):
         tower = self.visual
         attention = self.saliency_attention
         metadata = tower.prepare_encoder_metadata(grid_thw)
-        with tap_rotated_queries_and_keys(attention) as tap, tap_merger_input(tower.merger) as merger_input:
-            projected = tower(pixel_values, grid_thw=grid_thw, encoder_metadata=metadata)  # (M, D)
+        with tap_rotated_queries_and_keys(attention) as tap, tap_merger_input(self.merger_norm()) as merger_input:
+            output = tower(pixel_values, grid_thw=grid_thw, encoder_metadata=metadata)  # (M, width)
+        projected, side_outputs = self.split_tower_output(output)  # (M, D), name -> (M, D)
         group = tower.spatial_merge_size**2
         hidden = merger_input["hidden"]  # (S, 1, C), in the tower's order
         num_merged = hidden.shape[0] // group
@@ -322,12 +339,21 @@ class PrunedQwenVLMixin(PrunedModelMixin):
                 "image",
                 features[one],
                 tokens=projected[one],  # the tower merges every group before any selection
+                side_outputs={name: value[one] for name, value in side_outputs.items()},
                 saliency=saliency[one],
                 keys=None if keys is None else keys[one],
                 units=[ImageSelection.of("image", [TokenRegion(positions, (rows, cols) if t == 1 else None)])],
             )
             images.append(EncodedImage(item, "received", tower.num_heads))
         return images
+
+    def merger_norm(self):
+        """The merger's first norm, whose input is the tower's last hidden states."""
+        return self.visual.merger.ln_q
+
+    def split_tower_output(self, output: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The tower's output (M, width) as the tokens (M, D) and the side outputs pruned with them."""
+        return output, {}
 
 
 class PrunedQwen2_5_VLProcessingInfo(PrunedQwenVLInfoMixin, Qwen2_5_VLProcessingInfo):
