@@ -250,3 +250,32 @@ def keep_tokens(item: VisualItem, project: Callable[[torch.Tensor], torch.Tensor
         item.sent = tokens[keep]
     item.keep = keep
     item.sent_side_outputs = {name: value[keep] for name, value in item.side_outputs.items()}
+
+
+# -- moving per-token values through a model's own layout ---------------------------------------
+
+
+def stacked_channels(stack: VisualItem) -> torch.Tensor:
+    """Features, saliency and keys (those present) side by side, float32, plus a 0
+    "is newline" channel: (P, n, X), so a model's own packing (LLaVA-NeXT's, OneVision's: crops
+    stitched, unpadded, perhaps interpolated, a newline row after each row) moves them together
+    when given a newline row whose last channel is 1."""
+    parts = [stack.features.float()]
+    if stack.saliency is not None:
+        parts.append(stack.saliency[..., None])
+    if stack.keys is not None:
+        parts.append(stack.keys.float())
+    parts.append(torch.zeros_like(parts[0][..., :1]))
+    return torch.cat(parts, dim=-1)
+
+
+def split_stacked_channels(packed: torch.Tensor, stack: VisualItem, kind: str, tokens: torch.Tensor) -> VisualItem:
+    """Inverse of :func:`stacked_channels` on packed rows (L, X): the item with those ``tokens`` (L, D)."""
+    width = stack.features.shape[-1]
+    features, rest = packed[:, :width].to(tokens.dtype), packed[:, width:-1]
+    item = VisualItem(kind, features, tokens, is_newline=packed[:, -1] > 0.5)
+    if stack.saliency is not None:
+        item.saliency, rest = rest[:, 0], rest[:, 1:]
+    if stack.keys is not None:
+        item.keys = rest.to(tokens.dtype)
+    return item

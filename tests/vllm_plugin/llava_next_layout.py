@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from flashvlm.integrations.vllm.llava_next import views_per_image
+
 #: (height, width): wide, tall, square, extreme and tiny images.
 SIZES = [(30, 45), (45, 24), (48, 48), (17, 100), (100, 17), (24, 24), (333, 77), (5, 7)]
 
@@ -17,7 +19,7 @@ def layout_matches_vllm_merge(model) -> list[bool]:
     matches = []
     for height, width in SIZES:
         size = torch.tensor([height, width])
-        (views,) = model.views_per_image(size[None])
+        (views,) = views_per_image(model.config, size[None])
         tokens = torch.randn(views, view_tokens, model.image_newline.shape[0], generator=generator)  # (1 + P, n, D)
         merged = model._merge_image_patch_embeddings(size, tokens.to(model.image_newline), strategy="spatial_unpad")
         sequence = model.anyres_sequence(model.anyres_layout(size), tokens.flatten(0, 1).to(model.image_newline))

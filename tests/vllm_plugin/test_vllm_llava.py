@@ -195,6 +195,15 @@ def only_output(call: dict) -> dict:
     return {"output_ids": without_eos(output["output_ids"]), "prompt_length": len(output["prompt_ids"])}
 
 
+def assert_same_selection_and_answer(call: dict, reference: dict) -> None:
+    """vLLM's one image kept what transformers keeps, its answer is transformers', and its
+    prompt is as long (text + K, and any newlines)."""
+    ((_, _, kept),) = call["kept"]
+    assert [kept] == reference["kept"]
+    assert_same_answer(call, reference)
+    assert only_output(call)["prompt_length"] == reference["prompt_length"]
+
+
 def test_plugin_off_is_stock_vllm_and_equals_transformers(runs, hf_model):
     stock = [only_output(call) for call in runs["stock"]]
     off = [only_output(call) for call in runs["off"][: len(stock)]]

@@ -24,6 +24,7 @@ from families.shared import (
 from test_vllm_llava import (
     MAX_TOKENS,
     assert_same_answer,
+    assert_same_selection_and_answer,
     hf_reference,
     only_output,
     recorded_rows,
@@ -167,10 +168,7 @@ def test_greedy_tokens_and_kept_indices_equal_transformers_with_every_rows_newli
     for index, (request, call) in enumerate(zip(runs["requests"], runs["plugin"][f"b{budget}"])):
         vllm_rows = recorded_rows(selections, f"b{budget}", index)
         reference = transformers_on_vllm_choice(hf_model, vllm_rows, request, budget, newlines="every_row")
-        (kept,) = call["kept"]
-        assert [kept[2]] == reference["kept"]
-        assert_same_answer(call, reference)
-        assert only_output(call)["prompt_length"] == reference["prompt_length"]
+        assert_same_selection_and_answer(call, reference)
     if budget == FULL:
         stock = [only_output(call) for call in runs["stock"]["stock"]]
         assert [only_output(call) for call in runs["plugin"][f"b{budget}"]] == stock
@@ -182,12 +180,9 @@ def test_other_methods_keep_what_they_keep_in_transformers(runs, hf_model, metho
     vllm_rows = recorded_rows(runs["plugin"]["selections"], method, 0)
     request = runs["requests"][0]
     reference = transformers_on_vllm_choice(hf_model, vllm_rows, request, SMALL, method, newlines="every_row")
-    (kept,) = call["kept"]
     if reference is None:  # VisionZip's merged tokens on a near-tie: the selection checks above hold
         return
-    assert [kept[2]] == reference["kept"]
-    assert_same_answer(call, reference)
-    assert only_output(call)["prompt_length"] == reference["prompt_length"]
+    assert_same_selection_and_answer(call, reference)
 
 
 def test_none_at_budget_one_sends_every_view_as_stock_vllm(runs):

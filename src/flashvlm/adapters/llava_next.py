@@ -31,7 +31,7 @@ import torch
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 from ..errors import FlashVLMError
-from ..pipeline import ImageSelection, TokenRegion, VisualItem
+from ..pipeline import ImageSelection, TokenRegion, VisualItem, split_stacked_channels, stacked_channels
 from .base import FamilySupport
 from .llava import LlavaAdapter
 from .sequence import require_argument
@@ -81,7 +81,7 @@ class LlavaNextAdapter(LlavaAdapter):
             raise FlashVLMError(f"pixel_values must be (images, views, 3, H, W) or (views, 3, H, W); got shape {shape}")
         stack = self.encode_patches(pixel_values, model_kwargs, needs)
         projected = self.project(stack.features)  # (P, n, D)
-        side = side_channels(stack)
+        side = stacked_channels(stack)
         marker = torch.zeros(side.shape[-1], dtype=side.dtype, device=side.device)
         marker[-1] = 1.0
         tokens = self.pack(list(projected.split(counts)), model_kwargs, self.core.image_newline)
@@ -89,7 +89,7 @@ class LlavaNextAdapter(LlavaAdapter):
         patch_tokens = stack.features.shape[1]
         items = []
         for count, image_tokens, image_side in zip(counts, tokens, sides):
-            item = split_side_channels(image_side, stack, "image", image_tokens)
+            item = split_stacked_channels(image_side, stack, "image", image_tokens)
             is_newline = item.is_newline
             item.row_of = is_newline.long().cumsum(0) - is_newline.long()  # a row ends with its newline
             real = (~is_newline).nonzero().squeeze(-1)
@@ -111,27 +111,3 @@ class LlavaNextAdapter(LlavaAdapter):
     def video_items(self, model_kwargs: dict[str, Any], needs: frozenset[str]) -> list[VisualItem]:
         """LLaVA-NeXT takes no video; see the OneVision adapter."""
         return []
-
-
-def side_channels(stack: VisualItem) -> torch.Tensor:
-    """Features, saliency and keys (those present) side by side, float32, plus a 0
-    "is newline" channel: (P, n, X), so the model's packing moves them together."""
-    parts = [stack.features.float()]
-    if stack.saliency is not None:
-        parts.append(stack.saliency[..., None])
-    if stack.keys is not None:
-        parts.append(stack.keys.float())
-    parts.append(torch.zeros_like(parts[0][..., :1]))
-    return torch.cat(parts, dim=-1)
-
-
-def split_side_channels(packed: torch.Tensor, stack: VisualItem, kind: str, tokens: torch.Tensor) -> VisualItem:
-    """Inverse of :func:`side_channels` on packed rows (L, X): the item with those ``tokens`` (L, D)."""
-    width = stack.features.shape[-1]
-    features, rest = packed[:, :width].to(tokens.dtype), packed[:, width:-1]
-    item = VisualItem(kind, features, tokens, is_newline=packed[:, -1] > 0.5)
-    if stack.saliency is not None:
-        item.saliency, rest = rest[:, 0], rest[:, 1:]
-    if stack.keys is not None:
-        item.keys = rest.to(tokens.dtype)
-    return item

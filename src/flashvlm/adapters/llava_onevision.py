@@ -24,10 +24,10 @@ from typing import Any
 import torch
 
 from ..errors import FlashVLMError
-from ..pipeline import VisualItem
+from ..pipeline import VisualItem, split_stacked_channels, stacked_channels
 from .base import FamilySupport
 from .llava import LlavaAdapter
-from .llava_next import LlavaNextAdapter, side_channels, split_side_channels
+from .llava_next import LlavaNextAdapter
 
 
 class LlavaOnevisionAdapter(LlavaNextAdapter):
@@ -68,7 +68,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         num_videos, num_frames = videos.shape[:2]
         stack = self.encode_patches(videos.flatten(0, 1), model_kwargs, needs)
         tokens = self.core.apply_pooling(self.project(stack.features))  # (V*F, m, D)
-        side = self.core.apply_pooling(side_channels(stack))  # (V*F, m, X)
+        side = self.core.apply_pooling(stacked_channels(stack))  # (V*F, m, X)
         per_frame = tokens.shape[1]
         height = width = int(round(per_frame**0.5))
         grid = (height, width) if height * width == per_frame else None
@@ -79,7 +79,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             video_side = side[frames].flatten(0, 1)
             marker = torch.zeros_like(video_side[:1])
             marker[0, -1] = 1.0
-            item = split_side_channels(torch.cat([video_side, marker]), stack, "video", video_tokens)
+            item = split_stacked_channels(torch.cat([video_side, marker]), stack, "video", video_tokens)
             # One "row" (every frame token) ends with the video's newline.
             item.row_of = torch.zeros_like(item.is_newline, dtype=torch.long)
             item.units = self.video_units(num_frames, per_frame, grid, tokens.device)

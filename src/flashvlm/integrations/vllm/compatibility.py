@@ -54,6 +54,7 @@ class VllmApi(NamedTuple):
 
 _LLAVA = "vllm.model_executor.models.llava"
 _LLAVA_NEXT = "vllm.model_executor.models.llava_next"
+_ONEVISION = "vllm.model_executor.models.llava_onevision"
 _QWEN = "vllm.model_executor.models.qwen2_5_vl"
 _QWEN2 = "vllm.model_executor.models.qwen2_vl"
 _QWEN3 = "vllm.model_executor.models.qwen3_vl"
@@ -302,6 +303,27 @@ INVENTORY: tuple[VllmApi, ...] = (
         _LLAVA_NEXT,
         "LlavaNextForConditionalGeneration._merge_image_patch_embeddings",
         ("image_size", "patch_embeddings", "strategy"),
+    ),
+    # -- llava_onevision.py: LLaVA-OneVision (AnyRes through vLLM's own merge, SigLIP) --
+    VllmApi(_ONEVISION, "LlavaOnevisionDummyInputsBuilder"),
+    *_processing_info(_ONEVISION, "LlavaOnevisionProcessingInfo"),
+    VllmApi(_ONEVISION, "LlavaOnevisionProcessingInfo.get_vision_encoder_info"),
+    VllmApi(
+        _ONEVISION,
+        "LlavaOnevisionProcessingInfo._get_num_unpadded_features",
+        ("original_height", "original_width", "npatches", "num_patch_height", "num_patch_width"),
+    ),
+    *_processor(_ONEVISION, "LlavaOnevisionMultiModalProcessor"),
+    *_family_model(_ONEVISION, "LlavaOnevisionForConditionalGeneration", tower="LlavaOnevisionImagePixelInputs"),
+    VllmApi(_ONEVISION, "LlavaOnevisionImagePixelInputs.image_sizes"),
+    VllmApi(_ONEVISION, "LlavaOnevisionForConditionalGeneration.image_newline"),
+    VllmApi(_ONEVISION, "LlavaOnevisionForConditionalGeneration._parse_and_validate_multimodal_inputs"),
+    VllmApi(_ONEVISION, "LlavaOnevisionForConditionalGeneration._process_video_pixels", ("inputs",)),
+    # The merge every per-token value goes through (a newline row given, interpolation inside).
+    VllmApi(
+        _ONEVISION,
+        "LlavaOnevisionForConditionalGeneration._merge_image_patch_embeddings",
+        ("image_size", "patch_embeddings", "image_newline", "strategy"),
     ),
     # -- qwen_vl.py: Qwen2-VL and Qwen2.5-VL --
     *_qwen_vl(_QWEN2, "Qwen2VL", "Qwen2Vision"),

@@ -30,7 +30,7 @@ from .pruned_model import (
     prompt_text_per_image,
     tap_qkv_projection,
 )
-from .settings import settings_of
+from .settings import SERVED_REQUIREMENTS, settings_of
 from .vision_cache import EncodedImage, rows
 
 
@@ -73,12 +73,15 @@ class LlavaTowerMixin(PrunedModelMixin):
     tower run with a q/k tap on the feature layer (vLLM builds the tower only up to that
     layer, so it is the last one)."""
 
+    #: What the family hands a method (a SigLIP-only family has no CLS row).
+    flashvlm_served_requirements: frozenset[str] = SERVED_REQUIREMENTS
+
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        settings = settings_of(self.config)
+        settings = settings_of(self.config, self.flashvlm_served_requirements)
         if settings is not None:
             self.check_flashvlm_config()
-        self.init_flashvlm(settings, vllm_config=vllm_config)
+        self.init_flashvlm(settings, self.flashvlm_served_requirements, vllm_config)
 
     def check_flashvlm_config(self) -> None:
         """Refuse, at start-up, towers and layer settings flashvlm does not select from."""

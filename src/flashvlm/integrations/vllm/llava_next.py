@@ -33,7 +33,20 @@ from .pruned_model import prompt_text_per_image
 from .vision_cache import EncodedImage
 
 
-class PrunedLlavaNextProcessingInfo(PrunedInfoMixin, LlavaNextProcessingInfo):
+def views_per_image(config, image_sizes: torch.Tensor) -> list[int]:
+    """Tower inputs (base + crops) each image of (I, 2) (height, width) sizes really has; a
+    batched tensor pads the others."""
+    tile = config.vision_config.image_size
+    counts = []
+    for height, width in image_sizes.tolist():
+        crop_rows, crop_cols = get_anyres_image_grid_shape((height, width), config.image_grid_pinpoints, tile)
+        counts.append(1 + crop_rows * crop_cols)
+    return counts
+
+
+class AnyResInfoMixin(PrunedInfoMixin):
+    """For an AnyRes family's ``ProcessingInfo`` (LLaVA-NeXT, LLaVA-OneVision): each image's newlines."""
+
     def flashvlm_newlines(self, *, image_width: int, image_height: int) -> int:
         """Newline tokens of an image: one per row of its unpadded crop raster (vLLM's count)."""
         vision_encoder_info = self.get_vision_encoder_info()
@@ -52,9 +65,16 @@ class PrunedLlavaNextProcessingInfo(PrunedInfoMixin, LlavaNextProcessingInfo):
         return newlines
 
 
-class PrunedLlavaNextMultiModalProcessor(PrunedProcessorMixin, LlavaNextMultiModalProcessor):
+class PrunedLlavaNextProcessingInfo(AnyResInfoMixin, LlavaNextProcessingInfo):
+    pass
+
+
+class AnyResProcessorMixin(PrunedProcessorMixin):
+    """For an AnyRes family's processor: ``K`` patch placeholders plus every row's newline."""
+
     def flashvlm_placeholder_ids(self) -> frozenset[int]:
-        return frozenset({self.info.get_hf_config().image_token_index})
+        config = self.info.get_hf_config()
+        return frozenset({config.image_token_index, getattr(config, "video_token_index", config.image_token_index)})
 
     def flashvlm_num_placeholders(self, settings, num_placeholders: int, mm_items, item_idx) -> int:
         size = mm_items.get_items("image", ImageProcessorItems).get_image_size(item_idx)
@@ -62,10 +82,48 @@ class PrunedLlavaNextMultiModalProcessor(PrunedProcessorMixin, LlavaNextMultiMod
         return settings.num_kept(num_placeholders - rows) + rows  # K patch tokens + every row's newline
 
 
+class PrunedLlavaNextMultiModalProcessor(AnyResProcessorMixin, LlavaNextMultiModalProcessor):
+    pass
+
+
+class AnyResModelMixin(LlavaTowerMixin):
+    """For an AnyRes family's model class: each image's views through the tower in one pass
+    (:meth:`encode_views`, the family's), then the selection per image."""
+
+    def embed_pruned(self, image_input, kwargs: dict) -> tuple[torch.Tensor, ...]:
+        image_sizes = image_input["image_sizes"]  # (I, 2) as (height, width)
+        counts = views_per_image(self.config, image_sizes)
+        views = [views[:count] for views, count in zip(image_input["pixel_values"], counts)]  # (1 + P, 3, h, w) each
+        texts = prompt_text_per_image(kwargs, len(counts))
+        settings = self.settings_per_image(kwargs, len(counts))
+        images = self.encode_images(
+            views,
+            [tuple(size) for size in image_sizes.tolist()],
+            settings,
+            lambda chosen: self.encode_views(
+                [views[image] for image in chosen],
+                image_sizes[chosen],
+                {settings[image].selector.requires for image in chosen},
+            ),
+        )
+        projector = self.multi_modal_projector
+        return tuple(  # one (K + rows, D) per image
+            self.keep_image_tokens(image.item, text, own, image.saliency_kind, image.key_heads, projector)
+            for image, text, own in zip(images, texts, settings)
+        )
+
+    def encode_views(
+        self, views: list[torch.Tensor], image_sizes: torch.Tensor, requirements: set[frozenset[str]]
+    ) -> list[EncodedImage]:
+        """Each image before selection, from its views (base + crops, (1 + P, 3, h, w) each) and
+        its (height, width), for methods of these ``requirements``."""
+        raise NotImplementedError
+
+
 @MULTIMODAL_REGISTRY.register_processor(
     PrunedLlavaNextMultiModalProcessor, info=PrunedLlavaNextProcessingInfo, dummy_inputs=LlavaDummyInputsBuilder
 )
-class PrunedLlavaNext(LlavaTowerMixin, LlavaNextForConditionalGeneration):
+class PrunedLlavaNext(AnyResModelMixin, LlavaNextForConditionalGeneration):
     def anyres_layout(self, image_size: torch.Tensor) -> torch.Tensor:
         """Where each token of one image's merged sequence comes from: (L,) long, an index into
         the image's views' tokens flattened (base view first, then the crops: (1 + P) * n), or
@@ -90,37 +148,6 @@ class PrunedLlavaNext(LlavaTowerMixin, LlavaNextForConditionalGeneration):
         :meth:`anyres_layout` ``source`` (L,): what vLLM's merge gives for those tokens."""
         newline = self.image_newline.to(view_tokens)
         return torch.where((source < 0)[:, None], newline, view_tokens[source.clamp(min=0)])
-
-    def views_per_image(self, image_sizes: torch.Tensor) -> list[int]:
-        """Tower inputs (base + crops) each image really has; a batched tensor pads the others."""
-        tile = self.config.vision_config.image_size
-        counts = []
-        for height, width in image_sizes.tolist():
-            crop_rows, crop_cols = get_anyres_image_grid_shape((height, width), self.config.image_grid_pinpoints, tile)
-            counts.append(1 + crop_rows * crop_cols)
-        return counts
-
-    def embed_pruned(self, image_input, kwargs: dict) -> tuple[torch.Tensor, ...]:
-        image_sizes = image_input["image_sizes"]  # (I, 2) as (height, width)
-        counts = self.views_per_image(image_sizes)
-        views = [views[:count] for views, count in zip(image_input["pixel_values"], counts)]  # (1 + P, 3, h, w) each
-        texts = prompt_text_per_image(kwargs, len(counts))
-        settings = self.settings_per_image(kwargs, len(counts))
-        images = self.encode_images(
-            views,
-            [tuple(size) for size in image_sizes.tolist()],
-            settings,
-            lambda chosen: self.encode_views(
-                [views[image] for image in chosen],
-                image_sizes[chosen],
-                {settings[image].selector.requires for image in chosen},
-            ),
-        )
-        projector = self.multi_modal_projector
-        return tuple(  # one (K + rows, D) per image
-            self.keep_image_tokens(image.item, text, own, image.saliency_kind, image.key_heads, projector)
-            for image, text, own in zip(images, texts, settings)
-        )
 
     def encode_views(
         self, views: list[torch.Tensor], image_sizes: torch.Tensor, requirements: set[frozenset[str]]

@@ -1,0 +1,208 @@
+"""The plug-in on a tiny random LLaVA-OneVision (AnyRes, SigLIP) against Hugging Face + flashvlm
+with ``newlines="every_row"``.
+
+Two images: one whose crop raster vLLM and transformers keep as it is (30 x 45: 2 x 2 crops,
+unpadded), one whose raster both shrink by bilinear interpolation (90 x 100: 4 x 4 crops, 22 x
+24 after unpadding, 17 x 18 after "anyres_max_9"), so the selection runs among tokens that no
+tower output equals. vLLM's OneVision hard-codes anyres_max_9, which the tiny config uses too.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from families.shared import (
+    ANYRES_TILE,
+    IMAGE_TOKEN_ID,
+    LLAVA_CHAT_TEMPLATE,
+    PAD_TOKEN_ID,
+    PATCH_SIZE,
+    tiny_text_config,
+    tiny_tokenizer,
+    tiny_vision_config,
+)
+from test_vllm_llava import (
+    MAX_TOKENS,
+    assert_same_answer,
+    assert_same_selection_and_answer,
+    hf_reference,
+    only_output,
+    recorded_rows,
+    transformers_on_vllm_choice,
+)
+from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
+from vllm_harness import run_stock_and_plugin
+
+from flashvlm.integrations.vllm.export import export_for_vllm
+from flashvlm.loading import chat_prompt
+
+#: (height, width): a raster kept as it is, and one interpolated down (see the module's text).
+IMAGE_SIZES = [(30, 45), (90, 100)]
+PINPOINTS = [[24, 48], [48, 24], [48, 48], [96, 96]]
+QUESTIONS = ["what is the color of the shape ?", "how many red circle ?"]
+#: 1.0: every token; 24 patch tokens; a ratio, so the base/crop split differs per image.
+BUDGETS = (1.0, 24, 0.3)
+FULL, SMALL = BUDGETS[0], BUDGETS[1]
+#: Methods with other paths, on the interpolated image at 24: divprune reads the projected
+#: tokens, pool each view's raster grid (the interpolated one for the crops).
+OTHER_METHODS = ("divprune", "pool")
+
+
+def build_llava_onevision() -> LlavaOnevisionForConditionalGeneration:
+    from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
+
+    tokenizer = tiny_tokenizer(video_tokens=True)
+    # Heads of 32 channels: vLLM's CPU attention takes head sizes from 32 up. The video token is
+    # the tokenizer's "<video>", above the words (the shared VIDEO_TOKEN_ID is its "<unk>").
+    text = tiny_text_config(
+        Qwen2Config, hidden_size=64, intermediate_size=128, num_attention_heads=2, vocab_size=len(tokenizer)
+    )
+    config = LlavaOnevisionConfig(
+        vision_config=tiny_vision_config(SiglipVisionConfig, ANYRES_TILE),
+        text_config=text,
+        image_token_id=IMAGE_TOKEN_ID,
+        video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
+        image_grid_pinpoints=PINPOINTS,
+        vision_aspect_ratio="anyres_max_9",
+        pad_token_id=PAD_TOKEN_ID,
+    )
+    torch.manual_seed(0)
+    return LlavaOnevisionForConditionalGeneration(config).eval()
+
+
+def save_processor(folder) -> None:
+    from transformers import LlavaOnevisionImageProcessorPil, LlavaOnevisionProcessor
+
+    from flashvlm._torchvision_compat import without_video_processor
+
+    image_processor = LlavaOnevisionImageProcessorPil(
+        image_grid_pinpoints=PINPOINTS, size={"height": ANYRES_TILE, "width": ANYRES_TILE}
+    )
+    without_video_processor(LlavaOnevisionProcessor)(
+        image_processor=image_processor,
+        num_image_tokens=(ANYRES_TILE // PATCH_SIZE) ** 2,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_9",
+        tokenizer=tiny_tokenizer(video_tokens=True),
+        chat_template=LLAVA_CHAT_TEMPLATE,
+    ).save_pretrained(folder)
+    # As a folder saved where torchvision is installed: vLLM's processor loads a video processor too.
+    config_file = folder / "processor_config.json"
+    processor_config = json.loads(config_file.read_text())
+    processor_config["video_processor"] = {"video_processor_type": "LlavaOnevisionVideoProcessor"}
+    config_file.write_text(json.dumps(processor_config))
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("vllm-llava-onevision")
+    hf_folder = root / "onevision-hf"
+    build_llava_onevision().save_pretrained(hf_folder)
+    save_processor(hf_folder)
+    vllm_folder = export_for_vllm(hf_folder, root / "onevision")
+    generator = torch.Generator().manual_seed(0)
+    images = []
+    for height, width in IMAGE_SIZES:
+        pixels = torch.randint(0, 256, (height, width, 3), generator=generator, dtype=torch.uint8).numpy()
+        path = root / f"image-{height}x{width}.png"
+        Image.fromarray(pixels).save(path)
+        images.append(str(path))
+    return {"hf": hf_folder, "vllm": vllm_folder, "images": images, "root": root}
+
+
+@pytest.fixture(scope="module")
+def hf_model(folders):
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(folders["hf"]).eval()
+    return model, AutoProcessor.from_pretrained(folders["hf"])
+
+
+@pytest.fixture(scope="module")
+def runs(folders, hf_model):
+    _, processor = hf_model
+    requests = [
+        {"prompt": chat_prompt(processor, question), "images": [image]}
+        for question, image in zip(QUESTIONS, folders["images"])
+    ]
+    one_by_one = [[request] for request in requests]
+    stock_engines = [{"name": "stock", "calls": one_by_one}]
+    plugin_engines = [{"name": "off", "calls": one_by_one}]
+    # At SMALL, the interpolated image is then asked the first question: its views' tower outputs are reused.
+    again = {"prompt": chat_prompt(processor, QUESTIONS[0]), "images": [folders["images"][1]]}
+    for budget in BUDGETS:
+        calls = [*one_by_one, [again]] if budget == SMALL else one_by_one
+        plugin_engines.append({"name": f"b{budget}", "hf_overrides": {"flashvlm": {"budget": budget}}, "calls": calls})
+    # Both sizes in one batch, on an engine of its own (the others' encoder caches hold them).
+    overrides = {"flashvlm": {"budget": SMALL}}
+    plugin_engines.append({"name": "batch", "hf_overrides": overrides, "calls": [requests]})
+    for method in OTHER_METHODS:
+        overrides = {"flashvlm": {"method": method, "budget": SMALL}}
+        plugin_engines.append({"name": method, "hf_overrides": overrides, "calls": one_by_one[1:]})
+    # SigLIP has no CLS row: a method that reads one is refused when the engine starts.
+    refused = {"flashvlm": {"method": "visionzip", "budget": SMALL}}
+    plugin_engines.append({"name": "visionzip", "hf_overrides": refused, "expect_error": True, "calls": []})
+    job = {
+        "model": str(folders["vllm"]),
+        "max_tokens": MAX_TOKENS,
+        "logprobs": True,
+        # Images only: no dummy videos while vLLM profiles (the tiny folder has no real video processor use).
+        "engine_args": {"limit_mm_per_prompt": {"image": 1, "video": 0}},
+    }
+    stock, plugin = run_stock_and_plugin(job, stock_engines, plugin_engines, folders["root"] / "jobs")
+    return {"stock": stock, "plugin": plugin, "requests": requests}
+
+
+def test_plugin_off_is_stock_vllm_and_equals_transformers(runs, hf_model):
+    stock = [only_output(call) for call in runs["stock"]["stock"]]
+    assert [only_output(call) for call in runs["plugin"]["off"]] == stock
+    assert all(call["kept"] == [] for call in runs["plugin"]["off"])
+    for request, result in zip(runs["requests"], stock):
+        reference = hf_reference(hf_model, request, None)
+        assert result == {"output_ids": reference["output_ids"], "prompt_length": reference["prompt_length"]}
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_greedy_tokens_and_kept_indices_equal_transformers_with_every_rows_newline(runs, hf_model, budget):
+    selections = runs["plugin"]["selections"]
+    for index, (request, call) in enumerate(zip(runs["requests"], runs["plugin"][f"b{budget}"])):
+        vllm_rows = recorded_rows(selections, f"b{budget}", index)
+        reference = transformers_on_vllm_choice(hf_model, vllm_rows, request, budget, newlines="every_row")
+        assert_same_selection_and_answer(call, reference)
+    if budget == FULL:
+        stock = [only_output(call) for call in runs["stock"]["stock"]]
+        assert [only_output(call) for call in runs["plugin"][f"b{budget}"]] == stock
+
+
+@pytest.mark.parametrize("method", OTHER_METHODS)
+def test_other_methods_keep_what_they_keep_in_transformers(runs, hf_model, method):
+    (call,) = runs["plugin"][method]
+    vllm_rows = recorded_rows(runs["plugin"]["selections"], method, 0)
+    request = runs["requests"][1]
+    reference = transformers_on_vllm_choice(hf_model, vllm_rows, request, SMALL, method, newlines="every_row")
+    assert_same_selection_and_answer(call, reference)
+
+
+def test_two_image_sizes_in_one_batch_equal_the_requests_one_by_one(runs, hf_model):
+    (batch,) = runs["plugin"]["batch"]
+    singles = runs["plugin"][f"b{SMALL}"][: len(runs["requests"])]
+    batch_rows = recorded_rows(runs["plugin"]["selections"], "batch", 0)
+    for request, output in zip(runs["requests"], batch["outputs"]):
+        reference = transformers_on_vllm_choice(hf_model, batch_rows, request, SMALL, every=False, newlines="every_row")
+        assert_same_answer({"outputs": [output]}, reference)
+        assert len(output["prompt_ids"]) == reference["prompt_length"]
+    lengths = [len(output["prompt_ids"]) for output in batch["outputs"]]
+    assert lengths == [only_output(call)["prompt_length"] for call in singles] and len(set(lengths)) == 2
+
+
+def test_a_second_question_reuses_the_views_tower_outputs(runs):
+    calls = runs["plugin"][f"b{SMALL}"]
+    assert calls[2]["tower"] == [] and calls[1]["tower"] != []
+    assert calls[2]["kept"][0][0] != calls[1]["kept"][0][0]  # guided by the other question
+
+
+def test_a_method_that_reads_a_cls_row_is_refused_at_start_up(runs):
+    error = runs["plugin"]["visionzip"]["error"]
+    assert error is not None and "visionzip" in error, error
