@@ -18,7 +18,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from agreement import rows_of
-from tiny_qwen import EOS_ID, FAMILIES, IMAGE_TOKEN_ID, QUESTIONS, image_files, prompt, tiny_qwen
+from tiny_qwen import (
+    EOS_ID,
+    FAMILIES,
+    IMAGE_TOKEN_ID,
+    QUESTIONS,
+    image_files,
+    prompt,
+    tiny_qwen,
+    video_file,
+    video_prompt,
+)
 from transformers_reference import transformers_on_vllm_choice as on_vllm_choice
 from transformers_reference import transformers_reference
 from transformers_reference import without_eos as ids_without_eos
@@ -102,8 +112,17 @@ def runs(qwen, tmp_path_factory):
     engines.append(
         {"name": "evs", "hf_overrides": {"flashvlm": {"budget": 8}}, "engine_args": evs, "expect_error": True}
     )
-    stock, plugin = run_stock_and_plugin(job, [{"name": "stock", "calls": one_by_one}], engines, workdir)
-    return {"stock": stock["stock"], **plugin, "singles": singles, "two_images": two_images}
+    # A video with the switch on, as stock vLLM serves it (videos are not pruned): last, on the
+    # stock engine and the smallest budget's, each allowed one video.
+    video = [{"prompt": video_prompt(QUESTIONS[0]), "videos": [video_file(workdir)]}]
+    with_video = {"limit_mm_per_prompt": {"image": 2, "video": 1}}
+    smallest = engines[len(BUDGETS)]
+    smallest.update(engine_args=with_video, calls=[*smallest["calls"], video])
+    stock_engines = [{"name": "stock", "engine_args": with_video, "calls": [*one_by_one, video]}]
+    stock, plugin = run_stock_and_plugin(job, stock_engines, engines, workdir)
+    videos = {"stock": stock["stock"].pop(), "plugin": plugin[smallest["name"]].pop()}
+    plugin["selections"][smallest["name"]].pop()
+    return {"stock": stock["stock"], **plugin, "singles": singles, "two_images": two_images, "videos": videos}
 
 
 def only_output(call: dict) -> dict:
@@ -212,6 +231,15 @@ def test_methods_that_read_a_cls_row_are_refused_at_start_up(method):
     config = SimpleNamespace(flashvlm={"method": method, "budget": 8})
     with pytest.raises(MethodUnavailableError, match=r"needs cls_attention \(the CLS token's attention row"):
         settings_of(config, QWEN_SERVED_REQUIREMENTS)
+
+
+def test_a_video_with_the_switch_on_is_served_as_stock_vllm_serves_it(runs):
+    # Its positions come from the plug-in's own layout (get_mrope_input_positions): per frame
+    # run for Qwen3-VL, the whole grid at its t factor for Qwen2-VL and Qwen2.5-VL.
+    stock, plugin = (only_output(runs["videos"][side]) for side in ("stock", "plugin"))
+    assert plugin["output_ids"] == stock["output_ids"] and plugin["prompt_length"] == stock["prompt_length"]
+    np.testing.assert_allclose(plugin["logprobs"], stock["logprobs"], atol=1e-5)
+    assert runs["videos"]["plugin"]["kept"] == []  # nothing selected
 
 
 def test_evs_video_pruning_beside_flashvlm_is_refused_at_start_up_in_one_line(runs):

@@ -135,6 +135,13 @@ def tiny_qwen_folder(folder, family: str = "Qwen2.5-VL"):
         "merge_size": 2,
         "patch_size": 2,
         "temporal_patch_size": 2,
+        # Small frames (at most 1024 pixels, 4 x 4 merged tokens), as few as the tests send.
+        "size": {"shortest_edge": 256, "longest_edge": 1024},
+        "min_pixels": 256,
+        "max_pixels": 1024,
+        "fps": 2,
+        "min_frames": 2,
+        "max_frames": 8,
     }
     config_file.write_text(json.dumps(processor_config))
     (folder / "chat_template.jinja").write_text(CHAT_TEMPLATE)
@@ -166,6 +173,18 @@ def tiny_qwen(folder, family: str) -> dict:
 
 def prompt(question: str, num_images: int = 1) -> str:
     return "user : " + "' <image> - " * num_images + question + " assistant :"
+
+
+def video_prompt(question: str) -> str:
+    return "user : ' <|video_pad|> - " + question + " assistant :"
+
+
+def video_file(folder) -> str:
+    """Four random 32 x 32 frames (two temporal groups of 8 x 8 merged tokens) as a ``.npy``."""
+    frames = np.random.default_rng(1).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    path = folder / "video.npy"
+    np.save(path, frames)
+    return str(path)
 
 
 def image_files(folder) -> list[str]:

@@ -4,7 +4,8 @@ JOB.json::
 
     {"model": PATH, "max_tokens": 6, "engine_args": {...},
      "engines": [{"name": "b28", "hf_overrides": {...} | null, "engine_args": {...},
-                  "calls": [[{"prompt": STR, "images": [PNG, ...], "mm_processor_kwargs": {...}}, ...], ...]}]}
+                  "calls": [[{"prompt": STR, "images": [PNG, ...], "videos": [NPY, ...],
+                              "mm_processor_kwargs": {...}}, ...], ...]}]}
 
 Each call is one ``LLM.generate`` (a batch); engines are built one after another in this
 process. OUT.json maps each engine's name to its calls, each a list of
@@ -40,6 +41,24 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for the agreement module
 from agreement import call_from_plain, start_recording, take_recorded_calls  # noqa: E402
+
+
+def video(path: str) -> tuple:
+    """A video as vLLM takes it: its (F, H, W, 3) uint8 frames (a ``.npy`` file) and their
+    metadata, two frames per second, every frame sent (Qwen3-VL needs the metadata)."""
+    import numpy as np
+
+    frames = np.load(path)
+    count = len(frames)
+    metadata = {
+        "fps": 2.0,
+        "duration": count / 2.0,
+        "total_num_frames": count,
+        "frames_indices": list(range(count)),
+        "video_backend": "opencv",
+        "do_sample_frames": False,
+    }
+    return frames, metadata
 
 
 def main(job_path: str, out_path: str) -> None:
@@ -83,6 +102,8 @@ def main(job_path: str, out_path: str) -> None:
                 if request.get("images"):
                     images = [Image.open(path).convert("RGB") for path in request["images"]]
                     sent["multi_modal_data"] = {"image": images}
+                if request.get("videos"):
+                    sent.setdefault("multi_modal_data", {})["video"] = [video(path) for path in request["videos"]]
                 if request.get("mm_processor_kwargs"):
                     sent["mm_processor_kwargs"] = request["mm_processor_kwargs"]
             if any(request.get("expect_error") for request in call):
