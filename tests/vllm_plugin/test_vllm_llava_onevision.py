@@ -132,8 +132,10 @@ def runs(folders, hf_model):
     plugin_engines = [{"name": "off", "calls": one_by_one}]
     # At SMALL, the interpolated image is then asked the first question: its views' tower outputs are reused.
     again = {"prompt": chat_prompt(processor, QUESTIONS[0]), "images": [folders["images"][1]]}
+    # At FULL, the interpolated image then comes with settings of its own: its K + rows placeholders follow them.
+    own = {**requests[1], "mm_processor_kwargs": {"flashvlm": {"budget": BUDGETS[-1]}}}
     for budget in BUDGETS:
-        calls = [*one_by_one, [again]] if budget == SMALL else one_by_one
+        calls = {SMALL: [*one_by_one, [again]], FULL: [*one_by_one, [own]]}.get(budget, one_by_one)
         plugin_engines.append({"name": f"b{budget}", "hf_overrides": {"flashvlm": {"budget": budget}}, "calls": calls})
     # Both sizes in one batch, on an engine of its own (the others' encoder caches hold them).
     overrides = {"flashvlm": {"budget": SMALL}}
@@ -173,7 +175,18 @@ def test_greedy_tokens_and_kept_indices_equal_transformers_with_every_rows_newli
         assert_same_selection_and_answer(call, reference)
     if budget == FULL:
         stock = [only_output(call) for call in runs["stock"]["stock"]]
-        assert [only_output(call) for call in runs["plugin"][f"b{budget}"]] == stock
+        assert [only_output(call) for call in runs["plugin"][f"b{budget}"][: len(stock)]] == stock
+
+
+def test_a_request_with_settings_of_its_own_keeps_what_transformers_keeps(runs, hf_model):
+    engine = f"b{FULL}"
+    index = len(runs["requests"])
+    call = runs["plugin"][engine][index]
+    vllm_rows = recorded_rows(runs["plugin"]["selections"], engine, index)
+    reference = transformers_on_vllm_choice(hf_model, vllm_rows, runs["requests"][1], BUDGETS[-1], newlines="every_row")
+    assert_same_selection_and_answer(call, reference)
+    ((_, num_tokens, kept),) = call["kept"]
+    assert len(kept) < num_tokens  # the request's 0.3, not the engine's 1.0
 
 
 @pytest.mark.parametrize("method", OTHER_METHODS)
