@@ -45,7 +45,7 @@ def build_tiny_llava_onevision(seed: int = 0):
     return eval_model(LlavaOnevisionForConditionalGeneration, config, seed)
 
 
-def tiny_llava_onevision_processor():
+def tiny_llava_onevision_processor(pinpoints=ANYRES_PINPOINTS, vision_aspect_ratio: str = "anyres_max_1"):
     """A LlavaOnevisionProcessor as the real checkpoints' (a PIL image processor), built without
     its video processor as it must be here, LLaVA-1.5's chat format."""
     from transformers import LlavaOnevisionImageProcessorPil, LlavaOnevisionProcessor
@@ -53,12 +53,12 @@ def tiny_llava_onevision_processor():
     from flashvlm._torchvision_compat import without_video_processor
 
     tile = {"height": ANYRES_TILE, "width": ANYRES_TILE}
-    image_processor = LlavaOnevisionImageProcessorPil(image_grid_pinpoints=ANYRES_PINPOINTS, size=tile)
+    image_processor = LlavaOnevisionImageProcessorPil(image_grid_pinpoints=pinpoints, size=tile)
     return without_video_processor(LlavaOnevisionProcessor)(
         image_processor=image_processor,
         num_image_tokens=(ANYRES_TILE // PATCH_SIZE) ** 2,
         vision_feature_select_strategy="full",
-        vision_aspect_ratio="anyres_max_1",
+        vision_aspect_ratio=vision_aspect_ratio,
         tokenizer=tiny_tokenizer(video_tokens=True),
         chat_template=LLAVA_CHAT_TEMPLATE,
     )

@@ -11,6 +11,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from anyres_checks import (
+    check_batch_equals_the_requests_one_by_one,
+    check_each_request_equals_transformers,
+    check_plugin_off_is_stock_vllm_and_equals_transformers,
+)
 from families.llava_next import tiny_llava_next_processor
 from families.shared import (
     ANYRES_PINPOINTS,
@@ -25,11 +30,9 @@ from test_vllm_llava import (
     MAX_TOKENS,
     assert_same_answer,
     assert_same_selection_and_answer,
-    hf_reference,
     only_output,
     recorded_rows,
     transformers_on_vllm_choice,
-    without_eos,
 )
 from transformers import (
     AutoProcessor,
@@ -154,24 +157,12 @@ def runs(folders, hf_model):
 
 
 def test_plugin_off_is_stock_vllm_and_equals_transformers(runs, hf_model):
-    stock = [only_output(call) for call in runs["stock"]["stock"]]
-    assert [only_output(call) for call in runs["plugin"]["off"]] == stock
-    assert all(call["kept"] == [] for call in runs["plugin"]["off"])
-    for request, result in zip(runs["requests"], stock):
-        reference = hf_reference(hf_model, request, None)
-        assert result == {"output_ids": reference["output_ids"], "prompt_length": reference["prompt_length"]}
+    check_plugin_off_is_stock_vllm_and_equals_transformers(runs, hf_model)
 
 
 @pytest.mark.parametrize("budget", BUDGETS)
 def test_greedy_tokens_and_kept_indices_equal_transformers_with_every_rows_newline(runs, hf_model, budget):
-    selections = runs["plugin"]["selections"]
-    for index, (request, call) in enumerate(zip(runs["requests"], runs["plugin"][f"b{budget}"])):
-        vllm_rows = recorded_rows(selections, f"b{budget}", index)
-        reference = transformers_on_vllm_choice(hf_model, vllm_rows, request, budget, newlines="every_row")
-        assert_same_selection_and_answer(call, reference)
-    if budget == FULL:
-        stock = [only_output(call) for call in runs["stock"]["stock"]]
-        assert [only_output(call) for call in runs["plugin"][f"b{budget}"]] == stock
+    check_each_request_equals_transformers(runs, hf_model, budget, FULL)
 
 
 @pytest.mark.parametrize("method", OTHER_METHODS)
@@ -209,20 +200,7 @@ def test_the_anyres_layout_is_vllms_merge(runs):
 
 
 def test_two_image_sizes_in_one_batch_equal_the_requests_one_by_one(runs, hf_model):
-    # Each request of the batch against transformers, as the single requests are above (the
-    # batch's views reach the tower together: its features differ from theirs in the last bits).
-    (batch,) = runs["plugin"]["batch"]
-    singles = runs["plugin"][f"b{SMALL}"][: len(runs["requests"])]
-    batch_rows = recorded_rows(runs["plugin"]["selections"], "batch", 0)
-    got = [
-        {"output_ids": without_eos(o["output_ids"]), "prompt_length": len(o["prompt_ids"])} for o in batch["outputs"]
-    ]
-    for request, result, output in zip(runs["requests"], got, batch["outputs"]):
-        reference = transformers_on_vllm_choice(hf_model, batch_rows, request, SMALL, every=False, newlines="every_row")
-        assert_same_answer({"outputs": [output]}, reference)
-        assert result["prompt_length"] == reference["prompt_length"]
-    assert [row["prompt_length"] for row in got] == [only_output(call)["prompt_length"] for call in singles]
-    assert len({row["prompt_length"] for row in got}) == 2  # the two sizes: two lengths
+    check_batch_equals_the_requests_one_by_one(runs, hf_model, SMALL)
 
 
 def test_another_architecture_stays_stock_with_the_plugin_and_refuses_the_switch(runs):

@@ -16,7 +16,11 @@ adapter splits it: the selection is the shared pipeline's (:mod:`flashvlm.pipeli
 from __future__ import annotations
 
 import torch
-from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+from transformers.models.llava_next.modeling_llava_next import (
+    get_anyres_image_grid_shape,
+    image_size_to_num_patches,
+    unpad_image,
+)
 from vllm.model_executor.models.llava import LlavaDummyInputsBuilder
 from vllm.model_executor.models.llava_next import (
     LlavaNextForConditionalGeneration,
@@ -37,11 +41,7 @@ def views_per_image(config, image_sizes: torch.Tensor) -> list[int]:
     """Tower inputs (base + crops) each image of (I, 2) (height, width) sizes really has; a
     batched tensor pads the others."""
     tile = config.vision_config.image_size
-    counts = []
-    for height, width in image_sizes.tolist():
-        crop_rows, crop_cols = get_anyres_image_grid_shape((height, width), config.image_grid_pinpoints, tile)
-        counts.append(1 + crop_rows * crop_cols)
-    return counts
+    return [image_size_to_num_patches(size, config.image_grid_pinpoints, tile) for size in image_sizes.tolist()]
 
 
 class AnyResInfoMixin(PrunedInfoMixin):
