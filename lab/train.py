@@ -105,6 +105,9 @@ class TrainConfig:
     grounding_weight: float = 0.0
     #: Weight of the patch-label term in ``clip`` (0: none); see :func:`patch_label_loss`.
     patch_label_weight: float = 0.0
+    #: Weight of the contrastive terms (CLIP's global, FILIP's local) in ``clip``; 0 leaves the
+    #: patch-label term alone to train the tower (its throw-away text encoder is never shipped).
+    contrastive_weight: float = 1.0
     #: Objects per ``clip`` scene, (fewest, most); None: the benchmark's 3-6. Crowded scenes
     #: hold about three times as many object patches for the patch-label term to teach.
     clip_objects: tuple[int, int] | None = None
@@ -558,7 +561,7 @@ def patch_label_loss(heads: ContrastiveHeads, features: torch.Tensor, batch: dic
 
 
 def contrastive_loss(
-    model, heads: ContrastiveHeads, batch: dict, patch_label_weight: float = 0.0
+    model, heads: ContrastiveHeads, batch: dict, patch_label_weight: float = 0.0, contrastive_weight: float = 1.0
 ) -> tuple[torch.Tensor, dict]:
     tower = model.model.vision_tower
     hidden = vision_hidden_states(model, batch["pixel_values"])
@@ -591,7 +594,7 @@ def contrastive_loss(
     local_logits = (scale_local * torch.cat([local, hard[:, None]], dim=1)).float()
     local_loss = (F.cross_entropy(local_logits, targets) + F.cross_entropy(scale_local * local.T.float(), targets)) / 2
     accuracy = (local_logits.argmax(1) == targets).float().mean()
-    loss = global_loss + local_loss
+    loss = contrastive_weight * (global_loss + local_loss)
     metrics = {"global": global_loss.item(), "local": local_loss.item(), "acc": accuracy.item()}
     if patch_label_weight > 0:
         term, patch_metrics = patch_label_loss(heads, hidden[-1], batch)
@@ -754,7 +757,7 @@ class Trainer:
                 group["lr"] = group["base_lr"] * learning_rate_factor(share)
             with self.autocast:
                 loss, metrics = (
-                    contrastive_loss(model, heads, batch, config.patch_label_weight)
+                    contrastive_loss(model, heads, batch, config.patch_label_weight, config.contrastive_weight)
                     if stage == "clip"
                     else answer_loss(model, batch, heads, norm)
                 )
@@ -844,6 +847,11 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--clip-objects", help="objects per clip-stage scene as FEWEST-MOST, e.g. 8-12 (default: the preset's)"
     )
+    parser.add_argument(
+        "--contrastive-weight",
+        type=float,
+        help="weight of the tower's contrastive terms in clip (0: patch labels alone)",
+    )
     parser.add_argument("--norm-weight", type=float, help="weight of the projected tokens' norm term (0: none)")
     parser.add_argument("--curriculum-samples", type=int, help="tune samples of one or two objects that come first")
     parser.add_argument("--checkpoint-seconds", type=float, help="seconds between checkpoints (and log lines)")
@@ -869,6 +877,7 @@ def config_from_arguments(args) -> tuple[TrainConfig, tuple[str, ...]]:
     for name in (
         "lm_layers",
         "patch_label_weight",
+        "contrastive_weight",
         "norm_weight",
         "curriculum_samples",
         "checkpoint_seconds",
@@ -881,7 +890,14 @@ def config_from_arguments(args) -> tuple[TrainConfig, tuple[str, ...]]:
         raise ValueError(f"--lm-layers: SmolLM2 has 30 layers; got {overrides['lm_layers']}")
     if args.clip_objects is not None:
         overrides["clip_objects"] = parse_object_range(args.clip_objects)
-    for name in ("patch_label_weight", "norm_weight", "curriculum_samples", "monitor_size", "eval_size"):
+    for name in (
+        "patch_label_weight",
+        "contrastive_weight",
+        "norm_weight",
+        "curriculum_samples",
+        "monitor_size",
+        "eval_size",
+    ):
         if overrides.get(name, 0) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0; got {overrides[name]}")
     uses_cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())

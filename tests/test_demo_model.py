@@ -208,6 +208,22 @@ def test_clip_samples_carry_patch_classes_only_when_the_term_is_on(lm_folder):
     assert with_term["patch_shapes"].shape == with_term["patch_colors"].shape == (GRID * GRID,)
 
 
+def test_a_contrastive_weight_of_0_leaves_the_patch_label_term_alone(lm_folder):
+    from lab.train import ContrastiveHeads, contrastive_loss, patch_label_loss, vision_hidden_states, word_ids
+
+    config = make_config("smoke")
+    model = build_model(lm_folder, config.vision, lm_layers=2)
+    heads = ContrastiveHeads(config.vision.width, len(word_ids()) + 1)
+    data = StageData("clip", 0, lm_folder, with_patch_labels=True)
+    batch = collate([data[0], data[1]])
+    with torch.no_grad():
+        alone, _ = contrastive_loss(model, heads, batch, patch_label_weight=2.0, contrastive_weight=0.0)
+        both, metrics = contrastive_loss(model, heads, batch, patch_label_weight=2.0)
+        term, _ = patch_label_loss(heads, vision_hidden_states(model, batch["pixel_values"])[-1], batch)
+    torch.testing.assert_close(alone, 2.0 * term)
+    torch.testing.assert_close(both, alone + metrics["global"] + metrics["local"])
+
+
 def test_crowded_clip_scenes_hold_the_asked_number_of_objects_and_leave_other_stages_alone(lm_folder):
     crowded = StageData("clip", 0, lm_folder, with_patch_labels=True, clip_objects=(8, 12))
     for index in range(0, 30, 7):

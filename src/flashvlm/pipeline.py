@@ -255,6 +255,23 @@ def keep_tokens(item: VisualItem, project: Callable[[torch.Tensor], torch.Tensor
 # -- moving per-token values through a model's own layout ---------------------------------------
 
 
+def square_grid(num_tokens: int) -> tuple[int, int] | None:
+    """(side, side) when ``num_tokens`` fill a square raster, else None."""
+    side = int(round(num_tokens**0.5))
+    return (side, side) if side * side == num_tokens else None
+
+
+def average_pool_windows(per_patch: torch.Tensor, stride: int) -> torch.Tensor:
+    """(P, n, X) values of each input's square patch raster -> (P, m, X), averaged over
+    ``stride`` x ``stride`` windows: a pooling resampler's windows (LLaVA-NeXT-Video's), applied
+    to what the method reads beside the pooled features (saliency, keys)."""
+    inputs, num_patches, width = per_patch.shape
+    side = int(round(num_patches**0.5))
+    raster = per_patch.transpose(1, 2).reshape(inputs, width, side, side)
+    pooled = torch.nn.functional.avg_pool2d(raster, kernel_size=stride, stride=stride)
+    return pooled.flatten(2).transpose(1, 2)
+
+
 def stacked_channels(stack: VisualItem) -> torch.Tensor:
     """Features, saliency and keys (those present) side by side, float32, plus a 0
     "is newline" channel: (P, n, X), so a model's own packing (LLaVA-NeXT's, OneVision's: crops

@@ -5,12 +5,14 @@ Two images: one whose crop raster vLLM and transformers keep as it is (30 x 45: 
 unpadded), one whose raster both shrink by bilinear interpolation (90 x 100: 4 x 4 crops, 22 x
 24 after unpadding, 17 x 18 after "anyres_max_9"), so the selection runs among tokens that no
 tower output equals. vLLM's OneVision hard-codes anyres_max_9, which the tiny config uses too.
+And a video of four frames, each 3 x 3 tokens after the model's 2 x 2 pooling, then one newline.
 """
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from anyres_checks import (
@@ -29,7 +31,9 @@ from families.shared import (
 )
 from test_vllm_llava import (
     MAX_TOKENS,
+    assert_same_answer,
     assert_same_selection_and_answer,
+    only_output,
     recorded_rows,
     transformers_on_vllm_choice,
 )
@@ -49,6 +53,12 @@ FULL, SMALL = BUDGETS[0], BUDGETS[1]
 #: Methods with other paths, on the interpolated image at 24: divprune reads the projected
 #: tokens, pool each view's raster grid (the interpolated one for the crops).
 OTHER_METHODS = ("divprune", "pool")
+#: The video's frames (24 x 24, one tower tile each: 6 x 6 patches, pooled to 3 x 3 tokens).
+VIDEO_FRAMES, FRAME_TOKENS = 4, 9
+#: A video's own settings, on the engine at SMALL (which would keep every frame token): 4 per
+#: frame, then 12 for the whole video, its frames selected jointly.
+PER_FRAME = {"budget": 4}
+PER_VIDEO = {"budget": 12, "video_budget": "per_video"}
 
 
 def build_llava_onevision() -> LlavaOnevisionForConditionalGeneration:
@@ -84,7 +94,9 @@ def save_processor(folder) -> None:
     # As a folder saved where torchvision is installed: vLLM's processor loads a video processor too.
     config_file = folder / "processor_config.json"
     processor_config = json.loads(config_file.read_text())
-    processor_config["video_processor"] = {"video_processor_type": "LlavaOnevisionVideoProcessor"}
+    # Frames of one tower tile, as the images' views.
+    tile = {"height": ANYRES_TILE, "width": ANYRES_TILE}
+    processor_config["video_processor"] = {"video_processor_type": "LlavaOnevisionVideoProcessor", "size": tile}
     config_file.write_text(json.dumps(processor_config))
 
 
@@ -104,7 +116,9 @@ def folders(tmp_path_factory):
         path = root / f"image-{height}x{width}.png"
         Image.fromarray(pixels).save(path)
         images.append(str(path))
-    return {"hf": hf_folder, "vllm": vllm_folder, "images": images, "root": root}
+    video = root / "video.npy"
+    np.save(video, torch.randint(0, 256, (VIDEO_FRAMES, 24, 24, 3), generator=generator, dtype=torch.uint8).numpy())
+    return {"hf": hf_folder, "vllm": vllm_folder, "images": images, "video": str(video), "root": root}
 
 
 @pytest.fixture(scope="module")
@@ -121,15 +135,19 @@ def runs(folders, hf_model):
         for question, image in zip(QUESTIONS, folders["images"])
     ]
     one_by_one = [[request] for request in requests]
-    stock_engines = [{"name": "stock", "calls": one_by_one}]
+    video = {"prompt": chat_prompt(processor, QUESTIONS[0]).replace("<image>", "<video>"), "videos": [folders["video"]]}
+    videos = [[{**video, "mm_processor_kwargs": {"flashvlm": own}}] for own in (PER_FRAME, PER_VIDEO)]
+    with_video = {"limit_mm_per_prompt": {"image": 1, "video": 1}}
+    stock_engines = [{"name": "stock", "engine_args": with_video, "calls": [*one_by_one, [video]]}]
     plugin_engines = [{"name": "off", "calls": one_by_one}]
     # At SMALL, the interpolated image is then asked the first question: its views' tower outputs are reused.
     again = {"prompt": chat_prompt(processor, QUESTIONS[0]), "images": [folders["images"][1]]}
     # At FULL, the interpolated image then comes with settings of its own: its K + rows placeholders follow them.
     own = {**requests[1], "mm_processor_kwargs": {"flashvlm": {"budget": BUDGETS[-1]}}}
     for budget in BUDGETS:
-        calls = {SMALL: [*one_by_one, [again]], FULL: [*one_by_one, [own]]}.get(budget, one_by_one)
-        plugin_engines.append({"name": f"b{budget}", "hf_overrides": {"flashvlm": {"budget": budget}}, "calls": calls})
+        calls = {SMALL: [*one_by_one, [again], *videos], FULL: [*one_by_one, [own]]}.get(budget, one_by_one)
+        engine = {"name": f"b{budget}", "hf_overrides": {"flashvlm": {"budget": budget}}, "calls": calls}
+        plugin_engines.append({**engine, "engine_args": with_video} if budget == SMALL else engine)
     # Both sizes in one batch, on an engine of its own (the others' encoder caches hold them).
     overrides = {"flashvlm": {"budget": SMALL}}
     plugin_engines.append({"name": "batch", "hf_overrides": overrides, "calls": [requests]})
@@ -147,7 +165,10 @@ def runs(folders, hf_model):
         "engine_args": {"limit_mm_per_prompt": {"image": 1, "video": 0}},
     }
     stock, plugin = run_stock_and_plugin(job, stock_engines, plugin_engines, folders["root"] / "jobs")
-    return {"stock": stock, "plugin": plugin, "requests": requests}
+    video_calls = {"stock": stock["stock"].pop(), "request": video}
+    for name, index in (("per_video", -1), ("per_frame", -2)):
+        video_calls[name] = (plugin[f"b{SMALL}"][index], recorded_rows(plugin["selections"], f"b{SMALL}", index))
+    return {"stock": stock, "plugin": plugin, "requests": requests, "videos": video_calls}
 
 
 def test_plugin_off_is_stock_vllm_and_equals_transformers(runs, hf_model):
@@ -187,6 +208,28 @@ def test_a_second_question_reuses_the_views_tower_outputs(runs):
     calls = runs["plugin"][f"b{SMALL}"]
     assert calls[2]["tower"] == [] and calls[1]["tower"] != []
     assert calls[2]["kept"][0][0] != calls[1]["kept"][0][0]  # guided by the other question
+
+
+@pytest.mark.parametrize("which, own", [("per_frame", PER_FRAME), ("per_video", PER_VIDEO)])
+def test_a_video_keeps_what_transformers_keeps_per_frame_or_per_video(runs, hf_model, which, own):
+    # Each frame's pooled tokens (or the whole video's), then the video's newline, always kept.
+    call, vllm_rows = runs["videos"][which]
+    options = {"newlines": "every_row", "video_budget": own.get("video_budget", "per_frame")}
+    reference = transformers_on_vllm_choice(hf_model, vllm_rows, runs["videos"]["request"], own["budget"], **options)
+    ((_, num_tokens, kept),) = call["kept"]
+    assert num_tokens == VIDEO_FRAMES * FRAME_TOKENS
+    units = reference["kept"]  # one per frame (indices within it), or one for the video
+    assert len(units) == (VIDEO_FRAMES if which == "per_frame" else 1)
+    unit_size = FRAME_TOKENS if which == "per_frame" else num_tokens
+    assert kept == [index + unit * unit_size for unit, indices in enumerate(units) for index in indices]
+    assert len(kept) == (VIDEO_FRAMES * own["budget"] if which == "per_frame" else own["budget"])
+    assert_same_answer(call, reference)
+    stock = only_output(runs["videos"]["stock"])
+    assert (
+        only_output(call)["prompt_length"]
+        == reference["prompt_length"]
+        == stock["prompt_length"] - num_tokens + len(kept)
+    )
 
 
 def test_a_method_that_reads_a_cls_row_is_refused_at_start_up(runs):

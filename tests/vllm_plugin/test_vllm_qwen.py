@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from agreement import rows_of
 from tiny_qwen import (
     EOS_ID,
@@ -41,6 +42,9 @@ BUDGETS = (FULL_BUDGET, 24, 8)
 #: each once on the 6 x 10 image; the CLS-based ones (visionzip, vispruner) are refused.
 OTHER_METHODS = ("flashvlm:release", "flashvlm:release_qwen", "divprune", "cdpruner", "pool")
 CHUNK_TOKENS = 16  # fewer than an image's slots at budget 24
+#: A video's budget counted for the whole video (its 2 temporal slices selected jointly), a
+#: request's own setting on the engine at 8 per frame; Qwen3-VL refuses it.
+PER_VIDEO = {"flashvlm": {"budget": 12, "video_budget": "per_video"}}
 #: log-probabilities of vLLM (its own kernels) and transformers agree this closely in float32.
 LOGPROB_TOLERANCE = 2e-3
 
@@ -112,16 +116,20 @@ def runs(qwen, tmp_path_factory):
     engines.append(
         {"name": "evs", "hf_overrides": {"flashvlm": {"budget": 8}}, "engine_args": evs, "expect_error": True}
     )
-    # A video with the switch on, as stock vLLM serves it (videos are not pruned): last, on the
-    # stock engine and the smallest budget's, each allowed one video.
-    video = [{"prompt": video_prompt(QUESTIONS[0]), "videos": [video_file(workdir)]}]
+    # A video, last, on the stock engine and the smallest budget's (each allowed one video):
+    # pruned per frame, then with a per-video budget of its own (refused by Qwen3-VL).
+    video = {"prompt": video_prompt(QUESTIONS[0]), "videos": [video_file(workdir)]}
+    per_video = {**video, "mm_processor_kwargs": PER_VIDEO}
+    if qwen["family"].startswith("Qwen3"):
+        per_video["expect_error"] = True
     with_video = {"limit_mm_per_prompt": {"image": 2, "video": 1}}
     smallest = engines[len(BUDGETS)]
-    smallest.update(engine_args=with_video, calls=[*smallest["calls"], video])
-    stock_engines = [{"name": "stock", "engine_args": with_video, "calls": [*one_by_one, video]}]
+    smallest.update(engine_args=with_video, calls=[*smallest["calls"], [video], [per_video]])
+    stock_engines = [{"name": "stock", "engine_args": with_video, "calls": [*one_by_one, [video]]}]
     stock, plugin = run_stock_and_plugin(job, stock_engines, engines, workdir)
-    videos = {"stock": stock["stock"].pop(), "plugin": plugin[smallest["name"]].pop()}
-    plugin["selections"][smallest["name"]].pop()
+    calls, selections = plugin[smallest["name"]], plugin["selections"][smallest["name"]]
+    videos = {"stock": stock["stock"].pop(), "request": video, "per_video": (calls.pop(), selections.pop())}
+    videos["per_frame"] = (calls.pop(), selections.pop())
     return {"stock": stock["stock"], **plugin, "singles": singles, "two_images": two_images, "videos": videos}
 
 
@@ -233,13 +241,61 @@ def test_methods_that_read_a_cls_row_are_refused_at_start_up(method):
         settings_of(config, QWEN_SERVED_REQUIREMENTS)
 
 
-def test_a_video_with_the_switch_on_is_served_as_stock_vllm_serves_it(runs):
-    # Its positions come from the plug-in's own layout (get_mrope_input_positions): per frame
-    # run for Qwen3-VL, the whole grid at its t factor for Qwen2-VL and Qwen2.5-VL.
-    stock, plugin = (only_output(runs["videos"][side]) for side in ("stock", "plugin"))
-    assert plugin["output_ids"] == stock["output_ids"] and plugin["prompt_length"] == stock["prompt_length"]
-    np.testing.assert_allclose(plugin["logprobs"], stock["logprobs"], atol=1e-5)
-    assert runs["videos"]["plugin"]["kept"] == []  # nothing selected
+def video_reference(qwen, videos: dict, which: str, budget, **prune_options) -> tuple[dict, dict, dict]:
+    """vLLM's call for a video (``which``: "per_frame" or "per_video"), its summary, and
+    transformers + flashvlm on the same video.
+
+    Transformers gets the prompt as stock vLLM expanded it: the tests' word-level tokenizer
+    spells Qwen3-VL's frame markers and timestamps its own way in transformers' processor,
+    while vLLM lays them out from the config's token ids.
+    """
+    stock = videos["stock"]["outputs"][0]["prompt_ids"]
+    video_token = qwen["model"].config.video_token_id
+
+    def vllm_prompt(inputs):
+        ids = torch.tensor([stock])
+        assert int((ids == video_token).sum()) == int((inputs["input_ids"] == video_token).sum())
+        inputs["input_ids"], inputs["attention_mask"] = ids, torch.ones_like(ids)
+        inputs["mm_token_type_ids"] = 2 * (ids == video_token).long()
+        return inputs
+
+    call, selections = videos[which]
+    label = f"vLLM {qwen['family']} video at {budget} {prune_options} vs transformers"
+    options = dict(max_tokens=MAX_TOKENS, eos_id=EOS_ID, prepare=vllm_prompt, **prune_options)
+    model, processor = qwen["model"], qwen["processor"]
+    rows = rows_of(selections[0])
+    reference = on_vllm_choice(model, processor, rows, videos["request"], budget, "flashvlm", True, label, **options)
+    return call, only_output(call), reference
+
+
+def test_a_video_keeps_per_frame_what_transformers_keeps(runs, qwen):
+    # K slots per temporal slice; each kept token at its slice's (t, h, w), the temporal offset
+    # at Qwen2.5-VL's t factor: the log-probabilities move as soon as one sits elsewhere.
+    budget = BUDGETS[-1]
+    call, result, reference = video_reference(qwen, runs["videos"], "per_frame", budget)
+    ((_, num_tokens, kept),) = call["kept"]
+    frames = reference["kept"]  # one unit per temporal slice
+    per_frame = num_tokens // len(frames)
+    assert [len(frame) for frame in frames] == [budget] * len(frames) == [budget, budget]
+    assert kept == [index + slice_ * per_frame for slice_, frame in enumerate(frames) for index in frame]
+    assert_matches(result, reference)
+    stock = only_output(runs["videos"]["stock"])
+    assert result["prompt_length"] == reference["prompt_length"] == stock["prompt_length"] - num_tokens + len(kept)
+
+
+def test_a_video_budget_per_video_selects_its_frames_jointly_or_is_refused(runs, qwen):
+    call, _ = runs["videos"]["per_video"]
+    if qwen["family"].startswith("Qwen3"):  # one placeholder run per frame: no count per frame to fix
+        error = call["error"]
+        assert error is not None and "video_budget='per_video' is not served for this model" in error, error
+        return
+    budget = PER_VIDEO["flashvlm"]["budget"]
+    call, result, reference = video_reference(qwen, runs["videos"], "per_video", budget, video_budget="per_video")
+    ((_, num_tokens, kept),) = call["kept"]
+    assert [kept] == reference["kept"] and len(kept) == budget
+    assert_matches(result, reference)
+    stock = only_output(runs["videos"]["stock"])
+    assert result["prompt_length"] == stock["prompt_length"] - num_tokens + budget
 
 
 def test_evs_video_pruning_beside_flashvlm_is_refused_at_start_up_in_one_line(runs):

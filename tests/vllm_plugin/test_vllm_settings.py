@@ -40,6 +40,16 @@ def test_the_vision_cache_size_is_a_setting_apart_from_the_methods_parameters():
     assert parse_settings({"budget": 64, "vision_cache_mb": 0.5}).vision_cache_mb == 0.5
 
 
+def test_a_video_budget_counts_per_frame_by_default_or_for_the_whole_video():
+    per_frame = parse_settings({"budget": 8})
+    assert per_frame.video_budget == "per_frame"
+    assert (per_frame.num_kept_per_frame(3, 64), per_frame.num_kept_in_video(3, 64)) == ([8, 8, 8], 24)
+    per_video = parse_settings({"budget": 0.25, "video_budget": "per_video"})
+    assert per_video.num_kept_in_video(3, 64) == 48  # a quarter of 192 tokens, however the frames share it
+    with pytest.raises(FlashVLMError, match="no fixed count per frame"):
+        per_video.num_kept_per_frame(3, 64)
+
+
 def test_the_unpruned_method_keeps_every_placeholder():
     assert parse_settings({"method": "none", "budget": 8}).num_kept(256) == 256
 
@@ -58,6 +68,7 @@ def test_the_unpruned_method_keeps_every_placeholder():
         ({"budget": 8, "vision_cache_mb": -1}, FlashVLMError, "vision_cache_mb must be a number of MiB >= 0"),
         ({"budget": 8, "vision_cache_mb": "256"}, FlashVLMError, "(0 turns the vision cache off); got '256'"),
         ({"budget": 8, "vision_cache_mb": True}, FlashVLMError, "vision_cache_mb must be a number"),
+        ({"budget": 8, "video_budget": "per_clip"}, FlashVLMError, "video_budget must be one of per_frame, per_video"),
     ],
 )
 def test_bad_settings_name_the_override_and_the_bad_value(settings, error, words):
@@ -112,6 +123,13 @@ def test_a_request_naming_another_method_keeps_only_the_engines_budget():
         "method": "flashvlm:release",
         "budget": 32,
     }
+    # The video budget is the engine's too, not its method's.
+    engine = {**ENGINE, "video_budget": "per_video"}
+    assert json.loads(request_settings(engine, {"method": "pool"})) == {
+        "method": "pool",
+        "budget": 64,
+        "video_budget": "per_video",
+    }
 
 
 def test_a_request_that_comes_to_the_engines_settings_is_the_engines():
@@ -142,6 +160,7 @@ def test_equal_settings_give_the_same_key():
         ({"budget": object()}, FlashVLMError, "must be JSON values"),
         (32, FlashVLMError, "must be a mapping"),
         ({"vision_cache_mb": 0}, FlashVLMError, "vision_cache_mb is the engine's"),
+        ({"video_budget": "all"}, FlashVLMError, "video_budget must be one of per_frame, per_video; got 'all'"),
     ],
 )
 def test_bad_request_settings_name_the_request_and_the_bad_value(settings, error, words):

@@ -142,6 +142,10 @@ def tiny_qwen_folder(folder, family: str = "Qwen2.5-VL"):
         "fps": 2,
         "min_frames": 2,
         "max_frames": 8,
+        # vLLM normalises Qwen's pixels on the device with one mean and std for images and videos
+        # (the image processor's), as the released checkpoints' processors share them.
+        "image_mean": list(image_processor.image_mean),
+        "image_std": list(image_processor.image_std),
     }
     config_file.write_text(json.dumps(processor_config))
     (folder / "chat_template.jinja").write_text(CHAT_TEMPLATE)

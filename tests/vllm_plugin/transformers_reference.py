@@ -5,6 +5,7 @@ Every family's vLLM test wraps these with its model, token budget and end-of-seq
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -29,18 +30,34 @@ def transformers_reference(
     eos_id: int,
     forced: list | None = None,
     add_special_tokens: bool = True,
+    prepare: Callable[[dict], dict] | None = None,
     **prune_options,
 ) -> dict:
     """Greedy tokens (EOS and after dropped), their log-probabilities, kept indices, prompt
     length and the method's recorded calls (``rows``) for one request (``budget`` None:
     unpruned; ``forced``: the kept indices of each call, replayed; ``add_special_tokens``
-    False as vLLM's chat path tokenizes; ``prune_options`` go to ``flashvlm.prune``)."""
+    False as vLLM's chat path tokenizes; ``prepare`` changes the processor's output before
+    generating; ``prune_options`` go to ``flashvlm.prune``). A request's videos are sent as
+    vllm_job sends them: every frame, with its metadata."""
     from PIL import Image
+    from transformers.video_utils import VideoMetadata
+    from vllm_job import video
 
-    images = [Image.open(path).convert("RGB") for path in request["images"]]
+    images = [Image.open(path).convert("RGB") for path in request.get("images", ())]
+    videos = {}
+    if request.get("videos"):
+        frames, metadata = zip(*(video(path) for path in request["videos"]))
+        described = [VideoMetadata(**{k: v for k, v in one.items() if k != "do_sample_frames"}) for one in metadata]
+        videos = {"videos": list(frames), "video_metadata": described, "do_sample_frames": False}
     inputs = processor(
-        images=images, text=request["prompt"], return_tensors="pt", add_special_tokens=add_special_tokens
+        images=images or None,
+        text=request["prompt"],
+        return_tensors="pt",
+        add_special_tokens=add_special_tokens,
+        **videos,
     )
+    if prepare is not None:
+        inputs = prepare(inputs)
     settings = {
         "do_sample": False,
         "max_new_tokens": max_tokens,

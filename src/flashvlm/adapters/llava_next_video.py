@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ..pipeline import VisualItem
+from ..pipeline import VisualItem, average_pool_windows
 from .base import FamilySupport
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
@@ -41,12 +41,7 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
 
     def pool_like_resampler(self, per_patch: torch.Tensor) -> torch.Tensor:
         """(P, n, X) patch values -> (P, m, X), averaged over the resampler's pooling windows."""
-        frames, num_patches, width = per_patch.shape
-        side = int(round(num_patches**0.5))
-        stride = self.model.config.spatial_pool_stride
-        raster = per_patch.transpose(1, 2).reshape(frames, width, side, side)
-        pooled = torch.nn.functional.avg_pool2d(raster, kernel_size=stride, stride=stride)
-        return pooled.flatten(2).transpose(1, 2)
+        return average_pool_windows(per_patch, self.model.config.spatial_pool_stride)
 
     def video_items(self, model_kwargs: dict[str, Any], needs: frozenset[str]) -> list[VisualItem]:
         videos = model_kwargs["pixel_values_videos"]  # (V, F, 3, H, W)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import FlashVLMError
-from ..pipeline import ImageSelection, TokenRegion, VisualItem
+from ..pipeline import ImageSelection, TokenRegion, VisualItem, square_grid
 
 #: Requirements met from one vision layer's queries and keys (a hook on that layer).
 QUERY_KEY_NEEDS = frozenset({"saliency", "cls_attention", "keys"})
@@ -22,12 +22,6 @@ def needs_query_key(needs: frozenset[str]) -> bool:
 def needs_projected(needs: frozenset[str]) -> bool:
     """Whether every visual token must be projected for ``needs``."""
     return bool(needs & PROJECTED_NEEDS)
-
-
-def square_grid(num_tokens: int) -> tuple[int, int] | None:
-    """(side, side) when ``num_tokens`` fill a square raster, else None."""
-    side = int(round(num_tokens**0.5))
-    return (side, side) if side * side == num_tokens else None
 
 
 def image_of_views(stack: VisualItem, first: int, num_views: int, tile_grids: bool = False) -> VisualItem:

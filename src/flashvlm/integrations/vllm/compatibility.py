@@ -55,6 +55,7 @@ class VllmApi(NamedTuple):
 _LLAVA = "vllm.model_executor.models.llava"
 _LLAVA_NEXT = "vllm.model_executor.models.llava_next"
 _ONEVISION = "vllm.model_executor.models.llava_onevision"
+_NEXT_VIDEO = "vllm.model_executor.models.llava_next_video"
 _QWEN = "vllm.model_executor.models.qwen2_5_vl"
 _QWEN2 = "vllm.model_executor.models.qwen2_vl"
 _QWEN3 = "vllm.model_executor.models.qwen3_vl"
@@ -160,7 +161,6 @@ def _qwen_vl(
         VllmApi(module, f"{model}.embed_input_ids", ("input_ids", "multimodal_embeddings", "is_multimodal")),
         VllmApi(module, f"{model}.forward", ("input_ids", "positions", "intermediate_tensors", "inputs_embeds")),
         VllmApi(module, f"{model}._parse_and_validate_multimodal_inputs"),
-        VllmApi(module, f"{model}._process_video_input", ("video_input",)),
         *(
             VllmApi(module, f"{vision}Transformer.{name}")
             for name in ("blocks", "merger", "spatial_merge_size", "num_heads")
@@ -175,6 +175,10 @@ def _qwen_vl(
             *(
                 VllmApi(module, f"{prefix}ImagePixelInputs.{name}")
                 for name in ("type", "pixel_values", "image_grid_thw")
+            ),
+            *(
+                VllmApi(module, f"{prefix}VideoPixelInputs.{name}")
+                for name in ("type", "pixel_values_videos", "video_grid_thw")
             ),
             *(
                 VllmApi(module, f"{vision}Attention.{name}")
@@ -214,6 +218,21 @@ _QWEN3_APIS = [
     VllmApi(_QWEN3, "Qwen3VLForConditionalGeneration.visual_dim"),
     VllmApi(_QWEN3, "Qwen3VLForConditionalGeneration.multiscale_dim"),
     VllmApi(_QWEN3, "Qwen3_VisionBlock.forward"),  # Qwen2_5_VisionAttention, as Qwen2.5-VL's
+    # A pruned video's frames laid out as vLLM lays them out, with K placeholders each.
+    VllmApi(
+        _QWEN3,
+        "Qwen3VLMultiModalProcessor.get_video_repl",
+        (
+            "tokens_per_frame",
+            "timestamps",
+            "tokenizer",
+            "vision_start_token_id",
+            "vision_end_token_id",
+            "video_token_id",
+            "select_token_id",
+        ),
+    ),
+    VllmApi(_PROCESSING, "PromptUpdateDetails.full"),
 ]
 
 
@@ -318,17 +337,41 @@ INVENTORY: tuple[VllmApi, ...] = (
     VllmApi(_ONEVISION, "LlavaOnevisionImagePixelInputs.image_sizes"),
     VllmApi(_ONEVISION, "LlavaOnevisionForConditionalGeneration.image_newline"),
     VllmApi(_ONEVISION, "LlavaOnevisionForConditionalGeneration._parse_and_validate_multimodal_inputs"),
-    VllmApi(_ONEVISION, "LlavaOnevisionForConditionalGeneration._process_video_pixels", ("inputs",)),
+    # Videos: every frame through the tower, then vLLM's own pooling of the tokens and the channels.
+    VllmApi(_ONEVISION, "LlavaOnevisionVideoPixelInputs.pixel_values_videos"),
+    VllmApi(_ONEVISION, "LlavaOnevisionForConditionalGeneration.apply_pooling", ("image_features",)),
     # The merge every per-token value goes through (a newline row given, interpolation inside).
     VllmApi(
         _ONEVISION,
         "LlavaOnevisionForConditionalGeneration._merge_image_patch_embeddings",
         ("image_size", "patch_embeddings", "image_newline", "strategy"),
     ),
+    # -- llava_next_video.py: LLaVA-NeXT-Video (videos only, CLIP, the pooling resampler) --
+    VllmApi(_NEXT_VIDEO, "LlavaNextVideoDummyInputsBuilder"),
+    *_processing_info(_NEXT_VIDEO, "LlavaNextVideoProcessingInfo"),
+    *_processor(_NEXT_VIDEO, "LlavaNextVideoMultiModalProcessor"),
+    VllmApi(_NEXT_VIDEO, "LlavaNextVideoForConditionalGeneration"),
+    VllmApi(_NEXT_VIDEO, "LlavaNextVideoForConditionalGeneration.__init__", ("vllm_config", "prefix")),
+    *(
+        VllmApi(_NEXT_VIDEO, f"LlavaNextVideoForConditionalGeneration.{name}")
+        for name in (
+            "config",
+            "vision_tower",
+            "vision_resampler",
+            "multi_modal_projector",
+            "get_language_model",
+            "embed_multimodal",
+            "_parse_and_validate_video_input",
+        )
+    ),
+    VllmApi(_NEXT_VIDEO, "LlavaNextVideoForConditionalGeneration.load_weights", ("weights",)),
+    VllmApi(_NEXT_VIDEO, "LlavaNextVideoPixelInputs.type"),
+    VllmApi(_NEXT_VIDEO, "LlavaNextVideoPixelInputs.pixel_values_videos"),
     # -- qwen_vl.py: Qwen2-VL and Qwen2.5-VL --
     *_qwen_vl(_QWEN2, "Qwen2VL", "Qwen2Vision"),
     *_qwen_vl(_QWEN, "Qwen2_5_VL", "Qwen2_5_Vision"),
     VllmApi(_QWEN, "Qwen2_5_VisionTransformer.fullatt_block_indexes"),
+    VllmApi(_QWEN, "Qwen2_5_VLVideoPixelInputs.second_per_grid_ts"),  # the t factor (Qwen2-VL's is 1)
     # -- qwen3_vl.py: Qwen3-VL, dense and MoE (Qwen2.5-VL's attention and image inputs, DeepStack) --
     *_QWEN3_APIS,
     *_as_subclasses(

@@ -108,6 +108,10 @@ class LlavaTowerMixin(PrunedModelMixin):
         and any request's own settings)."""
         raise NotImplementedError
 
+    def tower_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The feature layer's tokens (V, N, C) of (V, 3, H, W) inputs, as vLLM's class computes them."""
+        return self._image_pixels_to_features(self.vision_tower, pixel_values)
+
     def encode_with_saliency(self, pixel_values: torch.Tensor, requirements: set[frozenset[str]]) -> TowerOutputs:
         """The tower on (V, 3, H, W) inputs, with saliency (and keys) from the feature layer's q/k,
         as the methods of a batch's requests (their ``requirements``) read them."""
@@ -115,7 +119,7 @@ class LlavaTowerMixin(PrunedModelMixin):
         vision = self.vision_tower.vision_model
         attention = vision.encoder.layers[-1].self_attn
         with tap_qkv_projection(attention.qkv_proj) as tap:
-            features = self._image_pixels_to_features(self.vision_tower, pixel_values)  # (V, N, C)
+            features = self.tower_features(pixel_values)  # (V, N, C)
 
         default_strategy = self.config.vision_feature_select_strategy == "default"
         first_patch = 1 if default_strategy else 0  # "default" drops the CLS token, "full" keeps it

@@ -14,9 +14,14 @@ every row's newline is kept (``newlines="every_row"`` in transformers) and the b
 split between the base view and the crops.
 
 SigLIP has no CLS token: saliency is the attention each patch receives, and the methods that
-read a CLS row are refused at start-up. Videos are served unpruned. vLLM sends every image
-with its crops; transformers sends only the base view of each image when a prompt holds
-several, so prompts with several images differ from transformers already without flashvlm.
+read a CLS row are refused at start-up. vLLM sends every image with its crops; transformers
+sends only the base view of each image when a prompt holds several, so prompts with several
+images differ from transformers already without flashvlm.
+
+Videos are pruned as the HF adapter prunes them: each frame through the tower, projected and
+2x2-pooled by vLLM's own ``apply_pooling``, with features, saliency and keys pooled alike as
+channels; the budget counts per frame (``video_budget="per_frame"``, K slots per frame) or for
+the whole video (``"per_video"``, K in all), and the newline that ends the video is always kept.
 """
 
 from __future__ import annotations
@@ -45,7 +50,13 @@ class PrunedLlavaOnevisionProcessingInfo(AnyResInfoMixin, LlavaOnevisionProcessi
 
 
 class PrunedLlavaOnevisionMultiModalProcessor(AnyResProcessorMixin, LlavaOnevisionMultiModalProcessor):
-    pass
+    flashvlm_modalities = ("image", "video")
+
+    def flashvlm_video_placeholders(self, settings, stock, out_mm_kwargs, item_idx: int):
+        # Stock: each frame's pooled tokens, then the video's one newline (always kept).
+        num_frames = len(out_mm_kwargs["video"][item_idx]["pixel_values_videos"].data)
+        per_frame = (len(stock) - 1) // num_frames
+        return stock[: settings.num_kept_in_video(num_frames, per_frame) + 1]
 
 
 @MULTIMODAL_REGISTRY.register_processor(
@@ -67,9 +78,34 @@ class PrunedLlavaOnevision(AnyResModelMixin, LlavaOnevisionForConditionalGenerat
                         "flashvlm selects from pixels; precomputed image_embeds carry no encoder saliency"
                     )
                 embeddings += self.embed_pruned(item_input, kwargs)
-            else:  # videos are not pruned
-                embeddings += tuple(self._process_video_pixels(item_input))
+            else:
+                videos = list(item_input["pixel_values_videos"])  # (F, 3, H, W) each
+                embeddings += self.keep_video_tokens(videos, kwargs, self.encode_videos, self.multi_modal_projector)
         return embeddings
+
+    def encode_videos(self, videos: list[torch.Tensor], requirements: set[frozenset[str]]) -> list[EncodedImage]:
+        """Each video before selection, from its (F, 3, H, W) frames, for methods of these
+        ``requirements``: one tower pass over every frame, vLLM's own projection and pooling of
+        the tokens, and the same pooling of the features, saliency and keys (as channels)."""
+        tower = self.encode_with_saliency(torch.cat(videos), requirements)  # (ΣF, n, ...)
+        tokens = self.apply_pooling(self.multi_modal_projector(tower.features))  # (ΣF, m, D)
+        channels = self.apply_pooling(stacked_channels(tower))  # (ΣF, m, X)
+        marker = torch.zeros_like(channels[0, :1])
+        marker[0, -1] = 1.0  # the newline row of the channels
+        encoded, first = [], 0
+        for video in videos:
+            frames = slice(first, first + len(video))
+            first = frames.stop
+            video_tokens = torch.cat([tokens[frames].flatten(0, 1), self.image_newline[None].to(tokens)])
+            packed = torch.cat([channels[frames].flatten(0, 1), marker])
+            item = split_stacked_channels(packed, tower, "video", video_tokens)
+            # One "row": every frame token, then the video's newline.
+            item.row_of = torch.zeros_like(item.is_newline, dtype=torch.long)
+            positions = (~item.is_newline).nonzero().squeeze(-1)
+            # Replaced per request by its video budget's units (keep_video_tokens).
+            item.units = [ImageSelection.of("video", [TokenRegion(positions)])]
+            encoded.append(EncodedImage(item, tower.saliency_kind, tower.key_heads))
+        return encoded
 
     def encode_views(
         self, views: list[torch.Tensor], image_sizes: torch.Tensor, requirements: set[frozenset[str]]

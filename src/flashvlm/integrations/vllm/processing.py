@@ -1,10 +1,11 @@
-"""The multimodal-processor side: K placeholders per image, the prompt's text and the request's
-own settings per image.
+"""The multimodal-processor side: K placeholders per image (and per video frame, or per
+video, where the family prunes videos), the prompt's text and the request's own settings
+per item.
 
-vLLM fixes each image's placeholder count when it processes the prompt, before the
+vLLM fixes each item's placeholder count when it processes the prompt, before the
 encoder runs, so a budget is a fixed K per image here; the method decides after the
 encoder *which* K rows fill the K slots. The prompt's token ids are visible to the
-processor's ``apply`` only, so they travel on to the encoder as a per-image field, and so
+processor's ``apply`` only, so they travel on to the encoder as a per-item field, and so
 do a request's own settings (``mm_processor_kwargs={"flashvlm": {...}}``), which set its K.
 
 The cache-key rule: the text and the request's settings go in as processor keyword
@@ -23,10 +24,13 @@ from functools import cached_property
 
 import torch
 
-from .pruned_model import SETTINGS_FIELD, TEXT_IDS_FIELD, pack_prompt_text, pack_settings
+from ...errors import FlashVLMError
+from ...pipeline import VIDEO_BUDGETS
+from .pruned_model import SETTINGS_FIELD, TEXT_IDS_FIELD, item_field, pack_prompt_text, pack_settings
 from .settings import (
     CONFIG_KEY,
     SERVED_REQUIREMENTS,
+    VIDEO_BUDGET_KEY,
     PruningSettings,
     request_settings,
     settings_from_json,
@@ -43,16 +47,32 @@ class PrunedInfoMixin:
 
     #: What the family's model class hands a method (a family without a CLS token has less).
     flashvlm_served: frozenset[str] = SERVED_REQUIREMENTS
+    #: The video budgets the family serves (one placeholder run per frame admits only "per_frame").
+    flashvlm_video_budgets: tuple[str, ...] = VIDEO_BUDGETS
 
     @cached_property
     def flashvlm(self) -> PruningSettings | None:
-        return settings_of(self.ctx.model_config.hf_config, self.flashvlm_served)
+        settings = settings_of(self.ctx.model_config.hf_config, self.flashvlm_served)
+        return self.flashvlm_check(settings, f'hf_overrides["{CONFIG_KEY}"]')
 
     def flashvlm_request(self, value: object) -> str | None:
         """A request's ``mm_processor_kwargs["flashvlm"]`` over the engine's settings, checked:
         their JSON, or None when they come to the engine's (see ``settings.request_settings``)."""
         engine_value = getattr(self.ctx.model_config.hf_config, CONFIG_KEY, None)
-        return request_settings(engine_value, value, self.flashvlm_served)
+        text = request_settings(engine_value, value, self.flashvlm_served)
+        if text is not None:
+            self.flashvlm_check(settings_from_json(text, self.flashvlm_served), f'mm_processor_kwargs["{CONFIG_KEY}"]')
+        return text
+
+    def flashvlm_check(self, settings: PruningSettings | None, where: str) -> PruningSettings | None:
+        """``settings``, or :class:`FlashVLMError` in one line where the family cannot serve them."""
+        if settings is not None and settings.video_budget not in self.flashvlm_video_budgets:
+            raise FlashVLMError(
+                f"{where}: {VIDEO_BUDGET_KEY}={settings.video_budget!r} is not served for this model: it lays out "
+                f"a video as one placeholder run per frame, whose length vLLM fixes before the selection; "
+                f"use {' or '.join(repr(budget) for budget in self.flashvlm_video_budgets)}"
+            )
+        return settings
 
     def flashvlm_settings(self, processor_kwargs) -> PruningSettings | None:
         """The settings of one processor call: its request's (the JSON ``apply`` put under
@@ -62,15 +82,30 @@ class PrunedInfoMixin:
 
 
 class PrunedProcessorMixin:
-    """For a family's multimodal processor: each image's placeholders, and the prompt's text
-    and the request's own settings as per-image fields.
+    """For a family's multimodal processor: each image's (and video's) placeholders, and the
+    prompt's text and the request's own settings as per-item fields.
 
     A family sets :meth:`flashvlm_placeholder_ids`, the token ids that are not text (the
-    visual placeholders and the markers around them that the HF adapter also leaves out).
+    visual placeholders and the markers around them that the HF adapter also leaves out);
+    one that prunes videos lists "video" in :attr:`flashvlm_modalities` and sets
+    :meth:`flashvlm_video_placeholders`.
     """
+
+    #: The modalities whose items the family selects from (other items are served unpruned).
+    flashvlm_modalities: tuple[str, ...] = ("image",)
 
     def flashvlm_placeholder_ids(self) -> frozenset[int]:
         raise NotImplementedError
+
+    def flashvlm_video_placeholders(self, settings: PruningSettings, stock, out_mm_kwargs, item_idx: int):
+        """Video ``item_idx``'s replacement with the kept placeholders (``stock``: vLLM's)."""
+        raise NotImplementedError
+
+    def flashvlm_guiding_prompt(self, prompt: list[int], processed) -> list[int]:
+        """The prompt as the HF processor expands it, up to repeated placeholders, so that its
+        text is what guides the selection in transformers (Qwen3-VL adds each frame's
+        timestamp). Most processors only repeat placeholders: the prompt itself."""
+        return prompt
 
     def flashvlm_num_placeholders(self, settings: PruningSettings, num_placeholders: int, mm_items, item_idx) -> int:
         """Placeholders image ``item_idx`` keeps of the ``num_placeholders`` stock vLLM gives it
@@ -85,24 +120,41 @@ class PrunedProcessorMixin:
                 kwargs[CONFIG_KEY] = request
         settings = self.info.flashvlm_settings(kwargs)
         if settings is not None and "text" in settings.selector.requires:
-            kwargs[TEXT_IDS_FIELD] = pack_prompt_text(inputs.prompt, self.flashvlm_placeholder_ids())
+            # The prompt as it came (it enters the items' hash); packed once the HF processor ran.
+            kwargs[TEXT_IDS_FIELD] = tuple(inputs.prompt)
         return super().apply(replace(inputs, hf_processor_mm_kwargs=kwargs), timing_ctx)
 
     def _apply_hf_processor_main(self, mm_items, hf_kwargs):
         # Here rather than in _call_hf_processor: Qwen3-VL's processor calls the HF processor itself.
         hf_kwargs = dict(hf_kwargs)
-        text_ids = hf_kwargs.pop(TEXT_IDS_FIELD, None)
+        prompt = hf_kwargs.pop(TEXT_IDS_FIELD, None)
         request = hf_kwargs.pop(CONFIG_KEY, None)
         processed = super()._apply_hf_processor_main(mm_items, hf_kwargs)
-        needed = text_ids is not None or request is not None
-        num_images = self.flashvlm_num_images(processed) if needed else 0
-        if num_images:  # (a prompt with videos only, or with every image cached, has none to guide)
-            # Every image of a prompt has the same text and settings: one row each, (I, ...).
-            if text_ids is not None:
-                processed[TEXT_IDS_FIELD] = torch.tensor(text_ids, dtype=torch.long).repeat(num_images, 1)
+        if prompt is None and request is None:
+            return processed
+        text_ids = None
+        for modality in self.flashvlm_modalities:
+            count = self.flashvlm_num_items(processed, modality)
+            if not count:  # (a prompt without this modality, or with every such item cached)
+                continue
+            # Every item of a prompt has the same text and settings: one row each, (I, ...).
+            if prompt is not None:
+                if text_ids is None:
+                    expanded = self.flashvlm_guiding_prompt(list(prompt), processed)
+                    text_ids = pack_prompt_text(expanded, self.flashvlm_placeholder_ids())
+                processed[item_field(TEXT_IDS_FIELD, modality)] = torch.tensor(text_ids, dtype=torch.long).repeat(
+                    count, 1
+                )
             if request is not None:
-                processed[SETTINGS_FIELD] = pack_settings(request).repeat(num_images, 1)
+                processed[item_field(SETTINGS_FIELD, modality)] = pack_settings(request).repeat(count, 1)
         return processed
+
+    def flashvlm_num_items(self, processed, modality: str) -> int:
+        """Items of ``modality`` in the HF processor's output (images: :meth:`flashvlm_num_images`;
+        videos: one row of ``pixel_values_videos`` each by default)."""
+        if modality == "image":
+            return self.flashvlm_num_images(processed)
+        return len(processed.get("pixel_values_videos", ()))
 
     def flashvlm_num_images(self, processed) -> int:
         """Images in the HF processor's output (one row of ``pixel_values`` each by default)."""
@@ -110,11 +162,12 @@ class PrunedProcessorMixin:
 
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
         fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
-        for field in (TEXT_IDS_FIELD, SETTINGS_FIELD):
-            if field in hf_inputs:
-                from vllm.multimodal.inputs import MultiModalFieldConfig
+        for modality in self.flashvlm_modalities:
+            for field in (item_field(TEXT_IDS_FIELD, modality), item_field(SETTINGS_FIELD, modality)):
+                if field in hf_inputs:
+                    from vllm.multimodal.inputs import MultiModalFieldConfig
 
-                fields[field] = MultiModalFieldConfig.batched("image")
+                    fields[field] = MultiModalFieldConfig.batched(modality)
         return fields
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
@@ -132,4 +185,14 @@ class PrunedProcessorMixin:
 
             return replace(update, replacement=replacement)
 
-        return [with_kept_placeholders(update) if update.modality == "image" else update for update in updates]
+        def with_kept_video_placeholders(update):
+            def replacement(item_idx: int):
+                return self.flashvlm_video_placeholders(settings, update.replacement(item_idx), out_mm_kwargs, item_idx)
+
+            return replace(update, replacement=replacement)
+
+        kept = {"image": with_kept_placeholders, "video": with_kept_video_placeholders}
+        return [
+            kept[update.modality](update) if update.modality in self.flashvlm_modalities else update
+            for update in updates
+        ]

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ...pipeline import GuidingText, VisualItem, keep_tokens, select_regions
+from ...pipeline import GuidingText, VisualItem, keep_tokens, select_regions, square_grid, video_units
 from .settings import SERVED_REQUIREMENTS, PruningSettings, settings_from_json
 from .vision_cache import MIB, EncodedImage, VisionCache, clear_vision_cache
 
@@ -33,6 +33,13 @@ TEXT_IDS_FIELD = "flashvlm_text_ids"
 #: of the settings' canonical JSON (:func:`.settings.request_settings`). Images without it
 #: run with the engine's settings.
 SETTINGS_FIELD = "flashvlm_settings"
+
+
+def item_field(field: str, modality: str) -> str:
+    """The name a per-item field has for ``modality``'s items: vLLM batches each field over
+    one modality, so a video's text and settings travel under names of their own."""
+    return field if modality == "image" else f"{field}_{modality}"
+
 
 #: How many images' selections a model remembers (see :attr:`PrunedModelMixin.flashvlm_history`).
 HISTORY_LENGTH = 4096
@@ -124,9 +131,9 @@ def per_image_rows(kwargs: dict, field: str, num_images: int) -> list[torch.Tens
     return rows
 
 
-def prompt_text_per_image(kwargs: dict, num_images: int) -> list[PromptText | None]:
-    """The ``TEXT_IDS_FIELD`` of each image, unpacked; None where absent."""
-    rows = per_image_rows(kwargs, TEXT_IDS_FIELD, num_images)
+def prompt_text_per_image(kwargs: dict, num_images: int, modality: str = "image") -> list[PromptText | None]:
+    """The ``TEXT_IDS_FIELD`` of each image (or item of ``modality``), unpacked; None where absent."""
+    rows = per_image_rows(kwargs, item_field(TEXT_IDS_FIELD, modality), num_images)
     if rows is None:
         return [None] * num_images
     return [PromptText(row[1:], int(row[0])) for row in rows]
@@ -181,9 +188,40 @@ class PrunedModelMixin:
         requires = [image.selector.requires for image in settings]
         return self.flashvlm_vision.encode(tower_inputs, extras, requires, run_tower)
 
-    def settings_per_image(self, kwargs: dict, num_images: int) -> list[PruningSettings]:
-        """Each image's settings: its request's own (``SETTINGS_FIELD``), else the engine's."""
-        rows = per_image_rows(kwargs, SETTINGS_FIELD, num_images)
+    def keep_video_tokens(
+        self,
+        videos: Sequence[torch.Tensor],
+        kwargs: dict,
+        encode_videos: Callable[[list[torch.Tensor], set[frozenset[str]]], list[EncodedImage]],
+        project: Callable[[torch.Tensor], torch.Tensor],
+    ) -> tuple[torch.Tensor, ...]:
+        """What the language model receives for each video, (K', D) each: ``videos[i]`` is video
+        ``i``'s (F, 3, H, W) frames, ``encode_videos(videos, requirements)`` encodes some of them
+        (one :class:`EncodedImage` each: every frame's tokens in order, then any newline), and the
+        budget units follow each request's ``video_budget``, as the HF adapters make them."""
+        texts = prompt_text_per_image(kwargs, len(videos), "video")
+        settings = self.settings_per_image(kwargs, len(videos), "video")
+
+        def run_tower(chosen: list[int]) -> list[EncodedImage]:
+            return encode_videos(
+                [videos[video] for video in chosen], {settings[video].selector.requires for video in chosen}
+            )
+
+        encoded = self.encode_images(videos, [("video", tuple(video.shape)) for video in videos], settings, run_tower)
+        kept = []
+        for one, text, own, video in zip(encoded, texts, settings, videos):
+            item = one.item
+            newlines = 0 if item.is_newline is None else int(item.is_newline.sum())
+            per_frame = (item.length - newlines) // len(video)
+            device = item.features.device
+            item.units = video_units(len(video), per_frame, square_grid(per_frame), device, own.video_budget)
+            kept.append(self.keep_image_tokens(item, text, own, one.saliency_kind, one.key_heads, project))
+        return tuple(kept)
+
+    def settings_per_image(self, kwargs: dict, num_images: int, modality: str = "image") -> list[PruningSettings]:
+        """Each image's (or item of ``modality``'s) settings: its request's own (``SETTINGS_FIELD``),
+        else the engine's."""
+        rows = per_image_rows(kwargs, item_field(SETTINGS_FIELD, modality), num_images)
         if rows is None:
             return [self.flashvlm] * num_images
         return [self.flashvlm_request_settings(bytes(row.tolist()).decode()) for row in rows]

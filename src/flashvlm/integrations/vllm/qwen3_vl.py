@@ -11,7 +11,10 @@ differs from Qwen2.5-VL, as in the HF adapter (``flashvlm.adapters.qwen3_vl``):
   keeps those of the position it stands at), and vLLM's ``embed_input_ids`` splits them off
   and adds them after the first decoder layers as for an unpruned image;
 - a video is one placeholder run per frame, between timestamps: the positions follow vLLM's
-  own frame walk (``_iter_mm_grid_hw``). Videos are not pruned.
+  own frame walk (``_iter_mm_grid_hw``). Videos are pruned per frame (K slots in each frame's
+  run); ``video_budget="per_video"`` is refused, since vLLM fixes each frame's run before the
+  selection decides how many tokens a frame keeps. The guiding text holds each frame's
+  timestamp and markers, as in the prompt transformers expands.
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ from vllm.model_executor.models.qwen3_vl_moe import Qwen3VLMoeForConditionalGene
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from .qwen_vl import PrunedQwenVLInfoMixin, PrunedQwenVLMixin, PrunedQwenVLProcessorMixin
+
+#: Qwen3-VL lays a video out as one run per frame: its budget counts per frame only.
+PER_FRAME_ONLY = ("per_frame",)
 
 
 class PrunedQwen3VLMixin(PrunedQwenVLMixin):
@@ -54,19 +60,65 @@ class PrunedQwen3VLMixin(PrunedQwenVLMixin):
             for offset, grid_h, grid_w, length in self._iter_mm_grid_hw(input_tokens, [feature], **walk):
                 if feature.modality == "image":
                     length = feature.mm_position.length  # K slots, not the unpruned h * w
-                yield offset, length, feature.modality, np.indices((1, grid_h, grid_w)).reshape(3, -1)
+                yield offset, length, np.indices((1, grid_h, grid_w)).reshape(3, -1)
+
+    def kept_offsets(self, indices: torch.Tensor, rows: int, cols: int, t_factor: float) -> torch.Tensor:
+        # Each frame is a run of its own, so a kept token's offset is within its frame: t = 0.
+        within = indices % (rows * cols)
+        return torch.stack([torch.zeros_like(within), within // cols, within % cols], dim=1)
 
 
-class PrunedQwen3VLProcessingInfo(PrunedQwenVLInfoMixin, Qwen3VLProcessingInfo):
+class PrunedQwen3VLInfoMixin(PrunedQwenVLInfoMixin):
+    flashvlm_video_budgets = PER_FRAME_ONLY
+
+
+class PrunedQwen3VLProcessingInfo(PrunedQwen3VLInfoMixin, Qwen3VLProcessingInfo):
     pass
 
 
-class PrunedQwen3VLMoeProcessingInfo(PrunedQwenVLInfoMixin, Qwen3VLMoeProcessingInfo):
+class PrunedQwen3VLMoeProcessingInfo(PrunedQwen3VLInfoMixin, Qwen3VLMoeProcessingInfo):
     pass
 
 
 class PrunedQwen3VLMultiModalProcessor(PrunedQwenVLProcessorMixin, Qwen3VLMultiModalProcessor):
-    pass
+    def flashvlm_video_placeholders(self, settings, stock, out_mm_kwargs, item_idx: int):
+        # Each frame's run between its timestamp and markers keeps K placeholders.
+        num_frames, per_frame = self.flashvlm_video_grid(out_mm_kwargs, item_idx)
+        timestamps = out_mm_kwargs["video"][item_idx]["timestamps"].data
+        return self.flashvlm_video_layout(settings.num_kept_per_frame(num_frames, per_frame), timestamps)
+
+    def flashvlm_video_layout(self, tokens_per_frame: list[int], timestamps):
+        """vLLM's own layout of a video's frames (timestamp, start marker, ``n`` placeholders,
+        end marker, per frame), with ``tokens_per_frame[i]`` placeholders in frame ``i``."""
+        config = self.info.get_hf_config()
+        return Qwen3VLMultiModalProcessor.get_video_repl(
+            tokens_per_frame=tokens_per_frame,
+            timestamps=timestamps,
+            tokenizer=self.info.get_tokenizer(),
+            vision_start_token_id=config.vision_start_token_id,
+            vision_end_token_id=config.vision_end_token_id,
+            video_token_id=config.video_token_id,
+            select_token_id=True,
+        )
+
+    def flashvlm_guiding_prompt(self, prompt: list[int], processed) -> list[int]:
+        """The prompt with each video placeholder laid out frame by frame (one placeholder per
+        frame stands for its run), so the text holds the timestamps and markers transformers'
+        expanded prompt holds. Needs every video of the prompt in ``processed``; where vLLM's
+        processor cache held some, the prompt is taken as it came (docs/vllm.md)."""
+        timestamps = processed.get("timestamps") or []
+        video_token = self.info.get_hf_config().video_token_id
+        if len(timestamps) != prompt.count(video_token):
+            return prompt
+        per_video = iter(timestamps)
+        expanded = []
+        for token in prompt:
+            if token == video_token:
+                stamps = next(per_video)
+                expanded += self.flashvlm_video_layout([1] * len(stamps), stamps).full
+            else:
+                expanded.append(token)
+        return expanded
 
 
 @MULTIMODAL_REGISTRY.register_processor(

@@ -19,16 +19,21 @@ from each image's grid, which the request carries. So:
    the text after it where the unpruned image would have ended, and the decode delta of
    the unpruned prompt;
 2. ``embed_multimodal`` appends to each kept row its (t, h, w) offset inside the image's
-   grid, three extra channels that travel through vLLM's encoder cache with the row (as
-   EVS carries its positions, ``SupportsMultiModalPruning``);
+   grid, extra channels that travel through vLLM's encoder cache with the row (as EVS
+   carries its positions, ``SupportsMultiModalPruning``);
 3. ``embed_input_ids`` strips those channels before vLLM merges the rows into the prompt,
    and ``forward`` adds them to the slots' positions.
+
+Videos are pruned the same way, as the HF adapter prunes them: per frame (``video_budget=
+"per_frame"``, the default: each temporal slice of the grid keeps K, so a video of T slices
+has T * K slots) or per video (``"per_video"``: K for the whole video, its slices selected
+jointly). A kept token's temporal offset is its slice's index times the video's t factor
+(seconds per slice times ``tokens_per_second``), as vLLM's ``iter_mm_grid_thw`` and
+transformers' ``get_rope_index`` place it.
 
 EVS's own route (the model runner calling ``recompute_mrope_positions``) is not used: the
 runner takes it only when ``video_pruning_rate`` is set, and it lets text after an image
 continue from the *pruned* positions, which is not what the HF adapter does.
-
-Videos are not pruned: with the switch on they are served as stock vLLM serves them.
 """
 
 from __future__ import annotations
@@ -52,7 +57,7 @@ from vllm.model_executor.models.qwen2_vl import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from ...errors import FlashVLMError, UnsupportedModelError
-from ...pipeline import ImageSelection, TokenRegion, VisualItem
+from ...pipeline import ImageSelection, TokenRegion, VisualItem, video_units
 from ...saliency import segmented_received_attention
 from .processing import PrunedInfoMixin, PrunedProcessorMixin
 from .pruned_model import (
@@ -68,8 +73,22 @@ from .vision_cache import EncodedImage
 #: What this path hands a method: Qwen's tower has no CLS token, so no CLS attention row.
 QWEN_SERVED_REQUIREMENTS = SERVED_REQUIREMENTS - {"cls_attention"}
 
-#: Extra channels on each kept row: its (t, h, w) offset inside the image's merged grid.
-POSITION_CHANNELS = 3
+#: Extra channels on each kept row: its (t, h, w) offset inside the item's merged grid, each
+#: as two base-256 digits (high, then low), so that the offsets survive rows in bfloat16
+#: exactly (it holds integers exactly up to 256; a long video's temporal offsets pass that).
+POSITION_CHANNELS = 6
+DIGIT_BASE = 256
+
+
+def offset_channels(offsets: torch.Tensor) -> torch.Tensor:
+    """(K, 3) long offsets -> (K, 6) channels: the high digits, then the low ones."""
+    return torch.cat([offsets // DIGIT_BASE, offsets % DIGIT_BASE], dim=1)
+
+
+def channel_offsets(channels: torch.Tensor) -> torch.Tensor:
+    """:func:`offset_channels` undone: (K, 6) channels of any float dtype -> (K, 3) long."""
+    digits = channels.float().round().long()
+    return digits[:, :3] * DIGIT_BASE + digits[:, 3:]
 
 
 class PrunedQwenVLInfoMixin(PrunedInfoMixin):
@@ -85,13 +104,25 @@ class PrunedQwenVLInfoMixin(PrunedInfoMixin):
 
 
 class PrunedQwenVLProcessorMixin(PrunedProcessorMixin):
+    flashvlm_modalities = ("image", "video")
+
     def flashvlm_placeholder_ids(self) -> frozenset[int]:
         config = self.info.get_hf_config()
         return frozenset({config.image_token_id, config.video_token_id})
 
-    def flashvlm_num_images(self, processed) -> int:
-        # pixel_values holds every image's patches in one (S, C) tensor: count the grids.
-        return len(processed.get("image_grid_thw", ()))
+    def flashvlm_video_placeholders(self, settings, stock, out_mm_kwargs, item_idx: int):
+        # One run for the whole video: K per temporal slice, or K in all.
+        num_frames, per_frame = self.flashvlm_video_grid(out_mm_kwargs, item_idx)
+        return stock[: settings.num_kept_in_video(num_frames, per_frame)]
+
+    def flashvlm_video_grid(self, out_mm_kwargs, item_idx: int) -> tuple[int, int]:
+        """Video ``item_idx``'s temporal slices and merged tokens per slice."""
+        t, h, w = out_mm_kwargs["video"][item_idx]["video_grid_thw"].data.tolist()
+        return t, h * w // self.info.get_hf_config().vision_config.spatial_merge_size ** 2
+
+    def flashvlm_num_items(self, processed, modality: str) -> int:
+        # The pixel values hold every item's patches in one (S, C) tensor: count the grids.
+        return len(processed.get(f"{modality}_grid_thw", ()))
 
 
 @contextmanager
@@ -158,7 +189,7 @@ class PrunedQwenVLMixin(PrunedModelMixin):
                 raise UnsupportedModelError(
                     f"video_pruning_rate={evs_rate}: vLLM's EVS prunes videos and lays out their M-RoPE positions "
                     "its own way, which flashvlm's position layout does not compose with; serve with one or the "
-                    "other (with flashvlm on, videos are served unpruned)"
+                    "other (flashvlm prunes videos too: per frame, or per video with video_budget)"
                 )
             if vllm_config.parallel_config.pipeline_parallel_size > 1:
                 raise UnsupportedModelError(
@@ -178,22 +209,19 @@ class PrunedQwenVLMixin(PrunedModelMixin):
     def get_mrope_input_positions(self, input_tokens, mm_features):
         """(3, L) positions of the pruned prompt and the decode delta, as the HF adapter has them.
 
-        Each image's ``K`` slots sit at the image's first position here; ``forward`` adds each
-        kept token's (t, h, w) offset once the selection is known.
+        Each image's (or video's, or Qwen3-VL frame's) ``K`` slots sit at its first position
+        here; ``forward`` adds each kept token's (t, h, w) offset once the selection is known.
         """
         if self.flashvlm is None:
             return super().get_mrope_input_positions(input_tokens, mm_features)
         pieces = []
         next_position = 0  # the position the next text token takes
         text_start = 0  # index in the prompt of the first token after the last visual run
-        for offset, length, modality, grid in self.visual_runs(input_tokens, mm_features):
+        for offset, length, grid in self.visual_runs(input_tokens, mm_features):
             text_length = offset - text_start
             pieces.append(np.broadcast_to(np.arange(text_length), (3, text_length)) + next_position)
             first = next_position + text_length
-            if modality == "image":
-                pieces.append(np.full((3, length), first))
-            else:  # videos are not pruned
-                pieces.append(grid + first)
+            pieces.append(np.full((3, length), first))
             next_position = first + int(grid.max()) + 1  # after the unpruned item
             text_start = offset + length
         tail = len(input_tokens) - text_start
@@ -203,14 +231,14 @@ class PrunedQwenVLMixin(PrunedModelMixin):
         return torch.from_numpy(positions), end - len(input_tokens)
 
     def visual_runs(self, input_tokens, mm_features):
-        """The prompt's visual placeholder runs in order, each (offset, length, modality, grid):
-        ``grid`` (3, n) holds the run's unpruned (t, h, w) positions from its first."""
+        """The prompt's visual placeholder runs in order, each (offset, slots, grid): ``grid``
+        (3, n) holds the run's unpruned (t, h, w) positions from its first."""
         features = sorted(mm_features, key=lambda feature: feature.mm_position.offset)
         for feature, (offset, grid_t, grid_h, grid_w, t_factor) in zip(features, self.iter_mm_grid_thw(features)):
             grid = np.indices((grid_t, grid_h, grid_w)).reshape(3, -1)  # (3, t*h*w)
             if t_factor != 1.0:
                 grid[0] = (grid[0] * t_factor).astype(np.int64)
-            yield offset, feature.mm_position.length, feature.modality, grid
+            yield offset, feature.mm_position.length, grid
 
     def embedding_width(self) -> int:
         """Channels of one visual row as vLLM's class hands it on (Qwen3-VL: with its DeepStack features)."""
@@ -226,13 +254,9 @@ class PrunedQwenVLMixin(PrunedModelMixin):
 
         width = self.embedding_width()
         rows, offsets = [], []
-        for item in multimodal_embeddings:
-            if item.shape[-1] == width + POSITION_CHANNELS:  # a pruned image's kept rows
-                rows.append(copy_mm_embedding_modality(item, item[:, :width]))
-                offsets.append(item[:, width:].round().long())
-            else:  # a video's rows, at the positions vLLM gave them
-                rows.append(item)
-                offsets.append(torch.zeros(item.shape[0], POSITION_CHANNELS, dtype=torch.long, device=item.device))
+        for item in multimodal_embeddings:  # an image's or a video's kept rows
+            rows.append(copy_mm_embedding_modality(item, item[:, :width]))
+            offsets.append(channel_offsets(item[:, width:]))
         slots = is_multimodal.nonzero().squeeze(1)  # (n,): the rows' places among the scheduled tokens
         self.pending_position_offsets = (slots, torch.cat(offsets).T)
         return super().embed_input_ids(input_ids, rows, is_multimodal=is_multimodal)
@@ -252,31 +276,31 @@ class PrunedQwenVLMixin(PrunedModelMixin):
         inputs_by_modality = self._parse_and_validate_multimodal_inputs(**kwargs)
         embeddings: tuple[torch.Tensor, ...] = ()
         for modality, item_input in inputs_by_modality.items():
-            if item_input is None:
-                continue
-            if modality in ("image", "images"):  # Qwen2.5-VL's key, Qwen2-VL's
-                embeddings += self.select_images(item_input, kwargs)
-            else:
-                embeddings += tuple(self._process_video_input(item_input))
+            if item_input is not None:  # "images" / "videos" (Qwen2.5-VL's keys) or "image" / "video"
+                embeddings += self.select_items(
+                    "image" if modality.startswith("image") else "video", item_input, kwargs
+                )
         return embeddings
 
-    def select_images(self, image_input, kwargs) -> tuple[torch.Tensor, ...]:
-        """Each image's kept rows (K, width + 3): the merged tokens (and their side outputs), then
-        their (t, h, w) grid offsets."""
-        if image_input["type"] != "pixel_values":
-            raise FlashVLMError("flashvlm selects from pixels; precomputed image_embeds carry no encoder saliency")
-        grid_thw = image_input["image_grid_thw"].tolist()
-        texts = prompt_text_per_image(kwargs, len(grid_thw))
-        settings = self.settings_per_image(kwargs, len(grid_thw))
-        pixel_values = image_input["pixel_values"]  # (S, C): every image's patches
+    def select_items(self, kind: str, visual_input, kwargs) -> tuple[torch.Tensor, ...]:
+        """Each image's (``kind`` "image") or video's kept rows (K, width + 6): the merged tokens
+        (and their side outputs), then their (t, h, w) grid offsets (:func:`offset_channels`)."""
+        pixels_name = "pixel_values" if kind == "image" else "pixel_values_videos"
+        if visual_input["type"] != pixels_name:
+            raise FlashVLMError(f"flashvlm selects from pixels; precomputed {kind}_embeds carry no encoder saliency")
+        grid_thw = visual_input[f"{kind}_grid_thw"].tolist()
+        texts = prompt_text_per_image(kwargs, len(grid_thw), kind)
+        settings = self.settings_per_image(kwargs, len(grid_thw), kind)
+        pixel_values = visual_input[pixels_name]  # (S, C): every item's patches
         patches = pixel_values.split([t * h * w for t, h, w in grid_thw])  # (t*h*w, C) each
 
         def run_tower(chosen: list[int]) -> list[EncodedImage]:
             pixels = pixel_values if len(chosen) == len(patches) else torch.cat([patches[i] for i in chosen])
-            requirements = {settings[image].selector.requires for image in chosen}
-            return self.encode_patches(pixels, [grid_thw[image] for image in chosen], requirements)
+            requirements = {settings[item].selector.requires for item in chosen}
+            return self.encode_patches(pixels, [grid_thw[item] for item in chosen], requirements, kind)
 
-        images = self.encode_images(patches, [tuple(grid) for grid in grid_thw], settings, run_tower)
+        encoded = self.encode_images(patches, [(kind, *grid) for grid in grid_thw], settings, run_tower)
+        t_factors = self.temporal_factors(visual_input, len(grid_thw)) if kind == "video" else [1.0] * len(grid_thw)
         tower = self.visual
 
         def merge(features: torch.Tensor) -> torch.Tensor:
@@ -284,20 +308,44 @@ class PrunedQwenVLMixin(PrunedModelMixin):
             return tower.merger(features.reshape(-1, features.shape[-1] // tower.spatial_merge_size**2))
 
         kept_rows = []
-        for image, text, own, (_, h, w) in zip(images, texts, settings, grid_thw):
+        for one, text, own, (t, h, w), t_factor in zip(encoded, texts, settings, grid_thw, t_factors):
             rows, cols = h // tower.spatial_merge_size, w // tower.spatial_merge_size
-            tokens = self.keep_image_tokens(image.item, text, own, image.saliency_kind, image.key_heads, merge)
-            indices = image.item.keep.nonzero().squeeze(-1)
-            offsets = torch.stack([indices // (rows * cols), indices % (rows * cols) // cols, indices % cols], dim=1)
-            side_outputs = list(image.item.sent_side_outputs.values())  # Qwen3-VL's DeepStack, (K, D) each
-            kept_rows.append(torch.cat([tokens, *side_outputs, offsets.to(tokens.dtype)], dim=1))  # (K, width + 3)
+            item = one.item
+            if kind == "video":  # the budget units of the request's video budget, as the HF adapter makes them
+                item.units = video_units(
+                    t,
+                    rows * cols,
+                    (rows, cols),
+                    item.features.device,
+                    own.video_budget,
+                    (rows, cols) if t == 1 else None,
+                )
+            tokens = self.keep_image_tokens(item, text, own, one.saliency_kind, one.key_heads, merge)
+            offsets = self.kept_offsets(item.keep.nonzero().squeeze(-1), rows, cols, t_factor)  # (K, 3)
+            side_outputs = list(item.sent_side_outputs.values())  # Qwen3-VL's DeepStack, (K, D) each
+            kept_rows.append(torch.cat([tokens, *side_outputs, offset_channels(offsets).to(tokens.dtype)], dim=1))
         return tuple(kept_rows)
 
+    def temporal_factors(self, video_input, num_videos: int) -> list[float]:
+        """Each video's t factor: the M-RoPE temporal step of one grid slice, as vLLM's
+        ``iter_mm_grid_thw`` takes it (seconds per slice, 1 when absent, times ``tokens_per_second``)."""
+        tokens_per_second = getattr(self.config.vision_config, "tokens_per_second", 1.0)
+        seconds = video_input.get("second_per_grid_ts")
+        per_video = [1.0] * num_videos if seconds is None else [float(value) for value in seconds.reshape(-1)]
+        return [second * tokens_per_second for second in per_video]
+
+    def kept_offsets(self, indices: torch.Tensor, rows: int, cols: int, t_factor: float) -> torch.Tensor:
+        """(K, 3) long: the kept tokens' (t, h, w) offsets from their run's first position; the
+        temporal one is the slice's index times the t factor, truncated as vLLM does."""
+        slices = indices // (rows * cols)
+        temporal = (slices.double() * t_factor).long()
+        return torch.stack([temporal, indices % (rows * cols) // cols, indices % cols], dim=1)
+
     def encode_patches(
-        self, pixel_values: torch.Tensor, grid_thw: list[list[int]], requirements: set[frozenset[str]]
+        self, pixel_values: torch.Tensor, grid_thw: list[list[int]], requirements: set[frozenset[str]], kind: str
     ) -> list[EncodedImage]:
-        """Each image before selection, from the images' pixel patches (S, C) and their (t, h, w)
-        grids, for methods of these ``requirements``: one tower pass."""
+        """Each image (or video) before selection, from the items' pixel patches (S, C) and
+        their (t, h, w) grids, for methods of these ``requirements``: one tower pass."""
         tower = self.visual
         attention = self.saliency_attention
         metadata = tower.prepare_encoder_metadata(grid_thw)
@@ -316,8 +364,9 @@ class PrunedQwenVLMixin(PrunedModelMixin):
             else reverse_indices.to(projected.device)
         )
         features = hidden.reshape(num_merged, group * hidden.shape[-1])[model_order]  # (M, m*m*C)
-        patches_per_image = [t * h * w for t, h, w in grid_thw]
-        cu_seqlens = torch.tensor([0, *np.cumsum(patches_per_image)], device=tap.queries.device)
+        # The tower attends within each temporal slice (an image is one), as its own cu_seqlens do.
+        patches_per_slice = [h * w for t, h, w in grid_thw for _ in range(t)]
+        cu_seqlens = torch.tensor([0, *np.cumsum(patches_per_slice)], device=tap.queries.device)
         heads = attention.num_attention_heads_per_partition
         scale = attention.hidden_size_per_attention_head**-0.5
         received = segmented_received_attention(tap.queries, tap.keys, heads, cu_seqlens, scale)  # (S,)
@@ -336,13 +385,14 @@ class PrunedQwenVLMixin(PrunedModelMixin):
             start = one.stop
             positions = torch.arange(one.stop - one.start, device=features.device)
             item = VisualItem(
-                "image",
+                kind,
                 features[one],
                 tokens=projected[one],  # the tower merges every group before any selection
                 side_outputs={name: value[one] for name, value in side_outputs.items()},
                 saliency=saliency[one],
                 keys=None if keys is None else keys[one],
-                units=[ImageSelection.of("image", [TokenRegion(positions, (rows, cols) if t == 1 else None)])],
+                # A video's units follow its request's video budget: select_items sets them.
+                units=[ImageSelection.of(kind, [TokenRegion(positions, (rows, cols) if t == 1 else None)])],
             )
             images.append(EncodedImage(item, "received", tower.num_heads))
         return images

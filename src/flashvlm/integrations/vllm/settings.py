@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from ...errors import FlashVLMError, MethodUnavailableError
+from ...pipeline import VIDEO_BUDGETS
 from ...selection import Budget, TokenSelector, get_method, resolve_budget, validate_budget
 from ...selection.base import _REQUIREMENT_WORDS
 
@@ -32,6 +33,10 @@ DEFAULT_METHOD = "flashvlm"
 #: count (decided before the encoder runs) leaves no room for.
 SERVED_REQUIREMENTS = frozenset({"saliency", "cls_attention", "text", "projected", "keys", "grid", "release_saliency"})
 
+#: The settings key saying how a video's budget counts (``flashvlm.prune``'s ``video_budget``):
+#: per frame (the default) or for the whole video, its frames selected jointly.
+VIDEO_BUDGET_KEY = "video_budget"
+
 #: The settings key of the worker's vision cache (``vision_cache.py``): MiB of images' unpruned
 #: tower outputs kept for their next question; 0 turns the cache off.
 VISION_CACHE_KEY = "vision_cache_mb"
@@ -47,6 +52,8 @@ class PruningSettings:
     budget: Budget
     #: MiB of tower outputs the worker keeps per model (:data:`VISION_CACHE_KEY`); 0: off.
     vision_cache_mb: float = DEFAULT_VISION_CACHE_MB
+    #: How a video's budget counts (:data:`VIDEO_BUDGET_KEY`): "per_frame" or "per_video".
+    video_budget: str = "per_frame"
 
     def num_kept(self, num_tokens: int) -> int:
         """Placeholders an image of ``num_tokens`` visual tokens gets in the prompt."""
@@ -54,12 +61,27 @@ class PruningSettings:
             return num_tokens
         return resolve_budget(self.budget, num_tokens)
 
+    def num_kept_per_frame(self, num_frames: int, per_frame: int) -> list[int]:
+        """Placeholders each frame of a video of ``num_frames`` frames of ``per_frame`` tokens
+        keeps, when the placeholders are laid out frame by frame ("per_frame" only: per video,
+        a frame's count depends on the selection)."""
+        if self.video_budget != "per_frame":
+            raise FlashVLMError(f"{VIDEO_BUDGET_KEY}={self.video_budget!r} has no fixed count per frame")
+        return [self.num_kept(per_frame)] * num_frames
+
+    def num_kept_in_video(self, num_frames: int, per_frame: int) -> int:
+        """Placeholders a video of ``num_frames`` frames of ``per_frame`` tokens keeps in all."""
+        if self.video_budget == "per_frame":
+            return sum(self.num_kept_per_frame(num_frames, per_frame))
+        return self.num_kept(num_frames * per_frame)
+
 
 def parse_settings(value: object, served: frozenset[str] = SERVED_REQUIREMENTS) -> PruningSettings:
     """Settings from the ``flashvlm`` entry of ``hf_overrides``; :class:`FlashVLMError` on bad input.
 
     ``value`` is ``{"budget": 64}`` plus optionally ``"method"`` (a registered name, with a
-    preset as ``"flashvlm:release"``; default ``"flashvlm"``) and that method's parameters.
+    preset as ``"flashvlm:release"``; default ``"flashvlm"``), that method's parameters,
+    ``"video_budget"`` and ``"vision_cache_mb"``.
     A method that needs an input this path cannot serve (``served``: what the model
     family's plug-in class provides) is refused here, at start-up.
     """
@@ -74,6 +96,9 @@ def parse_settings(value: object, served: frozenset[str] = SERVED_REQUIREMENTS) 
         )
     budget = validate_budget(params.pop("budget"))
     vision_cache_mb = validate_vision_cache_mb(params.pop(VISION_CACHE_KEY, DEFAULT_VISION_CACHE_MB))
+    video_budget = params.pop(VIDEO_BUDGET_KEY, "per_frame")
+    if video_budget not in VIDEO_BUDGETS:
+        raise FlashVLMError(f"{VIDEO_BUDGET_KEY} must be one of {', '.join(VIDEO_BUDGETS)}; got {video_budget!r}")
     method = params.pop("method", DEFAULT_METHOD)
     selector = get_method(method, **params)
     unserved = sorted(selector.requires - served)
@@ -88,7 +113,7 @@ def parse_settings(value: object, served: frozenset[str] = SERVED_REQUIREMENTS) 
             f"method {method!r} reads only the user's question (text_tokens='question'), which vLLM does not "
             "hand the model apart from the prompt; use text_tokens='prompt' (the default) or 'before_image'"
         )
-    return PruningSettings(selector, budget, vision_cache_mb)
+    return PruningSettings(selector, budget, vision_cache_mb, video_budget)
 
 
 def validate_vision_cache_mb(value: object) -> float:
@@ -129,7 +154,7 @@ def request_settings(
     None when they come to the engine's own. :class:`FlashVLMError` naming the bad value.
 
     The request's keys override the engine's. A request that names another method than the
-    engine's keeps the engine's budget (unless it gives its own) but none of the engine's
+    engine's keeps the engine's budget and video budget (unless it gives its own) but none of the engine's
     method parameters, which belong to the engine's method. Only an engine started with the
     switch takes them: without it the model is stock vLLM, and stays so.
     """
@@ -150,7 +175,10 @@ def request_settings(
         )
     engine = dict(engine_value)
     engine_method = engine.get("method", DEFAULT_METHOD)
-    base = engine if request_value.get("method", engine_method) == engine_method else {"budget": engine["budget"]}
+    if request_value.get("method", engine_method) == engine_method:
+        base = engine
+    else:  # the method's parameters are the engine's method's; the budget and its video rule are not
+        base = {key: engine[key] for key in ("budget", VIDEO_BUDGET_KEY) if key in engine}
     merged = {**base, **request_value}
     if merged == engine:
         return None
