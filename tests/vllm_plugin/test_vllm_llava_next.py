@@ -22,8 +22,8 @@ from families.shared import (
     ANYRES_TILE,
     IMAGE_TOKEN_ID,
     PAD_TOKEN_ID,
+    served_text_config,
     tiny_clip_config,
-    tiny_text_config,
     tiny_tokenizer,
 )
 from test_vllm_llava import (
@@ -59,16 +59,7 @@ OTHER_METHODS = ("visionzip", "pool")
 
 
 def text_config():
-    # Heads of 32 channels: vLLM's CPU attention takes head sizes from 32 up. initializer_range
-    # 0.2: peaked logits, so greedy decoding is far from ties on any CPU.
-    return tiny_text_config(
-        LlamaConfig,
-        hidden_size=64,
-        intermediate_size=128,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        initializer_range=0.2,
-    )
+    return served_text_config(LlamaConfig)
 
 
 def build_llava_next() -> LlavaNextForConditionalGeneration:

@@ -19,8 +19,8 @@ from families.shared import (
     LLAVA_CHAT_TEMPLATE,
     PAD_TOKEN_ID,
     PATCH_SIZE,
+    served_text_config,
     tiny_clip_config,
-    tiny_text_config,
     tiny_tokenizer,
 )
 from test_vllm_llava import (
@@ -52,17 +52,7 @@ def build_llava_next_video() -> LlavaNextVideoForConditionalGeneration:
     from transformers import LlavaNextVideoConfig
 
     tokenizer = tiny_tokenizer(video_tokens=True)
-    # Heads of 32 channels: vLLM's CPU attention takes head sizes from 32 up; initializer_range
-    # 0.2: peaked logits, so greedy decoding is far from ties on any CPU.
-    text = tiny_text_config(
-        LlamaConfig,
-        hidden_size=64,
-        intermediate_size=128,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        vocab_size=len(tokenizer),
-        initializer_range=0.2,
-    )
+    text = served_text_config(LlamaConfig, vocab_size=len(tokenizer))
     config = LlavaNextVideoConfig(
         vision_config=tiny_clip_config(ANYRES_TILE),
         text_config=text,
