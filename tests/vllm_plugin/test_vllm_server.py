@@ -1,7 +1,8 @@
 """``vllm serve`` with the plug-in, on loopback: bad settings stop the server at start-up with one
 clear line; an OpenAI chat request with a base64 image, at the engine's budget or at one of its
 own (``mm_processor_kwargs``), answers as transformers + flashvlm does, for LLaVA-1.5 and
-Qwen2.5-VL; bad settings in a request get a 400 with one line, and the server goes on."""
+Qwen2.5-VL; a base64 MP4 video's placeholders follow a request's budget and video budget;
+bad settings in a request get a 400 with one line, and the server goes on."""
 
 from __future__ import annotations
 
@@ -80,11 +81,11 @@ def servers(demo_vllm_folder, tiny_qwen_vllm, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("servers")
     # vLLM's server takes mm_processor_kwargs from a request only with --trust-request-mm-kwargs.
     trusted = ("--trust-request-mm-kwargs",)
-    images_only = ("--limit-mm-per-prompt", json.dumps({"image": 1, "video": 0}))
+    one_each = ("--limit-mm-per-prompt", json.dumps({"image": 1, "video": 1}))
     started = {
         "llava": start_server(demo_vllm_folder, {"flashvlm": {"budget": BUDGET}}, workdir / "llava", trusted),
         "qwen": start_server(
-            tiny_qwen_vllm["folder"], {"flashvlm": {"budget": QWEN_BUDGET}}, workdir / "qwen", trusted + images_only
+            tiny_qwen_vllm["folder"], {"flashvlm": {"budget": QWEN_BUDGET}}, workdir / "qwen", trusted + one_each
         ),
     }
     try:
@@ -97,12 +98,14 @@ def servers(demo_vllm_folder, tiny_qwen_vllm, tmp_path_factory):
 
 
 def chat(base_url: str, image: Path, question: str, settings: dict | None = None) -> tuple[int, dict]:
-    """One OpenAI chat request with a base64 PNG (and settings of its own): (HTTP status, body)."""
+    """One OpenAI chat request with a base64 PNG (or MP4, by its suffix) and settings of its own:
+    (HTTP status, body)."""
     encoded = base64.b64encode(Path(image).read_bytes()).decode()
-    content = [
-        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{encoded}"}},
-        {"type": "text", "text": question},
-    ]
+    if Path(image).suffix == ".mp4":
+        media = {"type": "video_url", "video_url": {"url": f"data:video/mp4;base64,{encoded}"}}
+    else:
+        media = {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{encoded}"}}
+    content = [media, {"type": "text", "text": question}]
     payload = {
         "messages": [{"role": "user", "content": content}],
         "temperature": 0,
@@ -159,12 +162,44 @@ def test_a_qwen_chat_request_at_a_budget_of_its_own_answers_as_transformers(serv
     assert reply["usage"]["prompt_tokens"] == reference["prompt_length"]  # text + K, not text + N
 
 
+def mp4_file(folder: Path, num_frames: int = 8) -> Path:
+    """``num_frames`` random 32 x 32 frames at 2 frames per second, as an MP4 (vLLM decodes it
+    with OpenCV, as the server's video loader does): 8 x 8 merged tokens per temporal slice."""
+    import cv2
+
+    path = folder / "video.mp4"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 2.0, (32, 32))
+    for frame in np.random.default_rng(1).integers(0, 256, (num_frames, 32, 32, 3), dtype=np.uint8):
+        writer.write(frame)
+    writer.release()
+    return path
+
+
+def test_a_qwen_chat_video_takes_the_placeholders_of_its_requests_video_budget(servers, tmp_path):
+    # The server reports no selection; its prompt length says how many slots each setting gave.
+    video, per_slice = mp4_file(tmp_path), 64
+    lengths = {}
+    for name, settings in {
+        "all": {"budget": 1.0},
+        "per frame": {"budget": 4},
+        "per video": {"budget": 12, "video_budget": "per_video"},
+    }.items():
+        status, reply = chat(servers["qwen"], video, QUESTIONS[0], settings)
+        assert status == 200, f"{name}: {status} {reply}"
+        lengths[name] = reply["usage"]["prompt_tokens"]
+    video_tokens = lengths["all"] - lengths["per video"] + 12  # N: text + N against text + 12
+    slices, rest = divmod(video_tokens, per_slice)
+    assert rest == 0 and slices >= 1, video_tokens
+    assert lengths["all"] - lengths["per frame"] == video_tokens - 4 * slices  # 4 in each temporal slice
+
+
 BAD_REQUEST_SETTINGS = {
     "budget 0": ({"budget": 0}, "budget must be >= 1"),
     "unknown method": ({"method": "nosuch"}, "unknown method 'nosuch'"),
     "unknown parameter": ({"nosuch": 1}, "has no parameter(s) ['nosuch']"),
     "unservable method": ({"method": "fastv"}, "method 'fastv' needs lm_attention"),
     "no CLS row on Qwen": ({"method": "visionzip"}, "needs cls_attention"),
+    "unknown video budget": ({"video_budget": "per_clip"}, "video_budget must be one of per_frame, per_video"),
 }
 
 

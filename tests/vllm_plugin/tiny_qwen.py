@@ -18,10 +18,11 @@ IMAGE_TOKEN_ID, VISION_START_ID, VISION_END_ID = 127, 123, 124  # "<image>", "'"
 IMAGE_SIZES = ((32, 32), (40, 24))
 QUESTIONS = ("what is the color of the shape ?", "how many red circle ?")
 EOS_ID = 2
-#: The chat path's prompt, as :func:`prompt` writes it (vLLM's chat path adds no BOS).
+#: The chat path's prompt, as :func:`prompt` (and :func:`video_prompt`) writes it (vLLM's chat path adds no BOS).
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] }} :{% for item in message['content'] %}"
-    "{% if item['type'] == 'image' %} ' <image> -{% elif item['type'] == 'text' %} {{ item['text'] }}{% endif %}"
+    "{% if item['type'] == 'image' %} ' <image> -{% elif item['type'] == 'video' %} ' <|video_pad|> -"
+    "{% elif item['type'] == 'text' %} {{ item['text'] }}{% endif %}"
     "{% endfor %}{% endfor %}{% if add_generation_prompt %} assistant :{% endif %}"
 )
 
