@@ -1,7 +1,9 @@
 """Checks both AnyRes families' vLLM tests run (LLaVA-NeXT, LLaVA-OneVision), on the ``runs``
 their fixtures return: ``{"stock": {engine: calls}, "plugin": {engine: calls, "selections": ...},
 "requests": [one request per image size]}``, with plug-in engines ``off``, ``b{budget}`` and
-``batch``. vLLM keeps every crop row's newline, so transformers runs with ``newlines="every_row"``."""
+``batch``. vLLM keeps every crop row's newline, so transformers runs with ``newlines="every_row"``.
+And one check of a video's selection (:func:`check_video_equals_transformers`), which the
+LLaVA-OneVision and LLaVA-NeXT-Video tests share."""
 
 from __future__ import annotations
 
@@ -53,3 +55,36 @@ def check_batch_equals_the_requests_one_by_one(runs: dict, hf_model, budget) -> 
     lengths = [len(output["prompt_ids"]) for output in batch["outputs"]]
     assert lengths == [only_output(call)["prompt_length"] for call in singles]
     assert len(set(lengths)) == 2
+
+
+def check_video_equals_transformers(
+    hf_model,
+    call: dict,
+    vllm_rows: list,
+    request: dict,
+    stock_call: dict,
+    settings: dict,
+    frames: tuple[int, int],
+    method: str = "flashvlm",
+    **prune_options,
+) -> None:
+    """vLLM's ``call`` for one video (its recorded ``vllm_rows``, its request's ``settings``) kept
+    what transformers keeps with them, ``budget`` per frame or in all, with transformers' answer
+    and prompt length (``stock_call``'s, less the tokens dropped). ``frames``: (frames, tokens
+    per frame) of the video."""
+    num_frames, frame_tokens = frames
+    per_video = settings.get("video_budget") == "per_video"
+    video_budget = {"video_budget": settings.get("video_budget", "per_frame")}
+    options = {**prune_options, **video_budget}
+    reference = transformers_on_vllm_choice(hf_model, vllm_rows, request, settings["budget"], method, **options)
+    ((_, num_tokens, kept),) = call["kept"]
+    assert num_tokens == num_frames * frame_tokens
+    units = reference["kept"]  # one per frame (indices within it), or one for the video
+    assert len(units) == (1 if per_video else num_frames)
+    unit_size = num_tokens if per_video else frame_tokens
+    assert kept == [index + unit * unit_size for unit, indices in enumerate(units) for index in indices]
+    assert len(kept) == (settings["budget"] if per_video else num_frames * settings["budget"])
+    assert_same_answer(call, reference)
+    stock = only_output(stock_call)
+    length = only_output(call)["prompt_length"]
+    assert length == reference["prompt_length"] == stock["prompt_length"] - num_tokens + len(kept)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from anyres_checks import check_video_equals_transformers
 from families.shared import (
     ANYRES_PINPOINTS,
     ANYRES_TILE,
@@ -26,10 +27,8 @@ from families.shared import (
 from test_vllm_llava import (
     EOS_ID,
     MAX_TOKENS,
-    assert_same_answer,
     only_output,
     recorded_rows,
-    transformers_on_vllm_choice,
 )
 from transformers import AutoProcessor, LlamaConfig, LlavaNextVideoForConditionalGeneration
 from vllm_harness import run_stock_and_plugin
@@ -143,24 +142,11 @@ def runs(folders, hf_model):
 
 
 def check_video(runs, hf_model, engine: str, index: int, request: dict, settings: dict, method="flashvlm"):
-    """vLLM's call ``index`` on ``engine`` kept what transformers keeps with ``settings``, with its
-    answer and prompt length, and K per frame (or in all) of the 36 frame tokens."""
-    call = runs["plugin"][engine][index]
-    vllm_rows = recorded_rows(runs["plugin"]["selections"], engine, index)
-    per_video = settings.get("video_budget") == "per_video"
-    options = {"video_budget": settings.get("video_budget", "per_frame")}
-    reference = transformers_on_vllm_choice(hf_model, vllm_rows, request, settings["budget"], method, **options)
-    ((_, num_tokens, kept),) = call["kept"]
-    assert num_tokens == VIDEO_FRAMES * FRAME_TOKENS
-    units = reference["kept"]  # one per frame (indices within it), or one for the video
-    assert len(units) == (1 if per_video else VIDEO_FRAMES)
-    unit_size = num_tokens if per_video else FRAME_TOKENS
-    assert kept == [index + unit * unit_size for unit, indices in enumerate(units) for index in indices]
-    assert len(kept) == (settings["budget"] if per_video else VIDEO_FRAMES * settings["budget"])
-    assert_same_answer(call, reference)
-    stock = only_output(runs["stock"][runs["requests"].index(request)])
-    length = only_output(call)["prompt_length"]
-    assert length == reference["prompt_length"] == stock["prompt_length"] - num_tokens + len(kept)
+    """vLLM's call ``index`` on ``engine`` against transformers with ``settings`` (anyres_checks)."""
+    call, vllm_rows = runs["plugin"][engine][index], recorded_rows(runs["plugin"]["selections"], engine, index)
+    stock_call = runs["stock"][runs["requests"].index(request)]
+    frames = (VIDEO_FRAMES, FRAME_TOKENS)
+    check_video_equals_transformers(hf_model, call, vllm_rows, request, stock_call, settings, frames, method)
 
 
 def test_plugin_off_is_stock_vllm_and_equals_transformers(runs, hf_model):

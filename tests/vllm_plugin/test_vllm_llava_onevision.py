@@ -19,6 +19,7 @@ from anyres_checks import (
     check_batch_equals_the_requests_one_by_one,
     check_each_request_equals_transformers,
     check_plugin_off_is_stock_vllm_and_equals_transformers,
+    check_video_equals_transformers,
 )
 from families.llava_onevision import tiny_llava_onevision_processor
 from families.shared import (
@@ -31,9 +32,7 @@ from families.shared import (
 )
 from test_vllm_llava import (
     MAX_TOKENS,
-    assert_same_answer,
     assert_same_selection_and_answer,
-    only_output,
     recorded_rows,
     transformers_on_vllm_choice,
 )
@@ -205,22 +204,9 @@ def test_a_second_question_reuses_the_views_tower_outputs(runs):
 def test_a_video_keeps_what_transformers_keeps_per_frame_or_per_video(runs, hf_model, which, own):
     # Each frame's pooled tokens (or the whole video's), then the video's newline, always kept.
     call, vllm_rows = runs["videos"][which]
-    options = {"newlines": "every_row", "video_budget": own.get("video_budget", "per_frame")}
-    reference = transformers_on_vllm_choice(hf_model, vllm_rows, runs["videos"]["request"], own["budget"], **options)
-    ((_, num_tokens, kept),) = call["kept"]
-    assert num_tokens == VIDEO_FRAMES * FRAME_TOKENS
-    units = reference["kept"]  # one per frame (indices within it), or one for the video
-    assert len(units) == (VIDEO_FRAMES if which == "per_frame" else 1)
-    unit_size = FRAME_TOKENS if which == "per_frame" else num_tokens
-    assert kept == [index + unit * unit_size for unit, indices in enumerate(units) for index in indices]
-    assert len(kept) == (VIDEO_FRAMES * own["budget"] if which == "per_frame" else own["budget"])
-    assert_same_answer(call, reference)
-    stock = only_output(runs["videos"]["stock"])
-    assert (
-        only_output(call)["prompt_length"]
-        == reference["prompt_length"]
-        == stock["prompt_length"] - num_tokens + len(kept)
-    )
+    request, stock_call = runs["videos"]["request"], runs["videos"]["stock"]
+    frames = (VIDEO_FRAMES, FRAME_TOKENS)
+    check_video_equals_transformers(hf_model, call, vllm_rows, request, stock_call, own, frames, newlines="every_row")
 
 
 def test_a_method_that_reads_a_cls_row_is_refused_at_start_up(runs):

@@ -199,7 +199,10 @@ BAD_REQUEST_SETTINGS = {
     "unknown parameter": ({"nosuch": 1}, "has no parameter(s) ['nosuch']"),
     "unservable method": ({"method": "fastv"}, "method 'fastv' needs lm_attention"),
     "no CLS row on Qwen": ({"method": "visionzip"}, "needs cls_attention"),
-    "unknown video budget": ({"video_budget": "per_clip"}, "video_budget must be one of per_frame, per_video"),
+    "unknown video budget": (
+        {"video_budget": "per_clip"},
+        "video_budget must be one of 'per_frame', 'per_video'; got 'per_clip'",
+    ),
 }
 
 

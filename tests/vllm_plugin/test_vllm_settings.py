@@ -68,7 +68,11 @@ def test_the_unpruned_method_keeps_every_placeholder():
         ({"budget": 8, "vision_cache_mb": -1}, FlashVLMError, "vision_cache_mb must be a number of MiB >= 0"),
         ({"budget": 8, "vision_cache_mb": "256"}, FlashVLMError, "(0 turns the vision cache off); got '256'"),
         ({"budget": 8, "vision_cache_mb": True}, FlashVLMError, "vision_cache_mb must be a number"),
-        ({"budget": 8, "video_budget": "per_clip"}, FlashVLMError, "video_budget must be one of per_frame, per_video"),
+        (
+            {"budget": 8, "video_budget": "per_clip"},
+            FlashVLMError,
+            "video_budget must be one of 'per_frame', 'per_video'; got 'per_clip'",
+        ),
     ],
 )
 def test_bad_settings_name_the_override_and_the_bad_value(settings, error, words):
@@ -160,7 +164,7 @@ def test_equal_settings_give_the_same_key():
         ({"budget": object()}, FlashVLMError, "must be JSON values"),
         (32, FlashVLMError, "must be a mapping"),
         ({"vision_cache_mb": 0}, FlashVLMError, "vision_cache_mb is the engine's"),
-        ({"video_budget": "all"}, FlashVLMError, "video_budget must be one of per_frame, per_video; got 'all'"),
+        ({"video_budget": "all"}, FlashVLMError, "video_budget must be one of 'per_frame', 'per_video'; got 'all'"),
     ],
 )
 def test_bad_request_settings_name_the_request_and_the_bad_value(settings, error, words):

@@ -18,7 +18,7 @@ from functools import lru_cache
 from ...errors import FlashVLMError, MethodUnavailableError
 from ...pipeline import VIDEO_BUDGETS
 from ...selection import Budget, TokenSelector, get_method, resolve_budget, validate_budget
-from ...selection.base import _REQUIREMENT_WORDS
+from ...selection.base import _REQUIREMENT_WORDS, check_choice
 
 #: The key of ``hf_overrides`` (and so the attribute of the Hugging Face config) holding the
 #: settings, and of a request's ``mm_processor_kwargs`` holding its own.
@@ -97,8 +97,7 @@ def parse_settings(value: object, served: frozenset[str] = SERVED_REQUIREMENTS) 
     budget = validate_budget(params.pop("budget"))
     vision_cache_mb = validate_vision_cache_mb(params.pop(VISION_CACHE_KEY, DEFAULT_VISION_CACHE_MB))
     video_budget = params.pop(VIDEO_BUDGET_KEY, "per_frame")
-    if video_budget not in VIDEO_BUDGETS:
-        raise FlashVLMError(f"{VIDEO_BUDGET_KEY} must be one of {', '.join(VIDEO_BUDGETS)}; got {video_budget!r}")
+    check_choice(VIDEO_BUDGET_KEY, video_budget, VIDEO_BUDGETS)  # as flashvlm.prune checks it
     method = params.pop("method", DEFAULT_METHOD)
     selector = get_method(method, **params)
     unserved = sorted(selector.requires - served)
