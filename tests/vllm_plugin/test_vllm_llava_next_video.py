@@ -27,8 +27,10 @@ from families.shared import (
 from test_vllm_llava import (
     EOS_ID,
     MAX_TOKENS,
+    assert_same_answer,
     only_output,
     recorded_rows,
+    transformers_on_vllm_choice,
 )
 from transformers import AutoProcessor, LlamaConfig, LlavaNextVideoForConditionalGeneration
 from vllm_harness import run_stock_and_plugin
@@ -176,13 +178,18 @@ def test_other_methods_keep_what_they_keep_in_transformers(runs, hf_model, metho
 
 
 def test_a_batch_equals_the_requests_one_by_one(runs, hf_model):
+    # Each request of the batch against transformers, as the single requests are (the batch's
+    # frames reach the tower together: its features differ from theirs in the last bits).
     (batch,) = runs["plugin"]["batch"]
     singles = runs["plugin"]["per_frame"][: len(runs["requests"])]
-    assert [record[2] for record in batch["kept"]] == [call["kept"][0][2] for call in singles]
-    for output, single in zip(batch["outputs"], singles):
-        (expected,) = single["outputs"]
-        assert output["output_ids"] == expected["output_ids"] and output["prompt_ids"] == expected["prompt_ids"]
-        np.testing.assert_allclose(output["logprobs"], expected["logprobs"], atol=1e-5)
+    batch_rows = recorded_rows(runs["plugin"]["selections"], "batch", 0)
+    batch_kept = [record[2] for record in batch["kept"]]
+    for request, output, single in zip(runs["requests"], batch["outputs"], singles):
+        reference = transformers_on_vllm_choice(hf_model, batch_rows, request, PER_FRAME["budget"], every=False)
+        assert_same_answer({"outputs": [output]}, reference)
+        assert len(output["prompt_ids"]) == reference["prompt_length"] == only_output(single)["prompt_length"]
+        frames = reference["kept"]  # one per frame, indices within it
+        assert [index + frame * FRAME_TOKENS for frame, indices in enumerate(frames) for index in indices] in batch_kept
 
 
 def test_a_second_question_reuses_the_videos_tower_outputs(runs):
