@@ -162,6 +162,24 @@ def video_units(
     return [ImageSelection.of("video", [TokenRegion(positions, video_grid)])]
 
 
+def tiled_image_unit(num_views: int, per_view: int, device: torch.device, tile_grids: bool = False) -> ImageSelection:
+    """The budget unit of one image made of ``num_views`` views of ``per_view`` tokens each,
+    laid end to end (InternVL's tiles, Idefics3's sub-images): a single view is one raster;
+    several are the tiles, then the global view, which the processors put last. The tiles are
+    selected jointly (their layout is not in the model's inputs, so together they form no
+    known raster), or, with ``tile_grids`` (for a method that needs the grid), each tile is its
+    own square raster with its share of the budget."""
+    grid = square_grid(per_view)
+    positions = torch.arange(num_views * per_view, device=device)  # (V * per_view,)
+    if num_views == 1:
+        regions = [TokenRegion(positions, grid)]
+    elif tile_grids:
+        regions = [TokenRegion(view, grid) for view in positions.split(per_view)]
+    else:
+        regions = [TokenRegion(positions[:-per_view]), TokenRegion(positions[-per_view:], grid)]
+    return ImageSelection.of("image", regions)
+
+
 def select_regions(
     items: list[VisualItem],
     selector: TokenSelector,

@@ -10,10 +10,10 @@ from typing import Any
 import torch
 
 from ..errors import UnsupportedModelError
-from ..pipeline import ImageSelection, TokenRegion, VisualItem
+from ..pipeline import ImageSelection, TokenRegion, VisualItem, square_grid
 from ..saliency import query_row_attention, received_attention, release_cls_attention
 from .base import FamilySupport, ModelAdapter
-from .shared import needs_projected, needs_query_key, square_grid
+from .shared import needs_projected, needs_query_key
 from .taps import resolve_hidden_state_layer, run_until_tap, tap_vision_layer
 
 

@@ -31,11 +31,10 @@ import torch
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 from ..errors import FlashVLMError
-from ..pipeline import ImageSelection, TokenRegion, VisualItem, split_stacked_channels, stacked_channels
+from ..pipeline import ImageSelection, TokenRegion, VisualItem, split_stacked_channels, square_grid, stacked_channels
 from .base import FamilySupport
 from .llava import LlavaAdapter
 from .sequence import require_argument
-from .shared import square_grid
 
 
 class LlavaNextAdapter(LlavaAdapter):

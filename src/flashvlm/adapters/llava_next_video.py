@@ -21,11 +21,11 @@ from typing import Any
 
 import torch
 
-from ..pipeline import VisualItem, average_pool_windows
+from ..pipeline import VisualItem, average_pool_windows, square_grid
 from .base import FamilySupport
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
-from .shared import needs_projected, square_grid
+from .shared import needs_projected
 
 
 class LlavaNextVideoAdapter(LlavaNextAdapter):

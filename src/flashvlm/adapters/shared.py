@@ -1,12 +1,10 @@
-"""Helpers more than one family's adapter uses: what a method's needs ask of the tower, square rasters,
+"""Helpers more than one family's adapter uses: what a method's needs ask of the tower,
 images made of views, the per-frame rule."""
 
 from __future__ import annotations
 
-import torch
-
 from ..errors import FlashVLMError
-from ..pipeline import ImageSelection, TokenRegion, VisualItem, square_grid
+from ..pipeline import VisualItem, tiled_image_unit
 
 #: Requirements met from one vision layer's queries and keys (a hook on that layer).
 QUERY_KEY_NEEDS = frozenset({"saliency", "cls_attention", "keys"})
@@ -25,22 +23,11 @@ def needs_projected(needs: frozenset[str]) -> bool:
 
 
 def image_of_views(stack: VisualItem, first: int, num_views: int, tile_grids: bool = False) -> VisualItem:
-    """One image from ``num_views`` consecutive views of a (V, m, ...) stack, sharing one budget:
-    a single view is one raster; several are the tiles, then the global view, which the
-    processors put last. The tiles are selected jointly (their layout is not in the model's
-    inputs, so together they form no known raster), or, with ``tile_grids`` (for a method
-    that needs the grid), each tile is its own square raster with its share of the budget."""
+    """One image from ``num_views`` consecutive views of a (V, m, ...) stack, sharing one budget
+    (:func:`flashvlm.pipeline.tiled_image_unit`: the tiles jointly and the global view, or with
+    ``tile_grids`` each tile its own raster)."""
     item = stack.map(lambda tensor: tensor[first : first + num_views].flatten(0, 1))
-    per_view = stack.features.shape[1]
-    grid = square_grid(per_view)
-    positions = torch.arange(num_views * per_view, device=stack.features.device)
-    if num_views == 1:
-        regions = [TokenRegion(positions, grid)]
-    elif tile_grids:
-        regions = [TokenRegion(view, grid) for view in positions.split(per_view)]
-    else:
-        regions = [TokenRegion(positions[:-per_view]), TokenRegion(positions[-per_view:], grid)]
-    item.units = [ImageSelection.of("image", regions)]
+    item.units = [tiled_image_unit(num_views, stack.features.shape[1], stack.features.device, tile_grids)]
     return item
 
 

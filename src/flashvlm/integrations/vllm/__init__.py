@@ -31,6 +31,7 @@ ARCHITECTURES = {
     "LlavaNextForConditionalGeneration": "flashvlm.integrations.vllm.llava_next:PrunedLlavaNext",
     "LlavaOnevisionForConditionalGeneration": "flashvlm.integrations.vllm.llava_onevision:PrunedLlavaOnevision",
     "LlavaNextVideoForConditionalGeneration": "flashvlm.integrations.vllm.llava_next_video:PrunedLlavaNextVideo",
+    "InternVLForConditionalGeneration": "flashvlm.integrations.vllm.internvl:PrunedInternVL",
     "Qwen2VLForConditionalGeneration": "flashvlm.integrations.vllm.qwen_vl:PrunedQwen2VL",
     "Qwen2_5_VLForConditionalGeneration": "flashvlm.integrations.vllm.qwen_vl:PrunedQwen2_5_VL",
     "Qwen3VLForConditionalGeneration": "flashvlm.integrations.vllm.qwen3_vl:PrunedQwen3VL",

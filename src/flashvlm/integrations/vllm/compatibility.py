@@ -56,6 +56,8 @@ _LLAVA = "vllm.model_executor.models.llava"
 _LLAVA_NEXT = "vllm.model_executor.models.llava_next"
 _ONEVISION = "vllm.model_executor.models.llava_onevision"
 _NEXT_VIDEO = "vllm.model_executor.models.llava_next_video"
+_INTERNVL = "vllm.model_executor.models.interns1"
+_INTERNVIT = "vllm.model_executor.models.interns1_vit"
 _QWEN = "vllm.model_executor.models.qwen2_5_vl"
 _QWEN2 = "vllm.model_executor.models.qwen2_vl"
 _QWEN3 = "vllm.model_executor.models.qwen3_vl"
@@ -367,6 +369,40 @@ INVENTORY: tuple[VllmApi, ...] = (
     VllmApi(_NEXT_VIDEO, "LlavaNextVideoForConditionalGeneration.load_weights", ("weights",)),
     VllmApi(_NEXT_VIDEO, "LlavaNextVideoPixelInputs.type"),
     VllmApi(_NEXT_VIDEO, "LlavaNextVideoPixelInputs.pixel_values_videos"),
+    # -- internvl.py: InternVL in the HF format (vLLM's InternS1 class; tiles and frames flat) --
+    VllmApi(_INTERNVL, "InternS1DummyInputsBuilder"),
+    *_processing_info(_INTERNVL, "InternS1ProcessingInfo"),
+    VllmApi(_INTERNVL, "InternS1ProcessingInfo.get_hf_processor"),
+    VllmApi(_INTERNVL, "InternS1ProcessingInfo.get_tokenizer"),
+    *_processor(_INTERNVL, "InternS1MultiModalProcessor"),
+    VllmApi(_INTERNVL, "InternS1ForConditionalGeneration"),
+    VllmApi(_INTERNVL, "InternS1ForConditionalGeneration.__init__", ("vllm_config", "prefix")),
+    *(
+        VllmApi(_INTERNVL, f"InternS1ForConditionalGeneration.{name}")
+        for name in (
+            "config",
+            "vision_tower",
+            "multi_modal_projector",
+            "downsample_ratio",
+            "get_language_model",
+            "embed_multimodal",
+            "_parse_and_validate_multimodal_inputs",
+        )
+    ),
+    VllmApi(_INTERNVL, "InternS1ForConditionalGeneration.load_weights", ("weights",)),
+    VllmApi(_INTERNVL, "InternS1ForConditionalGeneration.pixel_shuffle", ("x", "scale_factor")),
+    *(VllmApi(_INTERNVL, f"InternS1ImagePixelInputs.{name}") for name in ("type", "pixel_values", "num_patches")),
+    *(VllmApi(_INTERNVL, f"InternS1VideoPixelInputs.{name}") for name in ("type", "pixel_values", "num_patches")),
+    VllmApi(_INTERNVIT, "InternS1VisionModel.encoder"),
+    VllmApi(_INTERNVIT, "InternS1VisionModel.forward", ("pixel_values",)),
+    VllmApi(_INTERNVIT, "InternS1VisionEncoder.layer"),
+    VllmApi(_INTERNVIT, "InternS1VisionLayer.attention"),
+    *(
+        VllmApi(_INTERNVIT, f"InternSdpaAttention.{name}")
+        for name in ("q_proj", "k_proj", "q_norm", "k_norm", "qk_normalization", "num_heads", "scale")
+    ),
+    VllmApi(_PROCESSING, "PromptUpdateDetails"),
+    VllmApi(_PROCESSING, "PromptUpdateDetails.is_embed"),
     # -- qwen_vl.py: Qwen2-VL and Qwen2.5-VL --
     *_qwen_vl(_QWEN2, "Qwen2VL", "Qwen2Vision"),
     *_qwen_vl(_QWEN, "Qwen2_5_VL", "Qwen2_5_Vision"),

@@ -107,6 +107,11 @@ class PrunedProcessorMixin:
         timestamp). Most processors only repeat placeholders: the prompt itself."""
         return prompt
 
+    def flashvlm_image_placeholders(self, settings: PruningSettings, stock, mm_items, item_idx: int):
+        """Image ``item_idx``'s replacement with the kept placeholders (``stock``: vLLM's, one
+        placeholder per visual token)."""
+        return stock[: self.flashvlm_num_placeholders(settings, len(stock), mm_items, item_idx)]
+
     def flashvlm_num_placeholders(self, settings: PruningSettings, num_placeholders: int, mm_items, item_idx) -> int:
         """Placeholders image ``item_idx`` keeps of the ``num_placeholders`` stock vLLM gives it
         (one per visual token here; LLaVA-NeXT adds its rows' newlines)."""
@@ -180,8 +185,7 @@ class PrunedProcessorMixin:
 
         def with_kept_placeholders(update):
             def replacement(item_idx: int):
-                placeholders = update.replacement(item_idx)  # stock vLLM's, one per visual token
-                return placeholders[: self.flashvlm_num_placeholders(settings, len(placeholders), mm_items, item_idx)]
+                return self.flashvlm_image_placeholders(settings, update.replacement(item_idx), mm_items, item_idx)
 
             return replace(update, replacement=replacement)
 
@@ -196,3 +200,24 @@ class PrunedProcessorMixin:
             kept[update.modality](update) if update.modality in self.flashvlm_modalities else update
             for update in updates
         ]
+
+
+def cut_embedding_runs(details, kept_per_run: list[int]):
+    """vLLM's ``PromptUpdateDetails`` (text tokens and runs of embedding placeholders, as
+    InternVL's ``<img>``, placeholders, ``</img>``) with run ``i`` cut to its first
+    ``kept_per_run[i]`` placeholders; the text stays as it is."""
+    from vllm.multimodal.processing import PromptUpdateDetails
+
+    is_embed = [True] * len(details.full) if details.is_embed is None else details.is_embed(details.full).tolist()
+    kept, run, place_in_run = [], -1, 0
+    for place, (token, embedded) in enumerate(zip(details.full, is_embed)):
+        if embedded:
+            if place == 0 or not is_embed[place - 1]:
+                run, place_in_run = run + 1, 0
+            place_in_run += 1
+            if place_in_run > kept_per_run[run]:
+                continue
+        kept.append(token)
+    if run + 1 != len(kept_per_run):
+        raise RuntimeError(f"the replacement has {run + 1} placeholder runs, not {len(kept_per_run)}")
+    return PromptUpdateDetails(full=kept, is_embed=details.is_embed)

@@ -73,6 +73,26 @@ def tap_qkv_projection(qkv_proj: nn.Module):
         handle.remove()
 
 
+@contextmanager
+def tap_query_key(query: nn.Module, key: nn.Module):
+    """Capture q and k from two modules that produce them apart (a tower's ``q_proj`` and
+    ``k_proj``, or the q/k norms after them) during a forward: (..., S, H * d) each."""
+    tap = QKTap()
+
+    def keep(name: str):
+        def hook(_module, _args, output):
+            setattr(tap, name, output[0] if isinstance(output, tuple) else output)
+
+        return hook
+
+    handles = [query.register_forward_hook(keep("queries")), key.register_forward_hook(keep("keys"))]
+    try:
+        yield tap
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def mean_over_tensor_parallel_heads(per_rank_mean: torch.Tensor, attention: nn.Module) -> torch.Tensor:
     """A head mean over this rank's heads turned into the mean over all heads.
 

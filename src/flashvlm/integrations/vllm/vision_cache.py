@@ -279,7 +279,7 @@ def flashvlm_vision_stats(model) -> dict | None:
 def count_tower_passes(model) -> bool:
     """Log every pass of a served family's vision tower on ``model`` (pruned or stock): a
     forward pre-hook on the tower module records how many inputs each pass took (LLaVA: images
-    or AnyRes views; Qwen2.5-VL: images). Read with :func:`take_tower_passes`; idempotent."""
+    or AnyRes views; InternVL: tiles and frames; Qwen2.5-VL: images). Read with :func:`take_tower_passes`; idempotent."""
     tower = getattr(model, "vision_tower", None) or getattr(model, "visual", None)
     if tower is None:
         return False
@@ -287,7 +287,7 @@ def count_tower_passes(model) -> bool:
 
         def log(_module, args, kwargs):
             grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)  # Qwen: one (t, h, w) per image
-            pixels = args[0]  # LLaVA: (V, 3, H, W)
+            pixels = args[0] if args else kwargs["pixel_values"]  # LLaVA, InternVL: (V, 3, H, W)
             model.flashvlm_tower_passes.append(
                 len(grid) if grid is not None else len(pixels) if pixels.dim() == 4 else 1
             )
