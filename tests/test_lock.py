@@ -23,7 +23,7 @@ LOCKS = ROOT / "locks"
 LOCKED_PARTS = {
     "base.txt": ("", "test", "demo", "smolvlm", "plot"),
     "eval.txt": ("", "test", "demo", "smolvlm", "plot", "eval"),
-    "vllm.txt": ("", "test", "vllm"),
+    "vllm.txt": ("", "test", "smolvlm", "vllm"),
 }
 #: Locks of the main .venv (CPU torch, never torchvision); vllm.txt is its own environment.
 MAIN_LOCKS = ("base.txt", "eval.txt")

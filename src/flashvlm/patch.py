@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters import NEWLINES, VIDEO_BUDGETS, PrunedInputs, adapter_for
+from .adapters import NEWLINES, TILE_BUDGETS, VIDEO_BUDGETS, PrunedInputs, adapter_for
 from .errors import FlashVLMError
 from .selection import Budget, TokenSelector, get_method, validate_budget
 from .selection.base import check_choice
@@ -102,7 +102,10 @@ class PruneOptions:
     (``"per_video"``). ``newlines`` says which LLaVA-NeXT/OneVision row newlines (outside
     the budget) stay: those of rows that keep a token (``"kept_rows"``, the default) or
     every row's (``"every_row"``: an image's token count then follows from its size, as in
-    the vLLM plug-in). ``tokenizer`` (the model's tokenizer or processor) lets a method with
+    the vLLM plug-in). ``tile_budget`` says how an image of tiles (InternVL, Idefics3/SmolVLM)
+    shares its budget: its tiles jointly, the global view its share (``"per_image"``, the
+    default), or each tile and the global view its own share (``"per_tile"``, as the vLLM
+    plug-in serves Idefics3/SmolVLM). ``tokenizer`` (the model's tokenizer or processor) lets a method with
     ``text_tokens="question"`` (e.g. ``"flashvlm:question"``) find the ``question=`` passed to
     ``generate``/``forward`` in the prompt. ``timed=True`` records
     ``pruner.last_selection_seconds``, at the cost of a device synchronisation before and
@@ -114,6 +117,7 @@ class PruneOptions:
     params: Mapping[str, Any] = field(default_factory=dict)
     video_budget: str = "per_frame"
     newlines: str = "kept_rows"
+    tile_budget: str = "per_image"
     tokenizer: Any = None
     timed: bool = False
     #: The method instance, made from ``method`` and ``params``.
@@ -123,6 +127,7 @@ class PruneOptions:
         object.__setattr__(self, "budget", validate_budget(self.budget))
         check_choice("video_budget", self.video_budget, VIDEO_BUDGETS)
         check_choice("newlines", self.newlines, NEWLINES)
+        check_choice("tile_budget", self.tile_budget, TILE_BUDGETS)
         object.__setattr__(self, "selector", get_method(self.method, **self.params))
 
     @classmethod
@@ -133,12 +138,13 @@ class PruneOptions:
         *,
         video_budget: str = "per_frame",
         newlines: str = "kept_rows",
+        tile_budget: str = "per_image",
         tokenizer=None,
         timed: bool = False,
         **params,
     ) -> PruneOptions:
         """The options as :func:`apply` and :func:`prune` take them: the method's parameters as keywords."""
-        return cls(budget, method, params, video_budget, newlines, tokenizer, timed)
+        return cls(budget, method, params, video_budget, newlines, tile_budget, tokenizer, timed)
 
 
 class Pruner:
@@ -157,7 +163,11 @@ class Pruner:
         self.model = model
         self.options = options
         self.adapter = adapter_for(
-            model, video_budget=options.video_budget, tokenizer=options.tokenizer, newlines=options.newlines
+            model,
+            video_budget=options.video_budget,
+            tokenizer=options.tokenizer,
+            newlines=options.newlines,
+            tile_budget=options.tile_budget,
         )
         self.budget = options.budget
         self.selector = options.selector

@@ -32,6 +32,13 @@ VIDEO_BUDGETS = ("per_frame", "per_video")
 #: placeholder count before the encoder runs; see docs/vllm.md).
 NEWLINES = ("kept_rows", "every_row")
 
+#: How an image made of tiles (InternVL, Idefics3/SmolVLM) shares its budget: its tiles'
+#: tokens selected jointly, the global view keeping its share ("per_image"), or every tile
+#: and the global view keeping a share in proportion to its tokens, each selected on its own
+#: ("per_tile"). With "per_tile" each tile's count follows from the image's size alone, as
+#: vLLM needs where every tile is a placeholder run of its own (Idefics3; see docs/vllm.md).
+TILE_BUDGETS = ("per_image", "per_tile")
+
 
 @dataclass
 class TokenRegion:
@@ -178,6 +185,15 @@ def tiled_image_unit(num_views: int, per_view: int, device: torch.device, tile_g
     else:
         regions = [TokenRegion(positions[:-per_view]), TokenRegion(positions[-per_view:], grid)]
     return ImageSelection.of("image", regions)
+
+
+def per_tile_counts(num_views: int, per_view: int, budget: Budget, keeps_all: bool) -> list[int]:
+    """Tokens each view of a tiled image keeps under ``tile_budget="per_tile"`` (each view its
+    own region, :func:`tiled_image_unit`): what a front end that lays out one placeholder run
+    per view (vLLM's Idefics3) must know before the selection runs."""
+    unit = tiled_image_unit(num_views, per_view, torch.device("cpu"), tile_grids=True)
+    shares = region_budgets(unit, budget, keeps_all)
+    return [0 if share == 0 else resolve_budget(share, per_view) for share in shares]
 
 
 def select_regions(

@@ -63,6 +63,23 @@ def test_idefics3_sub_images_form_images_and_markers_stay():
         assert int((after == IMAGE_TOKEN_ID).sum()) == 5 * len(IDEFICS3_SPLITS[row])
 
 
+def test_idefics3_per_tile_budget_gives_each_sub_image_its_share():
+    """``tile_budget="per_tile"`` (vLLM's rule): each sub-image and the global view keep a
+    share of K in proportion to their tokens, so each run's length follows from the split."""
+    model = tiny_model(IDEFICS3)
+    inputs = IDEFICS3.make_inputs(model, 3, 0)  # row 2: an unsplit image, then a 2 x 2 split
+    with flashvlm.prune(model, budget=12, tile_budget="per_tile") as pruner:
+        pruned = pruner.prune_inputs(dict(inputs))
+    split = pruned.images[-1]  # four sub-images and the global view, 80 tokens
+    assert (split.num_tokens, split.num_kept) == (80, 12)
+    assert [region.grid_shape for region in split.regions] == [(4, 4)] * 5
+    per_view = torch.bincount(split.keep_indices // TOKENS_PER_TILE, minlength=5).tolist()
+    assert per_view == [2, 2, 2, 2, 4]  # round(12 * 16 / 80) = 2 each, the global view the rest
+    with pytest.raises(FlashVLMError, match="tile_budget must be one of 'per_image', 'per_tile'; got 'tiles'"):
+        with flashvlm.prune(model, budget=12, tile_budget="tiles"):
+            pass
+
+
 @pytest.fixture(scope="module")
 def idefics3_folder(tmp_path_factory):
     """The tiny Idefics3 saved as a Hugging Face folder with its processor."""

@@ -39,6 +39,15 @@ def test_internvl_tiles_share_the_image_budget_with_the_thumbnail():
     assert (tiles.positions.numel(), tiles.grid_shape, thumbnail.grid_shape) == (32, None, (4, 4))
 
 
+def test_internvl_per_tile_budget_gives_each_tile_and_the_thumbnail_its_share():
+    model = tiny_model(case_named("internvl"))
+    inputs = internvl_batch(model, 1, 0)
+    with flashvlm.prune(model, budget=12, tile_budget="per_tile") as pruner:
+        (record,) = pruner.prune_inputs(dict(inputs)).images
+    assert [region.grid_shape for region in record.regions] == [(4, 4)] * 3
+    assert torch.bincount(record.keep_indices // 16, minlength=3).tolist() == [4, 4, 4]
+
+
 def test_internvl_image_processor_puts_the_thumbnail_after_the_tiles():
     """The layout the adapter assumes: an image's tiles in order, then its thumbnail."""
     from PIL import Image

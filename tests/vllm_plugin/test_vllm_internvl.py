@@ -44,10 +44,10 @@ QUESTIONS = ["what is the color of the shape ?", "how many red circle ?"]
 IMAGE_SIZES = [(64, 32), (32, 32)]
 IMAGE_TOKENS = [3 * TOKENS_PER_TILE, TOKENS_PER_TILE]
 VIDEO_FRAMES = 4
-#: Two budgets, each on an engine of its own; the video at the first, per frame.
+#: Two budgets: the engine's, and a request's own; the video at the first, per frame.
 BUDGETS = (8, 3)
-#: Methods with other paths, at the first budget on the tiled image: VisionZip merges tokens
-#: and reads the CLS row and keys; pool reads each tile as its own raster.
+#: Methods with other paths, as requests' own, at the first budget on the tiled image:
+#: VisionZip merges tokens and reads the CLS row and keys; pool reads each tile as its own raster.
 OTHER_METHODS = ("visionzip", "pool")
 PER_VIDEO = {"budget": 8, "video_budget": "per_video"}
 
@@ -117,25 +117,25 @@ def runs(folders, hf_model):
         for question, image in zip(QUESTIONS, folders["images"])
     ]
     video = {"prompt": chat_prompt(processor, QUESTIONS[0]).replace("<image>", "<video>"), "videos": [folders["video"]]}
-    # The tiled image again, asked the other question: its tower output is reused.
-    again = {**images[0], "prompt": chat_prompt(processor, QUESTIONS[1])}
-    per_video = {**video, "mm_processor_kwargs": {"flashvlm": PER_VIDEO}, "expect_error": True}
-    one_by_one = [[request] for request in [*images, video]]
     first, second = BUDGETS
+    # One pruned engine at the first budget; the second budget and the other methods come as
+    # requests' own settings (each its own selection: the settings are in the cache key).
+    calls = {
+        **{f"image{index}": request for index, request in enumerate(images)},
+        "video": video,
+        # The tiled image again, asked the other question: its tower output is reused.
+        "again": {**images[0], "prompt": chat_prompt(processor, QUESTIONS[1])},
+        "per_video": {**video, "mm_processor_kwargs": {"flashvlm": PER_VIDEO}, "expect_error": True},
+        **{f"image{index}@{second}": own(request, budget=second) for index, request in enumerate(images)},
+        **{method: own(images[0], budget=first, method=method) for method in OTHER_METHODS},
+    }
+    one_by_one = [[request] for request in [*images, video]]
     plugin_engines = [
         {"name": "off", "calls": one_by_one},
-        {
-            "name": f"b{first}",
-            "hf_overrides": {"flashvlm": {"budget": first}},
-            "calls": [*one_by_one, [again], [per_video]],
-        },
-        {"name": f"b{second}", "hf_overrides": {"flashvlm": {"budget": second}}, "calls": one_by_one[:2]},
-        # Both images in one batch, on an engine of its own (the others' encoder caches hold them).
+        {"name": "pruned", "hf_overrides": {"flashvlm": {"budget": first}}, "calls": [[c] for c in calls.values()]},
+        # Both images in one batch, on an engine of its own (the other's encoder cache holds them).
         {"name": "batch", "hf_overrides": {"flashvlm": {"budget": first}}, "calls": [images]},
     ]
-    for method in OTHER_METHODS:
-        overrides = {"flashvlm": {"budget": first, "method": method}}
-        plugin_engines.append({"name": method, "hf_overrides": overrides, "calls": one_by_one[:1]})
     job = {
         "model": str(folders["model"]),
         "max_tokens": MAX_TOKENS,
@@ -144,13 +144,20 @@ def runs(folders, hf_model):
     }
     stock_engines = [{"name": "stock", "calls": one_by_one}]
     stock, plugin = run_stock_and_plugin(job, stock_engines, plugin_engines, folders["root"] / "jobs")
-    return {"stock": stock["stock"], "plugin": plugin, "images": images, "video": video, "again": again}
+    at = {name: place for place, name in enumerate(calls)}
+    return {"stock": stock["stock"], "plugin": plugin, "images": images, "video": video, "calls": calls, "at": at}
 
 
-def check_image(runs, hf_model, engine: str, index: int, request: dict, budget, method="flashvlm", **options):
-    """vLLM's call ``index`` on ``engine`` (one image) kept what transformers keeps, with its answer."""
+def own(request: dict, **settings) -> dict:
+    """``request`` with settings of its own (``mm_processor_kwargs``)."""
+    return {**request, "mm_processor_kwargs": {"flashvlm": settings}}
+
+
+def check_image(runs, hf_model, name: str, budget, method="flashvlm", engine: str = "pruned"):
+    """vLLM's call ``name`` on ``engine`` (one image) kept what transformers keeps, with its answer."""
+    index = runs["at"][name]
     call, vllm_rows = runs["plugin"][engine][index], recorded_rows(runs["plugin"]["selections"], engine, index)
-    reference = transformers_on_vllm_choice(hf_model, vllm_rows, request, budget, method, **options)
+    reference = transformers_on_vllm_choice(hf_model, vllm_rows, runs["calls"][name], budget, method)
     assert_same_selection_and_answer(call, reference)
     return call
 
@@ -169,8 +176,9 @@ def test_plugin_off_is_stock_vllm_and_equals_transformers(runs, hf_model):
 
 @pytest.mark.parametrize("budget", BUDGETS)
 def test_each_image_keeps_what_transformers_keeps(runs, hf_model, budget):
-    for index, (request, tokens) in enumerate(zip(runs["images"], IMAGE_TOKENS)):
-        call = check_image(runs, hf_model, f"b{budget}", index, request, budget)
+    for index, tokens in enumerate(IMAGE_TOKENS):
+        name = f"image{index}" if budget == BUDGETS[0] else f"image{index}@{budget}"
+        call = check_image(runs, hf_model, name, budget)
         ((_, num_tokens, kept),) = call["kept"]
         assert num_tokens == tokens and len(kept) == budget
         stock = only_output(runs["stock"][index])
@@ -178,30 +186,29 @@ def test_each_image_keeps_what_transformers_keeps(runs, hf_model, budget):
 
 
 def test_each_video_frame_keeps_what_transformers_keeps(runs, hf_model):
-    engine, index = f"b{BUDGETS[0]}", len(runs["images"])
-    call, vllm_rows = runs["plugin"][engine][index], recorded_rows(runs["plugin"]["selections"], engine, index)
+    index = runs["at"]["video"]
+    call, vllm_rows = runs["plugin"]["pruned"][index], recorded_rows(runs["plugin"]["selections"], "pruned", index)
     frames = (VIDEO_FRAMES, TOKENS_PER_TILE)
-    stock = runs["stock"][index]
+    stock = runs["stock"][len(runs["images"])]
     check_video_equals_transformers(hf_model, call, vllm_rows, runs["video"], stock, {"budget": BUDGETS[0]}, frames)
 
 
 def test_a_video_budget_per_video_is_refused_in_one_line(runs):
-    (call,) = runs["plugin"][f"b{BUDGETS[0]}"][-1:]
-    error = call["error"]
+    error = runs["plugin"]["pruned"][runs["at"]["per_video"]]["error"]
     assert error is not None and "video_budget='per_video' is not served for this model" in error, error
     assert "\n" not in error
 
 
 @pytest.mark.parametrize("method", OTHER_METHODS)
 def test_other_methods_keep_what_they_keep_in_transformers(runs, hf_model, method):
-    check_image(runs, hf_model, method, 0, runs["images"][0], BUDGETS[0], method)
+    check_image(runs, hf_model, method, BUDGETS[0], method)
 
 
 def test_a_batch_equals_the_requests_one_by_one(runs, hf_model):
     # Each request of the batch against transformers, as the single requests are (the batch's
     # tiles reach the tower together: its features differ from theirs in the last bits).
     (batch,) = runs["plugin"]["batch"]
-    singles = runs["plugin"][f"b{BUDGETS[0]}"][: len(runs["images"])]
+    singles = [runs["plugin"]["pruned"][runs["at"][f"image{index}"]] for index in range(len(runs["images"]))]
     batch_rows = recorded_rows(runs["plugin"]["selections"], "batch", 0)
     batch_kept = [record[2] for record in batch["kept"]]
     for request, output, single in zip(runs["images"], batch["outputs"], singles):
@@ -212,8 +219,7 @@ def test_a_batch_equals_the_requests_one_by_one(runs, hf_model):
 
 
 def test_a_second_question_reuses_the_images_tower_output(runs, hf_model):
-    calls = runs["plugin"][f"b{BUDGETS[0]}"]
-    again = len(runs["images"]) + 1
-    assert calls[0]["tower"] != [] and calls[again]["tower"] == []  # the same image, another question
-    assert calls[0]["kept"][0][0] != calls[again]["kept"][0][0]  # guided by the other question
-    check_image(runs, hf_model, f"b{BUDGETS[0]}", again, runs["again"], BUDGETS[0])
+    calls, at = runs["plugin"]["pruned"], runs["at"]
+    assert calls[at["image0"]]["tower"] != [] and calls[at["again"]]["tower"] == []  # the same image
+    assert calls[at["image0"]]["kept"][0][0] != calls[at["again"]]["kept"][0][0]  # guided by the other question
+    check_image(runs, hf_model, "again", BUDGETS[0])

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from ..pipeline import NEWLINES, TEXT_TOKENS, VIDEO_BUDGETS, ImageSelection, TokenRegion, VisualItem
+from ..pipeline import NEWLINES, TEXT_TOKENS, TILE_BUDGETS, VIDEO_BUDGETS, ImageSelection, TokenRegion, VisualItem
 from .base import ModelAdapter, PrunedInputs
 from .gemma3 import Gemma3Adapter
 from .idefics3 import Idefics3Adapter
@@ -44,12 +44,18 @@ def supported_architectures() -> list[str]:
 
 
 def adapter_for(
-    model: nn.Module, video_budget: str = "per_frame", tokenizer=None, newlines: str = "kept_rows"
+    model: nn.Module,
+    video_budget: str = "per_frame",
+    tokenizer=None,
+    newlines: str = "kept_rows",
+    tile_budget: str = "per_image",
 ) -> ModelAdapter:
     """The adapter serving ``model``, or :class:`UnsupportedModelError` naming the supported ones."""
     for adapter in ADAPTERS:
         if adapter.serves(model):
-            return adapter(model, video_budget=video_budget, tokenizer=tokenizer, newlines=newlines)
+            return adapter(
+                model, video_budget=video_budget, tokenizer=tokenizer, newlines=newlines, tile_budget=tile_budget
+            )
     kind = type(model).__name__
     has_vision = any(
         hasattr(getattr(model, "model", model), name) for name in ("vision_tower", "visual", "vision_model")
@@ -65,6 +71,7 @@ __all__ = [
     "ImageSelection",
     "ModelAdapter",
     "NEWLINES",
+    "TILE_BUDGETS",
     "PrunedInputs",
     "TokenRegion",
     "VisualItem",

@@ -34,6 +34,7 @@ from ..errors import FlashVLMError
 from ..pipeline import (
     NEWLINES,
     TEXT_TOKENS,
+    TILE_BUDGETS,
     VIDEO_BUDGETS,
     GuidingText,
     ImageSelection,
@@ -95,13 +96,21 @@ class ModelAdapter(ABC):
     support: ClassVar[FamilySupport]
 
     def __init__(
-        self, model: nn.Module, video_budget: str = "per_frame", tokenizer=None, newlines: str = "kept_rows"
+        self,
+        model: nn.Module,
+        video_budget: str = "per_frame",
+        tokenizer=None,
+        newlines: str = "kept_rows",
+        tile_budget: str = "per_image",
     ) -> None:
         check_choice("video_budget", video_budget, VIDEO_BUDGETS)
         check_choice("newlines", newlines, NEWLINES)
+        check_choice("tile_budget", tile_budget, TILE_BUDGETS)
         self.model = model
         self.video_budget = video_budget
         self.newlines = newlines
+        #: How an image of tiles shares its budget (InternVL, Idefics3/SmolVLM; others have no tiles).
+        self.tile_budget = tile_budget
         #: The model's tokenizer (or processor): needed to find the question's tokens.
         self.tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
         self.core = model.model

@@ -15,7 +15,10 @@ goes through the SigLIP tower; the connector pixel-shuffles it (scale 2-4) and p
   ``round(K * N_tiles / N)`` tokens among all its tiles, chosen jointly (their layout is
   not in the model's inputs), and the global view keeps the rest; a method that needs the
   token grid (pool) gets each tile as its own square raster with its share, as for
-  InternVL. The marker tokens are text: they are always kept, outside the budget. Which
+  InternVL. With ``tile_budget="per_tile"`` every sub-image and the global view keep their
+  own share, each selected alone (as the vLLM plug-in serves these models: each sub-image is a
+  placeholder run of its own there). The marker tokens are text: they are always kept,
+  outside the budget. Which
   sub-images form one image is read from the prompt: an image ends with the run after
   ``<global-img>``, the marker before the last run of every row.
 - **Video** (SmolVLM2): the processor sends each frame as an unsplit image, so each frame
@@ -30,6 +33,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import transformers
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..errors import FlashVLMError
 from ..pipeline import VisualItem
@@ -38,6 +43,9 @@ from .base import FamilySupport, ModelAdapter
 from .sequence import placeholder_runs
 from .shared import image_of_views, needs_query_key, refuse_per_video
 from .taps import capture, tap_vision_layer
+
+#: Whether the model's forward takes each image's tokens as a list (transformers 5.20 on).
+TAKES_LISTS = tuple(int(part) for part in transformers.__version__.split(".")[:2]) >= (5, 20)
 
 
 class Idefics3Adapter(ModelAdapter):
@@ -91,7 +99,8 @@ class Idefics3Adapter(ModelAdapter):
                 model_kwargs["pixel_values"], model_kwargs.get("pixel_attention_mask"), return_dict=True
             )
         features = self.core.connector.pixel_shuffle(output.last_hidden_state, self.scale_factor)
-        tokens = torch.cat(output.pooler_output).view(*features.shape[:2], -1)
+        pooled = output.pooler_output  # per sub-image tensors (transformers 5.2x), or one tensor (earlier 5.x)
+        tokens = (torch.cat(pooled) if isinstance(pooled, (list, tuple)) else pooled).view(*features.shape[:2], -1)
         stack = VisualItem("image", features, tokens)
         if need_qk:
             patch_mask = captured["patch_attention_mask"].flatten(1)  # (R, n) real patches
@@ -101,6 +110,14 @@ class Idefics3Adapter(ModelAdapter):
             if "keys" in needs:
                 stack.keys = self.group_mean(tap.keys)
         return stack
+
+    def encoder_output(self, kind: str, items: list[VisualItem]) -> BaseModelOutputWithPooling:
+        output = super().encoder_output(kind, items)
+        if not TAKES_LISTS:
+            # Before transformers 5.20 Idefics3 scatters one tensor of every kept token, image
+            # after image. (SmolVLM's merger there needs whole sub-images: it cannot be pruned.)
+            output.pooler_output = torch.cat(output.pooler_output)
+        return output
 
     def visual_items(self, model_kwargs: dict[str, Any], needs: frozenset[str]) -> list[VisualItem]:
         stack = self.encode_sub_images(model_kwargs, needs)
@@ -115,7 +132,11 @@ class Idefics3Adapter(ModelAdapter):
         ends_image = global_view_runs(input_ids, self.token_ids["image"])
         items, first = [], 0
         for last in [place for place, is_global in enumerate(ends_image) if is_global]:
-            items.append(image_of_views(stack, first, last + 1 - first, tile_grids="grid" in needs))
+            items.append(
+                image_of_views(
+                    stack, first, last + 1 - first, tile_grids="grid" in needs or self.tile_budget == "per_tile"
+                )
+            )
             first = last + 1
         return items
 

@@ -17,7 +17,8 @@ of an image are counted from its run of context tokens.
   is not in the model's inputs, so together they form no known grid), and the thumbnail,
   the global view, keeps the rest. A method that needs the token grid (pool) gets each
   tile as its own 16 x 16 raster instead, keeping ``round(K * N_tile / N)`` of it (the
-  thumbnail the rest). A one-tile image is one 16 x 16 raster.
+  thumbnail the rest); so does ``tile_budget="per_tile"``, for any method. A one-tile image
+  is one 16 x 16 raster.
 - **Video.** The processor sends each frame as a one-tile image (``Frame1: <img>...``), so
   each frame gets the budget; ``video_budget="per_video"`` is refused (frames are not told
   apart from images in the model's inputs).
@@ -126,7 +127,9 @@ class InternVLAdapter(ModelAdapter):
             )
         items, first = [], 0
         for tiles in tiles_per_image:
-            items.append(image_of_views(stack, first, tiles, tile_grids="grid" in needs))
+            items.append(
+                image_of_views(stack, first, tiles, tile_grids="grid" in needs or self.tile_budget == "per_tile")
+            )
             first += tiles
         return items
 

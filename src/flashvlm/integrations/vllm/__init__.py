@@ -32,6 +32,8 @@ ARCHITECTURES = {
     "LlavaOnevisionForConditionalGeneration": "flashvlm.integrations.vllm.llava_onevision:PrunedLlavaOnevision",
     "LlavaNextVideoForConditionalGeneration": "flashvlm.integrations.vllm.llava_next_video:PrunedLlavaNextVideo",
     "InternVLForConditionalGeneration": "flashvlm.integrations.vllm.internvl:PrunedInternVL",
+    "Idefics3ForConditionalGeneration": "flashvlm.integrations.vllm.idefics3:PrunedIdefics3",
+    "SmolVLMForConditionalGeneration": "flashvlm.integrations.vllm.idefics3:PrunedSmolVLM",
     "Qwen2VLForConditionalGeneration": "flashvlm.integrations.vllm.qwen_vl:PrunedQwen2VL",
     "Qwen2_5_VLForConditionalGeneration": "flashvlm.integrations.vllm.qwen_vl:PrunedQwen2_5_VL",
     "Qwen3VLForConditionalGeneration": "flashvlm.integrations.vllm.qwen3_vl:PrunedQwen3VL",

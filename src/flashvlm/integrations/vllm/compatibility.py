@@ -58,6 +58,9 @@ _ONEVISION = "vllm.model_executor.models.llava_onevision"
 _NEXT_VIDEO = "vllm.model_executor.models.llava_next_video"
 _INTERNVL = "vllm.model_executor.models.interns1"
 _INTERNVIT = "vllm.model_executor.models.interns1_vit"
+_IDEFICS3 = "vllm.model_executor.models.idefics3"
+_SMOLVLM = "vllm.model_executor.models.smolvlm"
+_IDEFICS2_VISION = "vllm.model_executor.models.idefics2_vision_model"
 _QWEN = "vllm.model_executor.models.qwen2_5_vl"
 _QWEN2 = "vllm.model_executor.models.qwen2_vl"
 _QWEN3 = "vllm.model_executor.models.qwen3_vl"
@@ -403,6 +406,45 @@ INVENTORY: tuple[VllmApi, ...] = (
     ),
     VllmApi(_PROCESSING, "PromptUpdateDetails"),
     VllmApi(_PROCESSING, "PromptUpdateDetails.is_embed"),
+    # -- idefics3.py: Idefics3 and SmolVLM (sub-images flat, one placeholder run each) --
+    VllmApi(_IDEFICS3, "Idefics3DummyInputsBuilder"),
+    *_processing_info(_IDEFICS3, "Idefics3ProcessingInfo"),
+    *_processing_info(_SMOLVLM, "SmolVLMProcessingInfo"),
+    VllmApi(_IDEFICS3, "Idefics3ProcessingInfo.get_hf_processor"),
+    VllmApi(_IDEFICS3, "Idefics3ProcessingInfo.get_tokenizer"),
+    VllmApi(
+        _IDEFICS3,
+        "Idefics3ProcessingInfo.get_image_repl",
+        ("image_width", "image_height", "processor", "mm_kwargs"),
+    ),
+    *_processor(_IDEFICS3, "Idefics3MultiModalProcessor"),
+    VllmApi(_IDEFICS3, "Idefics3ForConditionalGeneration"),
+    VllmApi(_SMOLVLM, "SmolVLMForConditionalGeneration"),
+    VllmApi(_SMOLVLM, "SmolVLMForConditionalGeneration.__init__", ("vllm_config", "prefix")),
+    VllmApi(_IDEFICS3, "Idefics3ForConditionalGeneration.__init__", ("vllm_config", "prefix")),
+    *(
+        VllmApi(_IDEFICS3, f"Idefics3ForConditionalGeneration.{name}")
+        for name in ("config", "model", "get_language_model", "embed_multimodal", "_parse_and_validate_image_input")
+    ),
+    VllmApi(_IDEFICS3, "Idefics3ForConditionalGeneration.load_weights", ("weights",)),
+    *(
+        VllmApi(_IDEFICS3, f"Idefics3ImagePixelInputs.{name}")
+        for name in ("type", "pixel_values", "pixel_attention_mask", "num_patches")
+    ),
+    VllmApi(_IDEFICS3, "Idefics3Model.vision_model"),
+    VllmApi(_IDEFICS3, "Idefics3Model.connector"),
+    VllmApi(_IDEFICS3, "Idefics3Model.image_pixels_to_features", ("pixel_values", "pixel_attention_mask")),
+    VllmApi(_IDEFICS3, "Idefics3Model.get_patch_attention_mask", ("pixel_attention_mask",)),
+    VllmApi(_IDEFICS3, "Idefics3Connector.scale_factor"),
+    VllmApi(_IDEFICS3, "Idefics3Connector.modality_projection"),
+    VllmApi(_IDEFICS3, "Idefics3Connector.pixel_shuffle", ("x", "scale_factor")),
+    VllmApi(_IDEFICS2_VISION, "Idefics2VisionTransformer.encoder"),
+    VllmApi(_IDEFICS2_VISION, "Idefics2Encoder.layers"),
+    VllmApi(_IDEFICS2_VISION, "Idefics2EncoderLayer.self_attn"),
+    *(
+        VllmApi(_IDEFICS2_VISION, f"Idefics2VisionAttention.{name}")
+        for name in ("qkv_proj", "num_heads", "num_heads_per_partition", "scale")
+    ),
     # -- qwen_vl.py: Qwen2-VL and Qwen2.5-VL --
     *_qwen_vl(_QWEN2, "Qwen2VL", "Qwen2Vision"),
     *_qwen_vl(_QWEN, "Qwen2_5_VL", "Qwen2_5_Vision"),

@@ -68,7 +68,7 @@ class PrunedInternVLMultiModalProcessor(PrunedProcessorMixin, InternS1MultiModal
         # Tiles and frames come flat: each item's count says how many are its.
         return len(processed.get("image_num_patches" if modality == "image" else "video_num_patches", ()))
 
-    def flashvlm_guiding_prompt(self, prompt: list[int], processed) -> list[int]:
+    def flashvlm_guiding_prompt(self, prompt: list[int], processed, mm_items) -> list[int]:
         """The prompt with ``<img>``/``</img>`` around each image placeholder and each video laid
         out frame by frame (``Frame1: <img>`` ... ``</img>``, one placeholder per run), as in the
         prompt transformers expands. Needs every video of the prompt in ``processed``; where

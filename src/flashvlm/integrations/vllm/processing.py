@@ -101,10 +101,12 @@ class PrunedProcessorMixin:
         """Video ``item_idx``'s replacement with the kept placeholders (``stock``: vLLM's)."""
         raise NotImplementedError
 
-    def flashvlm_guiding_prompt(self, prompt: list[int], processed) -> list[int]:
+    def flashvlm_guiding_prompt(self, prompt: list[int], processed, mm_items) -> list[int]:
         """The prompt as the HF processor expands it, up to repeated placeholders, so that its
         text is what guides the selection in transformers (Qwen3-VL adds each frame's
-        timestamp). Most processors only repeat placeholders: the prompt itself."""
+        timestamp; InternVL and Idefics3 the markers around each image): ``processed`` is the
+        HF processor's output and ``mm_items`` the items it processed. Most processors only
+        repeat placeholders: the prompt itself."""
         return prompt
 
     def flashvlm_image_placeholders(self, settings: PruningSettings, stock, mm_items, item_idx: int):
@@ -145,7 +147,7 @@ class PrunedProcessorMixin:
             # Every item of a prompt has the same text and settings: one row each, (I, ...).
             if prompt is not None:
                 if text_ids is None:
-                    expanded = self.flashvlm_guiding_prompt(list(prompt), processed)
+                    expanded = self.flashvlm_guiding_prompt(list(prompt), processed, mm_items)
                     text_ids = pack_prompt_text(expanded, self.flashvlm_placeholder_ids())
                 processed[item_field(TEXT_IDS_FIELD, modality)] = torch.tensor(text_ids, dtype=torch.long).repeat(
                     count, 1

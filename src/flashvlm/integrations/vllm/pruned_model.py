@@ -93,13 +93,22 @@ def tap_query_key(query: nn.Module, key: nn.Module):
             handle.remove()
 
 
+def tensor_parallel_size(attention: nn.Module) -> int:
+    """Ranks an attention layer's heads are split over: its ``tp_size``, or where it keeps none
+    (Idefics2's SigLIP), its heads over this rank's."""
+    tp_size = getattr(attention, "tp_size", None)
+    if tp_size is None:
+        tp_size = attention.num_heads // getattr(attention, "num_heads_per_partition", attention.num_heads)
+    return max(1, tp_size)
+
+
 def mean_over_tensor_parallel_heads(per_rank_mean: torch.Tensor, attention: nn.Module) -> torch.Tensor:
     """A head mean over this rank's heads turned into the mean over all heads.
 
     Under tensor parallelism each rank's projection holds ``num_heads / tp`` heads; every
     rank must select the same tokens, so the per-rank means are averaged across ranks.
     """
-    tp_size = getattr(attention, "tp_size", 1)
+    tp_size = tensor_parallel_size(attention)
     if tp_size == 1:
         return per_rank_mean
     from vllm.distributed import tensor_model_parallel_all_reduce
@@ -109,7 +118,7 @@ def mean_over_tensor_parallel_heads(per_rank_mean: torch.Tensor, attention: nn.M
 
 def gather_tensor_parallel_channels(local: torch.Tensor, attention: nn.Module) -> torch.Tensor:
     """This rank's head channels (..., H_local * d) gathered into all heads' (..., H * d)."""
-    if getattr(attention, "tp_size", 1) == 1:
+    if tensor_parallel_size(attention) == 1:
         return local
     from vllm.distributed import tensor_model_parallel_all_gather
 

@@ -101,7 +101,7 @@ class PrunedQwen3VLMultiModalProcessor(PrunedQwenVLProcessorMixin, Qwen3VLMultiM
             select_token_id=True,
         )
 
-    def flashvlm_guiding_prompt(self, prompt: list[int], processed) -> list[int]:
+    def flashvlm_guiding_prompt(self, prompt: list[int], processed, mm_items) -> list[int]:
         """The prompt with each video placeholder laid out frame by frame (one placeholder per
         frame stands for its run), so the text holds the timestamps and markers transformers'
         expanded prompt holds. Needs every video of the prompt in ``processed``; where vLLM's

@@ -281,6 +281,7 @@ def count_tower_passes(model) -> bool:
     forward pre-hook on the tower module records how many inputs each pass took (LLaVA: images
     or AnyRes views; InternVL: tiles and frames; Qwen2.5-VL: images). Read with :func:`take_tower_passes`; idempotent."""
     tower = getattr(model, "vision_tower", None) or getattr(model, "visual", None)
+    tower = tower or getattr(getattr(model, "model", None), "vision_model", None)  # Idefics3, SmolVLM
     if tower is None:
         return False
     if not hasattr(model, "flashvlm_tower_passes"):
