@@ -428,6 +428,11 @@ INVENTORY: tuple[VllmApi, ...] = (
     ),
     VllmApi(_IDEFICS3, "Idefics3ForConditionalGeneration.load_weights", ("weights",)),
     *(
+        VllmApi(_SMOLVLM, f"SmolVLMForConditionalGeneration.{name}")
+        for name in ("config", "model", "get_language_model", "embed_multimodal", "_parse_and_validate_image_input")
+    ),
+    VllmApi(_SMOLVLM, "SmolVLMForConditionalGeneration.load_weights", ("weights",)),
+    *(
         VllmApi(_IDEFICS3, f"Idefics3ImagePixelInputs.{name}")
         for name in ("type", "pixel_values", "pixel_attention_mask", "num_patches")
     ),
