@@ -187,6 +187,16 @@ def tiled_image_unit(num_views: int, per_view: int, device: torch.device, tile_g
     return ImageSelection.of("image", regions)
 
 
+def items_of_views(stack: VisualItem, counts: list[int]) -> list[VisualItem]:
+    """One item per run of consecutive views of a (V, m, ...) stack (an image's tiles, a video's
+    frames): ``counts[i]`` views each, their tokens end to end, (counts[i] * m, ...)."""
+    items, first = [], 0
+    for count in counts:
+        items.append(stack.map(lambda tensor, first=first, count=count: tensor[first : first + count].flatten(0, 1)))
+        first += count
+    return items
+
+
 def per_tile_counts(num_views: int, per_view: int, budget: Budget, keeps_all: bool) -> list[int]:
     """Tokens each view of a tiled image keeps under ``tile_budget="per_tile"`` (each view its
     own region, :func:`tiled_image_unit`): what a front end that lays out one placeholder run

@@ -32,6 +32,7 @@ from test_vllm_llava import (
     only_output,
     recorded_rows,
     transformers_on_vllm_choice,
+    with_settings,
 )
 from transformers import AutoModelForImageTextToText, AutoProcessor, LlamaConfig
 from vllm_harness import run_stock_and_plugin
@@ -140,8 +141,10 @@ def runs(folders, hf_model):
         **{f"image{index}": request for index, request in enumerate(images)},
         # The first image again, asked the other question: its tower output is reused.
         "again": {**images[0], "prompt": chat_prompt(processor, QUESTIONS[1])},
-        **{f"image{index}@{second}": own(request, budget=second) for index, request in enumerate(images)},
-        **{method: own(images[0], budget=first, method=method) for method in OTHER_METHODS},
+        **{
+            f"image{index}@{second}": with_settings(request, {"budget": second}) for index, request in enumerate(images)
+        },
+        **{method: with_settings(images[0], {"budget": first, "method": method}) for method in OTHER_METHODS},
     }
     one_by_one = [[request] for request in images]
     plugin_engines = [
@@ -160,11 +163,6 @@ def runs(folders, hf_model):
     stock, plugin = run_stock_and_plugin(job, stock_engines, plugin_engines, folders["root"] / "jobs")
     at = {name: place for place, name in enumerate(calls)}
     return {"stock": stock["stock"], "plugin": plugin, "images": images, "calls": calls, "at": at}
-
-
-def own(request: dict, **settings) -> dict:
-    """``request`` with settings of its own (``mm_processor_kwargs``)."""
-    return {**request, "mm_processor_kwargs": {"flashvlm": settings}}
 
 
 def check_image(runs, hf_model, name: str, budget, method="flashvlm", engine: str = "pruned"):

@@ -241,6 +241,18 @@ _QWEN3_APIS = [
 ]
 
 
+#: What ``PrunedIdefics3Mixin`` uses of vLLM's Idefics3 class (and of SmolVLM's, its subclass).
+_IDEFICS3_MODEL_APIS = [
+    VllmApi(_IDEFICS3, "Idefics3ForConditionalGeneration"),
+    VllmApi(_IDEFICS3, "Idefics3ForConditionalGeneration.__init__", ("vllm_config", "prefix")),
+    *(
+        VllmApi(_IDEFICS3, f"Idefics3ForConditionalGeneration.{name}")
+        for name in ("config", "model", "get_language_model", "embed_multimodal", "_parse_and_validate_image_input")
+    ),
+    VllmApi(_IDEFICS3, "Idefics3ForConditionalGeneration.load_weights", ("weights",)),
+]
+
+
 def _as_subclasses(apis: list[VllmApi], module: str, classes: dict[str, str]) -> list[VllmApi]:
     """``apis`` on the classes of ``module`` that subclass them (``classes``: base -> subclass):
     what the plug-in uses of a base class it uses of the subclass as well."""
@@ -418,20 +430,10 @@ INVENTORY: tuple[VllmApi, ...] = (
         ("image_width", "image_height", "processor", "mm_kwargs"),
     ),
     *_processor(_IDEFICS3, "Idefics3MultiModalProcessor"),
-    VllmApi(_IDEFICS3, "Idefics3ForConditionalGeneration"),
-    VllmApi(_SMOLVLM, "SmolVLMForConditionalGeneration"),
-    VllmApi(_SMOLVLM, "SmolVLMForConditionalGeneration.__init__", ("vllm_config", "prefix")),
-    VllmApi(_IDEFICS3, "Idefics3ForConditionalGeneration.__init__", ("vllm_config", "prefix")),
-    *(
-        VllmApi(_IDEFICS3, f"Idefics3ForConditionalGeneration.{name}")
-        for name in ("config", "model", "get_language_model", "embed_multimodal", "_parse_and_validate_image_input")
+    *_IDEFICS3_MODEL_APIS,
+    *_as_subclasses(
+        _IDEFICS3_MODEL_APIS, _SMOLVLM, {"Idefics3ForConditionalGeneration": "SmolVLMForConditionalGeneration"}
     ),
-    VllmApi(_IDEFICS3, "Idefics3ForConditionalGeneration.load_weights", ("weights",)),
-    *(
-        VllmApi(_SMOLVLM, f"SmolVLMForConditionalGeneration.{name}")
-        for name in ("config", "model", "get_language_model", "embed_multimodal", "_parse_and_validate_image_input")
-    ),
-    VllmApi(_SMOLVLM, "SmolVLMForConditionalGeneration.load_weights", ("weights",)),
     *(
         VllmApi(_IDEFICS3, f"Idefics3ImagePixelInputs.{name}")
         for name in ("type", "pixel_values", "pixel_attention_mask", "num_patches")

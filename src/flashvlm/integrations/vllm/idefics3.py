@@ -31,7 +31,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.parse import ImageProcessorItems
 
 from ...errors import FlashVLMError
-from ...pipeline import VisualItem, per_tile_counts, tiled_image_unit
+from ...pipeline import VisualItem, items_of_views, per_tile_counts, tiled_image_unit
 from ...saliency import received_attention
 from .processing import PrunedInfoMixin, PrunedProcessorMixin, cut_embedding_runs
 from .pruned_model import (
@@ -169,19 +169,11 @@ class PrunedIdefics3Mixin(PrunedModelMixin):
         if "keys" in needs:
             keys = self.group_mean(gather_tensor_parallel_channels(tap.keys, attention))  # (S, m, C)
         tokens = connector.modality_projection(features) if "projected" in needs else None  # (S, m, D)
-        encoded, first = [], 0
-        for views in pixels:
-            in_image = slice(first, first + len(views))
-            first = in_image.stop
-            item = VisualItem(
-                "image",
-                features[in_image].flatten(0, 1),
-                tokens=None if tokens is None else tokens[in_image].flatten(0, 1),
-                saliency=saliency[in_image].flatten(),
-                keys=None if keys is None else keys[in_image].flatten(0, 1),
-            )
-            encoded.append(EncodedImage(item, "received", attention.num_heads))
-        return encoded
+        stack = VisualItem("image", features, tokens=tokens, saliency=saliency, keys=keys)
+        return [
+            EncodedImage(item, "received", attention.num_heads)
+            for item in items_of_views(stack, [len(views) for views in pixels])
+        ]
 
 
 @MULTIMODAL_REGISTRY.register_processor(

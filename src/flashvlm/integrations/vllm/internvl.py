@@ -29,7 +29,7 @@ from vllm.model_executor.models.interns1 import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from ...errors import FlashVLMError, UnsupportedModelError
-from ...pipeline import VisualItem, tiled_image_unit
+from ...pipeline import VisualItem, items_of_views, tiled_image_unit
 from ...saliency import query_row_attention
 from .processing import PrunedInfoMixin, PrunedProcessorMixin, cut_embedding_runs
 from .pruned_model import PrunedModelMixin, prompt_text_per_image, tap_query_key
@@ -173,16 +173,8 @@ class PrunedInternVL(PrunedModelMixin, InternS1ForConditionalGeneration):
         saliency = self.group_mean(cls_row[:, 1:, None]).squeeze(-1)  # (T, m)
         keys = self.group_mean(tap.keys[:, 1:]) if "keys" in needs else None  # (T, m, C)
         tokens = self.multi_modal_projector(features) if "projected" in needs else None  # (T, m, D)
-        encoded, first = [], 0
-        for group in groups:
-            tiles = slice(first, first + len(group))
-            first = tiles.stop
-            item = VisualItem(
-                "image",
-                features[tiles].flatten(0, 1),
-                tokens=None if tokens is None else tokens[tiles].flatten(0, 1),
-                saliency=saliency[tiles].flatten(),
-                keys=None if keys is None else keys[tiles].flatten(0, 1),
-            )
-            encoded.append(EncodedImage(item, "cls", attention.num_heads))
-        return encoded
+        stack = VisualItem("image", features, tokens=tokens, saliency=saliency, keys=keys)
+        return [
+            EncodedImage(item, "cls", attention.num_heads)
+            for item in items_of_views(stack, [len(group) for group in groups])
+        ]
