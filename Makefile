@@ -122,8 +122,10 @@ $(VLLM_VENV)/.installed: pyproject.toml locks/vllm.txt $(VLLM_SHIM)
 
 vllm-setup: $(VLLM_VENV)/.installed
 
+# Two modules at a time (pytest-xdist, a module's tests on one worker so its engines are shared):
+# a module spends much of its time on one core (imports, transformers' reference, the server).
 vllm-test: vllm-setup vllm-033-check
-	OMP_NUM_THREADS=1 $(VLLM_PY) -m pytest -q tests/vllm_plugin
+	OMP_NUM_THREADS=1 $(VLLM_PY) -m pytest -q -n 2 --dist loadfile tests/vllm_plugin
 
 # Tensor parallelism (TP = 2, one core per rank): opt-in, not in CI (docs/vllm.md).
 vllm-test-tp: vllm-setup

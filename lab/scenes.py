@@ -312,6 +312,64 @@ def _relation(rng: random.Random, count: int) -> SceneQuestion | None:
     return SceneQuestion(objects, _background(rng), question, "yes" if truth else "no", "relation", [a, b])
 
 
+def ask(rng: random.Random, objects: list[SceneObject], family: str) -> tuple[str, str] | None:
+    """Another (question, answer) of ``family`` about a scene already drawn, or None if it has none.
+
+    Training asks several questions about one image (LLaVA's multi-turn samples): the 256 image
+    tokens are most of a sample's cost, so each extra turn adds an answer to learn from at a
+    tenth of the price. The questions follow the benchmark's rules (a queried attribute is
+    unique, counts are 1-3, relations are clear), not its balancing.
+    """
+    if family not in FAMILIES:
+        raise ValueError(f"unknown question family {family!r}; one of {', '.join(FAMILIES)}")
+    shapes = [o.shape for o in objects]
+    colors = [o.color for o in objects]
+    if family == "attribute":
+        # Ask a unique shape's colour or a unique colour's shape.
+        unique_shapes = sorted(s for s in set(shapes) if shapes.count(s) == 1)
+        unique_colors = sorted(c for c in set(colors) if colors.count(c) == 1)
+        modes = [mode for mode, values in (("color", unique_shapes), ("shape", unique_colors)) if values]
+        if not modes:
+            return None
+        if rng.choice(modes) == "color":
+            shape = rng.choice(unique_shapes)
+            return f"what color is the {shape} ?", objects[shapes.index(shape)].color
+        color = rng.choice(unique_colors)
+        return f"what shape is the {color} object ?", objects[colors.index(color)].shape
+    if family == "existence":
+        present = {(o.color, o.shape) for o in objects}
+        if rng.random() < 0.5:
+            color, shape = rng.choice(sorted(present))
+            return f"is there a {color} {shape} ?", "yes"
+        # A near miss: an object's shape in another colour, or its colour on another shape.
+        obj = rng.choice(objects)
+        misses = sorted(
+            {(c, obj.shape) for c in COLORS if (c, obj.shape) not in present}
+            | {(obj.color, s) for s in SHAPES if (obj.color, s) not in present}
+        )
+        color, shape = rng.choice(misses)
+        return f"is there a {color} {shape} ?", "no"
+    if family == "counting":
+        choices = [("color", c) for c in sorted(set(colors)) if colors.count(c) <= 3]
+        choices += [("shape", s) for s in sorted(set(shapes)) if shapes.count(s) <= 3]
+        if not choices:
+            return None
+        kind, value = rng.choice(choices)
+        if kind == "color":
+            return f"how many {value} objects are there ?", NUMBERS[colors.count(value)]
+        return f"how many {PLURALS[value]} are there ?", NUMBERS[shapes.count(value)]
+    keys = [(o.color, o.shape) for o in objects]
+    unique = [i for i, key in enumerate(keys) if keys.count(key) == 1]
+    relation = rng.choice(RELATIONS)
+    pairs = [(a, b) for a in unique for b in unique if a != b and _clear(relation, objects[a], objects[b])]
+    if not pairs:
+        return None
+    a, b = rng.choice(pairs)
+    first, second = objects[a], objects[b]
+    answer = "yes" if holds(relation, first, second) else "no"
+    return f"is the {first.color} {first.shape} {relation} the {second.color} {second.shape} ?", answer
+
+
 def split_example(seed: int, split: str, index: int) -> SceneQuestion:
     """Row ``index`` of a fixed evaluation split: the families take turns, so they are balanced."""
     if split not in SPLITS:

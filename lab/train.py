@@ -66,6 +66,7 @@ from .scenes import (
     FAMILIES,
     PLURALS,
     SHAPES,
+    ask,
     caption,
     example_rng,
     make_example,
@@ -116,6 +117,11 @@ class TrainConfig:
     #: The first ``tune`` samples are a reading curriculum: one or two objects, attribute and
     #: existence questions only (0: none); see :meth:`StageData.__getitem__`.
     curriculum_samples: int = 0
+    #: Questions asked about each ``tune`` image, as turns of one conversation (LLaVA's
+    #: multi-turn samples): the first is the benchmark's balanced question, the others come from
+    #: :func:`lab.scenes.ask`. The image tokens are most of a sample's cost, so extra turns add
+    #: answers to learn from almost for free.
+    questions_per_image: int = 1
     #: "bf16": autocast to bfloat16 (CUDA, and CPUs with avx512_bf16 or AMX); "fp32": none.
     precision: str = "bf16"
     weight_decay: float = 0.0
@@ -132,8 +138,8 @@ PRESETS: dict[str, dict] = {
     "gpu": {},
     # This project's 2-core CPU in bf16 autocast: SmolLM2's first 4 layers, a rank-16 LoRA, the
     # grounding and norm terms, a tower taught patch labels alone (no contrastive terms) on
-    # crowded scenes and a reading curriculum; 15 + 12 + 90 minutes of training, then assembly
-    # and validation: under 2 hours.
+    # crowded scenes, a reading curriculum and four questions per tune image; 15 + 12 + 80
+    # minutes of training, then assembly and validation: under 2 hours.
     "cpu": dict(
         lm_layers=4,
         adapter=Adapter(rank=16, alpha=32),
@@ -142,11 +148,12 @@ PRESETS: dict[str, dict] = {
         contrastive_weight=0.0,
         clip_objects=(8, 12),
         norm_weight=1.0,
-        curriculum_samples=10_000,
+        curriculum_samples=6_000,
+        questions_per_image=4,
         align_adapter=True,
         clip=StagePlan(100_000, 32, 1e-3, seconds=900),
         align=StagePlan(100_000, 16, 1e-3, seconds=720),
-        tune=StagePlan(100_000, 16, 1e-3, seconds=5400),
+        tune=StagePlan(100_000, 16, 1e-3, seconds=4800),
         tune_vision_lr_scale=0.3,
         checkpoint_seconds=300.0,
         monitor_size=64,
@@ -161,6 +168,7 @@ PRESETS: dict[str, dict] = {
         clip_objects=(8, 12),
         norm_weight=1.0,
         curriculum_samples=2,
+        questions_per_image=2,
         precision="fp32",
         clip=StagePlan(2, 4, 1e-3),
         align=StagePlan(2, 2, 1e-3),
@@ -240,8 +248,10 @@ class StageData(torch.utils.data.Dataset):
         curriculum_samples: int = 0,
         with_patch_labels: bool = False,
         clip_objects: tuple[int, int] | None = None,
+        questions_per_image: int = 1,
     ) -> None:
         self.stage, self.seed = stage, seed
+        self.questions_per_image = questions_per_image if stage == "tune" else 1
         self.clip_objects = clip_objects if stage == "clip" else None
         self.curriculum_samples = curriculum_samples if stage == "tune" else 0
         # Rendering each object's coverage mask costs as much as the scene: only when the term is on.
@@ -279,7 +289,24 @@ class StageData(torch.utils.data.Dataset):
         )
         prompt = self.prompt_ids(question)
         target = self.tokenizer(answer + END_OF_TURN, add_special_tokens=False)["input_ids"]
-        sample = {"ids": prompt + target, "labels": [-100] * len(prompt) + target, "pixels": pixels}
+        ids, labels = prompt + target, [-100] * len(prompt) + target
+        families = ("attribute", "existence") if index < self.curriculum_samples else FAMILIES
+        questions = {question}
+        for _ in range(3 * (self.questions_per_image - 1)):  # a few tries: small scenes have few questions
+            if len(questions) == self.questions_per_image:
+                break
+            asked = ask(rng, example.objects, rng.choice(families))
+            if asked is None or asked[0] in questions:  # a repeated question would be answered by copying
+                continue
+            questions.add(asked[0])
+            # The next turn, as CHAT_TEMPLATE writes it: the newline after <|im_end|>, the user's
+            # question, the assistant's answer (the only labelled tokens).
+            turn = self.tokenizer(
+                f"\n<|im_start|>user\n{asked[0]}<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False
+            )["input_ids"]
+            target = self.tokenizer(asked[1] + END_OF_TURN, add_special_tokens=False)["input_ids"]
+            ids, labels = ids + turn + target, labels + [-100] * len(turn) + target
+        sample = {"ids": ids, "labels": labels, "pixels": pixels}
         if self.grounding is not None:
             sample["patch_labels"] = self.grounding.labels(example.objects)  # (N, W)
         return sample
@@ -350,13 +377,16 @@ def batches(
     curriculum_samples: int = 0,
     with_patch_labels: bool = False,
     clip_objects: tuple[int, int] | None = None,
+    questions_per_image: int = 1,
 ):
     """Batches ``start_step .. plan.steps - 1`` of a stage, in order."""
     indices = [
         list(range(step * plan.batch_size, (step + 1) * plan.batch_size)) for step in range(start_step, plan.steps)
     ]
     loader = torch.utils.data.DataLoader(
-        StageData(stage, seed, lm_folder, grounding, curriculum_samples, with_patch_labels, clip_objects),
+        StageData(
+            stage, seed, lm_folder, grounding, curriculum_samples, with_patch_labels, clip_objects, questions_per_image
+        ),
         batch_sampler=indices,
         collate_fn=collate,
         num_workers=workers,
@@ -747,6 +777,7 @@ class Trainer:
                 config.curriculum_samples,
                 with_patch_labels=config.patch_label_weight > 0,
                 clip_objects=config.clip_objects,
+                questions_per_image=config.questions_per_image,
             )
         )
         for step in range(start, plan.steps):
@@ -856,6 +887,9 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument("--norm-weight", type=float, help="weight of the projected tokens' norm term (0: none)")
     parser.add_argument("--curriculum-samples", type=int, help="tune samples of one or two objects that come first")
+    parser.add_argument(
+        "--questions-per-image", type=int, help="questions asked about each tune image, as turns of one conversation"
+    )
     parser.add_argument("--checkpoint-seconds", type=float, help="seconds between checkpoints (and log lines)")
     parser.add_argument("--monitor-size", type=int, help="validation questions scored at each tune checkpoint")
     parser.add_argument("--eval-size", type=int, help="validation questions generated at the end (0: none)")
@@ -882,6 +916,7 @@ def config_from_arguments(args) -> tuple[TrainConfig, tuple[str, ...]]:
         "contrastive_weight",
         "norm_weight",
         "curriculum_samples",
+        "questions_per_image",
         "checkpoint_seconds",
         "monitor_size",
         "eval_size",
@@ -890,6 +925,8 @@ def config_from_arguments(args) -> tuple[TrainConfig, tuple[str, ...]]:
             overrides[name] = getattr(args, name)
     if overrides.get("lm_layers") is not None and not 1 <= overrides["lm_layers"] <= 30:
         raise ValueError(f"--lm-layers: SmolLM2 has 30 layers; got {overrides['lm_layers']}")
+    if overrides.get("questions_per_image", 1) < 1:
+        raise ValueError(f"--questions-per-image must be >= 1; got {overrides['questions_per_image']}")
     if args.clip_objects is not None:
         overrides["clip_objects"] = parse_object_range(args.clip_objects)
     for name in (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,22 @@ def tiny_qwen_vllm(tmp_path_factory) -> dict:
     from tiny_qwen import tiny_qwen
 
     return tiny_qwen(tmp_path_factory.mktemp("qwen-vllm"), "Qwen2.5-VL")
+
+
+def pytest_sessionfinish(session):
+    """Under pytest-xdist (`make vllm-test`), a worker hands its swap counts to the controller."""
+    from agreement import SWAPS
+
+    if hasattr(session.config, "workeroutput"):
+        session.config.workeroutput["swaps"] = json.dumps(SWAPS)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """The controller gathers each worker's swap counts (a hook of pytest-xdist's, where installed)."""
+    from agreement import SWAPS
+
+    SWAPS.extend(tuple(entry) for entry in json.loads(getattr(node, "workeroutput", {}).get("swaps", "[]")))
 
 
 def pytest_terminal_summary(terminalreporter):

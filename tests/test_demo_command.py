@@ -120,6 +120,7 @@ def test_evaluate_command_reports_accuracy_and_hit_rates(tmp_path):
         (["train", "--out", "unused", "--lm-layers", "31"], "--lm-layers: SmolLM2 has 30 layers; got 31"),
         (["train", "--out", "unused", "--norm-weight", "-1"], "--norm-weight must be >= 0; got -1.0"),
         (["train", "--out", "unused", "--curriculum-samples", "-5"], "--curriculum-samples must be >= 0; got -5"),
+        (["train", "--out", "unused", "--questions-per-image", "0"], "--questions-per-image must be >= 1; got 0"),
         (["train", "--out", "unused", "--clip-objects", "0-3"], "--clip-objects '0-3': give FEWEST-MOST"),
         (["train", "--out", "unused", "--clip-objects", "8-x"], "--clip-objects '8-x': give FEWEST-MOST"),
         (["curves", "no-such-run"], "no training log"),

@@ -295,6 +295,30 @@ def test_the_reading_curriculum_comes_first_and_leaves_the_stream_after_it(lm_fo
     )
 
 
+def test_a_tune_image_gets_several_questions_as_turns_of_one_chat(lm_folder):
+    single, several = StageData("tune", 0, lm_folder), StageData("tune", 0, lm_folder, questions_per_image=4)
+    tokenizer = several.tokenizer
+    for index in (0, 5, 123):
+        one, four = single[index], several[index]
+        assert torch.equal(one["pixels"], four["pixels"])
+        assert four["ids"][: len(one["ids"])] == one["ids"]  # the first turn is the plain sample
+        # The ids are what the chat template makes of the conversation; only the answers are labelled.
+        answers = tokenizer.decode([t for t in four["labels"] if t != -100]).split("<|im_end|>")[:-1]
+        text = tokenizer.decode(four["ids"]).replace("<image>" * GRID * GRID, "<image>")
+        questions = [turn.split("\n")[-1] for turn in text.split("<|im_end|>\n<|im_start|>assistant\n")[:-1]]
+        assert len(answers) == len(questions) == len(set(questions)) == 4  # no question asked twice
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": questions[0]}]}]
+        for position, (question, answer) in enumerate(zip(questions, answers)):
+            if position:
+                messages.append({"role": "user", "content": question})
+            messages.append({"role": "assistant", "content": answer})
+        expected = tokenizer.apply_chat_template(messages, tokenize=False).removesuffix("\n")
+        assert text == expected
+    assert (
+        StageData("align", 0, lm_folder, questions_per_image=4)[0]["ids"] == StageData("align", 0, lm_folder)[0]["ids"]
+    )
+
+
 def test_fast_pixels_match_the_processor(lm_folder):
     image = split_example(0, "test", 3).render()
     expected = build_processor(lm_folder)(images=[image], text="<image>", return_tensors="pt")["pixel_values"]

@@ -16,6 +16,7 @@ from lab.scenes import (
     NUMBERS,
     SHAPES,
     answer_words,
+    ask,
     example_rng,
     holds,
     make_example,
@@ -63,6 +64,45 @@ def test_families_are_balanced_and_answers_are_grounded():
             assert (e.answer == "yes") == holds(relation, a, b)
     yes = [e.answer == "yes" for e in examples if e.family in ("existence", "relation")]
     assert 0.35 < sum(yes) / len(yes) < 0.65
+
+
+def test_follow_up_questions_are_true_of_their_scene():
+    """`ask`'s questions (training's extra turns) are answered by the scene, as the benchmark's are."""
+    rng = example_rng(0, "follow-up", 0)
+    asked = {family: 0 for family in FAMILIES}
+    for index in range(60):
+        objects = make_example(rng, FAMILIES[index % 4]).objects
+        for family in FAMILIES:
+            question_answer = ask(rng, objects, family)
+            if question_answer is None:
+                continue
+            question, answer = question_answer
+            asked[family] += 1
+            words = question.split()
+            assert answer in answer_words()
+            if question.startswith("what color is the"):  # a unique shape's colour
+                (obj,) = [o for o in objects if o.shape == words[4]]
+                assert answer == obj.color
+            elif question.startswith("what shape is the"):  # a unique colour's shape
+                (obj,) = [o for o in objects if o.color == words[4]]
+                assert answer == obj.shape
+            elif family == "existence":
+                present = any((o.color, o.shape) == (words[3], words[4]) for o in objects)
+                assert (answer == "yes") == present
+                if not present:  # a near miss, as the benchmark's negatives
+                    assert any(o.color == words[3] or o.shape == words[4] for o in objects)
+            elif family == "counting":
+                count = sum(words[2] in (o.color, o.shape + "s") for o in objects)
+                assert answer == NUMBERS[count] and 1 <= count <= 3
+            else:
+                relation = next(r for r in ("left of", "right of", "above", "below") if f" {r} " in question)
+                first, second = question[len("is the ") : -len(" ?")].split(f" {relation} the ")
+                (a,) = [o for o in objects if f"{o.color} {o.shape}" == first]
+                (b,) = [o for o in objects if f"{o.color} {o.shape}" == second]
+                assert (answer == "yes") == holds(relation, a, b)
+    assert all(count >= 30 for count in asked.values()), asked
+    with pytest.raises(ValueError, match="family"):
+        ask(rng, objects, "colour")
 
 
 def test_existence_negatives_are_near_misses():

@@ -184,3 +184,14 @@ def test_a_family_without_a_cls_row_refuses_a_request_method_that_reads_one():
 
     with pytest.raises(MethodUnavailableError, match="needs cls_attention"):
         request_settings(ENGINE, {"method": "vispruner"}, QWEN_SERVED_REQUIREMENTS)
+
+
+@pytest.mark.parametrize("kind", ["image_embeds", "video_embeds"])
+def test_precomputed_embeddings_are_refused_in_one_line(kind):
+    from flashvlm.integrations.vllm.pruned_model import require_pixels
+
+    for pixels in ("pixel_values", "pixel_values_videos"):
+        require_pixels({"type": pixels})
+    with pytest.raises(FlashVLMError) as refused:
+        require_pixels({"type": kind})
+    assert str(refused.value) == f"flashvlm selects from pixels; precomputed {kind} carry no encoder saliency"

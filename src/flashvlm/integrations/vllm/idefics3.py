@@ -39,6 +39,7 @@ from .pruned_model import (
     gather_tensor_parallel_channels,
     mean_over_tensor_parallel_heads,
     prompt_text_per_image,
+    require_pixels,
     tap_qkv_projection,
 )
 from .settings import SERVED_REQUIREMENTS, settings_of
@@ -113,8 +114,7 @@ class PrunedIdefics3Mixin(PrunedModelMixin):
         image_input = self._parse_and_validate_image_input(**kwargs)
         if image_input is None:
             return []
-        if image_input["type"] != "pixel_values":
-            raise FlashVLMError("flashvlm selects from pixels; precomputed image_embeds carry no encoder saliency")
+        require_pixels(image_input)
         counts = torch.as_tensor(image_input["num_patches"]).tolist()
         pixels = list(image_input["pixel_values"].split(counts))  # (S_i, 3, H, W) each
         masks = list(image_input["pixel_attention_mask"].split(counts))  # (S_i, H, W) each

@@ -28,11 +28,11 @@ from vllm.model_executor.models.interns1 import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from ...errors import FlashVLMError, UnsupportedModelError
+from ...errors import UnsupportedModelError
 from ...pipeline import VisualItem, items_of_views, tiled_image_unit
 from ...saliency import query_row_attention
 from .processing import PrunedInfoMixin, PrunedProcessorMixin, cut_embedding_runs
-from .pruned_model import PrunedModelMixin, prompt_text_per_image, tap_query_key
+from .pruned_model import PrunedModelMixin, prompt_text_per_image, require_pixels, tap_query_key
 from .settings import SERVED_REQUIREMENTS, settings_of
 from .vision_cache import EncodedImage
 
@@ -111,8 +111,7 @@ class PrunedInternVL(PrunedModelMixin, InternS1ForConditionalGeneration):
         for modality, item_input in self._parse_and_validate_multimodal_inputs(**kwargs).items():
             if item_input is None:
                 continue
-            if item_input["type"] not in ("pixel_values", "pixel_values_videos"):
-                raise FlashVLMError("flashvlm selects from pixels; precomputed embeddings carry no encoder saliency")
+            require_pixels(item_input)
             # Each item's tiles (an image's, thumbnail last) or frames: (T_i, 3, H, W) each.
             counts = torch.as_tensor(item_input["num_patches"]).tolist()
             items = list(item_input["pixel_values"].split(counts))

@@ -19,7 +19,7 @@ from vllm.model_executor.models.llava import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from ...errors import FlashVLMError, UnsupportedModelError
+from ...errors import UnsupportedModelError
 from ...pipeline import ImageSelection, TokenRegion, VisualItem
 from ...saliency import query_row_attention, received_attention, release_cls_attention
 from .processing import PrunedInfoMixin, PrunedProcessorMixin
@@ -28,6 +28,7 @@ from .pruned_model import (
     gather_tensor_parallel_channels,
     mean_over_tensor_parallel_heads,
     prompt_text_per_image,
+    require_pixels,
     tap_qkv_projection,
 )
 from .settings import SERVED_REQUIREMENTS, settings_of
@@ -98,8 +99,7 @@ class LlavaTowerMixin(PrunedModelMixin):
         image_input = self._parse_and_validate_image_input(**kwargs)
         if image_input is None:
             return []
-        if image_input["type"] != "pixel_values":
-            raise FlashVLMError("flashvlm selects from pixels; precomputed image_embeds carry no encoder saliency")
+        require_pixels(image_input)
         return self.embed_pruned(image_input, kwargs)
 
     def embed_pruned(self, image_input, kwargs: dict) -> tuple[torch.Tensor, ...]:

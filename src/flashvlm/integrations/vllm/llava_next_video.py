@@ -24,10 +24,10 @@ from vllm.model_executor.models.llava_next_video import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from ...errors import FlashVLMError
 from ...pipeline import ImageSelection, TokenRegion, VisualItem, average_pool_windows
 from .llava import LlavaTowerMixin
 from .processing import PrunedInfoMixin, PrunedProcessorMixin
+from .pruned_model import require_pixels
 from .vision_cache import EncodedImage
 
 
@@ -59,8 +59,7 @@ class PrunedLlavaNextVideo(LlavaTowerMixin, LlavaNextVideoForConditionalGenerati
         video_input = self._parse_and_validate_video_input(**kwargs)
         if video_input is None:
             return []
-        if video_input["type"] != "pixel_values_videos":
-            raise FlashVLMError("flashvlm selects from pixels; precomputed video embeddings carry no encoder saliency")
+        require_pixels(video_input)
         videos = list(video_input["pixel_values_videos"])  # (F, 3, H, W) each
         return self.keep_video_tokens(videos, kwargs, self.encode_videos, self.multi_modal_projector)
 

@@ -35,9 +35,9 @@ from vllm.model_executor.models.llava_onevision import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from ...errors import FlashVLMError
 from ...pipeline import ImageSelection, TokenRegion, split_stacked_channels, stacked_channels
 from .llava_next import AnyResInfoMixin, AnyResModelMixin, AnyResProcessorMixin
+from .pruned_model import require_pixels
 from .settings import SERVED_REQUIREMENTS
 from .vision_cache import EncodedImage
 
@@ -72,11 +72,8 @@ class PrunedLlavaOnevision(AnyResModelMixin, LlavaOnevisionForConditionalGenerat
             return super().embed_multimodal(**kwargs)
         embeddings: tuple[torch.Tensor, ...] = ()
         for modality, item_input in self._parse_and_validate_multimodal_inputs(**kwargs).items():
+            require_pixels(item_input)
             if modality == "image":
-                if item_input["type"] != "pixel_values":
-                    raise FlashVLMError(
-                        "flashvlm selects from pixels; precomputed image_embeds carry no encoder saliency"
-                    )
                 embeddings += self.embed_pruned(item_input, kwargs)
             else:
                 videos = list(item_input["pixel_values_videos"])  # (F, 3, H, W) each

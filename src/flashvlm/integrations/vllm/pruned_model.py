@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ...errors import FlashVLMError
 from ...pipeline import GuidingText, VisualItem, keep_tokens, select_regions, square_grid, video_units
 from .settings import SERVED_REQUIREMENTS, PruningSettings, settings_from_json
 from .vision_cache import MIB, EncodedImage, VisionCache, clear_vision_cache
@@ -166,6 +167,18 @@ def prompt_text_per_image(kwargs: dict, num_images: int, modality: str = "image"
     if rows is None:
         return [None] * num_images
     return [PromptText(row[1:], int(row[0])) for row in rows]
+
+
+PIXEL_INPUTS = ("pixel_values", "pixel_values_videos")
+
+
+def require_pixels(visual_input) -> None:
+    """Refuse, in one line, a parsed image or video input that is not pixels: selection needs
+    the encoder's saliency, which precomputed embeddings (``image_embeds``...) do not carry."""
+    if visual_input["type"] not in PIXEL_INPUTS:
+        raise FlashVLMError(
+            f"flashvlm selects from pixels; precomputed {visual_input['type']} carry no encoder saliency"
+        )
 
 
 def pack_settings(text: str) -> torch.Tensor:

@@ -56,7 +56,7 @@ from vllm.model_executor.models.qwen2_vl import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from ...errors import FlashVLMError, UnsupportedModelError
+from ...errors import UnsupportedModelError
 from ...pipeline import ImageSelection, TokenRegion, VisualItem, video_units
 from ...saliency import segmented_received_attention
 from .processing import PrunedInfoMixin, PrunedProcessorMixin
@@ -66,6 +66,7 @@ from .pruned_model import (
     gather_tensor_parallel_channels,
     mean_over_tensor_parallel_heads,
     prompt_text_per_image,
+    require_pixels,
 )
 from .settings import SERVED_REQUIREMENTS, settings_of
 from .vision_cache import EncodedImage
@@ -286,8 +287,7 @@ class PrunedQwenVLMixin(PrunedModelMixin):
         """Each image's (``kind`` "image") or video's kept rows (K, width + 6): the merged tokens
         (and their side outputs), then their (t, h, w) grid offsets (:func:`offset_channels`)."""
         pixels_name = "pixel_values" if kind == "image" else "pixel_values_videos"
-        if visual_input["type"] != pixels_name:
-            raise FlashVLMError(f"flashvlm selects from pixels; precomputed {kind}_embeds carry no encoder saliency")
+        require_pixels(visual_input)
         grid_thw = visual_input[f"{kind}_grid_thw"].tolist()
         texts = prompt_text_per_image(kwargs, len(grid_thw), kind)
         settings = self.settings_per_image(kwargs, len(grid_thw), kind)
