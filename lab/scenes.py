@@ -295,13 +295,19 @@ def _counting(rng: random.Random, count: int) -> SceneQuestion:
     return SceneQuestion(objects, _background(rng), question, NUMBERS[len(target)], "counting", target)
 
 
+def _clear_pairs(objects: list[SceneObject], relation: str) -> list[tuple[int, int]]:
+    """Ordered pairs of objects a question can name (each the only one of its colour and
+    shape) whose centres are far enough apart for ``relation`` to be clear."""
+    keys = [(o.color, o.shape) for o in objects]
+    unique = [i for i, key in enumerate(keys) if keys.count(key) == 1]
+    return [(a, b) for a in unique for b in unique if a != b and _clear(relation, objects[a], objects[b])]
+
+
 def _relation(rng: random.Random, count: int) -> SceneQuestion | None:
     specs = [_random_spec(rng) for _ in range(count)]
     objects = _layout(rng, specs)
-    keys = [(o.color, o.shape) for o in objects]
-    unique = [i for i, key in enumerate(keys) if keys.count(key) == 1]
     relation = rng.choice(RELATIONS)
-    pairs = [(a, b) for a in unique for b in unique if a != b and _clear(relation, objects[a], objects[b])]
+    pairs = _clear_pairs(objects, relation)
     if not pairs:
         return None
     truth = rng.random() < 0.5
@@ -358,10 +364,8 @@ def ask(rng: random.Random, objects: list[SceneObject], family: str) -> tuple[st
         if kind == "color":
             return f"how many {value} objects are there ?", NUMBERS[colors.count(value)]
         return f"how many {PLURALS[value]} are there ?", NUMBERS[shapes.count(value)]
-    keys = [(o.color, o.shape) for o in objects]
-    unique = [i for i, key in enumerate(keys) if keys.count(key) == 1]
     relation = rng.choice(RELATIONS)
-    pairs = [(a, b) for a in unique for b in unique if a != b and _clear(relation, objects[a], objects[b])]
+    pairs = _clear_pairs(objects, relation)
     if not pairs:
         return None
     a, b = rng.choice(pairs)
