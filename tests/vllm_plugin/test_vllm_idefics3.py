@@ -25,15 +25,12 @@ from families.shared import (
     tiny_vision_config,
 )
 from test_vllm_llava import (
-    EOS_ID,
     MAX_TOKENS,
-    assert_same_answer,
-    assert_same_selection_and_answer,
     only_output,
     recorded_rows,
-    transformers_on_vllm_choice,
     with_settings,
 )
+from tiled_checks import check_batch, check_image, check_plugin_off, check_second_question
 from transformers import AutoModelForImageTextToText, AutoProcessor, LlamaConfig
 from vllm_harness import run_stock_and_plugin
 
@@ -165,32 +162,10 @@ def runs(folders, hf_model):
     return {"stock": stock["stock"], "plugin": plugin, "images": images, "calls": calls, "at": at}
 
 
-def check_image(runs, hf_model, name: str, budget, method="flashvlm", engine: str = "pruned"):
-    """vLLM's call ``name`` on ``engine`` (one image) kept what transformers keeps with
-    ``tile_budget="per_tile"``, with its answer."""
-    index = runs["at"][name]
-    call, vllm_rows = runs["plugin"][engine][index], recorded_rows(runs["plugin"]["selections"], engine, index)
-    reference = transformers_on_vllm_choice(hf_model, vllm_rows, runs["calls"][name], budget, method, **PER_TILE)
-    assert_same_selection_and_answer(call, reference)
-    return call
-
-
-def check_plugin_off(runs, hf_model) -> None:
-    from transformers_reference import transformers_reference
-
-    model, processor = hf_model
-    off = [only_output(call) for call in runs["plugin"]["off"]]
-    assert off == [only_output(call) for call in runs["stock"]]
-    assert all(call["kept"] == [] for call in runs["plugin"]["off"])
-    for request, result in zip(runs["images"], off):
-        reference = transformers_reference(model, processor, request, None, max_tokens=MAX_TOKENS, eos_id=EOS_ID)
-        assert result == {"output_ids": reference["output_ids"], "prompt_length": reference["prompt_length"]}
-
-
 def check_budget(runs, hf_model, budget) -> None:
     for index, tokens in enumerate(IMAGE_TOKENS):
         name = f"image{index}" if budget == BUDGETS[0] else f"image{index}@{budget}"
-        call = check_image(runs, hf_model, name, budget)
+        call = check_image(runs, hf_model, name, budget, **PER_TILE)
         ((_, num_tokens, kept),) = call["kept"]
         assert num_tokens == tokens and len(kept) == min(budget, tokens)
         stock = only_output(runs["stock"][index])
@@ -199,7 +174,7 @@ def check_budget(runs, hf_model, budget) -> None:
 
 
 def test_plugin_off_is_stock_vllm_and_equals_transformers(runs, hf_model):
-    check_plugin_off(runs, hf_model)
+    check_plugin_off(runs, hf_model, runs["images"])
 
 
 @pytest.mark.parametrize("budget", BUDGETS)
@@ -209,7 +184,7 @@ def test_each_image_keeps_what_transformers_keeps_per_tile(runs, hf_model, budge
 
 @pytest.mark.parametrize("method", OTHER_METHODS)
 def test_other_methods_keep_what_they_keep_in_transformers(runs, hf_model, method):
-    check_image(runs, hf_model, method, BUDGETS[0], method)
+    check_image(runs, hf_model, method, BUDGETS[0], method, **PER_TILE)
 
 
 @pytest.mark.parametrize("method", ["visionzip", "vispruner"])
@@ -226,24 +201,11 @@ def test_methods_that_read_a_cls_row_are_refused_at_start_up(method):
 
 
 def test_a_batch_equals_the_requests_one_by_one(runs, hf_model):
-    # Each request of the batch against transformers, as the single requests are (the batch's
-    # sub-images reach the tower together: its features differ from theirs in the last bits).
-    (batch,) = runs["plugin"]["batch"]
-    singles = [runs["plugin"]["pruned"][runs["at"][f"image{index}"]] for index in range(len(runs["images"]))]
-    batch_rows = recorded_rows(runs["plugin"]["selections"], "batch", 0)
-    batch_kept = [record[2] for record in batch["kept"]]
-    for request, output, single in zip(runs["images"], batch["outputs"], singles):
-        reference = transformers_on_vllm_choice(hf_model, batch_rows, request, BUDGETS[0], every=False, **PER_TILE)
-        assert_same_answer({"outputs": [output]}, reference)
-        assert len(output["prompt_ids"]) == reference["prompt_length"] == only_output(single)["prompt_length"]
-        assert reference["kept"][0] in batch_kept
+    check_batch(runs, hf_model, BUDGETS[0], **PER_TILE)
 
 
 def test_a_second_question_reuses_the_images_tower_output(runs, hf_model):
-    calls, at = runs["plugin"]["pruned"], runs["at"]
-    assert calls[at["image0"]]["tower"] != [] and calls[at["again"]]["tower"] == []  # the same image
-    assert calls[at["image0"]]["kept"][0][0] != calls[at["again"]]["kept"][0][0]  # guided by the other question
-    check_image(runs, hf_model, "again", BUDGETS[0])
+    check_second_question(runs, hf_model, BUDGETS[0], **PER_TILE)
 
 
 def transformers_selection(hf_model, request: dict, budget, forced: list | None = None) -> dict:
@@ -292,7 +254,7 @@ def test_smolvlm_off_is_stock_and_keeps_what_transformers_keeps_per_tile(smolvlm
     from agreement import reference_on_our_choice
 
     runs, hf_model = smolvlm
-    check_plugin_off(runs, hf_model)
+    check_plugin_off(runs, hf_model, runs["images"])
     engine, budget = f"b{BUDGETS[0]}", BUDGETS[0]
     for index, (request, tokens) in enumerate(zip(runs["images"], IMAGE_TOKENS)):
         call, vllm_rows = runs["plugin"][engine][index], recorded_rows(runs["plugin"]["selections"], engine, index)

@@ -26,15 +26,12 @@ from families.shared import (
     tiny_vision_config,
 )
 from test_vllm_llava import (
-    EOS_ID,
     MAX_TOKENS,
-    assert_same_answer,
-    assert_same_selection_and_answer,
     only_output,
     recorded_rows,
-    transformers_on_vllm_choice,
     with_settings,
 )
+from tiled_checks import check_batch, check_image, check_plugin_off, check_second_question
 from transformers import AutoProcessor, InternVLForConditionalGeneration, Qwen2Config
 from vllm_harness import run_stock_and_plugin
 
@@ -151,25 +148,8 @@ def runs(folders, hf_model):
     return {"stock": stock["stock"], "plugin": plugin, "images": images, "video": video, "calls": calls, "at": at}
 
 
-def check_image(runs, hf_model, name: str, budget, method="flashvlm", engine: str = "pruned"):
-    """vLLM's call ``name`` on ``engine`` (one image) kept what transformers keeps, with its answer."""
-    index = runs["at"][name]
-    call, vllm_rows = runs["plugin"][engine][index], recorded_rows(runs["plugin"]["selections"], engine, index)
-    reference = transformers_on_vllm_choice(hf_model, vllm_rows, runs["calls"][name], budget, method)
-    assert_same_selection_and_answer(call, reference)
-    return call
-
-
 def test_plugin_off_is_stock_vllm_and_equals_transformers(runs, hf_model):
-    from transformers_reference import transformers_reference
-
-    model, processor = hf_model
-    off = [only_output(call) for call in runs["plugin"]["off"]]
-    assert off == [only_output(call) for call in runs["stock"]]
-    assert all(call["kept"] == [] for call in runs["plugin"]["off"])
-    for request, result in zip([*runs["images"], runs["video"]], off):
-        reference = transformers_reference(model, processor, request, None, max_tokens=MAX_TOKENS, eos_id=EOS_ID)
-        assert result == {"output_ids": reference["output_ids"], "prompt_length": reference["prompt_length"]}
+    check_plugin_off(runs, hf_model, [*runs["images"], runs["video"]])
 
 
 @pytest.mark.parametrize("budget", BUDGETS)
@@ -203,21 +183,8 @@ def test_other_methods_keep_what_they_keep_in_transformers(runs, hf_model, metho
 
 
 def test_a_batch_equals_the_requests_one_by_one(runs, hf_model):
-    # Each request of the batch against transformers, as the single requests are (the batch's
-    # tiles reach the tower together: its features differ from theirs in the last bits).
-    (batch,) = runs["plugin"]["batch"]
-    singles = [runs["plugin"]["pruned"][runs["at"][f"image{index}"]] for index in range(len(runs["images"]))]
-    batch_rows = recorded_rows(runs["plugin"]["selections"], "batch", 0)
-    batch_kept = [record[2] for record in batch["kept"]]
-    for request, output, single in zip(runs["images"], batch["outputs"], singles):
-        reference = transformers_on_vllm_choice(hf_model, batch_rows, request, BUDGETS[0], every=False)
-        assert_same_answer({"outputs": [output]}, reference)
-        assert len(output["prompt_ids"]) == reference["prompt_length"] == only_output(single)["prompt_length"]
-        assert reference["kept"][0] in batch_kept
+    check_batch(runs, hf_model, BUDGETS[0])
 
 
 def test_a_second_question_reuses_the_images_tower_output(runs, hf_model):
-    calls, at = runs["plugin"]["pruned"], runs["at"]
-    assert calls[at["image0"]]["tower"] != [] and calls[at["again"]]["tower"] == []  # the same image
-    assert calls[at["image0"]]["kept"][0][0] != calls[at["again"]]["kept"][0][0]  # guided by the other question
-    check_image(runs, hf_model, "again", BUDGETS[0])
+    check_second_question(runs, hf_model, BUDGETS[0])
